@@ -1,0 +1,580 @@
+"""Layer-attention ResNets (MRLA-L, MRLA-B, ELA) built from timm's ResNet pieces and registered in timm.
+
+Layout follows ``timm/models/resnet.py``: blocks, the stage, the model class, one ``_create_*`` helper
+around ``build_model_with_cfg``, a ``default_cfgs`` table and one-line ``@register_model`` functions.
+
+Weights keep timm's ResNet key names (``layer1.0.conv1.weight``); the attention layer of a block lives
+under ``layerN.M.attn`` and its skip flag in the persistent buffer ``layerN.M.attn_skipped``. So a plain
+timm ResNet checkpoint loads into an ELA model with only the attention keys missing.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import create_classifier
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models.resnet import BasicBlock, Bottleneck, make_blocks
+
+from ela_hf.layers import MrlaBase, MrlaLight, StageState
+
+__all__ = [
+    "LayerAttentionResNet",
+    "LayerAttentionStage",
+    "ElaBasicBlock",
+    "ElaBottleneck",
+    "SkipMask",
+    "validate_skip_mask",
+]
+
+SkipMask = List[List[bool]]
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+HUB_ORG = "ela-hf"
+ATTN_TYPES = ("mrla_l", "mrla_b")
+
+
+class _LayerAttentionBlockMixin:
+    """Adds an optional attention layer after the residual add + ReLU of a timm ResNet block.
+
+    ``attn`` is the attention module, or ``None`` when the model was built with this layer skipped
+    (its parameters then do not exist). ``attn_skipped`` (persistent bool buffer) is the block's entry
+    of the skip mask; ``_skip`` mirrors it as a Python bool so that the forward pass never reads a
+    device tensor (no host sync) and ``torch.compile`` guards on it (a mask change recompiles once).
+    """
+
+    attn: Optional[nn.Module]
+    attn_type: Optional[str]
+
+    def _init_layer_attention(
+        self, attn_type: Optional[str], dim_per_head: int, drop_path: float, skipped: bool
+    ) -> None:
+        self.attn_type = attn_type
+        self._skip = bool(skipped) if attn_type else True
+        if attn_type is None:
+            self.attn = None
+            return
+        channels = self._out_channels()
+        if skipped:
+            self.attn = None
+        elif attn_type == "mrla_l":
+            self.attn = MrlaLight(channels, dim_per_head=dim_per_head, drop_path=drop_path)
+        else:
+            self.attn = MrlaBase(channels, dim_per_head=dim_per_head, drop_path=drop_path)
+        self.register_buffer("attn_skipped", torch.tensor(bool(skipped)), persistent=True)
+
+    def _out_channels(self) -> int:
+        raise NotImplementedError
+
+    def _conv_path(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def is_skipped(self) -> bool:
+        return self._skip
+
+    def skip_attention(self) -> None:
+        """Skip this block's attention layer in place (parameters stay; no kernel of it runs)."""
+        self._skip = True
+        self.attn_skipped.fill_(True)
+
+    def forward(self, x: torch.Tensor, state: Optional[StageState] = None) -> torch.Tensor:
+        sc = x if self.downsample is None else self.downsample(x)
+        y = self._conv_path(x)
+        if self.drop_path is not None:
+            y = self.drop_path(y)
+        y = self._final_act(y + sc)
+        if self._skip:
+            return y
+        if state is None:
+            state = StageState()
+        if self.attn_type == "mrla_l":
+            return self.attn(y, sc, state)
+        return self.attn(y, state)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        key = prefix + "attn_skipped"
+        if self.attn_type is None or key not in state_dict:
+            return
+        skipped = bool(state_dict[key])
+        if not skipped and self.attn is None:
+            error_msgs.append(
+                f"{prefix.rstrip('.')}: the checkpoint marks this attention layer active, but the model was "
+                "built with it skipped (its weights do not exist); build the model with the checkpoint's skip_mask"
+            )
+            return
+        self._skip = skipped
+
+
+class ElaBasicBlock(_LayerAttentionBlockMixin, BasicBlock):
+    """timm's BasicBlock (ResNet-18/34) with an optional layer-attention layer after its output."""
+
+    def _out_channels(self) -> int:
+        return self.conv2.out_channels
+
+    def _final_act(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act2(x)
+
+    def _conv_path(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.drop_block(self.bn1(self.conv1(x))))
+        x = self.aa(x)
+        x = self.bn2(self.conv2(x))
+        if self.se is not None:
+            x = self.se(x)
+        return x
+
+
+class ElaBottleneck(_LayerAttentionBlockMixin, Bottleneck):
+    """timm's Bottleneck (ResNet-50/101/152 and the CIFAR nets) with an optional layer-attention layer."""
+
+    def _out_channels(self) -> int:
+        return self.conv3.out_channels
+
+    def _final_act(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act3(x)
+
+    def _conv_path(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.act2(self.drop_block(self.bn2(self.conv2(x))))
+        x = self.aa(x)
+        x = self.bn3(self.conv3(x))
+        if self.se is not None:
+            x = self.se(x)
+        return x
+
+
+_BLOCKS = {"basic": ElaBasicBlock, "bottleneck": ElaBottleneck}
+
+
+class LayerAttentionStage(nn.Module):
+    """A ResNet stage whose blocks share one :class:`StageState` per forward pass.
+
+    Deliberately not an ``nn.Sequential``: timm's feature extractors flatten Sequential stages and
+    would call the blocks one by one, silently cutting the MRLA-B cache. Children are named ``0, 1, ...``
+    so weight keys stay timm's (``layer1.0.conv1.weight``).
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module]):
+        super().__init__()
+        for i, blk in enumerate(blocks):
+            self.add_module(str(i), blk)
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return iter(self._modules.values())
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __getitem__(self, idx: int) -> nn.Module:
+        return list(self._modules.values())[idx]
+
+    @property
+    def has_attention(self) -> bool:
+        return any(blk.attn_type is not None for blk in self)
+
+    @property
+    def skip_mask(self) -> List[bool]:
+        return [blk.is_skipped for blk in self]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = StageState()
+        for blk in self:
+            x = blk(x, state)
+        return x
+
+
+def validate_skip_mask(mask: Any, stage_sizes: Sequence[int]) -> SkipMask:
+    """Check that ``mask`` fits stages of ``stage_sizes`` blocks; return it as a list of bool lists.
+
+    Raises ``ValueError`` naming the problem: wrong number of stages, wrong stage length, non-bool
+    entries, or a skipped first block (a stage's first layer has no predecessor to be redundant with).
+    """
+    expected = [int(n) for n in stage_sizes]
+    if isinstance(mask, torch.Tensor):
+        mask = mask.tolist()
+    if not isinstance(mask, (list, tuple)) or not all(isinstance(s, (list, tuple)) for s in mask):
+        raise ValueError(
+            f"skip_mask must be a list of per-stage lists of bools (stage sizes {expected}), got {type(mask).__name__}"
+        )
+    if len(mask) != len(expected):
+        raise ValueError(f"skip_mask has {len(mask)} stages but the architecture has {len(expected)} (stage sizes {expected})")
+    out: SkipMask = []
+    for i, (stage, n) in enumerate(zip(mask, expected)):
+        if len(stage) != n:
+            raise ValueError(f"skip_mask stage {i} has {len(stage)} entries but the stage has {n} blocks (stage sizes {expected})")
+        for j, v in enumerate(stage):
+            if not isinstance(v, (bool, int)) or isinstance(v, int) and v not in (0, 1):
+                raise ValueError(f"skip_mask[{i}][{j}] must be a bool, got {v!r}")
+        if stage and bool(stage[0]):
+            raise ValueError(f"skip_mask[{i}][0] skips the first block of stage {i}, which can never be skipped")
+        out.append([bool(v) for v in stage])
+    return out
+
+
+class LayerAttentionResNet(nn.Module):
+    """ResNet with layer attention (MRLA-L or MRLA-B) in every block, and a skip mask (ELA).
+
+    Args:
+        layers: blocks per stage, e.g. ``(3, 4, 6, 3)`` for ResNet-50 or ``(12, 12, 12)`` for CIFAR ResNet-110.
+        block: ``'basic'`` or ``'bottleneck'``.
+        attn_type: ``'mrla_b'``, ``'mrla_l'`` or ``None`` (the plain ResNet).
+        channels: planes per stage (``(64, 128, 256, 512)``; the CIFAR nets use ``(16, 32, 64)``).
+        stem_type: ``''`` (7x7 conv + max-pool), ``'deep'`` (three 3x3 convs + max-pool, the ``d`` variants)
+            or ``'cifar'`` (one 3x3 conv, stride 1, no pooling).
+        stem_width: stem channels (``deep`` stem: width of its first two convs; output is twice that).
+        dim_per_head: channels per attention head (default 32 for MRLA-L, 16 for MRLA-B).
+        skip_mask: per-stage lists of bools; skipped attention layers are not built.
+        drop_path_rate: stochastic depth on the attention branch (linear over blocks); the conv path has none.
+        avg_down: average-pool downsample in the shortcut (the ``d`` variants).
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[int],
+        block: str = "bottleneck",
+        attn_type: Optional[str] = "mrla_b",
+        channels: Sequence[int] = (64, 128, 256, 512),
+        stem_type: str = "",
+        stem_width: int = 64,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        dim_per_head: Optional[int] = None,
+        skip_mask: Optional[SkipMask] = None,
+        avg_down: bool = False,
+        zero_init_last: bool = True,
+    ):
+        super().__init__()
+        if block not in _BLOCKS:
+            raise ValueError(f"block must be one of {sorted(_BLOCKS)}, got {block!r}")
+        if attn_type is not None and attn_type not in ATTN_TYPES:
+            raise ValueError(f"attn_type must be one of {ATTN_TYPES} or None, got {attn_type!r}")
+        if stem_type not in ("", "deep", "cifar"):
+            raise ValueError(f"stem_type must be '', 'deep' or 'cifar', got {stem_type!r}")
+        if len(layers) != len(channels):
+            raise ValueError(f"layers {tuple(layers)} and channels {tuple(channels)} must have one entry per stage")
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.attn_type = attn_type
+        self.grad_checkpointing = False
+        if dim_per_head is None:
+            dim_per_head = 32 if attn_type == "mrla_l" else 16
+        self.dim_per_head = dim_per_head
+        if skip_mask is not None:
+            if attn_type is None:
+                raise ValueError("skip_mask was given but this model has no attention layers (attn_type=None)")
+            skip_mask = validate_skip_mask(skip_mask, layers)
+        else:
+            skip_mask = [[False] * n for n in layers]
+
+        # Stem: timm's layouts (plain 7x7, 'deep' = ResNet-D) and the CIFAR 3x3 stem.
+        if stem_type == "deep":
+            inplanes = stem_width * 2
+            self.conv1 = nn.Sequential(
+                nn.Conv2d(in_chans, stem_width, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(stem_width),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(stem_width, stem_width, 3, stride=1, padding=1, bias=False),
+                nn.BatchNorm2d(stem_width),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(stem_width, inplanes, 3, stride=1, padding=1, bias=False),
+            )
+        elif stem_type == "cifar":
+            inplanes = stem_width
+            self.conv1 = nn.Conv2d(in_chans, inplanes, 3, stride=1, padding=1, bias=False)
+        else:
+            inplanes = stem_width
+            self.conv1 = nn.Conv2d(in_chans, inplanes, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(inplanes)
+        self.act1 = nn.ReLU(inplace=True)
+        stem_reduction = 1 if stem_type == "cifar" else 2
+        self.maxpool = nn.Identity() if stem_type == "cifar" else nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.feature_info = [dict(num_chs=inplanes, reduction=stem_reduction, module="act1")]
+
+        block_cls = _BLOCKS[block]
+        stage_modules, stage_feature_info = make_blocks(
+            tuple([block_cls] * len(layers)),
+            tuple(channels),
+            tuple(layers),
+            inplanes,
+            avg_down=avg_down,
+            act_layer=nn.ReLU,
+            norm_layer=nn.BatchNorm2d,
+        )
+        # make_blocks assumes a stride-4 stem; the CIFAR stem has stride 1.
+        reduction_fix = 4 if stem_type == "cifar" else 1
+        total = sum(layers)
+        net_idx = 0
+        self.stage_names: List[str] = []
+        for (name, seq), info, stage_mask in zip(stage_modules, stage_feature_info, skip_mask):
+            blocks = list(seq)
+            for blk, skipped in zip(blocks, stage_mask):
+                dpr = drop_path_rate * net_idx / max(total - 1, 1)
+                blk._init_layer_attention(attn_type, dim_per_head, dpr, skipped)
+                net_idx += 1
+            self.add_module(name, LayerAttentionStage(blocks))
+            self.stage_names.append(name)
+            self.feature_info.append(dict(info, reduction=info["reduction"] // reduction_fix))
+
+        self.num_features = self.head_hidden_size = channels[-1] * block_cls.expansion
+        self.global_pool, self.fc = create_classifier(self.num_features, self.num_classes, pool_type=global_pool)
+        self.init_weights(zero_init_last=zero_init_last)
+
+    # ----------------------------------------------------------------------------------------------
+    # timm model interface
+    @torch.jit.ignore
+    def init_weights(self, zero_init_last: bool = True) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if zero_init_last:
+            for m in self.modules():
+                if hasattr(m, "zero_init_last"):
+                    m.zero_init_last()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(stem=r"^conv1|bn1|maxpool", blocks=r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)")
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        # Checkpointing is per stage: the MRLA-B cache lives inside a stage, so blocks cannot be split.
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
+        return "fc" if name_only else self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        self.global_pool, self.fc = create_classifier(self.num_features, self.num_classes, pool_type=global_pool)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+
+    @property
+    def stages(self) -> List[LayerAttentionStage]:
+        return [getattr(self, n) for n in self.stage_names]
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4:
+            raise ValueError(f"expected images of shape [batch, {self.in_chans}, height, width], got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"expected {self.in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)}); "
+                "images must be channels-first [batch, channels, height, width]"
+            )
+
+    def _run_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+            return torch.utils.checkpoint.checkpoint(stage, x, use_reentrant=False)
+        return stage(x)
+
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        return self.maxpool(self.act1(self.bn1(self.conv1(x))))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_stem(x)
+        for name in self.stage_names:
+            x = self._run_stage(getattr(self, name), x)
+        return x
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """Features after the stem and after each stage (timm's ``forward_intermediates`` contract)."""
+        if output_fmt != "NCHW":
+            raise ValueError("output_fmt must be 'NCHW'")
+        self._check_input(x)
+        take_indices, max_index = feature_take_indices(len(self.stage_names) + 1, indices)
+        intermediates = []
+        x = self.act1(self.bn1(self.conv1(x)))
+        if 0 in take_indices:
+            intermediates.append(x)
+        x = self.maxpool(x)
+        names = self.stage_names[:max_index] if stop_early else self.stage_names
+        for i, name in enumerate(names, start=1):
+            x = self._run_stage(getattr(self, name), x)
+            if i in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        if self.drop_rate:
+            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    # ----------------------------------------------------------------------------------------------
+    # skip mask and KL recording: thin wrappers over ela_hf.models.attention_tools, which also work on
+    # any module that contains these stages (a transformers wrapper, a user's module)
+    @property
+    def stage_sizes(self) -> List[int]:
+        return [len(s) for s in self.stages]
+
+    @property
+    def skip_mask(self) -> Optional[SkipMask]:
+        """One list of bools per stage (True = attention layer skipped); None for a plain ResNet."""
+        if self.attn_type is None:
+            return None
+        return [s.skip_mask for s in self.stages]
+
+    def set_skip_mask(self, mask: SkipMask) -> None:
+        from .attention_tools import set_skip_mask
+
+        set_skip_mask(self, mask)
+
+    def kl_recording(self, enabled: bool = True):
+        from .attention_tools import kl_recording
+
+        return kl_recording(self, enabled)
+
+    def set_kl_recording(self, enabled: bool) -> None:
+        from .attention_tools import set_kl_recording
+
+        set_kl_recording(self, enabled)
+
+    def reset_kl_statistics(self) -> None:
+        from .attention_tools import reset_kl_statistics
+
+        reset_kl_statistics(self)
+
+    def kl_statistics(self) -> Dict[Tuple[int, int], float]:
+        from .attention_tools import kl_statistics
+
+        return kl_statistics(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# creation, pretrained cfgs, registration
+
+
+def _create_ela_resnet(variant: str, pretrained: bool = False, **kwargs) -> LayerAttentionResNet:
+    # the CIFAR nets have three stages: default features are the stem plus every stage
+    out_indices = tuple(range(len(kwargs["layers"]) + 1))
+    return build_model_with_cfg(
+        LayerAttentionResNet, variant, pretrained, feature_cfg=dict(out_indices=out_indices), **kwargs
+    )
+
+
+def _cfg(variant: str, **kwargs) -> Dict[str, Any]:
+    return {
+        "hf_hub_id": f"{HUB_ORG}/{variant}",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bilinear",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "conv1",
+        "classifier": "fc",
+        "license": "apache-2.0",
+        **kwargs,
+    }
+
+
+def _cifar_cfg(variant: str, **kwargs) -> Dict[str, Any]:
+    return _cfg(
+        variant,
+        num_classes=100,
+        input_size=(3, 32, 32),
+        pool_size=(8, 8),
+        crop_pct=1.0,
+        mean=CIFAR_MEAN,
+        std=CIFAR_STD,
+        **kwargs,
+    )
+
+
+# name -> constructor arguments. One table drives the default cfgs and the registered functions.
+_IMAGENET_DEPTHS = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
+}
+_CIFAR_DEPTHS = {20: 2, 56: 6, 110: 12}
+_DEEP_STEM = dict(stem_type="deep", stem_width=32, avg_down=True)
+
+
+def _imagenet_args(depth: int, attn_type: Optional[str], deep: bool = False) -> Dict[str, Any]:
+    block, layers = _IMAGENET_DEPTHS[depth]
+    args = dict(block=block, layers=layers, attn_type=attn_type)
+    if deep:
+        args.update(_DEEP_STEM)
+    return args
+
+
+def _cifar_args(depth: int, attn_type: Optional[str]) -> Dict[str, Any]:
+    n = _CIFAR_DEPTHS[depth]
+    # 32 channels per head: with 16 the CIFAR nets' first stage (64 channels) would still work, but the
+    # paper's CIFAR code uses 32 for both attention kinds.
+    return dict(
+        block="bottleneck", layers=(n, n, n), channels=(16, 32, 64), stem_type="cifar", stem_width=16,
+        attn_type=attn_type, dim_per_head=32,
+    )
+
+
+MODEL_ARGS: Dict[str, Dict[str, Any]] = {}
+for _d in (18, 34, 50, 101, 152):
+    MODEL_ARGS[f"ela_resnet{_d}"] = _imagenet_args(_d, "mrla_b")
+for _d in (50, 101):
+    MODEL_ARGS[f"ela_l_resnet{_d}"] = _imagenet_args(_d, "mrla_l")
+for _d in (50, 101, 152):
+    MODEL_ARGS[f"mrla_l_resnet{_d}"] = _imagenet_args(_d, "mrla_l")
+    MODEL_ARGS[f"mrla_b_resnet{_d}"] = _imagenet_args(_d, "mrla_b")
+MODEL_ARGS["ela_resnet50d"] = _imagenet_args(50, "mrla_b", deep=True)
+MODEL_ARGS["ela_resnet101d"] = _imagenet_args(101, "mrla_b", deep=True)
+MODEL_ARGS["mrla_b_resnet50d"] = _imagenet_args(50, "mrla_b", deep=True)
+for _d in (20, 56, 110):
+    MODEL_ARGS[f"ela_resnet{_d}_cifar"] = _cifar_args(_d, "mrla_b")
+    MODEL_ARGS[f"ela_l_resnet{_d}_cifar"] = _cifar_args(_d, "mrla_l")
+    MODEL_ARGS[f"mrla_l_resnet{_d}_cifar"] = _cifar_args(_d, "mrla_l")
+    MODEL_ARGS[f"mrla_b_resnet{_d}_cifar"] = _cifar_args(_d, "mrla_b")
+    MODEL_ARGS[f"resnet{_d}_cifar"] = _cifar_args(_d, None)
+
+default_cfgs = generate_default_cfgs({
+    name: (_cifar_cfg(name) if name.endswith("_cifar") else _cfg(name)) for name in MODEL_ARGS
+})
+
+
+def _make_entrypoint(name: str):
+    def entrypoint(pretrained: bool = False, **kwargs) -> LayerAttentionResNet:
+        return _create_ela_resnet(name, pretrained, **dict(MODEL_ARGS[name], **kwargs))
+
+    entrypoint.__name__ = name
+    entrypoint.__qualname__ = name
+    entrypoint.__module__ = __name__
+    args = MODEL_ARGS[name]
+    kind = {"mrla_b": "MRLA-B", "mrla_l": "MRLA-L", None: "plain"}[args["attn_type"]]
+    entrypoint.__doc__ = f"{name}: {kind} ResNet, {args['block']} blocks {tuple(args['layers'])}."
+    return entrypoint
+
+
+# timm's registry keys on the function's name and module; one generated function per table row keeps
+# the table the single source of truth (the functions are still plain ``@register_model`` entrypoints).
+for _name in MODEL_ARGS:
+    globals()[_name] = register_model(_make_entrypoint(_name))
