@@ -14,6 +14,7 @@ from typing import List, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from timm.layers import DropPath
 
 __all__ = [
@@ -52,16 +53,190 @@ def kl_with_appended_eps(prev: torch.Tensor, cur: torch.Tensor, eps: float = DEF
 class StageState:
     """What flows between the blocks of one stage during one forward pass.
 
-    MRLA-B keeps its cache as per-layer lists: keys are tiny (``[B, heads, d]``) and are stacked per
-    block; values are never copied, each block accumulates ``sum_s A_s * V_s`` directly.
+    ``keys`` and ``values`` hold the MRLA-B cache, one entry per active layer so far (``[B, heads, d]``
+    and ``[B, C, H, W]``). In eager mode the values live in one preallocated per-stage buffer
+    (:class:`_StageValueBuffer`, ``values`` are views of its slots), so that a block reads all earlier
+    values in one batched contraction and nothing is ever concatenated. ``capacity`` is the number of
+    MRLA-B layers the stage will cache (the buffer grows if a caller under-estimates it).
     """
 
     keys: List[torch.Tensor] = field(default_factory=list)
     values: List[torch.Tensor] = field(default_factory=list)
+    capacity: int = 0
+    value_buffer: Optional["_StageValueBuffer"] = None
     # recording only: the previous active layer's attention distribution over the stage's layers
     prev_alpha: Optional[torch.Tensor] = None
     # recording only (MRLA-L): unrolled per-channel weights w_{t,s,c}, shape [B, n_layers, C]
     unrolled: Optional[torch.Tensor] = None
+
+    def close(self) -> None:
+        """End of the stage's forward: drop the state's own reference to the value buffer.
+
+        The autograd nodes keep the buffer as a saved tensor, so it is freed after their backward
+        (and recomputed under activation checkpointing) instead of living as long as the graph.
+        """
+        if self.value_buffer is not None:
+            self.value_buffer.release_forward()
+
+
+class _StageValueBuffer:
+    """The values ``V_s`` of one stage's MRLA-B layers in one preallocated buffer, and its backward state.
+
+    Layout ``[capacity, B, C, H, W]`` (each slot in the memory format of the values): layer t writes
+    slot t once; ``sum_s A_{t,s} V_s`` is then one batched matrix product over slots ``0..t`` (for
+    NCHW values, heads are contiguous channel chunks, so ``[B*heads, t+1] x [t+1, d*H*W]`` is a view).
+    Slots never change after they are written, which is what lets every layer's autograd node keep the
+    same buffer (writes go through ``.data`` so that later slots do not bump the saved buffer's version).
+
+    Backward (see :class:`_AttendOverStageValues`): the nodes of a stage run in reverse layer order
+    (layer t' > t consumes, through the residual stream, the output of layer t), so when layer t's node
+    runs, the output gradients of all later layers are known. Each node stores its output gradient in
+    ``grad_out[t]`` and gets ``dL/dV_t = sum_{t'>=t} A_{t',t} dL/dO_{t'}`` in one contraction.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = max(int(capacity), 1)
+        self.buffer: Optional[torch.Tensor] = None
+        self.count = 0
+        self.attn: List[torch.Tensor] = []  # detached A_t, [B, heads, t+1] (for dL/dV of earlier layers)
+        self.heads = 0
+        # backward state, per graph task (a new backward pass starts afresh)
+        self.grad_task: Optional[int] = None
+        self.grad_out: Optional[torch.Tensor] = None
+        self.grad_filled: List[bool] = []
+
+    def append(self, v: torch.Tensor) -> int:
+        """Copy ``v`` into the next slot; returns its index."""
+        slot_shape = tuple(v.shape)
+        if self.buffer is None:
+            self.buffer = _empty_slots(self.capacity, v)
+        elif tuple(self.buffer.shape[1:]) != slot_shape or self.buffer.dtype != v.dtype:
+            raise ValueError(
+                f"MRLA-B values of one stage must share shape and dtype: got {slot_shape} {v.dtype}, "
+                f"the stage's buffer holds {tuple(self.buffer.shape[1:])} {self.buffer.dtype}"
+            )
+        elif self.count == self.buffer.shape[0]:
+            # more layers than announced: a bigger buffer; earlier nodes keep the old one (their slots
+            # are the same values)
+            grown = _empty_slots(2 * self.count, v)
+            grown[: self.count].copy_(self.buffer)
+            self.buffer = grown
+        t = self.count
+        self.buffer.data[t].copy_(v)
+        self.count += 1
+        return t
+
+    def release_forward(self) -> None:
+        self.buffer = None
+
+    def start_backward(self, task: int, like: torch.Tensor) -> None:
+        self.grad_task = task
+        self.grad_out = _empty_slots(self.count, like)
+        self.grad_filled = [False] * self.count
+
+    def end_backward(self) -> None:
+        self.grad_out = None
+        self.grad_filled = []
+        self.grad_task = None
+
+
+def _empty_slots(n: int, like: torch.Tensor) -> torch.Tensor:
+    """``[n, *like.shape]`` with every slot in ``like``'s memory format (NCHW or channels_last)."""
+    if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
+        b, c, h, w = like.shape
+        return like.new_empty((n, b, h, w, c)).permute(0, 1, 4, 2, 3)
+    return like.new_empty((n,) + tuple(like.shape))
+
+
+def _weighted_slot_sum(weights: torch.Tensor, slots: torch.Tensor, heads: int) -> torch.Tensor:
+    """``sum_s weights[:, :, s] * slots[s]`` per head: weights ``[B, heads, S]``, slots ``[S, B, C, H, W]``.
+
+    NCHW slots: one batched matrix product ``[B*heads, 1, S] x [B*heads, S, d*H*W]`` on views (one read
+    of every slot). Other layouts (channels_last): an accumulation over the slots.
+    """
+    s, b, c, h, w = slots.shape
+    if slots[0].is_contiguous():
+        rows = slots.view(s, b * heads, -1).transpose(0, 1)  # [B*heads, S, d*H*W], a view
+        out = torch.bmm(weights.reshape(b * heads, 1, s), rows)
+        return out.view(b, c, h, w)
+    per_channel = _heads_to_channels(weights.transpose(1, 2), c)[..., None, None]  # [B, S, C, 1, 1]
+    out = slots[0] * per_channel[:, 0]
+    for i in range(1, s):
+        out.addcmul_(slots[i], per_channel[:, i])
+    return out
+
+
+def _slot_dots(grad: torch.Tensor, slots: torch.Tensor, heads: int) -> torch.Tensor:
+    """``<grad_h, slots[s]_h>`` per sample and head: grad ``[B, C, H, W]``, slots ``[S, B, C, H, W]`` -> ``[B, heads, S]``."""
+    s, b, c, h, w = slots.shape
+    if slots[0].is_contiguous() and grad.is_contiguous():
+        rows = slots.view(s, b * heads, -1).permute(1, 2, 0)  # [B*heads, d*H*W, S], a view
+        return torch.bmm(grad.view(b * heads, 1, -1), rows).view(b, heads, s)
+    per_slot = [(grad * slots[i]).sum(dim=(2, 3)) for i in range(s)]  # [B, C] each
+    return torch.stack(per_slot, dim=-1).view(b, heads, c // heads, s).sum(dim=2)
+
+
+def _heads_to_channels(per_head: torch.Tensor, channels: int) -> torch.Tensor:
+    """``[B, ..., heads]`` -> ``[B, ..., C]``: head h covers the contiguous channels h*d .. (h+1)*d - 1.
+
+    The expanded tensor is tiny (no spatial dims); the large tensors are then scaled per channel.
+    """
+    heads = per_head.shape[-1]
+    return per_head.unsqueeze(-1).expand(*per_head.shape, channels // heads).reshape(*per_head.shape[:-1], channels)
+
+
+class _AttendOverStageValues(torch.autograd.Function):
+    """``O_t = sum_{s<=t} A_t[:, h, s] V_{s,h}`` over a :class:`_StageValueBuffer`, with a fused backward.
+
+    Forward writes ``V_t`` into slot t and reads slots ``0..t`` once. Backward per layer: one read of
+    slots ``0..t`` for ``dL/dA_t`` and one read of the later layers' output gradients for ``dL/dV_t``,
+    instead of autograd's per-(t, s) products, sums and gradient accumulations.
+    """
+
+    @staticmethod
+    def forward(ctx, attn: torch.Tensor, v: torch.Tensor, cache: _StageValueBuffer) -> torch.Tensor:
+        with torch.autocast(v.device.type, enabled=False):
+            t = cache.append(v)
+            buffer = cache.buffer
+            weights = attn.detach().to(buffer.dtype)
+            cache.attn.append(weights)
+            out = _weighted_slot_sum(weights, buffer[: t + 1], cache.heads)
+        ctx.save_for_backward(buffer)
+        ctx.cache, ctx.t = cache, t
+        ctx.attn_dtype, ctx.v_dtype = attn.dtype, v.dtype
+        ctx.set_materialize_grads(False)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Optional[torch.Tensor]):
+        (buffer,) = ctx.saved_tensors
+        cache, t = ctx.cache, ctx.t
+        task = torch._C._current_graph_task_id()
+        if cache.grad_task != task or cache.grad_out is None:
+            cache.start_backward(task, buffer[0])
+        grad_attn = None
+        with torch.autocast(buffer.device.type, enabled=False):
+            if grad_out is None:
+                cache.grad_out[t].zero_()
+            else:
+                grad_out = grad_out.to(buffer.dtype)
+                cache.grad_out[t].copy_(grad_out)
+                if ctx.needs_input_grad[0]:
+                    grad_attn = _slot_dots(grad_out, buffer[: t + 1], cache.heads).to(ctx.attn_dtype)
+            cache.grad_filled[t] = True
+            # later layers whose node never ran (their output reached no loss) contribute nothing
+            for later in range(t + 1, cache.count):
+                if not cache.grad_filled[later]:
+                    cache.grad_out[later].zero_()
+                    cache.grad_filled[later] = True
+            grad_v = None
+            if ctx.needs_input_grad[1]:
+                weights = torch.stack([cache.attn[u][..., t] for u in range(t, cache.count)], dim=-1)
+                grad_v = _weighted_slot_sum(weights, cache.grad_out[t:], cache.heads).to(ctx.v_dtype)
+        if t == 0:
+            cache.end_backward()
+        return grad_attn, grad_v, None
 
 
 class _LayerAttentionBase(nn.Module):
@@ -93,10 +268,21 @@ class _LayerAttentionBase(nn.Module):
         self.kl_eps = DEFAULT_KL_EPS
 
     def _query_key(self, y: torch.Tensor):
-        g = y.mean(dim=(2, 3)).unsqueeze(1)  # [B, 1, C]
+        """Q and K (``[B, heads, d]``) from the pooled descriptor ``g = GAP(y)``.
+
+        ``wq`` and ``wk`` are Conv1d(1, 1, k) over the channel axis; they are applied here as one
+        ``[B, C, k] x [k, 2]`` product over the unfolded windows of ``g``: nn.Conv1d on a ``[B, 1, C]``
+        input costs milliseconds per call on CPU (oneDNN primitive setup), more than the rest of the
+        layer, and a backward through two of them is slower still.
+        """
+        g = y.mean(dim=(2, 3))  # [B, C]
+        pad = (self.k_size - 1) // 2
+        windows = F.pad(g, (pad, pad)).unfold(1, self.k_size, 1)  # [B, C, k]: windows[c, j] = g[c + j - pad]
+        w = torch.cat([self.wq.weight.view(1, -1), self.wk.weight.view(1, -1)], dim=0)  # [2, k]
+        qk = torch.matmul(windows, w.t())  # [B, C, 2]
         b = g.shape[0]
-        q = self.wq(g).view(b, self.heads, self.dim_per_head)
-        k = self.wk(g).view(b, self.heads, self.dim_per_head)
+        q = qk[..., 0].view(b, self.heads, self.dim_per_head)
+        k = qk[..., 1].view(b, self.heads, self.dim_per_head)
         return q, k
 
     def _per_channel(self, per_head: torch.Tensor) -> torch.Tensor:
@@ -135,7 +321,8 @@ class MrlaLight(_LayerAttentionBase):
         q, k = self._query_key(y)
         gate = torch.sigmoid((q * k).sum(-1) * self.scale)  # [B, heads]
         v = self.wv(y)
-        o = v * self._per_channel(gate)[:, :, None, None] + self.lam * sc
+        # one fused multiply-add over the large tensors; the per-channel gate is tiny ([B, C, 1, 1])
+        o = torch.addcmul(self.lam * sc, v, _heads_to_channels(gate, self.channels)[..., None, None])
         if self._records():
             self._record(gate, state)
         return y + self.drop_path(self.bn(o))
@@ -170,16 +357,42 @@ class MrlaBase(_LayerAttentionBase):
         q, k = self._query_key(y)
         v = self.wv(y)
         state.keys.append(k)
-        state.values.append(v)
         keys = torch.stack(state.keys, dim=2)  # [B, heads, t, d]: tiny, unlike the values
         attn = torch.softmax(torch.einsum("bhd,bhtd->bht", q, keys) * self.scale, dim=-1)
-        weights = self._per_channel(attn).to(v.dtype)[..., None, None]  # [B, C, t, 1, 1]
-        o = state.values[0] * weights[:, :, 0]
-        for s in range(1, len(state.values)):
-            o = o.addcmul_(state.values[s], weights[:, :, s])
+        o = self._attend(attn, v, state)
         if self._records():
             self._record(attn, state)
         return y + self.drop_path(F.relu(self.bn(o)))
+
+    def _attend(self, attn: torch.Tensor, v: torch.Tensor, state: StageState) -> torch.Tensor:
+        """``sum_s attn[:, h, s] * V_{s,h}`` over this layer's and the earlier cached values."""
+        cache = state.value_buffer
+        if torch.compiler.is_compiling() or (cache is None and state.values):
+            # graph capture: the plain formulation; the compiler fuses the sum into one pass over the
+            # values (the eager buffer below relies on in-place slot writes it cannot trace)
+            if cache is not None and torch.is_grad_enabled():
+                raise RuntimeError(
+                    "an MRLA-B stage ran partly eagerly and partly under torch.compile; compile the whole "
+                    "model or the whole stage (LayerAttentionStage), not single blocks"
+                )
+            state.values.append(v)
+            weights = _heads_to_channels(attn.transpose(1, 2), self.channels)[..., None, None].to(v.dtype)
+            o = state.values[0] * weights[:, 0]
+            for s in range(1, len(state.values)):
+                o = o + state.values[s] * weights[:, s]
+            return o
+        if cache is None:
+            cache = state.value_buffer = _StageValueBuffer(state.capacity)
+            cache.heads = self.heads
+        elif cache.heads != self.heads:
+            raise ValueError(f"MRLA-B layers of one stage must share their heads ({cache.heads} vs {self.heads})")
+        if torch.is_grad_enabled() and (attn.requires_grad or v.requires_grad):
+            o = _AttendOverStageValues.apply(attn, v, cache)
+        else:
+            t = cache.append(v)
+            o = _weighted_slot_sum(attn.to(v.dtype), cache.buffer[: t + 1], self.heads)
+        state.values.append(cache.buffer[cache.count - 1])
+        return o
 
     @torch.no_grad()
     def _record(self, attn: torch.Tensor, state: StageState) -> None:

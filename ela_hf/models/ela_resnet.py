@@ -183,9 +183,11 @@ class LayerAttentionStage(nn.Module):
         return [blk.is_skipped for blk in self]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        state = StageState()
+        # capacity lets MRLA-B preallocate the stage's value buffer once (no per-block growth)
+        state = StageState(capacity=sum(1 for blk in self if not blk.is_skipped))
         for blk in self:
             x = blk(x, state)
+        state.close()
         return x
 
 

@@ -1,0 +1,331 @@
+"""Training-step time and peak memory of MRLA-L, MRLA-B and ELA, as ratios to the plain ResNet.
+
+Every model of a case is timed in the same process, one step each in turn (interleaved), for
+``--repeats`` rounds; the table gives medians. Interleaving spreads a shared machine's load changes
+over all models alike, so the ratios stay meaningful while the absolute times drift.
+
+Cases (the issue's two settings):
+- ``cifar``: CIFAR ResNet-110 (``resnet110_cifar`` and the MRLA/ELA variants), 32x32, batch 64, 100 classes.
+- ``imagenet``: ResNet-50 (timm ``resnet50`` and the MRLA/ELA variants), 128x128, batch 8 on CPU
+  (224x224, batch 256 with ``--device cuda``).
+
+A training step is: ``zero_grad(set_to_none=True)``, forward, cross-entropy, backward, SGD step
+(momentum 0.9). ELA is the MRLA-B network with the attention layers of blocks 1, 3, 5, ... of every
+stage skipped in place (``set_skip_mask``), as during ELA training after a pruning decision.
+
+Peak memory:
+- CPU: the high-water mark of live tensor bytes during one training step above what was live before
+  it (model, optimizer state, input batch), from the allocation events of ``torch.profiler``
+  (``profile_memory=True``): every tensor allocated through PyTorch's CPU allocator, activations saved
+  for backward, gradients and temporaries included; memory the C libraries allocate on their own
+  (oneDNN/MKL scratch space, allocator caching) is not in it.
+- CUDA: ``torch.cuda.max_memory_allocated()`` during the step minus the allocated bytes before it.
+
+Inference: images/s of the plain ResNet and of the slim ELA model (built with
+``timm.create_model(name, skip_mask=mask)``, skipped layers absent), eval mode, eager and under
+``torch.compile``.
+
+Examples::
+
+    python bench/bench_models.py                      # both cases, 7 rounds, with torch.compile
+    python bench/bench_models.py --quick              # 3 rounds, no torch.compile
+    python bench/bench_models.py --cases cifar --models resnet mrla_b --repeats 11
+    python bench/bench_models.py --device cuda --amp bf16 --channels-last
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's start/stop chatter on stderr
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import ela_hf  # noqa: E402,F401  (registers the models with timm)
+from ela_hf.models import set_skip_mask  # noqa: E402
+
+MODEL_KINDS = ("resnet", "mrla_l", "mrla_b", "ela")
+LABELS = {"resnet": "ResNet", "mrla_l": "MRLA-L", "mrla_b": "MRLA-B", "ela": "ELA (half skipped)"}
+
+
+@dataclass
+class Case:
+    name: str
+    title: str
+    names: Dict[str, str]  # model kind -> timm name
+    image_size: int
+    batch_size: int
+    num_classes: int
+
+
+def make_cases(device: str) -> Dict[str, Case]:
+    cuda = device == "cuda"
+    return {
+        "cifar": Case(
+            "cifar", "CIFAR ResNet-110",
+            dict(resnet="resnet110_cifar", mrla_l="mrla_l_resnet110_cifar", mrla_b="mrla_b_resnet110_cifar",
+                 ela="ela_resnet110_cifar"),
+            image_size=32, batch_size=64, num_classes=100,
+        ),
+        "imagenet": Case(
+            "imagenet", "ImageNet ResNet-50",
+            dict(resnet="resnet50", mrla_l="mrla_l_resnet50", mrla_b="mrla_b_resnet50", ela="ela_resnet50"),
+            image_size=224 if cuda else 128, batch_size=256 if cuda else 8, num_classes=1000,
+        ),
+    }
+
+
+def alternating_skip_mask(model: nn.Module) -> List[List[bool]]:
+    """Blocks 1, 3, 5, ... of every stage skipped: half (rounded up) of the non-first layers."""
+    return [[j % 2 == 1 for j in range(n)] for n in model.stage_sizes]
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@dataclass
+class Runner:
+    """One model ready to train: model, optimizer, a fixed batch and the step function."""
+
+    kind: str
+    model: nn.Module
+    step: Callable[[], None]
+    times: List[float] = field(default_factory=list)
+    peak_bytes: Optional[int] = None
+
+
+def build_runner(case: Case, kind: str, args) -> Runner:
+    torch.manual_seed(0)
+    model = timm.create_model(case.names[kind], num_classes=case.num_classes)
+    if kind == "ela":
+        set_skip_mask(model, alternating_skip_mask(model))
+    model.to(args.device).train()
+    x = torch.randn(case.batch_size, 3, case.image_size, case.image_size, device=args.device)
+    target = torch.randint(0, case.num_classes, (case.batch_size,), device=args.device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    amp = autocast(args)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with amp():
+            loss = F.cross_entropy(model(x), target)
+        loss.backward()
+        opt.step()
+
+    return Runner(kind, model, step)
+
+
+def autocast(args) -> Callable[[], contextlib.AbstractContextManager]:
+    if args.amp == "none":
+        return contextlib.nullcontext
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    return lambda: torch.autocast(device_type=args.device, dtype=dtype)
+
+
+def time_call(fn: Callable[[], None], device: str) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def peak_step_bytes(runner: Runner, device: str) -> int:
+    """Peak live tensor bytes during one step above those live before it (see the module docstring)."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        runner.step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        runner.step()
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def run_training_case(case: Case, args) -> Dict[str, Runner]:
+    runners = {kind: build_runner(case, kind, args) for kind in args.models}
+    for r in runners.values():  # warm-up: allocator pools, oneDNN primitive caches, optimizer state
+        for _ in range(args.warmup):
+            r.step()
+    order = list(runners.values())
+    for i in range(args.repeats):
+        # rotate the order every round so that no model always runs right after the same neighbour
+        for r in order[i % len(order):] + order[: i % len(order)]:
+            r.times.append(time_call(r.step, args.device))
+    if args.memory:
+        for r in runners.values():
+            r.peak_bytes = peak_step_bytes(r, args.device)
+    return runners
+
+
+def throughput_case(case: Case, args) -> Dict[str, Dict[str, float]]:
+    """Images/s of the plain ResNet and the slim ELA model, eval mode, eager and compiled."""
+    torch.manual_seed(0)
+    plain = timm.create_model(case.names["resnet"], num_classes=case.num_classes)
+    probe = timm.create_model(case.names["ela"], num_classes=case.num_classes)
+    mask = alternating_skip_mask(probe)
+    del probe
+    slim = timm.create_model(case.names["ela"], num_classes=case.num_classes, skip_mask=mask)
+    x = torch.randn(case.batch_size, 3, case.image_size, case.image_size, device=args.device)
+    models = {"resnet": plain, "ela": slim}
+    for m in models.values():
+        m.to(args.device).eval()
+        if args.channels_last:
+            m.to(memory_format=torch.channels_last)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    amp = autocast(args)
+    fns: Dict[str, Callable[[], None]] = {}
+    for kind, m in models.items():
+        fns[f"{kind}/eager"] = (lambda m=m: m(x))
+        if args.compile:
+            compiled = torch.compile(m)
+            fns[f"{kind}/compiled"] = (lambda c=compiled: c(x))
+
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    with torch.inference_mode(), amp():
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(max(args.warmup, 2 if "compiled" in key else 1)):
+                fn()
+            sync(args.device)
+            if "compiled" in key:
+                print(f"  [{case.name}] {key}: compiled and warmed up in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        keys = list(fns)
+        for i in range(args.repeats):
+            for key in keys[i % len(keys):] + keys[: i % len(keys)]:
+                times[key].append(time_call(fns[key], args.device))
+    return {key: {"img_s": case.batch_size / statistics.median(t)} for key, t in times.items()}
+
+
+def fmt_ratio(x: float) -> str:
+    return f"{x:.2f}"
+
+
+def render(case: Case, runners: Dict[str, Runner], infer: Optional[Dict[str, Dict[str, float]]], args) -> str:
+    base = runners.get("resnet")
+    lines = [f"### {case.title}: {case.image_size}x{case.image_size}, batch {case.batch_size}, {case.num_classes} classes", ""]
+    header = "| model | step time / ResNet | step time / MRLA-B | peak memory / ResNet | median step (s) | peak memory (MiB) |"
+    lines += [header, "|---|---|---|---|---|---|"]
+    mrla_b = runners.get("mrla_b")
+    for kind, r in runners.items():
+        med = statistics.median(r.times)
+        vs_base = fmt_ratio(med / statistics.median(base.times)) if base else "-"
+        vs_b = fmt_ratio(med / statistics.median(mrla_b.times)) if mrla_b else "-"
+        if r.peak_bytes is not None and base is not None and base.peak_bytes:
+            mem_ratio = fmt_ratio(r.peak_bytes / base.peak_bytes)
+        else:
+            mem_ratio = "-"
+        mem = f"{r.peak_bytes / 2**20:.0f}" if r.peak_bytes is not None else "-"
+        lines.append(f"| {LABELS[kind]} | {vs_base} | {vs_b} | {mem_ratio} | {med:.3f} | {mem} |")
+    if infer:
+        lines += ["", "| inference (eval) | images/s | / ResNet eager | / ResNet same mode |", "|---|---|---|---|"]
+        plain_eager = infer["resnet/eager"]["img_s"]
+        for key, v in infer.items():
+            kind, mode = key.split("/")
+            same = infer.get(f"resnet/{mode}", {}).get("img_s")
+            label = "ResNet" if kind == "resnet" else "ELA slim (half skipped)"
+            lines.append(
+                f"| {label}, {mode} | {v['img_s']:.1f} | {fmt_ratio(v['img_s'] / plain_eager)} | "
+                f"{fmt_ratio(v['img_s'] / same) if same else '-'} |"
+            )
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases", nargs="+", choices=("cifar", "imagenet"), default=["cifar", "imagenet"])
+    p.add_argument("--models", nargs="+", choices=MODEL_KINDS, default=list(MODEL_KINDS),
+                   help="model kinds to train (ratios need 'resnet'; the ELA/MRLA-B column needs 'mrla_b')")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds per model (default 7, --quick 3)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per model before timing")
+    p.add_argument("--quick", action="store_true", help="3 rounds, 1 warm-up step, no torch.compile")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="autocast dtype")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--batch-size", type=int, default=None, help="override the case's batch size")
+    p.add_argument("--image-size", type=int, default=None, help="override the case's image size")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile throughput")
+    p.add_argument("--no-inference", dest="inference", action="store_false", help="skip the throughput table")
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory step")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    args = p.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else 7
+    if args.quick:
+        args.warmup = min(args.warmup, 1)
+        args.compile = False
+    if args.repeats < 1 or args.warmup < 0:
+        raise ValueError("--repeats must be >= 1 and --warmup >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was given but torch.cuda.is_available() is False")
+    if args.amp == "fp16" and args.device == "cpu":
+        raise ValueError("--amp fp16 is for CUDA; use --amp bf16 on CPU")
+    args.models = [k for k in MODEL_KINDS if k in args.models]  # table order
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cases = make_cases(args.device)
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()} CPU"
+    out = [
+        f"ela_hf benchmark, {datetime.date.today().isoformat()}: torch {torch.__version__}, timm {timm.__version__}, "
+        f"{device_name}, {torch.get_num_threads()} threads, amp={args.amp}, channels_last={args.channels_last}, "
+        f"medians of {args.repeats} interleaved rounds",
+        "",
+        "command: `python " + " ".join(["bench/bench_models.py"] + (argv if argv is not None else sys.argv[1:])) + "`",
+        "",
+    ]
+    for name in args.cases:
+        case = cases[name]
+        if args.batch_size:
+            case.batch_size = args.batch_size
+        if args.image_size:
+            case.image_size = args.image_size
+        print(f"[{name}] training {', '.join(args.models)} ...", file=sys.stderr)
+        runners = run_training_case(case, args)
+        infer = None
+        if args.inference:
+            print(f"[{name}] inference throughput ...", file=sys.stderr)
+            infer = throughput_case(case, args)
+        out += [render(case, runners, infer, args), ""]
+        del runners
+        gc.collect()
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+"""The optimised layer-attention paths compute exactly the straightforward formulation of SPEC section 1.
+
+The reference below is written from the SPEC with plain tensor ops (Conv1d for Q/K, a Python sum over
+the cached values, ``repeat_interleave`` per head, functional batch norm) and shares only the parameters
+with the library. Forward outputs and the gradients of every parameter and of the input are compared,
+in float64 (tight) and float32, with skipped layers, channels_last, partial and repeated backward passes,
+activation checkpointing, bf16 autocast and ``torch.compile``.
+"""
+import copy
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import ela_hf  # noqa: F401
+from ela_hf.layers import StageState
+from ela_hf.models import LayerAttentionResNet
+
+
+# ------------------------------------------------------------------------------------------------
+# reference: SPEC section 1, written out
+
+
+def _ref_qk(attn, y):
+    g = y.mean(dim=(2, 3)).unsqueeze(1)  # [B, 1, C]
+    pad = (attn.k_size - 1) // 2
+    b = y.shape[0]
+    q = F.conv1d(g, attn.wq.weight, padding=pad).view(b, attn.heads, attn.dim_per_head)
+    k = F.conv1d(g, attn.wk.weight, padding=pad).view(b, attn.heads, attn.dim_per_head)
+    return q, k
+
+
+def _ref_bn(bn, x):
+    return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.training, bn.momentum, bn.eps)
+
+
+def _ref_block(blk, x, cache):
+    """One block: the timm bottleneck conv path, then MRLA-B / MRLA-L as SPEC section 1 states it."""
+    sc = x if blk.downsample is None else blk.downsample(x)
+    h = blk.act1(blk.bn1(blk.conv1(x)))
+    h = blk.act2(blk.bn2(blk.conv2(h)))
+    y = blk.act3(blk.bn3(blk.conv3(h)) + sc)
+    if blk.is_skipped:
+        return y
+    a = blk.attn
+    q, k = _ref_qk(a, y)
+    v = F.conv2d(y, a.wv.weight, padding=1, groups=a.channels)
+    if blk.attn_type == "mrla_l":
+        gate = torch.sigmoid((q * k).sum(-1) / math.sqrt(a.dim_per_head))  # [B, heads]
+        o = v * gate.repeat_interleave(a.dim_per_head, dim=1)[:, :, None, None] + a.lam * sc
+        return y + _ref_bn(a.bn, o)
+    cache.append((k, v))
+    scores = torch.stack([(q * k_s).sum(-1) for k_s, _ in cache], dim=-1) / math.sqrt(a.dim_per_head)
+    attn = torch.softmax(scores, dim=-1)  # [B, heads, t]
+    o = sum(attn[:, :, s].repeat_interleave(a.dim_per_head, dim=1)[:, :, None, None] * v_s
+            for s, (_, v_s) in enumerate(cache))
+    return y + F.relu(_ref_bn(a.bn, o))
+
+
+def _ref_forward(model, x):
+    x = model.forward_stem(x)
+    for stage in model.stages:
+        cache = []  # the MRLA-B cache resets at every stage
+        for blk in stage:
+            x = _ref_block(blk, x, cache)
+    return model.forward_head(x)
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # many tiny ops: on a shared 2-core machine a second OpenMP thread mostly waits for a time slice
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _tiny(attn_type, layers=(4, 3), skip_mask=None, **kw):
+    torch.manual_seed(0)
+    model = LayerAttentionResNet(layers=layers, channels=(16, 32)[: len(layers)], stem_type="cifar", stem_width=16,
+                                 attn_type=attn_type, dim_per_head=16, num_classes=5, skip_mask=skip_mask, **kw)
+    with torch.no_grad():  # away from the zero-init of bn3 and BN's identity so every path carries signal
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+def _run(model, x, fn=None):
+    """Loss, output and gradients (params and input) of one forward/backward."""
+    x = x.detach().clone().requires_grad_(True)
+    out = (fn if fn is not None else model)(x)
+    loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum()
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads["input"] = x.grad.detach().clone()
+    model.zero_grad(set_to_none=True)
+    return out.detach(), grads
+
+
+def _assert_same(got, want, rtol, atol):
+    out_g, grads_g = got
+    out_w, grads_w = want
+    torch.testing.assert_close(out_g, out_w, rtol=rtol, atol=atol)
+    assert grads_g.keys() == grads_w.keys()
+    for name in grads_w:
+        torch.testing.assert_close(grads_g[name], grads_w[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def _compare(model, x, rtol=1e-9, atol=1e-10, prepare=None):
+    """Library vs reference on deep copies of ``model`` (BN running stats stay independent)."""
+    lib, ref = copy.deepcopy(model), copy.deepcopy(model)
+    if prepare is not None:
+        lib, x_lib = prepare(lib, x)
+    else:
+        x_lib = x
+    _assert_same(_run(lib, x_lib), _run(ref, x, fn=lambda inp: _ref_forward(ref, inp)), rtol, atol)
+
+
+SKIPS = [None, [[False, True, False, True], [False, False, True]], [[False, True, True, True], [False, True, True]]]
+
+
+# ------------------------------------------------------------------------------------------------
+# tests
+
+
+@pytest.mark.parametrize("attn_type", ["mrla_b", "mrla_l"])
+@pytest.mark.parametrize("skip_mask", SKIPS)
+def test_training_forward_and_gradients_match_reference_float64(attn_type, skip_mask):
+    model = _tiny(attn_type, skip_mask=skip_mask).double().train()
+    _compare(model, torch.randn(3, 3, 12, 12, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("attn_type", ["mrla_b", "mrla_l"])
+def test_skipping_in_place_equals_building_without_the_layer(attn_type):
+    mask = SKIPS[1]
+    built = _tiny(attn_type, skip_mask=mask).double().train()
+    inplace = _tiny(attn_type).double().train()
+    inplace.set_skip_mask(mask)
+    inplace.load_state_dict(built.state_dict(), strict=False)
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    _assert_same(_run(inplace, x), _run(built, x), rtol=1e-12, atol=1e-12)
+    _compare(inplace, x)
+
+
+@pytest.mark.parametrize("attn_type", ["mrla_b", "mrla_l"])
+def test_float32_matches_reference(attn_type):
+    model = _tiny(attn_type, skip_mask=SKIPS[1]).train()
+    _compare(model, torch.randn(4, 3, 16, 16), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("attn_type", ["mrla_b", "mrla_l"])
+def test_channels_last_matches_reference(attn_type):
+    model = _tiny(attn_type, skip_mask=SKIPS[1]).double().train()
+
+    def to_channels_last(m, x):
+        return m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+
+    _compare(model, torch.randn(3, 3, 12, 12, dtype=torch.float64), prepare=to_channels_last)
+
+
+@pytest.mark.parametrize("attn_type", ["mrla_b", "mrla_l"])
+def test_eval_and_no_grad_match_reference(attn_type):
+    model = _tiny(attn_type, skip_mask=SKIPS[1]).double().eval()
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    with torch.no_grad():
+        want = _ref_forward(model, x)
+        torch.testing.assert_close(model(x), want, rtol=1e-10, atol=1e-10)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), want, rtol=1e-10, atol=1e-10)
+
+
+def test_mrla_b_eager_path_uses_one_value_buffer_per_stage():
+    """The test above exercises the fused path: values sit in one buffer, sized by the active layers."""
+    model = _tiny("mrla_b", skip_mask=SKIPS[1]).train()
+    seen = []
+    model.layer1[2].attn.register_forward_hook(lambda m, inp, out: seen.append((inp[-1], out)))
+    model(torch.randn(2, 3, 8, 8))
+    state, out = seen[0]
+    # blocks 0 and 2 are active (1 and 3 skipped): two values cached when block 2 attends
+    assert state.value_buffer is not None and state.value_buffer.count == 2 == len(state.values)
+    assert state.capacity == 2
+    assert state.value_buffer.buffer is None, "the stage drops its reference; the autograd nodes keep theirs"
+    names, fn = set(), out.grad_fn
+    stack = [fn]
+    while stack:  # the block output depends on the fused node
+        fn = stack.pop()
+        if fn is None or type(fn).__name__ in names:
+            continue
+        names.add(type(fn).__name__)
+        stack.extend(f for f, _ in fn.next_functions)
+    assert any("AttendOverStageValues" in n for n in names)
+
+
+def test_mrla_b_repeated_backward_with_retain_graph_accumulates_exactly():
+    model = _tiny("mrla_b", skip_mask=SKIPS[1]).double().train()
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    _, once = _run(copy.deepcopy(model), x)
+    out = model(x)
+    loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum()
+    loss.backward(retain_graph=True)
+    loss.backward()
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, 2 * once[name], rtol=1e-10, atol=1e-10)
+
+
+def test_mrla_b_gradient_when_later_layers_reach_no_loss():
+    """Loss from block 1 of a 4-block stage: blocks 2 and 3 run but their backward never does."""
+    model = _tiny("mrla_b", layers=(4,)).double().train()
+    stage = model.layer1
+    x = torch.randn(2, 16, 6, 6, dtype=torch.float64)
+    lib, ref = copy.deepcopy(stage), copy.deepcopy(stage)
+
+    def run(blocks, call):
+        inp = x.clone().requires_grad_(True)
+        outs, h = [], inp
+        state = StageState(capacity=len(blocks))
+        cache = []
+        for blk in blocks:
+            h = call(blk, h, state, cache)
+            outs.append(h)
+        outs[1].pow(2).sum().backward()
+        return [inp.grad] + [p.grad for p in blocks.parameters() if p.grad is not None]
+
+    got = run(lib, lambda b, h, s, c: b(h, s))
+    want = run(ref, lambda b, h, s, c: _ref_block(b, h, c))
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+def test_mrla_b_value_buffer_grows_when_capacity_is_underestimated():
+    model = _tiny("mrla_b", layers=(4,)).double().train()
+    x = torch.randn(2, 16, 6, 6, dtype=torch.float64)
+    lib, ref = copy.deepcopy(model.layer1), copy.deepcopy(model.layer1)
+    inp_l, inp_r = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    state, cache, h_l, h_r = StageState(capacity=1), [], inp_l, inp_r
+    for bl, br in zip(lib, ref):
+        h_l, h_r = bl(h_l, state), _ref_block(br, h_r, cache)
+    assert state.value_buffer.buffer.shape[0] >= 4
+    torch.testing.assert_close(h_l, h_r, rtol=1e-10, atol=1e-10)
+    h_l.sum().backward(), h_r.sum().backward()
+    torch.testing.assert_close(inp_l.grad, inp_r.grad, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("attn_type", ["mrla_b", "mrla_l"])
+def test_activation_checkpointing_matches_reference(attn_type):
+    model = _tiny(attn_type, skip_mask=SKIPS[1]).double().train()
+
+    def checkpointed(m, x):
+        m.set_grad_checkpointing(True)
+        return m, x
+
+    _compare(model, torch.randn(2, 3, 12, 12, dtype=torch.float64), prepare=checkpointed)
+
+
+@pytest.mark.parametrize("attn_type", ["mrla_b", "mrla_l"])
+def test_bf16_autocast_is_as_close_to_float32_as_the_reference_under_autocast(attn_type):
+    """bf16 rounding differs op by op, so the bar is the reference's own bf16 error against float32."""
+    model = _tiny(attn_type, skip_mask=SKIPS[1]).train()
+    x = torch.randn(4, 3, 16, 16)
+    results = {}
+    for name, autocast in [("lib16", True), ("ref16", True), ("ref32", False)]:
+        m = copy.deepcopy(model)
+        fn = m if name.startswith("lib") else (lambda inp, m=m: _ref_forward(m, inp))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = fn(x)
+        if name == "lib16":
+            assert out.dtype == torch.bfloat16
+        out.float().sum().backward()
+        grads = torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
+        results[name] = out.detach().float(), grads
+    err_lib = (results["lib16"][0] - results["ref32"][0]).abs().max()
+    err_ref = (results["ref16"][0] - results["ref32"][0]).abs().max()
+    assert err_lib <= 2 * err_ref + 1e-3, (err_lib, err_ref)
+    cos_lib = F.cosine_similarity(results["lib16"][1], results["ref32"][1], dim=0)
+    cos_ref = F.cosine_similarity(results["ref16"][1], results["ref32"][1], dim=0)
+    assert torch.isfinite(results["lib16"][1]).all()
+    assert cos_lib > 0.99 and cos_lib >= cos_ref - 0.005, (cos_lib, cos_ref)
+
+
+def test_torch_compile_matches_reference():
+    """Under torch.compile MRLA-B takes the plain formulation (a fused sum); values and gradients agree."""
+    torch._dynamo.reset()
+    model = _tiny("mrla_b", layers=(3,), skip_mask=[[False, True, False]]).train()
+    lib, ref = copy.deepcopy(model), copy.deepcopy(model)
+    compiled = torch.compile(lib, backend="aot_eager")  # the tracing path without the C++ compiler's time
+    x = torch.randn(2, 3, 8, 8)
+    got = _run(lib, x, fn=compiled)
+    want = _run(ref, x, fn=lambda inp: _ref_forward(ref, inp))
+    _assert_same(got, want, rtol=1e-4, atol=1e-5)
