@@ -15,7 +15,8 @@ stage skipped in place (``set_skip_mask``), as during ELA training after a pruni
 
 Peak memory:
 - CPU: the high-water mark of live tensor bytes during one training step above what was live before
-  it (model, optimizer state, input batch), from the allocation events of ``torch.profiler``
+  it (model, optimizer state, input batch; MRLA-B's pooled stage buffers are released first, so the
+  step allocates and counts them), from the allocation events of ``torch.profiler``
   (``profile_memory=True``): every tensor allocated through PyTorch's CPU allocator, activations saved
   for backward, gradients and temporaries included; memory the C libraries allocate on their own
   (oneDNN/MKL scratch space, allocator caching) is not in it.
@@ -55,6 +56,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ela_hf  # noqa: E402,F401  (registers the models with timm)
+from ela_hf.layers.mrla import clear_value_buffer_pool  # noqa: E402
 from ela_hf.models import set_skip_mask  # noqa: E402
 
 MODEL_KINDS = ("resnet", "mrla_l", "mrla_b", "ela")
@@ -150,6 +152,8 @@ def time_call(fn: Callable[[], None], device: str) -> float:
 
 def peak_step_bytes(runner: Runner, device: str) -> int:
     """Peak live tensor bytes during one step above those live before it (see the module docstring)."""
+    # MRLA-B keeps its large CPU stage buffers between steps; let this step allocate them so they count
+    clear_value_buffer_pool()
     gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()

@@ -181,12 +181,13 @@ def test_mrla_b_eager_path_uses_one_value_buffer_per_stage():
     """The test above exercises the fused path: values sit in one buffer, sized by the active layers."""
     model = _tiny("mrla_b", skip_mask=SKIPS[1]).train()
     seen = []
-    model.layer1[2].attn.register_forward_hook(lambda m, inp, out: seen.append((inp[-1], out)))
+    model.layer1[2].attn.register_forward_hook(lambda m, inp, out: seen.append((inp[-1], len(inp[-1].values), out)))
     model(torch.randn(2, 3, 8, 8))
-    state, out = seen[0]
+    state, n_values, out = seen[0]
     # blocks 0 and 2 are active (1 and 3 skipped): two values cached when block 2 attends
-    assert state.value_buffer is not None and state.value_buffer.count == 2 == len(state.values)
+    assert state.value_buffer is not None and state.value_buffer.count == 2 == n_values
     assert state.capacity == 2
+    assert state.values == [], "slot views are dropped at the end of the stage's forward"
     assert state.value_buffer.buffer is None, "the stage drops its reference; the autograd nodes keep theirs"
     names, fn = set(), out.grad_fn
     stack = [fn]
@@ -295,5 +296,47 @@ def test_torch_compile_matches_reference():
     compiled = torch.compile(lib, backend="aot_eager")  # the tracing path without the C++ compiler's time
     x = torch.randn(2, 3, 8, 8)
     got = _run(lib, x, fn=compiled)
+    want = _run(ref, x, fn=lambda inp: _ref_forward(ref, inp))
+    _assert_same(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_mrla_b_cpu_buffers_are_reused_between_steps():
+    """Large CPU stage buffers go back to a pool after backward (fresh ones page-fault on every step)."""
+    from ela_hf.layers import mrla
+
+    mrla.clear_value_buffer_pool()
+    model = _tiny("mrla_b", layers=(4,)).train()
+    x = torch.randn(2, 3, 8, 8)
+    seen = []
+    model.layer1[0].attn.register_forward_hook(lambda m, inp, out: seen.append(inp[-1].value_buffer.buffer))
+    for _ in range(3):
+        model(x).sum().backward()
+    storages = [b.untyped_storage().data_ptr() for b in seen]
+    assert storages[2] in storages[:2], "the third step reuses a buffer of an earlier one"
+
+
+def test_mrla_b_graph_retained_across_a_later_forward_keeps_its_values():
+    """retain_graph=True, then another step, then backward through the first graph again: exact."""
+    model = _tiny("mrla_b", skip_mask=SKIPS[1]).double().train()
+    x1, x2 = torch.randn(2, 3, 12, 12, dtype=torch.float64), torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    ref = copy.deepcopy(model)
+    for m, fn in [(model, model), (ref, lambda inp: _ref_forward(ref, inp))]:
+        loss1 = fn(x1).pow(2).sum()
+        loss1.backward(retain_graph=True)
+        fn(x2).pow(2).sum().backward()
+        loss1.backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor_training_step_matches_reference():
+    """The default backend (C++ code generation on CPU) on MRLA-B, whose compiled path differs from eager."""
+    torch._dynamo.reset()
+    x = torch.randn(2, 3, 8, 8)
+    model = _tiny("mrla_b", layers=(3,), skip_mask=[[False, True, False]]).train()
+    lib, ref = copy.deepcopy(model), copy.deepcopy(model)
+    got = _run(lib, x, fn=torch.compile(lib))
     want = _run(ref, x, fn=lambda inp: _ref_forward(ref, inp))
     _assert_same(got, want, rtol=1e-4, atol=1e-5)

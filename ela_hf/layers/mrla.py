@@ -8,8 +8,9 @@ compute the adjacent-layer KL divergence of SPEC section 3.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -75,6 +76,7 @@ class StageState:
         The autograd nodes keep the buffer as a saved tensor, so it is freed after their backward
         (and recomputed under activation checkpointing) instead of living as long as the graph.
         """
+        self.values = []  # views of the buffer's slots: only valid during the forward pass
         if self.value_buffer is not None:
             self.value_buffer.release_forward()
 
@@ -100,6 +102,8 @@ class _StageValueBuffer:
         self.count = 0
         self.attn: List[torch.Tensor] = []  # detached A_t, [B, heads, t+1] (for dL/dV of earlier layers)
         self.heads = 0
+        self.has_graph = False  # an autograd node saved the buffer
+        self._pooled: List[torch.Tensor] = []  # buffers to hand back to the pool when nothing reads them
         # backward state, per graph task (a new backward pass starts afresh)
         self.grad_task: Optional[int] = None
         self.grad_out: Optional[torch.Tensor] = None
@@ -109,7 +113,8 @@ class _StageValueBuffer:
         """Copy ``v`` into the next slot; returns its index."""
         slot_shape = tuple(v.shape)
         if self.buffer is None:
-            self.buffer = _empty_slots(self.capacity, v)
+            self.buffer = _SLOT_POOL.take(self.capacity, v)
+            self._pooled.append(self.buffer)
         elif tuple(self.buffer.shape[1:]) != slot_shape or self.buffer.dtype != v.dtype:
             raise ValueError(
                 f"MRLA-B values of one stage must share shape and dtype: got {slot_shape} {v.dtype}, "
@@ -127,17 +132,34 @@ class _StageValueBuffer:
         return t
 
     def release_forward(self) -> None:
+        """End of the stage's forward. Without autograd nodes nothing reads the buffer any more."""
         self.buffer = None
+        if not self.has_graph:
+            self._give_back()
 
     def start_backward(self, task: int, like: torch.Tensor) -> None:
         self.grad_task = task
-        self.grad_out = _empty_slots(self.count, like)
+        self.grad_out = _SLOT_POOL.take(self.count, like)
         self.grad_filled = [False] * self.count
 
     def end_backward(self) -> None:
+        """After the stage's first layer's node: every node of this backward pass has run.
+
+        The gradient buffer is ours alone. The value buffer is still saved by the nodes (until autograd
+        frees their saved tensors, or never with ``retain_graph=True``): the pool takes it back only
+        once no saved view of it is left.
+        """
+        if self.grad_out is not None:
+            _SLOT_POOL.give(self.grad_out)
         self.grad_out = None
         self.grad_filled = []
         self.grad_task = None
+        self._give_back(deferred=True)
+
+    def _give_back(self, deferred: bool = False) -> None:
+        for buf in self._pooled:
+            _SLOT_POOL.give(buf, deferred=deferred)
+        self._pooled = []
 
 
 def _empty_slots(n: int, like: torch.Tensor) -> torch.Tensor:
@@ -148,6 +170,93 @@ def _empty_slots(n: int, like: torch.Tensor) -> torch.Tensor:
     return like.new_empty((n,) + tuple(like.shape))
 
 
+class _SlotBufferPool:
+    """Keeps the large CPU stage buffers of one step for the next (CUDA has its caching allocator).
+
+    Why: glibc's malloc maps every block above 32 MiB afresh, and first-touching it page-faults: a
+    200 MB value buffer (CIFAR ResNet-110, batch 64) costs ~85 ms to fill fresh against ~8 ms reused,
+    more than the attention's arithmetic. A buffer comes back only once nothing can read it: at the end
+    of a forward without autograd, or after the stage's last backward node. Reuse bumps its version
+    counter, so an autograd graph kept with ``retain_graph=True`` across a later forward raises instead
+    of reading overwritten values; a buffer with live views (someone kept a slot) is not reused.
+    """
+
+    max_per_key = 2
+    max_pending = 8
+
+    def __init__(self):
+        self._free: Dict[tuple, List[torch.Tensor]] = {}
+        self._pending: List[torch.Tensor] = []  # given back while autograd may still hold views
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(n: int, like: torch.Tensor) -> tuple:
+        channels_last = like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(
+            memory_format=torch.channels_last
+        )
+        # inference tensors (made under torch.inference_mode) only serve inference-mode passes
+        return (n, tuple(like.shape), like.dtype, like.device, channels_last, torch.is_inference_mode_enabled())
+
+    def take(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        key = self._key(n, like)
+        if like.device.type == "cpu":
+            with self._lock:
+                self._collect_pending()
+                free = self._free.get(key)
+                buf = free.pop() if free else None
+            if buf is not None:
+                if not buf.is_inference():
+                    torch.autograd.graph.increment_version(buf)
+                return buf
+        buf = _empty_slots(n, like)
+        buf._ela_pool_key = key
+        buf._ela_storage_refs = _storage_refs(buf)
+        return buf
+
+    def give(self, buf: torch.Tensor, deferred: bool = False) -> None:
+        key = getattr(buf, "_ela_pool_key", None)
+        if key is None or key[3].type != "cpu" or buf._ela_storage_refs < 0:
+            return
+        with self._lock:
+            if deferred:
+                self._pending.append(buf)
+                del self._pending[: -self.max_pending]  # a graph kept alive forever keeps its buffer
+            else:
+                self._add_free(buf)
+
+    def _collect_pending(self) -> None:
+        still = []
+        for buf in self._pending:
+            (self._add_free if _storage_refs(buf) == buf._ela_storage_refs else still.append)(buf)
+        self._pending = still
+
+    def _add_free(self, buf: torch.Tensor) -> None:
+        if _storage_refs(buf) != buf._ela_storage_refs:  # a view of it is alive somewhere
+            return
+        free = self._free.setdefault(buf._ela_pool_key, [])
+        if len(free) < self.max_per_key:
+            free.append(buf)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+            self._pending.clear()
+
+
+def _storage_refs(t: torch.Tensor) -> int:
+    """References to ``t``'s storage (every view holds one); -1 where PyTorch does not expose it."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    return -1 if use_count is None else int(use_count(t.untyped_storage()._cdata))
+
+
+_SLOT_POOL = _SlotBufferPool()
+
+
+def clear_value_buffer_pool() -> None:
+    """Free the MRLA-B stage buffers kept between steps on CPU (for memory measurements)."""
+    _SLOT_POOL.clear()
+
+
 def _weighted_slot_sum(weights: torch.Tensor, slots: torch.Tensor, heads: int) -> torch.Tensor:
     """``sum_s weights[:, :, s] * slots[s]`` per head: weights ``[B, heads, S]``, slots ``[S, B, C, H, W]``.
 
@@ -155,7 +264,7 @@ def _weighted_slot_sum(weights: torch.Tensor, slots: torch.Tensor, heads: int) -
     of every slot). Other layouts (channels_last): an accumulation over the slots.
     """
     s, b, c, h, w = slots.shape
-    if slots[0].is_contiguous():
+    if slots[0].is_contiguous() and s > 1:
         rows = slots.view(s, b * heads, -1).transpose(0, 1)  # [B*heads, S, d*H*W], a view
         out = torch.bmm(weights.reshape(b * heads, 1, s), rows)
         return out.view(b, c, h, w)
@@ -201,7 +310,10 @@ class _AttendOverStageValues(torch.autograd.Function):
             weights = attn.detach().to(buffer.dtype)
             cache.attn.append(weights)
             out = _weighted_slot_sum(weights, buffer[: t + 1], cache.heads)
-        ctx.save_for_backward(buffer)
+        # a view, not the buffer itself: each saved view holds a storage reference, which is how the
+        # pool knows when autograd has let go of the buffer
+        ctx.save_for_backward(buffer[:])
+        cache.has_graph = True
         ctx.cache, ctx.t = cache, t
         ctx.attn_dtype, ctx.v_dtype = attn.dtype, v.dtype
         ctx.set_materialize_grads(False)
@@ -275,7 +387,9 @@ class _LayerAttentionBase(nn.Module):
         input costs milliseconds per call on CPU (oneDNN primitive setup), more than the rest of the
         layer, and a backward through two of them is slower still.
         """
-        g = y.mean(dim=(2, 3))  # [B, C]
+        # sum * 1/HW rather than mean: mean's backward materialises a full-size gradient before it is
+        # accumulated into y's; sum's is an expanded view
+        g = y.sum(dim=(2, 3)) * (1.0 / (y.shape[2] * y.shape[3]))  # [B, C]
         pad = (self.k_size - 1) // 2
         windows = F.pad(g, (pad, pad)).unfold(1, self.k_size, 1)  # [B, C, k]: windows[c, j] = g[c + j - pad]
         w = torch.cat([self.wq.weight.view(1, -1), self.wk.weight.view(1, -1)], dim=0)  # [2, k]
@@ -321,8 +435,11 @@ class MrlaLight(_LayerAttentionBase):
         q, k = self._query_key(y)
         gate = torch.sigmoid((q * k).sum(-1) * self.scale)  # [B, heads]
         v = self.wv(y)
-        # one fused multiply-add over the large tensors; the per-channel gate is tiny ([B, C, 1, 1])
-        o = torch.addcmul(self.lam * sc, v, _heads_to_channels(gate, self.channels)[..., None, None])
+        # one fused multiply-add over the large tensors; the per-channel gate is tiny ([B, C, 1, 1]).
+        # lambda and the gate are cast to the values' dtype: under autocast the large tensors stay in
+        # bf16 instead of being promoted to float32 by the float32 parameter.
+        gate_c = _heads_to_channels(gate, self.channels)[..., None, None].to(v.dtype)
+        o = torch.addcmul(self.lam.to(v.dtype) * sc.to(v.dtype), v, gate_c)
         if self._records():
             self._record(gate, state)
         return y + self.drop_path(self.bn(o))
@@ -362,7 +479,8 @@ class MrlaBase(_LayerAttentionBase):
         o = self._attend(attn, v, state)
         if self._records():
             self._record(attn, state)
-        return y + self.drop_path(F.relu(self.bn(o)))
+        # in place: batch norm's backward keeps its input, not its output
+        return y + self.drop_path(F.relu(self.bn(o), inplace=True))
 
     def _attend(self, attn: torch.Tensor, v: torch.Tensor, state: StageState) -> torch.Tensor:
         """``sum_s attn[:, h, s] * V_{s,h}`` over this layer's and the earlier cached values."""
