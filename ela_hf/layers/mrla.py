@@ -285,6 +285,12 @@ def _slot_dots(grad: torch.Tensor, slots: torch.Tensor, heads: int) -> torch.Ten
     return torch.stack(per_slot, dim=-1).view(b, heads, c // heads, s).sum(dim=2)
 
 
+def _current_graph_task_id() -> Optional[int]:
+    """Id of the running backward pass (autograd's graph task), so a new pass starts a fresh gradient buffer."""
+    get = getattr(torch._C, "_current_graph_task_id", None)
+    return None if get is None else get()
+
+
 def _heads_to_channels(per_head: torch.Tensor, channels: int) -> torch.Tensor:
     """``[B, ..., heads]`` -> ``[B, ..., C]``: head h covers the contiguous channels h*d .. (h+1)*d - 1.
 
@@ -324,7 +330,7 @@ class _AttendOverStageValues(torch.autograd.Function):
     def backward(ctx, grad_out: Optional[torch.Tensor]):
         (buffer,) = ctx.saved_tensors
         cache, t = ctx.cache, ctx.t
-        task = torch._C._current_graph_task_id()
+        task = _current_graph_task_id()
         if cache.grad_task != task or cache.grad_out is None:
             cache.start_backward(task, buffer[0])
         grad_attn = None
