@@ -54,11 +54,13 @@ def kl_with_appended_eps(prev: torch.Tensor, cur: torch.Tensor, eps: float = DEF
 class StageState:
     """What flows between the blocks of one stage during one forward pass.
 
-    ``keys`` and ``values`` hold the MRLA-B cache, one entry per active layer so far (``[B, heads, d]``
-    and ``[B, C, H, W]``). In eager mode the values live in one preallocated per-stage buffer
-    (:class:`_StageValueBuffer`, ``values`` are views of its slots), so that a block reads all earlier
-    values in one batched contraction and nothing is ever concatenated. ``capacity`` is the number of
-    MRLA-B layers the stage will cache (the buffer grows if a caller under-estimates it).
+    ``keys`` and ``values`` hold the MRLA-B cache, one entry per active layer so far (keys
+    ``[B, heads, d]``). In eager mode the values live in one preallocated per-stage buffer
+    (:class:`_StageValueBuffer`) so that a block reads all earlier values in one batched contraction and
+    nothing is ever concatenated; ``values`` then holds per-head views ``[B, heads, d, H, W]`` of its
+    slots, valid during the forward pass. Under ``torch.compile`` they are the ``[B, C, H, W]`` values
+    themselves. ``capacity`` is the number of MRLA-B layers the stage will cache (the buffer grows if a
+    caller under-estimates it).
     """
 
     keys: List[torch.Tensor] = field(default_factory=list)
@@ -84,11 +86,13 @@ class StageState:
 class _StageValueBuffer:
     """The values ``V_s`` of one stage's MRLA-B layers in one preallocated buffer, and its backward state.
 
-    Layout ``[capacity, B, C, H, W]`` (each slot in the memory format of the values): layer t writes
-    slot t once; ``sum_s A_{t,s} V_s`` is then one batched matrix product over slots ``0..t`` (for
-    NCHW values, heads are contiguous channel chunks, so ``[B*heads, t+1] x [t+1, d*H*W]`` is a view).
-    Slots never change after they are written, which is what lets every layer's autograd node keep the
-    same buffer (writes go through ``.data`` so that later slots do not bump the saved buffer's version).
+    The buffer is ``[capacity, B*heads, d*H*W]``: every (sample, head) of a slot is one contiguous block,
+    ``[d, H, W]`` for NCHW values (a plain view of them) and ``[H, W, d]`` for channels_last values (so
+    that NHWC memory needs no per-element transpose: runs of d channels move together). Layer t writes
+    slot t once, and ``sum_s A_{t,s} V_s`` is one batched matrix product ``[B*heads, 1, t+1] x
+    [B*heads, t+1, d*H*W]`` over views of the slots. Slots never change after they are written, which
+    lets every layer's autograd node keep the same buffer (writes go through ``.data`` so that later
+    slots do not bump the version of the buffer saved by earlier nodes).
 
     Backward (see :class:`_AttendOverStageValues`): the nodes of a stage run in reverse layer order
     (layer t' > t consumes, through the residual stream, the output of layer t), so when layer t's node
@@ -96,12 +100,14 @@ class _StageValueBuffer:
     ``grad_out[t]`` and gets ``dL/dV_t = sum_{t'>=t} A_{t',t} dL/dO_{t'}`` in one contraction.
     """
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, heads: int):
         self.capacity = max(int(capacity), 1)
+        self.heads = heads
         self.buffer: Optional[torch.Tensor] = None
+        self.channels_last = False
+        self.shape = ()  # [B, C, H, W] of the values
         self.count = 0
         self.attn: List[torch.Tensor] = []  # detached A_t, [B, heads, t+1] (for dL/dV of earlier layers)
-        self.heads = 0
         self.has_graph = False  # an autograd node saved the buffer
         self._pooled: List[torch.Tensor] = []  # buffers to hand back to the pool when nothing reads them
         # backward state, per graph task (a new backward pass starts afresh)
@@ -111,25 +117,50 @@ class _StageValueBuffer:
 
     def append(self, v: torch.Tensor) -> int:
         """Copy ``v`` into the next slot; returns its index."""
-        slot_shape = tuple(v.shape)
         if self.buffer is None:
-            self.buffer = _SLOT_POOL.take(self.capacity, v)
+            if v.dim() != 4 or v.shape[1] % self.heads:
+                raise ValueError(f"MRLA-B values must be [B, C, H, W] with C divisible by {self.heads} heads, got {tuple(v.shape)}")
+            self.shape = tuple(v.shape)
+            self.channels_last = not v.is_contiguous() and v.is_contiguous(memory_format=torch.channels_last)
+            self.buffer = _SLOT_POOL.take(self.capacity, v, self.heads)
             self._pooled.append(self.buffer)
-        elif tuple(self.buffer.shape[1:]) != slot_shape or self.buffer.dtype != v.dtype:
+        elif tuple(v.shape) != self.shape or self.buffer.dtype != v.dtype:
             raise ValueError(
-                f"MRLA-B values of one stage must share shape and dtype: got {slot_shape} {v.dtype}, "
-                f"the stage's buffer holds {tuple(self.buffer.shape[1:])} {self.buffer.dtype}"
+                f"MRLA-B values of one stage must share shape and dtype: got {tuple(v.shape)} {v.dtype}, "
+                f"the stage's buffer holds {self.shape} {self.buffer.dtype}"
             )
         elif self.count == self.buffer.shape[0]:
             # more layers than announced: a bigger buffer; earlier nodes keep the old one (their slots
             # are the same values)
-            grown = _empty_slots(2 * self.count, v)
+            grown = _SLOT_POOL.take(2 * self.count, v, self.heads)
             grown[: self.count].copy_(self.buffer)
             self.buffer = grown
+            self._pooled.append(grown)
         t = self.count
-        self.buffer.data[t].copy_(v)
+        self.to_slot(self.buffer.data[t], v)
         self.count += 1
         return t
+
+    def per_head(self, slot: torch.Tensor) -> torch.Tensor:
+        """``[B*heads, d*H*W]`` slot -> ``[B, heads, d, H, W]`` view (the values, head by head)."""
+        b, c, h, w = self.shape
+        d = c // self.heads
+        if self.channels_last:
+            return slot.view(b, self.heads, h, w, d).permute(0, 1, 4, 2, 3)
+        return slot.view(b, self.heads, d, h, w)
+
+    def to_slot(self, slot: torch.Tensor, x: torch.Tensor) -> None:
+        """Write a ``[B, C, H, W]`` tensor (any memory format) into a slot."""
+        self.per_head(slot).copy_(x.unflatten(1, (self.heads, self.shape[1] // self.heads)))
+
+    def from_slot(self, slot: torch.Tensor) -> torch.Tensor:
+        """A ``[B*heads, d*H*W]`` result -> ``[B, C, H, W]`` in the values' memory format (a view for NCHW)."""
+        b, c, h, w = self.shape
+        if not self.channels_last:
+            return slot.view(b, c, h, w)
+        out = torch.empty((b, h, w, c), dtype=slot.dtype, device=slot.device).permute(0, 3, 1, 2)
+        out.unflatten(1, (self.heads, c // self.heads)).copy_(self.per_head(slot))
+        return out
 
     def release_forward(self) -> None:
         """End of the stage's forward. Without autograd nodes nothing reads the buffer any more."""
@@ -137,20 +168,20 @@ class _StageValueBuffer:
         if not self.has_graph:
             self._give_back()
 
-    def start_backward(self, task: int, like: torch.Tensor) -> None:
+    def start_backward(self, task: Optional[int], like: torch.Tensor) -> None:
         self.grad_task = task
-        self.grad_out = _SLOT_POOL.take(self.count, like)
+        self.grad_out = _SLOT_POOL.take_like(self.count, like)
         self.grad_filled = [False] * self.count
 
     def end_backward(self) -> None:
         """After the stage's first layer's node: every node of this backward pass has run.
 
-        The gradient buffer is ours alone. The value buffer is still saved by the nodes (until autograd
-        frees their saved tensors, or never with ``retain_graph=True``): the pool takes it back only
-        once no saved view of it is left.
+        The value buffer is still saved by the nodes (until autograd frees their saved tensors, or never
+        with ``retain_graph=True``): the pool takes buffers back only once no view of them is left.
         """
         if self.grad_out is not None:
-            _SLOT_POOL.give(self.grad_out)
+            # deferred as well: the calling node still holds a view of its slot
+            _SLOT_POOL.give(self.grad_out, deferred=True)
         self.grad_out = None
         self.grad_filled = []
         self.grad_task = None
@@ -160,14 +191,6 @@ class _StageValueBuffer:
         for buf in self._pooled:
             _SLOT_POOL.give(buf, deferred=deferred)
         self._pooled = []
-
-
-def _empty_slots(n: int, like: torch.Tensor) -> torch.Tensor:
-    """``[n, *like.shape]`` with every slot in ``like``'s memory format (NCHW or channels_last)."""
-    if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
-        b, c, h, w = like.shape
-        return like.new_empty((n, b, h, w, c)).permute(0, 1, 4, 2, 3)
-    return like.new_empty((n,) + tuple(like.shape))
 
 
 class _SlotBufferPool:
@@ -182,23 +205,25 @@ class _SlotBufferPool:
     """
 
     max_per_key = 2
-    max_pending = 8
+    max_pending = 32
 
     def __init__(self):
         self._free: Dict[tuple, List[torch.Tensor]] = {}
         self._pending: List[torch.Tensor] = []  # given back while autograd may still hold views
         self._lock = threading.Lock()
+        self.allocations = 0  # buffers made fresh (not reused): a steady training loop stops adding
 
-    @staticmethod
-    def _key(n: int, like: torch.Tensor) -> tuple:
-        channels_last = like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(
-            memory_format=torch.channels_last
-        )
+    def take(self, n: int, v: torch.Tensor, heads: int) -> torch.Tensor:
+        """A ``[n, B*heads, d*H*W]`` buffer for values like ``v``."""
+        b, c, h, w = v.shape
+        return self._take((n, b * heads, (c // heads) * h * w), v)
+
+    def take_like(self, n: int, slot: torch.Tensor) -> torch.Tensor:
+        return self._take((n,) + tuple(slot.shape), slot)
+
+    def _take(self, shape: tuple, like: torch.Tensor) -> torch.Tensor:
         # inference tensors (made under torch.inference_mode) only serve inference-mode passes
-        return (n, tuple(like.shape), like.dtype, like.device, channels_last, torch.is_inference_mode_enabled())
-
-    def take(self, n: int, like: torch.Tensor) -> torch.Tensor:
-        key = self._key(n, like)
+        key = (shape, like.dtype, like.device, torch.is_inference_mode_enabled())
         if like.device.type == "cpu":
             with self._lock:
                 self._collect_pending()
@@ -208,14 +233,15 @@ class _SlotBufferPool:
                 if not buf.is_inference():
                     torch.autograd.graph.increment_version(buf)
                 return buf
-        buf = _empty_slots(n, like)
+        buf = like.new_empty(shape)
+        self.allocations += 1
         buf._ela_pool_key = key
         buf._ela_storage_refs = _storage_refs(buf)
         return buf
 
     def give(self, buf: torch.Tensor, deferred: bool = False) -> None:
         key = getattr(buf, "_ela_pool_key", None)
-        if key is None or key[3].type != "cpu" or buf._ela_storage_refs < 0:
+        if key is None or key[2].type != "cpu" or buf._ela_storage_refs < 0:
             return
         with self._lock:
             if deferred:
@@ -257,32 +283,19 @@ def clear_value_buffer_pool() -> None:
     _SLOT_POOL.clear()
 
 
-def _weighted_slot_sum(weights: torch.Tensor, slots: torch.Tensor, heads: int) -> torch.Tensor:
-    """``sum_s weights[:, :, s] * slots[s]`` per head: weights ``[B, heads, S]``, slots ``[S, B, C, H, W]``.
+def _weighted_slot_sum(weights: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``sum_s weights[:, s] * slots[s]``: weights ``[B*heads, S]``, slots ``[S, B*heads, n]`` -> ``[B*heads, n]``.
 
-    NCHW slots: one batched matrix product ``[B*heads, 1, S] x [B*heads, S, d*H*W]`` on views (one read
-    of every slot). Other layouts (channels_last): an accumulation over the slots.
+    One batched matrix product on a view of the slots (one read of each), or a multiply for one slot.
     """
-    s, b, c, h, w = slots.shape
-    if slots[0].is_contiguous() and s > 1:
-        rows = slots.view(s, b * heads, -1).transpose(0, 1)  # [B*heads, S, d*H*W], a view
-        out = torch.bmm(weights.reshape(b * heads, 1, s), rows)
-        return out.view(b, c, h, w)
-    per_channel = _heads_to_channels(weights.transpose(1, 2), c)[..., None, None]  # [B, S, C, 1, 1]
-    out = slots[0] * per_channel[:, 0]
-    for i in range(1, s):
-        out.addcmul_(slots[i], per_channel[:, i])
-    return out
+    if slots.shape[0] == 1:
+        return slots[0] * weights
+    return torch.bmm(weights.unsqueeze(1), slots.transpose(0, 1)).squeeze(1)
 
 
-def _slot_dots(grad: torch.Tensor, slots: torch.Tensor, heads: int) -> torch.Tensor:
-    """``<grad_h, slots[s]_h>`` per sample and head: grad ``[B, C, H, W]``, slots ``[S, B, C, H, W]`` -> ``[B, heads, S]``."""
-    s, b, c, h, w = slots.shape
-    if slots[0].is_contiguous() and grad.is_contiguous():
-        rows = slots.view(s, b * heads, -1).permute(1, 2, 0)  # [B*heads, d*H*W, S], a view
-        return torch.bmm(grad.view(b * heads, 1, -1), rows).view(b, heads, s)
-    per_slot = [(grad * slots[i]).sum(dim=(2, 3)) for i in range(s)]  # [B, C] each
-    return torch.stack(per_slot, dim=-1).view(b, heads, c // heads, s).sum(dim=2)
+def _slot_dots(grad: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``<grad, slots[s]>`` per (sample, head): grad ``[B*heads, n]``, slots ``[S, B*heads, n]`` -> ``[B*heads, S]``."""
+    return torch.bmm(grad.unsqueeze(1), slots.permute(1, 2, 0)).squeeze(1)
 
 
 def _current_graph_task_id() -> Optional[int]:
@@ -315,7 +328,7 @@ class _AttendOverStageValues(torch.autograd.Function):
             buffer = cache.buffer
             weights = attn.detach().to(buffer.dtype)
             cache.attn.append(weights)
-            out = _weighted_slot_sum(weights, buffer[: t + 1], cache.heads)
+            out = cache.from_slot(_weighted_slot_sum(weights.flatten(0, 1), buffer[: t + 1]))
         # a view, not the buffer itself: each saved view holds a storage reference, which is how the
         # pool knows when autograd has let go of the buffer
         ctx.save_for_backward(buffer[:])
@@ -333,25 +346,26 @@ class _AttendOverStageValues(torch.autograd.Function):
         task = _current_graph_task_id()
         if cache.grad_task != task or cache.grad_out is None:
             cache.start_backward(task, buffer[0])
-        grad_attn = None
+        grad_attn = grad_v = None
         with torch.autocast(buffer.device.type, enabled=False):
+            slot = cache.grad_out[t]
             if grad_out is None:
-                cache.grad_out[t].zero_()
+                slot.zero_()
             else:
-                grad_out = grad_out.to(buffer.dtype)
-                cache.grad_out[t].copy_(grad_out)
+                cache.to_slot(slot, grad_out.to(buffer.dtype))
                 if ctx.needs_input_grad[0]:
-                    grad_attn = _slot_dots(grad_out, buffer[: t + 1], cache.heads).to(ctx.attn_dtype)
+                    dots = _slot_dots(slot, buffer[: t + 1])  # [B*heads, t+1]
+                    grad_attn = dots.view(-1, cache.heads, t + 1).to(ctx.attn_dtype)
             cache.grad_filled[t] = True
             # later layers whose node never ran (their output reached no loss) contribute nothing
             for later in range(t + 1, cache.count):
                 if not cache.grad_filled[later]:
                     cache.grad_out[later].zero_()
                     cache.grad_filled[later] = True
-            grad_v = None
             if ctx.needs_input_grad[1]:
                 weights = torch.stack([cache.attn[u][..., t] for u in range(t, cache.count)], dim=-1)
-                grad_v = _weighted_slot_sum(weights, cache.grad_out[t:], cache.heads).to(ctx.v_dtype)
+                grad_v = cache.from_slot(_weighted_slot_sum(weights.flatten(0, 1), cache.grad_out[t:]))
+                grad_v = grad_v.to(ctx.v_dtype)
         if t == 0:
             cache.end_backward()
         return grad_attn, grad_v, None
@@ -506,16 +520,15 @@ class MrlaBase(_LayerAttentionBase):
                 o = o + state.values[s] * weights[:, s]
             return o
         if cache is None:
-            cache = state.value_buffer = _StageValueBuffer(state.capacity)
-            cache.heads = self.heads
+            cache = state.value_buffer = _StageValueBuffer(state.capacity, self.heads)
         elif cache.heads != self.heads:
             raise ValueError(f"MRLA-B layers of one stage must share their heads ({cache.heads} vs {self.heads})")
         if torch.is_grad_enabled() and (attn.requires_grad or v.requires_grad):
             o = _AttendOverStageValues.apply(attn, v, cache)
         else:
             t = cache.append(v)
-            o = _weighted_slot_sum(attn.to(v.dtype), cache.buffer[: t + 1], self.heads)
-        state.values.append(cache.buffer[cache.count - 1])
+            o = cache.from_slot(_weighted_slot_sum(attn.to(v.dtype).flatten(0, 1), cache.buffer[: t + 1]))
+        state.values.append(cache.per_head(cache.buffer[cache.count - 1]))
         return o
 
     @torch.no_grad()
