@@ -349,3 +349,26 @@ def test_torch_compile_inductor_training_step_matches_reference():
     got = _run(lib, x, fn=torch.compile(lib))
     want = _run(ref, x, fn=lambda inp: _ref_forward(ref, inp))
     _assert_same(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_bench_script_prints_ratio_table(capsys, monkeypatch):
+    """bench/bench_models.py runs end to end (tiny batch) and prints ratios to the plain ResNet."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "bench_models.py"
+    spec = importlib.util.spec_from_file_location("bench_models", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_models", bench)  # dataclasses look their module up
+    spec.loader.exec_module(bench)
+    bench.main(["--quick", "--threads", "1", "--cases", "cifar", "--models", "resnet", "mrla_b", "ela",
+                "--batch-size", "2", "--repeats", "1", "--warmup", "0"])
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert rows["ResNet"].split("|")[2].strip() == "1.00"  # its own ratio
+    assert float(rows["ELA (half skipped)"].split("|")[3]) > 0  # ratio to MRLA-B
+    assert float(rows["MRLA-B"].split("|")[4]) > 1.0, "MRLA-B keeps more activations than the plain net"
+    assert "ELA slim (half skipped), eager" in out
+    with pytest.raises(ValueError, match="repeats"):
+        bench.parse_args(["--repeats", "0"])
