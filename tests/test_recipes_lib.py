@@ -317,7 +317,11 @@ def test_summary_pieces():
     text = format_skip_mask([[False, True, False], [False, True, True]])
     assert "layer1: 1 of 2 skippable skipped (blocks 1)" in text and "total: 3 of 4" in text
     records = [EpochRecord(1, 10.0, 6), EpochRecord(2, 12.0, 6), EpochRecord(3, 8.0, 4), EpochRecord(4, 6.0, 3), EpochRecord(5, 6.0, 3)]
-    times = format_epoch_times(records, final_active=3)
+    times = format_epoch_times(records, num_layers=6, final_active=3)
     assert "before pruning: 11.0 s per epoch with 6 attention layers (epochs 1-2)" in times
     assert "after pruning:  6.0 s per epoch with 3 attention layers (epochs 4-5): 0.55x" in times
-    assert "nothing was pruned" in format_epoch_times(records[:2], final_active=6)
+    assert "nothing was pruned" in format_epoch_times(records[:2], num_layers=6, final_active=6)
+    resumed = format_epoch_times(records[3:], num_layers=6, final_active=3)
+    assert "before pruning: no epoch of this run had all 6" in resumed and "6.0 s per epoch with 3" in resumed
+    assert "no whole epoch ran with the final 3" in format_epoch_times(records[:3], num_layers=6, final_active=3)
+    assert "no attention layers" in format_epoch_times(records, num_layers=None, final_active=None)

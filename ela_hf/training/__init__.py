@@ -14,6 +14,7 @@ from .arguments import (
     parse_epochs,
     parse_windows,
     rescale_windows,
+    resolve_checkpoint,
     resolve_schedule,
     validate_recipe_arguments,
 )
@@ -24,6 +25,7 @@ from .data import (
     check_labels,
     class_names,
     collate_image_batch,
+    hub_dataset_id,
     load_digits_dataset,
     load_image_dataset,
     resolve_columns,
@@ -31,7 +33,15 @@ from .data import (
 )
 from .metrics import compute_accuracy, top_k_predictions
 from .optim import StepScheduleWithWarmup, create_sgd, create_step_scheduler, scale_learning_rate, update_steps_per_epoch
-from .reporting import EpochRecord, EpochTimerCallback, format_skip_mask, format_summary
+from .reporting import (
+    EpochRecord,
+    EpochTimerCallback,
+    card_settings,
+    format_skip_mask,
+    format_summary,
+    log_rank_result,
+    setup_logging,
+)
 
 __all__ = [
     "PaperSchedule",
@@ -43,6 +53,7 @@ __all__ = [
     "parse_epochs",
     "parse_windows",
     "rescale_windows",
+    "resolve_checkpoint",
     "resolve_schedule",
     "validate_recipe_arguments",
     "DIGITS_DATASET",
@@ -51,6 +62,7 @@ __all__ = [
     "check_labels",
     "class_names",
     "collate_image_batch",
+    "hub_dataset_id",
     "load_digits_dataset",
     "load_image_dataset",
     "resolve_columns",
@@ -64,6 +76,9 @@ __all__ = [
     "update_steps_per_epoch",
     "EpochRecord",
     "EpochTimerCallback",
+    "card_settings",
     "format_skip_mask",
     "format_summary",
+    "log_rank_result",
+    "setup_logging",
 ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
@@ -22,6 +23,7 @@ __all__ = [
     "rescale_windows",
     "resolve_schedule",
     "validate_recipe_arguments",
+    "resolve_checkpoint",
 ]
 
 Window = Tuple[int, int]
@@ -272,6 +274,12 @@ def resolve_schedule(
     if warmup < 0:
         raise ValueError(f"--warmup_epochs must be >= 0, got {warmup}")
 
+    # say "rescaled" only when a paper value was actually moved
+    rescaled = rescale and (
+        (explicit_windows is None and windows != list(paper.kl_windows))
+        or (args.lr_decay_epochs is None and bool(paper.lr_decay_epochs))
+        or (args.warmup_epochs is None and paper.warmup_epochs > 0)
+    )
     schedule = TrainingSchedule(
         num_epochs=num_epochs if num_epochs is not None else paper.epochs,
         steps_per_epoch=steps_per_epoch,
@@ -279,7 +287,7 @@ def resolve_schedule(
         warmup_epochs=warmup,
         kl_windows=windows,
         window_unit=args.window_unit,
-        rescaled_from=paper.epochs if rescale else None,
+        rescaled_from=paper.epochs if rescaled else None,
     )
     if windows:
         last = windows[-1][1]
@@ -323,3 +331,23 @@ def validate_recipe_arguments(args: RecipeArguments, training_args) -> None:
 
 def _fmt(windows: Sequence[Window]) -> str:
     return ", ".join(f"{s}-{e}" for s, e in windows)
+
+
+def resolve_checkpoint(training_args) -> Optional[str]:
+    """The checkpoint folder of ``--resume_from_checkpoint``: a path, or ``last`` for the newest
+    ``checkpoint-*`` in ``--output_dir``. None when not resuming."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint is None:
+        return None
+    if checkpoint.lower() in ("last", "latest", "true"):
+        output_dir = training_args.output_dir
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is None:
+            raise ValueError(f"--resume_from_checkpoint {checkpoint}: no checkpoint-* folder in {output_dir}")
+        return last
+    if not os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
+        raise ValueError(f"--resume_from_checkpoint {checkpoint!r} is not a Trainer checkpoint folder "
+                         "(it has no trainer_state.json)")
+    return checkpoint

@@ -25,6 +25,7 @@ __all__ = [
     "resolve_columns",
     "class_names",
     "split_train_eval",
+    "hub_dataset_id",
 ]
 
 DIGITS_DATASET = "sklearn:digits"
@@ -82,6 +83,15 @@ def load_image_dataset(
     if not isinstance(loaded, DatasetDict):
         loaded = DatasetDict(train=loaded)
     return loaded
+
+
+def hub_dataset_id(dataset: str) -> Optional[str]:
+    """``dataset`` if it names a Hub dataset (for the model card's metadata), else None."""
+    if dataset == DIGITS_DATASET or os.path.exists(os.path.expanduser(dataset)):
+        return None
+    if dataset.startswith((".", "/", "~")) or dataset.endswith(".parquet"):
+        return None
+    return dataset
 
 
 def resolve_columns(
