@@ -66,8 +66,8 @@ def init_from_resnet(
     or its state dict (e.g. ``timm.create_model("resnet50", pretrained=True)``).
 
     The attention layers keep their fresh initialisation. A classifier whose shape differs (another number
-    of classes) is left fresh and reported; any other shape mismatch, or a checkpoint that has none of the
-    backbone's weights, raises ``ValueError``.
+    of classes) is left fresh and reported; any other shape mismatch, blocks the model does not have, or
+    backbone weights the checkpoint lacks raise ``ValueError``.
     """
     target = getattr(model, "timm_model", model)
     source = _state_dict_of(resnet)
@@ -86,9 +86,12 @@ def init_from_resnet(
             mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}")
             continue
         to_load[key] = value
+    extra_blocks = [k for k in report.unexpected if k.startswith("layer")]
+    if extra_blocks:
+        mismatched.append(f"blocks the model does not have, e.g. {extra_blocks[:2]} (a deeper ResNet?)")
     if mismatched:
         raise ValueError(
-            f"the ResNet checkpoint does not fit this architecture ({len(mismatched)} shape mismatches, e.g. "
+            f"the ResNet checkpoint does not fit this architecture ({len(mismatched)} mismatches, e.g. "
             f"{mismatched[:3]}); use a ResNet of the same depth and width"
         )
     backbone = [k for k in own if ".attn." not in k and not k.endswith("attn_skipped") and not k.startswith(_CLASSIFIER_PREFIX)]
@@ -103,4 +106,5 @@ def init_from_resnet(
     report.mapped = sorted(to_load)
     report.missing = sorted(k for k in own if k not in to_load and k not in report.reinitialized_head)
     report.unexpected.sort()
+    report.reinitialized_head.sort()
     return report
