@@ -14,7 +14,7 @@ from .models import (
     set_skip_mask,
 )
 from .models.from_resnet import ResNetInitReport, init_from_resnet
-from .hf import ElaConfig, ElaForImageClassification, ElaImageProcessor, ElaModel, ElaPreTrainedModel
+from .hf import ElaBackbone, ElaConfig, ElaForImageClassification, ElaImageProcessor, ElaModel, ElaPreTrainedModel
 from .hub import export_pruned, load_pruning_history, push_pruned_to_hub, render_model_card
 
 __version__ = "0.1.0"
@@ -30,6 +30,7 @@ __all__ = [
     "ElaConfig",
     "ElaModel",
     "ElaForImageClassification",
+    "ElaBackbone",
     "ElaPreTrainedModel",
     "ElaImageProcessor",
     "init_from_resnet",

@@ -140,3 +140,12 @@ def test_corrupt_or_missing_weight_file_is_a_clear_error(tmp_path):
     weights.unlink()
     with pytest.raises(ValueError, match="has a config.json but no weight file"):
         AutoModelForImageClassification.from_pretrained(tmp_path)
+
+
+def test_mask_in_config_json_that_does_not_fit_is_a_clear_error(tmp_path):
+    ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=2)).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["skip_mask"] = [[False, True, True], [False, False], [False, False]]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="skip_mask does not fit the architecture: skip_mask stage 0 has 3 entries"):
+        AutoModelForImageClassification.from_pretrained(tmp_path)

@@ -232,3 +232,27 @@ def test_set_skip_mask_on_the_transformers_model(images):
         model.set_skip_mask([[False, False]] * 3)
     with pytest.raises(ValueError, match="stage 1 has 3 entries"):
         model.set_skip_mask([[False, True], [False, True, True], [False, True]])
+
+
+def test_backbone_returns_the_selected_feature_maps(tmp_path, images):
+    from transformers import AutoBackbone
+
+    torch.manual_seed(0)
+    config = ElaConfig(architecture=ARCH, out_features=["stage1", "stage3"])
+    backbone = AutoBackbone.from_config(config).eval()
+    assert isinstance(backbone, ela_hf.ElaBackbone)
+    assert backbone.stage_names == ["stem", "stage1", "stage2", "stage3"] and backbone.channels == [64, 256]
+    out = backbone(images)
+    assert [tuple(f.shape) for f in out.feature_maps] == [(2, 64, 32, 32), (2, 256, 8, 8)]
+    assert out.hidden_states is None
+    everything = backbone(images, output_hidden_states=True)
+    assert len(everything.hidden_states) == 4
+    torch.testing.assert_close(everything.feature_maps[1], backbone.timm_model.forward_features(images))
+    with pytest.raises(ValueError, match="out_features must be a subset of stage_names"):
+        ElaConfig(architecture=ARCH, out_features=["stage4"])
+    # the backbone folder is the same format (no classifier) and keeps the selection
+    backbone.save_pretrained(tmp_path)
+    again = ela_hf.ElaBackbone.from_pretrained(tmp_path).eval()
+    assert again.out_features == ["stage1", "stage3"]
+    torch.testing.assert_close(again(images).feature_maps[1], out.feature_maps[1])
+    assert json.loads((tmp_path / "config.json").read_text())["num_classes"] == 0

@@ -1,16 +1,23 @@
 """transformers front door: config, models and image processor, registered with the Auto classes.
 
 Importing this package (``import ela_hf`` does) registers ``model_type="ela"`` with ``AutoConfig``,
-``AutoModel``, ``AutoModelForImageClassification`` and ``AutoImageProcessor``, and a checkpoint conversion
+``AutoModel``, ``AutoModelForImageClassification``, ``AutoBackbone`` and ``AutoImageProcessor``, and a checkpoint conversion
 mapping so that ``model.safetensors`` holds timm's key names.
 """
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
+from transformers import AutoBackbone, AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
 
 from .configuration_ela import ElaConfig
 from .image_processing_ela import ElaImageProcessor
-from .modeling_ela import ElaForImageClassification, ElaModel, ElaPreTrainedModel
+from .modeling_ela import ElaBackbone, ElaForImageClassification, ElaModel, ElaPreTrainedModel
 
-__all__ = ["ElaConfig", "ElaImageProcessor", "ElaModel", "ElaForImageClassification", "ElaPreTrainedModel"]
+__all__ = [
+    "ElaConfig",
+    "ElaImageProcessor",
+    "ElaModel",
+    "ElaForImageClassification",
+    "ElaBackbone",
+    "ElaPreTrainedModel",
+]
 
 
 def _register_auto_classes() -> None:
@@ -20,6 +27,7 @@ def _register_auto_classes() -> None:
     AutoConfig.register(ElaConfig.model_type, ElaConfig, exist_ok=True)
     AutoModel.register(ElaConfig, ElaModel, exist_ok=True)
     AutoModelForImageClassification.register(ElaConfig, ElaForImageClassification, exist_ok=True)
+    AutoBackbone.register(ElaConfig, ElaBackbone, exist_ok=True)
     AutoImageProcessor.register(
         ElaConfig, image_processor_classes={"pil": ElaImageProcessor, "torchvision": ElaImageProcessor}, exist_ok=True
     )

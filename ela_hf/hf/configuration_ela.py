@@ -16,11 +16,14 @@ from typing import Any
 
 from huggingface_hub.dataclasses import strict
 from transformers import PretrainedConfig
+from transformers.backbone_utils import BackboneConfigMixin
 
 __all__ = ["ElaConfig"]
 
 # pretrained_cfg keys that describe where weights came from, not how to feed the model
 _SOURCE_KEYS = ("url", "file", "hf_hub_id", "hf_hub_filename", "source", "state_dict")
+# transformers classes whose checkpoints have no classifier (timm must build them with num_classes=0)
+HEADLESS_ARCHITECTURES = ("ElaModel", "ElaBackbone")
 # timm-only top-level keys: rebuilt from the fields by `to_dict`, never stored twice
 _TIMM_TOP_LEVEL_KEYS = ("num_classes", "num_features", "global_pool", "label_names", "label_descriptions")
 
@@ -47,7 +50,7 @@ def default_pretrained_cfg(architecture: str) -> dict[str, Any]:
 
 
 @strict
-class ElaConfig(PretrainedConfig):
+class ElaConfig(BackboneConfigMixin, PretrainedConfig):
     r"""Configuration of an ELA / MRLA layer-attention ResNet (:class:`ElaModel`, :class:`ElaForImageClassification`).
 
     The network itself is the timm model ``timm.create_model(architecture, **model_args)`` registered by
@@ -88,6 +91,11 @@ class ElaConfig(PretrainedConfig):
         initializer_range (`float`, *optional*, defaults to 0.02):
             Unused by the convolutional layers (they use timm's Kaiming init); kept for transformers utilities
             that expect it.
+        out_features (`list[str]`, *optional*):
+            For :class:`ElaBackbone` (``AutoBackbone``): which of ``stage_names`` (``"stem"``, ``"stage1"``, ...)
+            to return as feature maps. Defaults to the last stage.
+        out_indices (`list[int]`, *optional*):
+            The same choice by index into ``stage_names``; give one of the two.
 
     Example:
     ```python
@@ -175,6 +183,12 @@ class ElaConfig(PretrainedConfig):
             model_args["skip_mask"] = [list(s) for s in self.skip_mask]
         self.model_args = model_args or None
         self.pretrained_cfg = pretrained_cfg
+        # backbone outputs (AutoBackbone): the stem, then one feature map per stage
+        kwargs.pop("stage_names", None)
+        self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, len(stage_sizes) + 1)]
+        self.set_output_features_output_indices(
+            out_features=kwargs.pop("out_features", None), out_indices=kwargs.pop("out_indices", None)
+        )
         super().__post_init__(**kwargs)
         if self.num_channels < 1:
             raise ValueError(f"num_channels must be positive, got {self.num_channels}")
@@ -207,7 +221,7 @@ class ElaConfig(PretrainedConfig):
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
         # ElaModel / ElaBackbone checkpoints have no classifier: timm must build them with num_classes=0.
-        headless = bool(self.architectures) and all(a in ("ElaModel", "ElaBackbone") for a in self.architectures)
+        headless = bool(self.architectures) and all(a in HEADLESS_ARCHITECTURES for a in self.architectures)
         num_classes = 0 if headless else self.num_labels
         output["model_args"] = self.timm_model_args(num_classes)
         output["num_classes"] = num_classes

@@ -17,7 +17,9 @@ import torch
 import torch.nn as nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.backbone_utils import BackboneMixin
 from transformers.modeling_outputs import (
+    BackboneOutput,
     BaseModelOutputWithPoolingAndNoAttention,
     ImageClassifierOutputWithNoAttention,
 )
@@ -28,7 +30,7 @@ from ela_hf.models.ela_resnet import LayerAttentionResNet, _LayerAttentionBlockM
 
 from .configuration_ela import ElaConfig
 
-__all__ = ["ElaPreTrainedModel", "ElaModel", "ElaForImageClassification"]
+__all__ = ["ElaPreTrainedModel", "ElaModel", "ElaForImageClassification", "ElaBackbone"]
 
 TIMM_PREFIX = "timm_model"
 CLASSIFIER_PREFIX = "fc."
@@ -352,3 +354,55 @@ class ElaForImageClassification(ElaPreTrainedModel):
             output = (logits,) + ((hidden_states,) if hidden_states is not None else ())
             return ((loss,) + output) if loss is not None else output
         return ImageClassifierOutputWithNoAttention(loss=loss, logits=logits, hidden_states=hidden_states)
+
+
+class ElaBackbone(BackboneMixin, ElaPreTrainedModel):
+    """Feature maps of the stem and the stages (``config.out_features``) for detection / segmentation heads.
+
+    ``AutoBackbone.from_config(ElaConfig(architecture="ela_resnet50", out_features=["stage2", "stage3", "stage4"]))``
+    returns strides 8, 16, 32 with 512, 1024, 2048 channels (``backbone.channels``).
+    """
+
+    has_attentions = False
+
+    def __init__(self, config: ElaConfig):
+        super().__init__(config)
+        self.timm_model = build_timm_network(config, num_classes=0)
+        self.num_features = [info["num_chs"] for info in self.timm_model.feature_info]
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BackboneOutput | tuple:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+            Images, normalised as the image processor does.
+        output_hidden_states (`bool`, *optional*):
+            Also return every feature map (stem and all stages), not only the selected ones.
+        """
+        if output_attentions:
+            raise ValueError("ELA backbones have no attention maps to return (output_attentions)")
+        pixel_values = self._check_pixel_values(pixel_values)
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if output_hidden_states:
+            hidden_states = tuple(self.timm_model.forward_intermediates(pixel_values, intermediates_only=True))
+            feature_maps = tuple(hidden_states[i] for i in self.out_indices)
+        else:
+            hidden_states = None
+            # later stages are not run when no requested feature map needs them
+            feature_maps = tuple(
+                self.timm_model.forward_intermediates(
+                    pixel_values, indices=list(self.out_indices), stop_early=True, intermediates_only=True
+                )
+            )
+        if not return_dict:
+            return (feature_maps,) + ((hidden_states,) if hidden_states is not None else ())
+        return BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_states)
