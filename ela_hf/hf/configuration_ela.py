@@ -150,6 +150,8 @@ class ElaConfig(BackboneConfigMixin, PretrainedConfig):
         if self.id2label is None and kwargs.get("num_labels") is None:
             if label_names:
                 self.id2label = dict(enumerate(label_names))
+                if len(set(label_names)) == len(label_names):
+                    self.label2id = {name: i for i, name in enumerate(label_names)}
             elif timm_num_classes is not None:
                 kwargs["num_labels"] = int(timm_num_classes)
             else:

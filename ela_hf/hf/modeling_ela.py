@@ -100,7 +100,8 @@ class ElaPreTrainedModel(PreTrainedModel):
         if isinstance(module, _LayerAttentionBlockMixin):
             # children are initialised first, so this zeroes the last BN of the residual branch as timm does
             last_bn = getattr(module, "bn3", None) or getattr(module, "bn2", None)
-            if last_bn is not None and last_bn.weight is not None:
+            zero_init_last = (self.config.model_args or {}).get("zero_init_last", True)
+            if zero_init_last and last_bn is not None and last_bn.weight is not None:
                 init.zeros_(last_bn.weight)
             if module.attn_type is not None:
                 init.constant_(module.attn_skipped, module.is_skipped)
