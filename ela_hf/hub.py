@@ -6,21 +6,26 @@ its ``config.json`` carries the mask in ``model_args["skip_mask"]``, so both
 ``AutoModelForImageClassification.from_pretrained(dir)`` and ``timm.create_model("local-dir:" + dir,
 pretrained=True)`` build the reduced network, whose outputs equal the masked model's.
 
-``pruning_history.json``, the record of the pruning windows, is read defensively. Expected layout::
+``pruning_history.json``, the record of the pruning windows written by ``ElaPruningCallback``, is read
+defensively (unknown keys are ignored, malformed layer entries skipped). The callback's layout::
 
     {
-      "selector": {"name": "ebqm", "q": 0.5, "alpha": 5, "beta": 1, "tau": 0.3},    # optional
-      "windows": [
-        {"epochs": [1, 3],                                   # optional label: "name", "epochs",
-                                                             # "start_epoch"/"end_epoch", "epoch" or "step"
-         "layers": [{"stage": 0, "block": 1, "d": 0.0123, "mapped": 0.04, "skip": true}, ...]},
+      "windows": [[1, 3], [45, 48], [91, 93]], "window_unit": "epoch",       # the schedule
+      "selector": {"name": "ebqm", "q": 0.5, "alpha": 5.0, "beta": 1.0, "tau": 0.3},
+      "decisions": [                                                          # one per finished window
+        {"window": 1, "unit": "epoch", "start": 1, "end": 3, "quantile": 0.021,
+         "layers": [{"name": "layer1.1", "stage": 0, "block": 1, "d_t": 0.0123, "mapped": 0.04,
+                     "skip": true, ...}, ...],
+         ...},
         ...
       ]
     }
 
-A bare list of windows is accepted too. Per layer, ``stage`` and ``block`` are required (0-based); ``d``
-(window-mean KL divergence d_t), ``mapped`` (the selector's mapped value, e.g. the Beta CDF) and ``skip``
-(decided at this window's end) are optional. Entries without stage/block are ignored.
+Also accepted: the window records under ``"windows"`` instead of ``"decisions"``, or a bare list of them;
+``"d"`` for ``"d_t"``; window labels from ``"name"``, ``"start"``/``"end"`` (+ ``"unit"``), ``"epochs"``,
+``"epoch"`` or ``"step"``. Per layer, ``stage`` and ``block`` (0-based) are required; ``d_t`` (window-mean
+KL divergence), ``mapped`` (the selector's mapped value, e.g. the Beta CDF) and ``skip`` (decided at this
+window's end) are optional.
 """
 from __future__ import annotations
 
@@ -215,14 +220,20 @@ def load_pruning_history(history: Union[None, PathLike, Mapping, Sequence]) -> O
         except json.JSONDecodeError as err:
             raise ValueError(f"{source} is not valid JSON: {err}") from None
     if isinstance(history, Mapping):
-        windows = history.get("windows")
         selector = history.get("selector")
+        windows = history.get("decisions")
+        if windows is None:
+            windows = history.get("windows", [])
+            # the callback's "windows" is the schedule ([start, end] pairs), not decisions
+            if isinstance(windows, Sequence) and windows and all(not isinstance(w, Mapping) for w in windows):
+                windows = []
     elif isinstance(history, Sequence) and not isinstance(history, (str, bytes)):
         windows, selector = history, None
     else:
-        raise ValueError(f"{source}: expected an object with a 'windows' list or a list of windows")
+        raise ValueError(f"{source}: expected an object with a 'decisions' or 'windows' list, or a list of windows")
     if not isinstance(windows, Sequence) or isinstance(windows, (str, bytes)):
-        raise ValueError(f"{source}: 'windows' must be a list, got {type(windows).__name__}")
+        raise ValueError(f"{source}: the window records must be a list, got {type(windows).__name__}")
+    unit = history.get("window_unit") if isinstance(history, Mapping) else None
     out = []
     for idx, window in enumerate(windows):
         if not isinstance(window, Mapping):
@@ -236,13 +247,13 @@ def load_pruning_history(history: Union[None, PathLike, Mapping, Sequence]) -> O
                 dict(
                     stage=int(entry["stage"]),
                     block=int(entry["block"]),
-                    d=_as_float(entry.get("d")),
+                    d=_as_float(entry.get("d_t", entry.get("d"))),
                     mapped=_as_float(entry.get("mapped")),
                     skip=bool(entry.get("skip", False)),
                 )
             )
         layers.sort(key=lambda e: (e["stage"], e["block"]))
-        out.append(dict(label=_window_label(window, idx), layers=layers))
+        out.append(dict(label=_window_label(window, idx, unit), layers=layers, quantile=_as_float(window.get("quantile"))))
     return dict(selector=selector if isinstance(selector, Mapping) else None, windows=out)
 
 
@@ -258,19 +269,24 @@ def _as_float(value: Any) -> Optional[float]:
     return value if math.isfinite(value) else None
 
 
-def _window_label(window: Mapping, idx: int) -> str:
+def _window_label(window: Mapping, idx: int, unit: Optional[str] = None) -> str:
+    number = window.get("window") if _is_int(window.get("window")) else idx + 1
     if isinstance(window.get("name"), str):
         return window["name"]
+    unit = window.get("unit") or unit or "epoch"
+    if "start" in window and "end" in window:
+        span = f"{window['start']}" if window["start"] == window["end"] else f"{window['start']}-{window['end']}"
+        return f"Window {number} ({unit}{'' if window['start'] == window['end'] else 's'} {span})"
     epochs = window.get("epochs")
     if isinstance(epochs, Sequence) and len(epochs) == 2 and not isinstance(epochs, str):
-        return f"Window {idx + 1} (epochs {epochs[0]}-{epochs[1]})"
+        return f"Window {number} (epochs {epochs[0]}-{epochs[1]})"
     if "start_epoch" in window and "end_epoch" in window:
-        return f"Window {idx + 1} (epochs {window['start_epoch']}-{window['end_epoch']})"
+        return f"Window {number} (epochs {window['start_epoch']}-{window['end_epoch']})"
     if "epoch" in window:
-        return f"Window {idx + 1} (epoch {window['epoch']})"
+        return f"Window {number} (epoch {window['epoch']})"
     if "step" in window:
-        return f"Window {idx + 1} (step {window['step']})"
-    return f"Window {idx + 1}"
+        return f"Window {number} (step {window['step']})"
+    return f"Window {number}"
 
 
 def _plot_history(history: Dict[str, Any], path: Path) -> bool:
@@ -394,6 +410,7 @@ def render_model_card(
             windows.append(
                 dict(
                     label=w["label"],
+                    quantile=_fmt(w.get("quantile")) or None,
                     layers=[dict(l, d=_fmt(l["d"]), mapped=_fmt(l["mapped"])) for l in w["layers"]],
                 )
             )

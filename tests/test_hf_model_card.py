@@ -109,14 +109,56 @@ def test_history_is_read_defensively():
     assert ela_hf.load_pruning_history(None) is None
 
 
+# what ElaPruningCallback writes: the schedule under "windows", one record per finished window under "decisions"
+CALLBACK_HISTORY = {
+    "windows": [[1, 3], [45, 48], [91, 93]],
+    "selector": {"name": "ebqm", "q": 0.5, "alpha": 5.0, "beta": 1.0, "tau": 0.3},
+    "window_unit": "epoch",
+    "decisions": [
+        {
+            "window": 1, "unit": "epoch", "start": 1, "end": 3, "global_step": 1173, "epoch": 3.0, "quantile": 0.0214,
+            "layers": [
+                {"name": "layer1.1", "stage": 0, "block": 1, "d_t": 0.0012, "samples": 150000, "candidate": True,
+                 "mapped": 0.08, "skip": True},
+                {"name": "layer2.1", "stage": 1, "block": 1, "d_t": 0.0391, "samples": 150000, "candidate": False,
+                 "mapped": None, "skip": False},
+            ],
+            "skipped_now": ["layer1.1"], "active_layers_per_stage": [1, 2, 2],
+            "skip_mask": [[False, True], [False, False], [False, False]],
+        }
+    ],
+}
+
+
+def test_history_written_by_the_pruning_callback_is_understood(tmp_path):
+    history = ela_hf.load_pruning_history(CALLBACK_HISTORY)
+    assert len(history["windows"]) == 1, "the schedule pairs are not mistaken for decisions"
+    window = history["windows"][0]
+    assert window["label"] == "Window 1 (epochs 1-3)" and window["quantile"] == 0.0214
+    assert [(l["stage"], l["block"], l["d"], l["mapped"], l["skip"]) for l in window["layers"]] == [
+        (0, 1, 0.0012, 0.08, True),
+        (1, 1, 0.0391, None, False),
+    ]
+    model = timm.create_model("ela_resnet20_cifar", num_classes=10).eval()
+    model.set_skip_mask([[False, True], [False, False], [False, False]])
+    out = ela_hf.export_pruned(model, tmp_path / "release", pruning_history=CALLBACK_HISTORY, verify=False)
+    text = (out / "README.md").read_text()
+    assert "| 0 | 2 | 1 | Window 1 (epochs 1-3) |" in text
+    assert "| 0.1 | 0.0012 | 0.08 | yes |" in text and "| 1.1 | 0.0391 |  |  |" in text
+    assert "Quantile of the window's d_t values: 0.0214" in text
+    # a run that has not finished a window yet: schedule only, nothing to tabulate
+    assert ela_hf.load_pruning_history(dict(CALLBACK_HISTORY, decisions=[]))["windows"] == []
+    assert ela_hf.load_pruning_history({"windows": [[1, 3]], "selector": {}})["windows"] == []
+
+
 def test_bad_history_files_are_clear_errors(tmp_path):
     broken = tmp_path / "pruning_history.json"
     broken.write_text("{not json")
     with pytest.raises(ValueError, match="pruning_history.json is not valid JSON"):
         ela_hf.load_pruning_history(broken)
-    with pytest.raises(ValueError, match="'windows' must be a list"):
-        ela_hf.load_pruning_history({"windows": 3})
-    with pytest.raises(ValueError, match="expected an object with a 'windows' list"):
+    with pytest.raises(ValueError, match="the window records must be a list"):
+        ela_hf.load_pruning_history({"decisions": 3})
+    with pytest.raises(ValueError, match="expected an object with a 'decisions' or 'windows' list"):
         ela_hf.load_pruning_history(42)
 
 
