@@ -140,6 +140,10 @@ def _network_and_config(model: nn.Module, id2label=None) -> Tuple[LayerAttention
     if isinstance(model, ElaPreTrainedModel):
         config = copy.deepcopy(model.config)
         if id2label is not None:
+            if len(id2label) != model.timm_model.num_classes:
+                raise ValueError(
+                    f"id2label has {len(id2label)} labels but the model has {model.timm_model.num_classes} classes"
+                )
             config.id2label = {int(k): str(v) for k, v in id2label.items()}
             config.label2id = {v: k for k, v in config.id2label.items()}
         config.architectures = [type(model).__name__]
