@@ -1,6 +1,7 @@
 """ela_hf: Efficient Layer Attention (ELA) for timm and Hugging Face transformers.
 
-``import ela_hf`` registers the layer-attention ResNets with timm.
+``import ela_hf`` registers the layer-attention ResNets with timm and ``model_type="ela"`` with
+transformers' Auto classes (config, models, image processor).
 """
 from . import layers, models
 from .models import (
@@ -12,6 +13,9 @@ from .models import (
     set_kl_recording,
     set_skip_mask,
 )
+from .models.from_resnet import ResNetInitReport, init_from_resnet
+from .hf import ElaBackbone, ElaConfig, ElaForImageClassification, ElaImageProcessor, ElaModel, ElaPreTrainedModel
+from .hub import export_pruned, load_pruning_history, push_pruned_to_hub, render_model_card
 
 __version__ = "0.1.0"
 
@@ -23,5 +27,17 @@ __all__ = [
     "reset_kl_statistics",
     "set_kl_recording",
     "set_skip_mask",
+    "ElaConfig",
+    "ElaModel",
+    "ElaForImageClassification",
+    "ElaBackbone",
+    "ElaPreTrainedModel",
+    "ElaImageProcessor",
+    "init_from_resnet",
+    "ResNetInitReport",
+    "export_pruned",
+    "push_pruned_to_hub",
+    "render_model_card",
+    "load_pruning_history",
     "__version__",
 ]
