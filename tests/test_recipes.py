@@ -162,6 +162,27 @@ def test_imagenet_recipe_on_parquet_with_lr_scaling_warmup_and_resume(tmp_path, 
     assert [logged[s] for s in (1, 2, 3, 4)] == pytest.approx([base * 0.5, base, base * 0.1, base * 0.1])
 
 
+def test_push_to_hub_uploads_the_slim_release_once(tmp_path, monkeypatch, local_hub):
+    from transformers import AutoModelForImageClassification
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    repo_id = f"{local_hub.user}/ela-recipe"
+    data = _image_folder(tmp_path / "imgs")
+    out = tmp_path / "out"
+    _load_recipe("cifar").main(_common(out, data, tmp_path / "cache") + [
+        "--model", "ela_resnet20_cifar", "--image_size", "16", "--max_steps", "2", "--kl_windows", "1-1",
+        "--window_unit", "step", "--push_to_hub", "--hub_model_id", repo_id,
+    ])  # fmt: skip
+    history = local_hub.server.repo(repo_id).history("main")
+    assert len(history) == 2, "repository creation, then one commit with the release (no training checkpoints)"
+    files = set(history[0].files)
+    assert {"README.md", "config.json", "model.safetensors", "pruning_history.json"} <= files
+    assert not any(f.startswith("checkpoint-") or f in ("training_args.bin", "optimizer.pt") for f in files)
+    local = json.loads((out / "export" / "config.json").read_text())
+    pushed = AutoModelForImageClassification.from_pretrained(repo_id)
+    assert pushed.skip_mask == local["skip_mask"] and sum(map(sum, local["skip_mask"])) == 1
+
+
 # ------------------------------------------------------------------------------------------------
 # bad arguments: rejected with a clear message, before any training
 
