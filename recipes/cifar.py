@@ -114,7 +114,7 @@ def main(argv=None):
         parser.set_defaults(**DEMO_DEFAULTS)
     args, training_args = parser.parse_args_into_dataclasses(argv)
     setup_logging(logger, training_args)
-    validate_recipe_arguments(args, training_args)
+    validate_recipe_arguments(args)
     has_attention = MODEL_ARGS[args.model]["attn_type"] is not None
     resolve_schedule(PAPER_SCHEDULE, args, training_args.num_train_epochs, training_args.max_steps,
                      has_attention=has_attention)
@@ -130,11 +130,12 @@ def main(argv=None):
     if args.image_size is not None:
         pretrained_cfg["input_size"] = (3, args.image_size, args.image_size)
     data_config = timm.data.resolve_data_config(pretrained_cfg=pretrained_cfg)
+    # the main process fills the datasets cache first; the others then read it
     with training_args.main_process_first(desc="loading the dataset"):
         data = load_image_dataset(args.dataset, args.dataset_config, image_size=data_config["input_size"][-1])
-    train_ds, eval_ds, eval_name = split_train_eval(
-        data, args.train_split, args.eval_split, args.eval_fraction, seed=training_args.seed
-    )
+        train_ds, eval_ds, eval_name = split_train_eval(
+            data, args.train_split, args.eval_split, args.eval_fraction, seed=training_args.seed
+        )
     image_column, label_column = resolve_columns(train_ds, args.image_column, args.label_column)
     resolve_columns(eval_ds, image_column, label_column)
     labels = class_names(train_ds, label_column)

@@ -297,16 +297,16 @@ def test_windows_past_the_end_are_rejected():
 
 def test_unknown_model_and_bad_image_size_are_rejected():
     with pytest.raises(ValueError, match="'ela_resnet57_cifar' is not a model registered by ela_hf; did you mean"):
-        validate_recipe_arguments(_args(model="ela_resnet57_cifar"), None)
+        validate_recipe_arguments(_args(model="ela_resnet57_cifar"))
     with pytest.raises(ValueError, match="too small for ela_resnet50: its total stride is 32"):
-        validate_recipe_arguments(_args(model="ela_resnet50", image_size=16), None)
+        validate_recipe_arguments(_args(model="ela_resnet50", image_size=16))
     with pytest.raises(ValueError, match="too small for ela_resnet20_cifar: its total stride is 4"):
-        validate_recipe_arguments(_args(image_size=2), None)
-    validate_recipe_arguments(_args(image_size=16), None)
+        validate_recipe_arguments(_args(image_size=2))
+    validate_recipe_arguments(_args(image_size=16))
     with pytest.raises(ValueError, match="--dataset is required"):
-        validate_recipe_arguments(_args(dataset=None), None)
+        validate_recipe_arguments(_args(dataset=None))
     with pytest.raises(ValueError, match="--max_train_samples must be positive"):
-        validate_recipe_arguments(_args(max_train_samples=0), None)
+        validate_recipe_arguments(_args(max_train_samples=0))
 
 
 # ------------------------------------------------------------------------------------------------

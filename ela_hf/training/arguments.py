@@ -301,7 +301,7 @@ def resolve_schedule(
     return schedule
 
 
-def validate_recipe_arguments(args: RecipeArguments, training_args) -> None:
+def validate_recipe_arguments(args: RecipeArguments) -> None:
     """Checks that need neither data nor a model; called first thing, so bad arguments cost nothing."""
     from ela_hf.models import MODEL_ARGS
 

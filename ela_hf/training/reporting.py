@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -179,7 +180,7 @@ def card_settings(
     windows = ", ".join(f"{s}-{e}" for s, e in schedule.kl_windows) or "none"
     return {
         "recipe": f"recipes/{recipe}.py",
-        "dataset": args.dataset,
+        "dataset": _dataset_label(args.dataset),
         "epochs": schedule.num_epochs,
         "optimizer": f"SGD, momentum {args.momentum:g}",
         "learning_rate": learning_rate,
@@ -191,3 +192,12 @@ def card_settings(
         "selector": None if selector is None else json.dumps(selector.to_dict()),
         "seed": training_args.seed,
     }
+
+
+def _dataset_label(dataset: str) -> str:
+    # a local path would leak the training machine's layout into a published card: keep its last part
+    from .data import DIGITS_DATASET, hub_dataset_id
+
+    if dataset == DIGITS_DATASET or hub_dataset_id(dataset) is not None:
+        return dataset
+    return f"local: {os.path.basename(os.path.normpath(dataset))}"
