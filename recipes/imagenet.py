@@ -42,6 +42,7 @@ from ela_hf.training import (
     hub_dataset_id,
     load_image_dataset,
     log_rank_result,
+    release_name,
     resolve_checkpoint,
     resolve_columns,
     resolve_schedule,
@@ -196,7 +197,7 @@ def main(argv=None):
             metrics={k: v for k, v in metrics.items() if k in ("eval_top1", "eval_top5", "eval_loss")},
             dataset=hub_dataset_id(args.dataset),
             id2label=config.id2label,
-            model_name=f"{args.model} on {os.path.basename(os.path.normpath(args.dataset))}",
+            model_name=release_name(args.model, args.dataset),
         )
         export_pruned(model, export_dir, overwrite=True, **export_kwargs)
         if push_repo is not None:

@@ -110,7 +110,8 @@ def test_cifar_recipe_trains_prunes_exports_and_resumes(tmp_path, monkeypatch):
     assert 0.0 <= metrics["eval_top1"] <= metrics["eval_top5"] <= 1.0
     config, card = _check_export(full, len(CLASSES))
     assert config["skip_mask"] == mask
-    assert "recipes/cifar.py" in card
+    assert "recipes/cifar.py" in card and "# ela_resnet20_cifar-imgs" in card
+    assert str(tmp_path) not in card  # no local paths in a card meant for the Hub
     weights = load_file(str(full / "export" / "model.safetensors"))
     skipped = [f"layer{i + 1}.{j}.attn." for i, stage in enumerate(mask) for j, s in enumerate(stage) if s]
     assert not any(k.startswith(tuple(skipped)) for k in weights)  # slim: no weights for skipped layers

@@ -32,7 +32,7 @@ from ela_hf.training import (
     update_steps_per_epoch,
     validate_recipe_arguments,
 )
-from ela_hf.training.reporting import EpochRecord, format_epoch_times
+from ela_hf.training.reporting import EpochRecord, format_epoch_times, release_name
 
 CIFAR_PAPER = PaperSchedule(epochs=180, lr_decay_epochs=(100, 150), warmup_epochs=0, kl_windows=((1, 3), (45, 48), (91, 93)))
 IMAGENET_PAPER = PaperSchedule(epochs=100, lr_decay_epochs=(30, 60, 90), warmup_epochs=3, kl_windows=((1, 3), (51, 53)))
@@ -325,3 +325,9 @@ def test_summary_pieces():
     assert "before pruning: no epoch of this run had all 6" in resumed and "6.0 s per epoch with 3" in resumed
     assert "no whole epoch ran with the final 3" in format_epoch_times(records[:3], num_layers=6, final_active=3)
     assert "no attention layers" in format_epoch_times(records, num_layers=None, final_active=None)
+
+
+def test_release_names_are_folder_names():
+    assert release_name("ela_resnet56_cifar", "uoft-cs/cifar100") == "ela_resnet56_cifar-cifar100"
+    assert release_name("ela_resnet20_cifar", DIGITS_DATASET) == "ela_resnet20_cifar-sklearn-digits"
+    assert release_name("ela_resnet18", "/data/shards/train.parquet") == "ela_resnet18-train"

@@ -40,6 +40,7 @@ from .reporting import (
     format_skip_mask,
     format_summary,
     log_rank_result,
+    release_name,
     setup_logging,
 )
 
@@ -80,5 +81,6 @@ __all__ = [
     "format_skip_mask",
     "format_summary",
     "log_rank_result",
+    "release_name",
     "setup_logging",
 ]

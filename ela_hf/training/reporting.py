@@ -15,6 +15,7 @@ __all__ = [
     "EpochRecord",
     "EpochTimerCallback",
     "card_settings",
+    "release_name",
     "format_summary",
     "format_skip_mask",
     "log_rank_result",
@@ -176,7 +177,7 @@ def card_settings(
     recipe: str, args, training_args, schedule, learning_rate: float, total_batch_size: int, selector=None
 ) -> Dict[str, Any]:
     """The training settings shown in the exported model card."""
-    decay = ", ".join(f"{e:g}" for e in schedule.lr_decay_epochs) or "none"
+    decay = ", ".join(f"{e:g}" for e in schedule.lr_decay_epochs)
     windows = ", ".join(f"{s}-{e}" for s, e in schedule.kl_windows) or "none"
     return {
         "recipe": f"recipes/{recipe}.py",
@@ -186,7 +187,8 @@ def card_settings(
         "learning_rate": learning_rate,
         "total_batch_size": total_batch_size,
         "weight_decay": training_args.weight_decay,
-        "lr_schedule": f"x{args.lr_decay_rate:g} after epochs {decay}; {schedule.warmup_epochs:g} warm-up epochs",
+        "lr_schedule": (f"x{args.lr_decay_rate:g} after epochs {decay}" if schedule.lr_decay_epochs else "constant")
+        + f"; {schedule.warmup_epochs:g} warm-up epochs",
         "drop_path_rate": args.drop_path_rate,
         "kl_windows": f"{windows} ({schedule.window_unit}s)",
         "selector": None if selector is None else json.dumps(selector.to_dict()),
@@ -201,3 +203,10 @@ def _dataset_label(dataset: str) -> str:
     if dataset == DIGITS_DATASET or hub_dataset_id(dataset) is not None:
         return dataset
     return f"local: {os.path.basename(os.path.normpath(dataset))}"
+
+
+def release_name(model: str, dataset: str) -> str:
+    """A folder/repo-style name for the release, e.g. ``ela_resnet56_cifar-cifar100``."""
+    last = os.path.basename(os.path.normpath(dataset)).replace(":", "-")
+    stem = last[: -len(".parquet")] if last.endswith(".parquet") else last
+    return f"{model}-{stem}"
