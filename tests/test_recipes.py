@@ -241,9 +241,32 @@ def test_dataset_without_label_column_is_rejected_before_training(tmp_path, monk
 
 
 def _env():
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    # one torch thread per process: test processes share the machine's cores
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     return env
+
+
+# Loaded by the child through PYTHONPATH: every host name lookup and every TCP/UDP connection attempt
+# is refused and written down.
+_NO_NETWORK = """
+import os, socket
+_connect, _connect_ex, _getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
+def _log(what):
+    with open(os.environ["NETWORK_ATTEMPTS_LOG"], "a") as f:
+        f.write(repr(what) + "\\n")
+def _refuse(sock, address):
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        _log(address)
+        raise OSError("network access attempted: %r" % (address,))
+def _lookup(host, *args, **kwargs):
+    _log(host)
+    raise socket.gaierror("host name lookup attempted: %r" % (host,))
+socket.socket.connect = lambda sock, address: _refuse(sock, address) or _connect(sock, address)
+socket.socket.connect_ex = lambda sock, address: _refuse(sock, address) or _connect_ex(sock, address)
+socket.getaddrinfo = _lookup
+open(os.environ["NETWORK_ATTEMPTS_LOG"] + ".armed", "w").close()
+"""
 
 
 @pytest.mark.slow
@@ -257,11 +280,20 @@ def test_readme_main_job_runs_offline(tmp_path):
         "--output_dir", str(tmp_path / "demo"), "--max_train_samples", "96", "--max_eval_samples", "64",
         "--num_train_epochs", "2", "--kl_windows", "1-1", "--lr_decay_epochs", "none",
     ]  # fmt: skip
+    # a machine without network: no offline switches set, and every connection attempt refused and logged
     env = _env()
-    env["HF_DATASETS_CACHE"] = str(tmp_path / "cache")
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        env.pop(name, None)
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(_NO_NETWORK)
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "site"), env["PYTHONPATH"]])
+    env["NETWORK_ATTEMPTS_LOG"] = str(tmp_path / "network_attempts.log")
+    env["HF_HOME"] = str(tmp_path / "hf_home")  # a fresh machine: empty caches
     proc = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-5000:]
+    assert (tmp_path / "network_attempts.log.armed").exists(), "the network guard was not loaded"
+    assert not (tmp_path / "network_attempts.log").exists(), (tmp_path / "network_attempts.log").read_text()
     assert re.search(r"\d+%\|", output), "no progress bar"
     assert re.search(r"ela_resnet20_cifar on sklearn:digits: top-1 \d+\.\d+%, top-5 \d+\.\d+% on 64 evaluation images", output)
     assert "total: 1 of 3 skippable attention layers skipped" in output  # one window, one EBQM decision
