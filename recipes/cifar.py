@@ -2,13 +2,13 @@
 """Train a CIFAR layer-attention ResNet with ELA's staged KL/EBQM pruning (the paper's CIFAR-10/100 recipe).
 
     python recipes/cifar.py --demo        # offline, a few minutes on 2 CPU cores: scikit-learn's digits
-    accelerate launch --num_processes 8 recipes/cifar.py --dataset uoft-cs/cifar100 --output_dir outputs/cifar100
+    accelerate launch --multi_gpu --num_processes 8 recipes/cifar.py --per_device_train_batch_size 16
 
-Paper defaults (the reference code's recipe): ela_resnet56_cifar, SGD momentum 0.9, lr 0.1, batch 128,
-weight decay 1e-4, 180 epochs, lr x0.1 after epochs 100 and 150, random crop 32 with padding 4 +
-horizontal flip, CIFAR mean/std, drop path 0.2 on the attention branch, KL windows 1-3, 45-48, 91-93
-with EBQM Beta(5, 1), tau 0.3. With fewer epochs the epoch-based schedule is rescaled to fit.
-Every ``TrainingArguments`` option works too (``--bf16``, ``--gradient_accumulation_steps``, ...).
+Paper defaults (the reference code's recipe): ela_resnet56_cifar on uoft-cs/cifar100, SGD momentum 0.9,
+lr 0.1, batch 128, weight decay 1e-4, 180 epochs, lr x0.1 after epochs 100 and 150, random crop 32
+with padding 4 + horizontal flip, CIFAR mean/std, drop path 0.2 on the attention branch, KL windows
+1-3, 45-48, 91-93 with EBQM Beta(5, 1), tau 0.3. With fewer epochs the epoch-based schedule is
+rescaled to fit. Every ``TrainingArguments`` option works too (``--bf16``, ``--gradient_accumulation_steps``, ...).
 
 Writes to ``--output_dir``: Trainer checkpoints (full structure: ``--resume_from_checkpoint`` continues
 them), the final full model, ``pruning_history.json``, ``eval_results.json``, and the slim Hub-ready
@@ -65,6 +65,7 @@ PAPER_SCHEDULE = PaperSchedule(
 )
 PAPER_DEFAULTS = dict(
     model="ela_resnet56_cifar",
+    dataset="uoft-cs/cifar100",
     learning_rate=0.1,
     per_device_train_batch_size=128,
     per_device_eval_batch_size=256,

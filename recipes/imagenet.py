@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train an ImageNet layer-attention ResNet with ELA's staged KL/EBQM pruning (the paper's ImageNet-1K recipe).
 
-    accelerate launch --num_processes 8 recipes/imagenet.py --output_dir outputs/ela_resnet50 --bf16
+    accelerate launch --multi_gpu --num_processes 8 recipes/imagenet.py --output_dir outputs/ela_resnet50 --bf16
     python recipes/imagenet.py --dataset path/to/images --model ela_resnet18 --num_train_epochs 10 --use_cpu
 
 Paper defaults (the reference code's recipe): ela_resnet50 on ILSVRC/imagenet-1k, SGD momentum 0.9,
