@@ -46,7 +46,12 @@ class SpyingPruningCallback(ElaPruningCallback):
         self.tally = tally if tally is not None else {}
         self.local_at_decisions = []
         self.tally_at_decisions = []
-        self.local_at_snapshots = []
+        self.local_at_snapshots = {}  # global step -> totals
+        self._step = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._step = state.global_step
+        return super().on_step_end(args, state, control, **kwargs)
 
     def _decide(self, state):
         self._drain()
@@ -57,7 +62,7 @@ class SpyingPruningCallback(ElaPruningCallback):
 
     def _take_snapshot(self):
         self._drain()
-        self.local_at_snapshots.append(self._totals.tolist())
+        self.local_at_snapshots[self._step] = self._totals.tolist()
         super()._take_snapshot()
 
 
@@ -72,7 +77,7 @@ def run(out_dir, name, resume_from=None):
         gradient_accumulation_steps=2,
         max_steps=8,
         eval_strategy="steps",
-        eval_steps=3,
+        eval_steps=2,  # step 2 evaluates inside window 1: not recorded, and a reduction point
         save_strategy="steps",
         save_steps=5,
     )

@@ -14,6 +14,15 @@ from ela_hf.pruning import EbqmSelector, ElaPruningCallback, FixedCountSelector,
 from pruning_toy import RandomImages, TinyElaClassifier, training_args
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    # these runs are tiny; one thread avoids OpenMP's stalls on a busy shared CPU (10x slower with two)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tap_recorded_kl(model):
     """Independent record of what each attention layer accumulates: {block name: [sum, count]}."""
     tally = {}

@@ -233,11 +233,11 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         """Move this rank's per-layer sums from the attention layers' buffers into our float64 totals."""
         if self._open is None or not self._layers:
             return
-        attns = [a for _, _, _, a in self._layers]
-        self._totals[0] += torch.stack([a.kl_sum for a in attns]).to(self._totals)
-        self._totals[1] += torch.stack([a.kl_count for a in attns]).to(self._totals)
-        for a in attns:
-            a.reset_kl()
+        sums = [a.kl_sum for _, _, _, a in self._layers]
+        counts = [a.kl_count for _, _, _, a in self._layers]
+        self._totals[0] += torch.stack(sums).to(self._totals)
+        self._totals[1] += torch.stack(counts).to(self._totals)
+        torch._foreach_zero_(sums + counts)  # one fused kernel rather than one per layer on GPUs
         self._snapshot = None
 
     def _reduced_totals(self) -> torch.Tensor:
