@@ -233,6 +233,24 @@ def test_resume_inside_windows_ends_with_the_same_mask_and_decisions(tmp_path):
     _assert_same_decisions(callback_a.history, restored.history)
 
 
+def test_resume_mid_epoch_inside_an_epoch_window(tmp_path):
+    def setup(name):
+        callback = ElaPruningCallback(windows=[(1, 2)], window_unit="epoch")
+        model = TinyElaClassifier()
+        args = training_args(tmp_path / name, max_steps=-1, num_train_epochs=3, save_strategy="steps", save_steps=6)
+        trainer = Trainer(model=model, args=args, train_dataset=RandomImages(n=16), callbacks=[callback])
+        return trainer, model, callback
+
+    trainer_a, model_a, callback_a = setup("a")
+    trainer_a.train()
+    trainer_b, model_b, callback_b = setup("b")  # checkpoint-6: half way through epoch 2 of window 1-2
+    trainer_b.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-6"))
+    assert [(h["global_step"], h["epoch"]) for h in callback_b.history] == [(8, 2.0)]
+    assert [e["samples"] for e in callback_b.history[0]["layers"]] == [32, 32, 32]  # both epochs, 16 images each
+    _assert_same_decisions(callback_a.history, callback_b.history)
+    assert ela_hf.get_skip_mask(model_b) == ela_hf.get_skip_mask(model_a)
+
+
 def test_resume_with_a_different_configuration_raises(tmp_path):
     model = timm.create_model("ela_resnet20_cifar", num_classes=4)
     original = ElaPruningCallback(windows=[(2, 4)], window_unit="step")
