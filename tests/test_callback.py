@@ -14,15 +14,6 @@ from ela_hf.pruning import EbqmSelector, ElaPruningCallback, FixedCountSelector,
 from pruning_toy import RandomImages, TinyElaClassifier, training_args
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # these runs are tiny; one thread avoids OpenMP's stalls on a busy shared CPU (10x slower with two)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tap_recorded_kl(model):
     """Independent record of what each attention layer accumulates: {block name: [sum, count]}."""
     tally = {}
@@ -149,6 +140,36 @@ def test_trainer_run_with_epoch_windows_in_bf16(tmp_path):
     for _, j, blk in attention_layers(model):
         if blk.attn is not None:
             assert blk.attn.kl_sum.dtype == torch.float32
+
+
+def test_transformers_model_is_pruned_and_exported_with_its_history(tmp_path):
+    from ela_hf import ElaConfig, ElaForImageClassification
+
+    class Images(RandomImages):
+        def __getitem__(self, i):  # the transformers model takes pixel_values and labels only
+            item = super().__getitem__(i)
+            return {"pixel_values": item["pixel_values"], "labels": item["labels"]}
+
+    torch.manual_seed(0)
+    model = ElaForImageClassification(ElaConfig(architecture="ela_resnet20_cifar", num_labels=4))
+    callback = ElaPruningCallback(windows=[(1, 2)], window_unit="step")
+    args = training_args(tmp_path / "run", max_steps=3, save_strategy="steps", save_steps=3)
+    Trainer(model=model, args=args, train_dataset=Images(n=16), callbacks=[callback]).train()
+
+    (decision,) = callback.history
+    assert [e["name"] for e in decision["layers"]] == ["timm_model.layer1.1", "timm_model.layer2.1", "timm_model.layer3.1"]
+    mask = ela_hf.get_skip_mask(model)
+    assert mask == decision["skip_mask"] and sum(map(sum, mask)) == 1
+    saved = json.loads((tmp_path / "run" / "checkpoint-3" / "config.json").read_text())
+    assert saved["skip_mask"] == mask
+
+    # the hub side reads the file this callback wrote
+    history = ela_hf.load_pruning_history(tmp_path / "run" / "pruning_history.json")
+    (window,) = history["windows"]
+    assert [(e["stage"], e["block"], e["skip"]) for e in window["layers"]] == [
+        (e["stage"], e["block"], e["skip"]) for e in decision["layers"]
+    ]
+    assert [e["d"] for e in window["layers"]] == pytest.approx([e["d_t"] for e in decision["layers"]])
 
 
 def test_window_past_the_end_of_training_raises_at_train_begin(tmp_path):

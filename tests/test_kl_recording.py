@@ -1,0 +1,200 @@
+"""KL recording (SPEC section 3) checked against a by-hand computation in float64."""
+import math
+
+import pytest
+import timm
+import torch
+
+import ela_hf
+from ela_hf.layers import kl_with_appended_eps
+from ela_hf.models import LayerAttentionResNet, kl_accumulators
+
+EPS = 1e-8
+
+
+def _tiny(attn_type, skip_mask=None):
+    # one stage of 4 bottleneck blocks, 64 channels, 2 heads of 32 channels
+    torch.manual_seed(0)
+    return LayerAttentionResNet(layers=(4,), channels=(16,), stem_type="cifar", stem_width=16, attn_type=attn_type,
+                                dim_per_head=32, num_classes=3, skip_mask=skip_mask)
+
+
+def _capture_attention_inputs(model):
+    """y (and sc) entering each attention layer, per block index."""
+    seen = {}
+    for j, blk in enumerate(model.layer1):
+        if blk.attn is not None:
+            blk.attn.register_forward_pre_hook(lambda m, inp, j=j: seen.__setitem__(j, [t.detach().double() for t in inp[:-1]]))
+    return seen
+
+
+def _by_hand_kl(p_prev, a_cur):
+    """KL([p_prev..., eps] renormalised || clamp(a_cur, eps)) with plain Python floats."""
+    p = list(p_prev) + [EPS]
+    z = sum(p)
+    p = [v / z for v in p]
+    return sum(pi * math.log(pi / max(qi, EPS)) for pi, qi in zip(p, a_cur) if pi > 0)
+
+
+@torch.no_grad()
+def _qk(attn, y):
+    w_q = attn.wq.weight.double()
+    w_k = attn.wk.weight.double()
+    g = y.mean((2, 3)).unsqueeze(1)
+    pad = (attn.k_size - 1) // 2
+    q = torch.nn.functional.conv1d(g, w_q, padding=pad)[:, 0]
+    k = torch.nn.functional.conv1d(g, w_k, padding=pad)[:, 0]
+    return q, k
+
+
+@pytest.mark.parametrize("skip_mask", [None, [[False, False, True, False]]])
+def test_mrla_b_recorded_kl_equals_hand_computation(skip_mask):
+    model = _tiny("mrla_b", skip_mask).train()
+    seen = _capture_attention_inputs(model)
+    x = torch.randn(3, 3, 16, 16)
+    with model.kl_recording():
+        model(x)
+    stats = model.kl_statistics()
+    active = [j for j, blk in enumerate(model.layer1) if not blk.is_skipped]
+    heads, d = 2, 32
+    keys, expected, prev = [], {}, None
+    for j in active:
+        attn = model.layer1[j].attn
+        q, k = _qk(attn, seen[j][0])
+        keys.append(k)
+        per_sample = []
+        dist = {}
+        for b in range(3):
+            for h in range(heads):
+                sl = slice(h * d, (h + 1) * d)
+                scores = [float((q[b, sl] * kk[b, sl]).sum()) / math.sqrt(d) for kk in keys]
+                m = max(scores)
+                e = [math.exp(s - m) for s in scores]
+                dist[(b, h)] = [v / sum(e) for v in e]
+        if prev is not None:
+            for b in range(3):
+                per_sample.append(sum(_by_hand_kl(prev[(b, h)], dist[(b, h)]) for h in range(heads)) / heads)
+            expected[(0, j)] = sum(per_sample) / len(per_sample)
+        prev = dist
+    assert set(stats) == set(expected) == {(0, j) for j in active[1:]}
+    for key in expected:
+        assert stats[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("skip_mask", [None, [[False, True, False, False]]])
+def test_mrla_l_recorded_kl_equals_hand_computation(skip_mask):
+    model = _tiny("mrla_l", skip_mask).train()
+    with torch.no_grad():  # lambdas away from 1 so that the unrolled products matter
+        for blk in model.layer1:
+            if blk.attn is not None:
+                blk.attn.lam.uniform_(-1.5, 1.5)
+    seen = _capture_attention_inputs(model)
+    x = torch.randn(3, 3, 16, 16)
+    with model.kl_recording():
+        model(x)
+    stats = model.kl_statistics()
+    active = [j for j, blk in enumerate(model.layer1) if not blk.is_skipped]
+    heads, d, C = 2, 32, 64
+    gates, lams = [], []
+    expected, prev = {}, None
+    for j in active:
+        attn = model.layer1[j].attn
+        q, k = _qk(attn, seen[j][0])
+        gates.append([[1 / (1 + math.exp(-float((q[b, h * d:(h + 1) * d] * k[b, h * d:(h + 1) * d]).sum()) / math.sqrt(d)))
+                       for h in range(heads)] for b in range(3)])
+        lams.append(attn.lam.detach().double().view(-1).tolist())
+        t = len(gates)
+        alpha = []
+        for b in range(3):
+            # w_{t,s,c} = a_{s,h(c)} * prod_{s<j<=t} lambda_{j,c} over active layers only
+            w = []
+            for s in range(t):
+                total = 0.0
+                for c in range(C):
+                    prod = 1.0
+                    for jj in range(s + 1, t):
+                        prod *= lams[jj][c]
+                    total += abs(gates[s][b][c // d] * prod)
+                w.append(total / C)
+            alpha.append([v / sum(w) for v in w])
+        if prev is not None:
+            expected[(0, j)] = sum(_by_hand_kl(prev[b], alpha[b]) for b in range(3)) / 3
+        prev = alpha
+    assert set(stats) == set(expected) == {(0, j) for j in active[1:]}
+    for key in expected:
+        assert stats[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
+
+
+def test_kl_helper_direction_and_limits():
+    prev = torch.tensor([[0.3, 0.7]])
+    cur = torch.tensor([[0.3, 0.7, 0.0]])
+    # the new layer adds nothing new: p ~ cur, d ~ 0 (finite although cur has a zero entry)
+    assert float(kl_with_appended_eps(prev, cur)) == pytest.approx(0.0, abs=1e-6)
+    cur2 = torch.tensor([[0.1, 0.1, 0.8]])
+    expected = _by_hand_kl([0.3, 0.7], [0.1, 0.1, 0.8])
+    assert float(kl_with_appended_eps(prev, cur2)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_recording_is_off_by_default_and_skips_eval_passes():
+    model = timm.create_model("ela_resnet20_cifar", num_classes=5)
+    x = torch.randn(2, 3, 32, 32)
+    model.train()
+    model(x)
+    assert all(float(c) == 0 for *_, c in kl_accumulators(model)), "off by default"
+    with model.kl_recording():
+        model.eval()
+        model(x)
+        assert all(float(c) == 0 for *_, c in kl_accumulators(model)), "eval passes are not recorded"
+        model.train()
+        model(x)
+        model(x)
+    assert [float(c) for *_, c in kl_accumulators(model)] == [4.0, 4.0, 4.0]
+    model(x)
+    assert [float(c) for *_, c in kl_accumulators(model)] == [4.0, 4.0, 4.0], "the context manager switched it off"
+    stats = model.kl_statistics()
+    assert set(stats) == {(0, 1), (1, 1), (2, 1)}
+    assert all(math.isfinite(v) and v >= 0 for v in stats.values())
+    model.reset_kl_statistics()
+    assert all(math.isnan(v) for v in model.kl_statistics().values())
+
+
+def test_recording_averages_over_steps_and_survives_autocast():
+    torch.manual_seed(0)
+    model = timm.create_model("ela_resnet20_cifar", num_classes=5).train()
+    xs = [torch.randn(2, 3, 32, 32) for _ in range(2)]
+    per_step = []
+    for x in xs:
+        model.reset_kl_statistics()
+        with model.kl_recording():
+            model(x)
+        per_step.append(model.kl_statistics())
+    model.reset_kl_statistics()
+    with model.kl_recording():
+        for x in xs:
+            model(x)
+    both = model.kl_statistics()
+    for key in both:
+        assert both[key] == pytest.approx((per_step[0][key] + per_step[1][key]) / 2, rel=1e-5)
+    model.reset_kl_statistics()
+    with model.kl_recording(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(xs[0])
+    for _, _, s, c in kl_accumulators(model):
+        assert s.dtype == torch.float32 and float(c) == 2
+
+
+def test_kl_statistics_skip_skipped_layers_and_work_through_wrappers():
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = timm.create_model("ela_resnet56_cifar", num_classes=5)
+
+        def forward(self, x):
+            return self.backbone(x)
+
+    wrapped = Wrapper().train()
+    ela_hf.set_skip_mask(wrapped, [[False, True, False, False, False, False], [False] * 6, [False] * 6])
+    with ela_hf.kl_recording(wrapped):
+        wrapped(torch.randn(2, 3, 16, 16))
+    stats = ela_hf.kl_statistics(wrapped)
+    assert (0, 1) not in stats and (0, 2) in stats and len(stats) == 4 + 5 + 5
+    assert ela_hf.get_skip_mask(wrapped)[0][1] is True

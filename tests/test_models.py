@@ -1,0 +1,417 @@
+"""The layer-attention ResNet families (SPEC section 1-2): registration, shapes, parameters, skipping."""
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+from timm.models.resnet import BasicBlock, Bottleneck
+
+import ela_hf
+from ela_hf.layers import MrlaBase, MrlaLight, eca_kernel_size
+from ela_hf.models import MODEL_ARGS, ElaBasicBlock, ElaBottleneck, LayerAttentionResNet, slim_state_dict
+
+EXPECTED_NAMES = (
+    [f"ela_resnet{d}" for d in (18, 34, 50, 101, 152)]
+    + ["ela_l_resnet50", "ela_l_resnet101"]
+    + [f"mrla_{k}_resnet{d}" for k in ("l", "b") for d in (50, 101, 152)]
+    + ["ela_resnet50d", "ela_resnet101d", "mrla_b_resnet50d"]
+    + [f"{p}resnet{d}_cifar" for p in ("ela_", "ela_l_", "mrla_l_", "mrla_b_", "") for d in (20, 56, 110)]
+)
+
+
+def test_every_expected_name_is_registered_with_a_pretrained_cfg():
+    registered = set(timm.list_models())
+    missing = [n for n in EXPECTED_NAMES if n not in registered]
+    assert not missing, missing
+    assert sorted(MODEL_ARGS) == sorted(EXPECTED_NAMES)
+    for name in EXPECTED_NAMES:
+        cfg = timm.models.get_pretrained_cfg(name)
+        assert cfg.hf_hub_id == f"ela-hf/{name}"
+        assert cfg.classifier == "fc"
+        assert len(cfg.mean) == 3 and len(cfg.std) == 3
+        if name.endswith("_cifar"):
+            assert cfg.input_size == (3, 32, 32)
+        else:
+            assert cfg.input_size == (3, 224, 224) and cfg.crop_pct == 0.875
+
+
+@pytest.mark.parametrize("name", EXPECTED_NAMES)
+def test_every_registered_model_runs_forward_and_backward(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=7)
+    x = torch.randn(2, 3, 32, 32)
+    out = model(x)
+    assert out.shape == (2, 7)
+    out.float().pow(2).mean().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None for g in grads), "every parameter takes part in the loss"
+    assert torch.isfinite(out).all()
+
+
+def test_attention_type_and_structure_follow_the_name():
+    assert isinstance(timm.create_model("ela_resnet50").layer3[2].attn, MrlaBase)
+    assert isinstance(timm.create_model("ela_l_resnet50").layer3[2].attn, MrlaLight)
+    assert isinstance(timm.create_model("mrla_l_resnet50").layer1[0].attn, MrlaLight)
+    assert isinstance(timm.create_model("ela_resnet18").layer1[0], ElaBasicBlock)
+    plain = timm.create_model("resnet56_cifar")
+    assert all(blk.attn is None for stage in plain.stages for blk in stage)
+    assert plain.skip_mask is None
+    deep = timm.create_model("ela_resnet50d")
+    assert isinstance(deep.conv1, nn.Sequential) and len(deep.conv1) == 7
+    assert isinstance(timm.create_model("ela_resnet50").conv1, nn.Conv2d)
+    cifar = timm.create_model("ela_resnet110_cifar")
+    assert [len(s) for s in cifar.stages] == [12, 12, 12]
+    assert cifar.conv1.kernel_size == (3, 3) and cifar.conv1.stride == (1, 1) and cifar.conv1.out_channels == 16
+    assert cifar.num_features == 256
+
+
+def test_eca_kernel_sizes():
+    assert [eca_kernel_size(c) for c in (64, 128, 256, 512, 1024, 2048)] == [3, 5, 5, 5, 5, 7]
+
+
+@pytest.mark.parametrize("channels", [64, 256, 2048])
+def test_parameter_count_formulas_per_layer(channels):
+    k = eca_kernel_size(channels)
+    light = MrlaLight(channels, dim_per_head=32)
+    base = MrlaBase(channels, dim_per_head=16)
+    assert sum(p.numel() for p in light.parameters()) == 12 * channels + 2 * k
+    assert sum(p.numel() for p in base.parameters()) == 11 * channels + 2 * k
+
+
+def _n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_whole_network_parameter_counts():
+    r50 = _n_params(timm.create_model("resnet50"))
+    assert _n_params(timm.create_model("mrla_l_resnet50")) - r50 == 181_420
+    assert _n_params(timm.create_model("mrla_b_resnet50")) - r50 == 166_316
+    assert _n_params(timm.create_model("ela_resnet50")) - r50 == 166_316
+    # SPEC: plain ResNet-110 for CIFAR-100 has 1.17M parameters
+    assert round(_n_params(timm.create_model("resnet110_cifar", num_classes=100)) / 1e6, 2) == 1.17
+    # timm's own ResNet-18/34 match our plain conv path: ela adds exactly the attention layers
+    ela18 = timm.create_model("ela_resnet18")
+    attn18 = sum(11 * blk._out_channels() + 2 * eca_kernel_size(blk._out_channels()) for s in ela18.stages for blk in s)
+    assert _n_params(ela18) - _n_params(timm.create_model("resnet18")) == attn18
+
+
+def test_default_dim_per_head():
+    assert timm.create_model("ela_resnet50").layer1[0].attn.dim_per_head == 16
+    assert timm.create_model("mrla_l_resnet50").layer1[0].attn.dim_per_head == 32
+    assert timm.create_model("ela_resnet56_cifar").layer1[0].attn.dim_per_head == 32
+
+
+def _copy_conv_weights(src: nn.Module, dst: nn.Module):
+    dst.load_state_dict({k: v for k, v in src.state_dict().items() if not k.startswith("attn")}, strict=True)
+
+
+@pytest.mark.parametrize("plain_cls,ela_cls", [(Bottleneck, ElaBottleneck), (BasicBlock, ElaBasicBlock)])
+@pytest.mark.parametrize("training", [False, True])
+def test_skipped_block_equals_plain_block(plain_cls, ela_cls, training):
+    torch.manual_seed(0)
+    inplanes, planes = 32, 16
+    outplanes = planes * plain_cls.expansion
+    down = nn.Sequential(nn.Conv2d(inplanes, outplanes, 1, stride=2, bias=False), nn.BatchNorm2d(outplanes))
+    ela = ela_cls(inplanes, planes, stride=2, downsample=down)
+    ela._init_layer_attention("mrla_b", 16, 0.0, skipped=False)
+    ela.skip_attention()
+    plain = plain_cls(inplanes, planes, stride=2, downsample=nn.Sequential(
+        nn.Conv2d(inplanes, outplanes, 1, stride=2, bias=False), nn.BatchNorm2d(outplanes)))
+    # non-trivial BN statistics and affine parameters so that the comparison means something
+    for m in ela.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    _copy_conv_weights(ela, plain)
+    ela.train(training)
+    plain.train(training)
+    x = torch.randn(3, inplanes, 8, 8)
+    torch.testing.assert_close(ela(x.clone()), plain(x.clone()), rtol=0, atol=0)
+
+
+def test_model_built_with_all_skippable_layers_skipped_matches_plain_resnet_with_same_weights():
+    torch.manual_seed(0)
+    mask = [[False] + [True] * 1 for _ in range(3)]
+    ela = timm.create_model("ela_resnet20_cifar", num_classes=5, skip_mask=mask).eval()
+    plain = timm.create_model("resnet20_cifar", num_classes=5).eval()
+    # the plain net takes every non-attention weight of the ELA net
+    sd = {k: v for k, v in ela.state_dict().items() if ".attn." not in k and not k.endswith("attn_skipped")}
+    plain.load_state_dict(sd)
+    x = torch.randn(2, 3, 32, 32)
+    # first blocks still attend, so outputs differ from the plain net...
+    assert not torch.allclose(ela(x), plain(x))
+    # ...but a skipped block is exactly the plain block on the same input
+    feats = {}
+    ela.layer2[1].register_forward_hook(lambda m, i, o: feats.__setitem__("ela", (i[0], o)))
+    ela(x)
+    inp, out = feats["ela"]
+    torch.testing.assert_close(out, plain.layer2[1](inp), rtol=0, atol=0)
+
+
+class _Recorder:
+    """Forward hooks on every block of a stage: inputs/outputs and the MRLA-B cache length seen by its attention."""
+
+    def __init__(self, stage):
+        self.outputs, self.cache_lengths = {}, {}
+        self.handles = []
+        for j, blk in enumerate(stage):
+            self.handles.append(blk.register_forward_hook(self._out_hook(j)))
+            if blk.attn is not None:
+                self.handles.append(blk.attn.register_forward_hook(self._attn_hook(j)))
+
+    def _out_hook(self, j):
+        def hook(mod, inputs, output):
+            self.outputs[j] = output.detach().clone()
+        return hook
+
+    def _attn_hook(self, j):
+        def hook(mod, inputs, output):
+            state = inputs[-1]
+            self.cache_lengths[j] = len(state.values)
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def test_mrla_b_skipping_a_layer_keeps_earlier_blocks_and_removes_it_from_later_attention():
+    torch.manual_seed(0)
+    model = timm.create_model("ela_resnet56_cifar", num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    rec = _Recorder(model.layer2)
+    model(x)
+    before = dict(rec.outputs)
+    assert rec.cache_lengths == {j: j + 1 for j in range(6)}
+    model.set_skip_mask([[False] * 6, [False, False, True, False, False, False], [False] * 6])
+    rec.outputs.clear(), rec.cache_lengths.clear()
+    model(x)
+    for j in (0, 1):
+        torch.testing.assert_close(rec.outputs[j], before[j], rtol=0, atol=0)
+    assert 2 not in rec.cache_lengths, "a skipped layer's attention never runs"
+    assert rec.cache_lengths == {0: 1, 1: 2, 3: 3, 4: 4, 5: 5}
+    assert not torch.allclose(rec.outputs[3], before[3])
+    rec.remove()
+
+
+def test_mrla_b_later_block_attends_exactly_over_active_layers():
+    """Block 3's output after skipping layer 2 equals a by-hand softmax over layers 0, 1 and 3 only."""
+    torch.manual_seed(0)
+    stage = LayerAttentionResNet(layers=(4,), channels=(16,), stem_type="cifar", stem_width=16, dim_per_head=32,
+                                 skip_mask=[[False, False, True, False]], num_classes=3).eval().layer1
+    x = torch.randn(2, 16, 8, 8)
+    ys, outs = [], []
+    for blk in stage:
+        blk.register_forward_hook(lambda m, i, o: outs.append(o))
+    stage(x)
+    # recompute by hand from the conv-path outputs
+    h = x
+    keys, values = [], []
+    for j, blk in enumerate(stage):
+        sc = h if blk.downsample is None else blk.downsample(h)
+        y = blk.act3(blk._conv_path(h) + sc)
+        if blk.is_skipped:
+            h = y
+            torch.testing.assert_close(outs[j], y)
+            continue
+        a = blk.attn
+        g = y.mean((2, 3)).unsqueeze(1)
+        q = a.wq(g).view(2, a.heads, a.dim_per_head)
+        k = a.wk(g).view(2, a.heads, a.dim_per_head)
+        v = a.wv(y)
+        keys.append(k), values.append(v)
+        o = torch.zeros_like(v)
+        for b in range(2):
+            for head in range(a.heads):
+                scores = torch.stack([(q[b, head] * kk[b, head]).sum() for kk in keys]) / math.sqrt(a.dim_per_head)
+                w = torch.softmax(scores, 0)
+                sl = slice(head * a.dim_per_head, (head + 1) * a.dim_per_head)
+                o[b, sl] = sum(w[s] * values[s][b, sl] for s in range(len(keys)))
+        h = y + torch.relu(a.bn(o))
+        torch.testing.assert_close(outs[j], h, rtol=1e-5, atol=1e-5)
+    assert len(keys) == 3
+
+
+def test_skipped_layer_runs_no_kernel_in_training_or_inference():
+    model = timm.create_model("ela_l_resnet20_cifar", num_classes=5)
+    model.set_skip_mask([[False, True], [False, False], [False, True]])
+    calls = []
+    for stage in model.stages:
+        for blk in stage:
+            if blk.is_skipped:
+                for mod in blk.attn.modules():
+                    mod.register_forward_pre_hook(lambda m, i: calls.append(m))
+    x = torch.randn(2, 3, 32, 32)
+    model.train()
+    with model.kl_recording():
+        model(x).sum().backward()
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    assert calls == []
+    # the skipped layers' parameters stay (optimizers, DDP) but receive no gradient
+    assert model.layer1[1].attn.wv.weight.grad is None
+    assert model.layer2[1].attn.wv.weight.grad is not None
+
+
+def test_set_skip_mask_keeps_parameters_and_is_cumulative():
+    model = timm.create_model("ela_resnet20_cifar", num_classes=5)
+    params_before = [id(p) for p in model.parameters()]
+    model.set_skip_mask([[False, True], [False, False], [False, False]])
+    assert [id(p) for p in model.parameters()] == params_before
+    model.set_skip_mask([[False, True], [False, True], [False, False]])
+    assert model.skip_mask == [[False, True], [False, True], [False, False]]
+    with pytest.raises(ValueError, match="cumulative"):
+        model.set_skip_mask([[False, False], [False, True], [False, False]])
+    assert model.skip_mask == [[False, True], [False, True], [False, False]], "a refused mask changes nothing"
+
+
+def test_building_with_a_mask_removes_parameters():
+    full = timm.create_model("ela_resnet56_cifar")
+    mask = [[False, True, False, True, False, True]] * 3
+    slim = timm.create_model("ela_resnet56_cifar", skip_mask=mask)
+    assert slim.skip_mask == mask
+    assert slim.layer1[1].attn is None and slim.layer1[2].attn is not None
+    removed = sum(_n_params(full.get_submodule(f"layer{i + 1}.{j}.attn")) for i in range(3) for j in (1, 3, 5))
+    assert _n_params(full) - _n_params(slim) == removed > 0
+
+
+def test_mask_survives_state_dict_save_and_load(tmp_path):
+    mask = [[False, True], [False, False], [False, True]]
+    model = timm.create_model("ela_resnet20_cifar", num_classes=5)
+    model.set_skip_mask(mask)
+    torch.save(model.state_dict(), tmp_path / "ckpt.pt")
+    fresh = timm.create_model("ela_resnet20_cifar", num_classes=5)
+    assert fresh.skip_mask == [[False, False]] * 3
+    fresh.load_state_dict(torch.load(tmp_path / "ckpt.pt"))
+    assert fresh.skip_mask == mask
+    model.eval(), fresh.eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(fresh(x), model(x))
+    # slim: the reduced architecture takes the slim state dict and computes the same
+    slim = timm.create_model("ela_resnet20_cifar", num_classes=5, skip_mask=mask).eval()
+    slim.load_state_dict(slim_state_dict(model))
+    torch.testing.assert_close(slim(x), model(x))
+
+
+def test_loading_a_checkpoint_with_active_layers_into_a_slim_model_is_an_error():
+    full = timm.create_model("ela_resnet20_cifar", num_classes=5)
+    slim = timm.create_model("ela_resnet20_cifar", num_classes=5, skip_mask=[[False, True], [False, False], [False, False]])
+    sd = {k: v for k, v in full.state_dict().items() if not k.startswith("layer1.1.attn.")}
+    with pytest.raises(RuntimeError, match="layer1.1: the checkpoint marks this attention layer active"):
+        slim.load_state_dict(sd)
+
+
+def test_plain_resnet_weights_load_into_ela_model_with_only_attention_missing():
+    plain = timm.create_model("resnet50")
+    ela = timm.create_model("ela_resnet50")
+    result = ela.load_state_dict(plain.state_dict(), strict=False)
+    assert result.unexpected_keys == []
+    assert result.missing_keys and all(".attn." in k or k.endswith("attn_skipped") for k in result.missing_keys)
+
+
+@pytest.mark.parametrize("name,size,channels,reductions", [
+    ("ela_resnet50", 64, [64, 256, 512, 1024, 2048], [2, 4, 8, 16, 32]),
+    ("mrla_l_resnet50", 64, [64, 256, 512, 1024, 2048], [2, 4, 8, 16, 32]),
+    ("ela_resnet18", 64, [64, 64, 128, 256, 512], [2, 4, 8, 16, 32]),
+    ("ela_resnet50d", 64, [64, 256, 512, 1024, 2048], [2, 4, 8, 16, 32]),
+    ("ela_resnet20_cifar", 32, [16, 64, 128, 256], [1, 1, 2, 4]),
+])
+def test_features_only(name, size, channels, reductions):
+    model = timm.create_model(name, features_only=True)
+    assert model.feature_info.channels() == channels
+    assert model.feature_info.reduction() == reductions
+    feats = model(torch.randn(2, 3, size, size))
+    assert [f.shape[1] for f in feats] == channels
+    assert [size // f.shape[-1] for f in feats] == reductions
+    sub = timm.create_model(name, features_only=True, out_indices=(1, 2))
+    assert [f.shape[1] for f in sub(torch.randn(2, 3, size, size))] == channels[1:3]
+
+
+def test_features_only_matches_forward_features():
+    torch.manual_seed(0)
+    model = timm.create_model("ela_resnet20_cifar").eval()
+    feats = timm.create_model("ela_resnet20_cifar", features_only=True).eval()
+    feats.load_state_dict(model.state_dict(), strict=False)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(feats(x)[-1], model.forward_features(x))
+    final, inter = model.forward_intermediates(x)
+    torch.testing.assert_close(final, model.forward_features(x))
+    assert [t.shape[1] for t in inter] == [16, 64, 128, 256]
+
+
+def test_timm_head_interface():
+    model = timm.create_model("ela_resnet20_cifar", num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    feats = model.forward_features(x)
+    assert feats.shape == (2, 256, 8, 8)
+    torch.testing.assert_close(model.forward_head(feats), model(x))
+    assert model.forward_head(feats, pre_logits=True).shape == (2, 256)
+    model.reset_classifier(3)
+    assert model(x).shape == (2, 3) and model.get_classifier().out_features == 3
+    model.reset_classifier(0)
+    assert model(x).shape == (2, 256)
+
+
+def test_grad_checkpointing_gives_the_same_outputs_and_gradients():
+    torch.manual_seed(0)
+    a = timm.create_model("ela_resnet20_cifar", num_classes=5)
+    b = timm.create_model("ela_resnet20_cifar", num_classes=5)
+    b.load_state_dict(a.state_dict())
+    b.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 32, 32)
+    a(x).sum().backward()
+    b(x).sum().backward()
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, msg=n)
+
+
+def test_drop_path_acts_on_the_attention_branch_only():
+    model = timm.create_model("ela_resnet56_cifar", drop_path_rate=0.2)
+    blocks = [blk for s in model.stages for blk in s]
+    probs = [blk.attn.drop_path.drop_prob if hasattr(blk.attn.drop_path, "drop_prob") else 0.0 for blk in blocks]
+    assert probs[0] == 0.0 and math.isclose(probs[-1], 0.2)
+    assert all(p2 >= p1 for p1, p2 in zip(probs, probs[1:]))
+    assert all(blk.drop_path is None for blk in blocks), "the conv path has no stochastic depth"
+    # in training the branch is dropped for some samples: outputs of two passes differ; in eval they do not
+    model.train()
+    x = torch.randn(8, 3, 16, 16)
+    torch.manual_seed(1)
+    out1 = model.forward_features(x)
+    torch.manual_seed(2)
+    out2 = model.forward_features(x)
+    assert not torch.allclose(out1, out2)
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = timm.create_model("ela_resnet20_cifar", num_classes=5)
+    with pytest.raises(ValueError, match="expected 3 input channels, got 1"):
+        model(torch.randn(2, 1, 32, 32))
+    with pytest.raises(ValueError, match=r"\[batch, 3, height, width\]"):
+        model(torch.randn(3, 32, 32))
+    with pytest.raises(ValueError, match="skip_mask has 2 stages but the architecture has 3"):
+        timm.create_model("ela_resnet20_cifar", skip_mask=[[False, False], [False, False]])
+    with pytest.raises(ValueError, match="stage 1 has 3 entries but the stage has 2 blocks"):
+        model.set_skip_mask([[False, False], [False, False, True], [False, False]])
+    with pytest.raises(ValueError, match=r"skip_mask\[2\]\[0\] skips the first block of stage 2"):
+        model.set_skip_mask([[False, False], [False, False], [True, False]])
+    with pytest.raises(ValueError, match=r"skip_mask\[0\]\[1\] must be a bool"):
+        model.set_skip_mask([[False, "yes"], [False, False], [False, False]])
+    with pytest.raises(ValueError, match="list of per-stage lists"):
+        model.set_skip_mask([False, True])
+    with pytest.raises(ValueError, match="no attention layers"):
+        timm.create_model("resnet20_cifar", skip_mask=[[False, False]] * 3)
+    with pytest.raises(ValueError, match="contains no layer-attention"):
+        ela_hf.set_skip_mask(timm.create_model("resnet20_cifar"), [[False, False]] * 3)
+    with pytest.raises(ValueError, match="attn_type must be one of"):
+        LayerAttentionResNet(layers=(1,), channels=(16,), attn_type="mrla_x")
+    assert model.skip_mask == [[False, False]] * 3, "refused masks leave the model untouched"
+
+
+def test_torch_tensor_masks_are_accepted():
+    model = timm.create_model("ela_resnet20_cifar", num_classes=5)
+    model.set_skip_mask(torch.tensor([[False, True], [False, False], [False, True]]))
+    assert model.skip_mask == [[False, True], [False, False], [False, True]]
