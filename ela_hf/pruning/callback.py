@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -63,7 +64,7 @@ def _validate_windows(windows: Any) -> List[Window]:
             raise ValueError(f"each window must be a (start, end) pair, got {w!r}")
         start, end = w
         for v in (start, end):
-            if isinstance(v, bool) or not isinstance(v, int):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
                 raise ValueError(f"window bounds must be integers, got {w!r}")
         if start < 1:
             raise ValueError(f"windows are 1-indexed: window {tuple(w)} starts before 1")
