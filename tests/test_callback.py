@@ -350,6 +350,11 @@ def test_presets_carry_the_paper_settings():
     assert {cb.window_unit for cb in (cifar, imagenet, detection)} == {"epoch"}
     assert ElaPruningCallback.cifar(q=0.3).selector.q == 0.3
     assert ela_hf.ElaPruningCallback is ElaPruningCallback
+    # DESIGN.md's spelling gives the same presets
+    assert ElaPruningCallback.for_imagenet().windows == imagenet.windows
+    assert ElaPruningCallback.for_imagenet(q=0.4).selector == EbqmSelector(q=0.4, alpha=2, beta=5, tau=0.25)
+    assert ElaPruningCallback.for_cifar().selector == cifar.selector
+    assert ElaPruningCallback.for_detection().windows == detection.windows
 
 
 def test_callback_rebuilds_from_its_exported_state():

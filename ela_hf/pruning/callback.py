@@ -185,6 +185,11 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         """COCO detection, 12 epochs: windows 1 and 7; Beta(2, 5), tau 0.2."""
         return cls([(1, 1), (7, 7)], EbqmSelector(q=q, alpha=2.0, beta=5.0, tau=0.2), "epoch")
 
+    # DESIGN.md spells the presets ``for_<task>()``; both spellings are the same classmethods.
+    for_cifar = cifar
+    for_imagenet = imagenet
+    for_detection = detection
+
     # ------------------------------------------------------------------------------------------------
     # ExportableState: what a checkpoint stores (trainer_state.json -> stateful_callbacks)
     def _args(self) -> Dict[str, Any]:
