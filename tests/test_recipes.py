@@ -112,6 +112,12 @@ def test_cifar_recipe_trains_prunes_exports_and_resumes(tmp_path, monkeypatch):
     assert config["skip_mask"] == mask
     assert "recipes/cifar.py" in card and "# ela_resnet20_cifar-imgs" in card
     assert str(tmp_path) not in card  # no local paths in a card meant for the Hub
+    # the paper's drop path 0.2 on the attention branch (linear over the blocks: the last block has all of it)
+    from ela_hf import ElaForImageClassification
+
+    trained = ElaForImageClassification.from_pretrained(str(full))
+    assert trained.config.drop_path_rate == 0.2
+    assert trained.timm_model.layer3[1].attn.drop_path.drop_prob == pytest.approx(0.2)
     weights = load_file(str(full / "export" / "model.safetensors"))
     skipped = [f"layer{i + 1}.{j}.attn." for i, stage in enumerate(mask) for j, s in enumerate(stage) if s]
     assert not any(k.startswith(tuple(skipped)) for k in weights)  # slim: no weights for skipped layers

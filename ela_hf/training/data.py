@@ -24,6 +24,7 @@ __all__ = [
     "load_image_dataset",
     "resolve_columns",
     "class_names",
+    "check_labels",
     "split_train_eval",
     "hub_dataset_id",
 ]

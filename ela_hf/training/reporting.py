@@ -16,6 +16,7 @@ __all__ = [
     "EpochTimerCallback",
     "card_settings",
     "release_name",
+    "format_epoch_times",
     "format_summary",
     "format_skip_mask",
     "log_rank_result",
