@@ -12,7 +12,9 @@ import torch  # noqa: E402
 
 from hub_server import LocalHub, LocalHubServer  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread: tests are small, and several processes (multi-process tests, parallel runs) share 2 cores;
+# oversubscribed OpenMP threads make small convolutions orders of magnitude slower.
+torch.set_num_threads(1)
 
 # Module-level names that libraries copy from huggingface_hub.constants (or HF_ENDPOINT) at import time.
 _ENDPOINT_COPIES = ("ENDPOINT", "HF_ENDPOINT", "HUGGINGFACE_CO_URL_TEMPLATE", "HUB_DATASETS_URL")

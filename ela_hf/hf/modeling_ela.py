@@ -1,0 +1,409 @@
+"""transformers models around the timm layer-attention ResNets.
+
+The network is the timm model itself (``self.timm_model``), so the weights keep timm's key names. A
+checkpoint conversion mapping registered for ``model_type="ela"`` adds the ``timm_model.`` prefix when
+loading and removes it when saving, so ``model.safetensors`` holds plain timm keys (``layer1.0.conv1.weight``)
+and ``timm.create_model("local-dir:<dir>", pretrained=True)`` reads the same file. transformers'
+``TimmWrapper`` uses the same arrangement.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import timm
+import torch
+import torch.nn as nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.backbone_utils import BackboneMixin
+from transformers.modeling_outputs import (
+    BackboneOutput,
+    BaseModelOutputWithPoolingAndNoAttention,
+    ImageClassifierOutputWithNoAttention,
+)
+
+from ela_hf.layers.mrla import MrlaLight, _LayerAttentionBase
+from ela_hf.models import find_stages, get_skip_mask, set_skip_mask
+from ela_hf.models.ela_resnet import LayerAttentionResNet, _LayerAttentionBlockMixin
+
+from .configuration_ela import ElaConfig
+
+__all__ = ["ElaPreTrainedModel", "ElaModel", "ElaForImageClassification", "ElaBackbone"]
+
+TIMM_PREFIX = "timm_model"
+CLASSIFIER_PREFIX = "fc."
+
+
+def build_timm_network(config: ElaConfig, num_classes: int) -> LayerAttentionResNet:
+    """``timm.create_model`` for ``config``: structural mask from ``model_args``, run-time mask applied on top."""
+    kwargs = config.timm_model_args(num_classes)
+    model = timm.create_model(
+        config.architecture,
+        pretrained=False,
+        drop_rate=config.drop_rate,
+        drop_path_rate=config.drop_path_rate,
+        pretrained_cfg_overlay=dict(config.pretrained_cfg or {}, num_classes=num_classes),
+        **kwargs,
+    )
+    if config.skip_mask is not None:
+        set_skip_mask(model, config.skip_mask)
+    return model
+
+
+class ElaPreTrainedModel(PreTrainedModel):
+    """Base class: config handling, weight init matching timm's, and the skip-mask interface."""
+
+    config: ElaConfig
+    config_class = ElaConfig
+    base_model_prefix = TIMM_PREFIX
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    # the MRLA-B key/value cache lives inside a stage: never split one across devices
+    _no_split_modules = ["LayerAttentionStage"]
+    supports_gradient_checkpointing = True
+    # the Trainer must not pass `num_items_in_batch` to forward
+    accepts_loss_kwargs = False
+
+    timm_model: LayerAttentionResNet
+
+    # ----------------------------------------------------------------------------------------------
+    # initialisation: the same distributions as the timm constructor, so a model built from a config
+    # and one created by timm are statistically identical (and missing keys get the right init)
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Conv2d):
+            init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, (nn.Conv1d, nn.Linear)):
+            # PyTorch's own default (reset_parameters), which the timm model keeps for these layers
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                fan_in, _ = torch.nn.init._calculate_fan_in_and_fan_out(module.weight)
+                bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+                init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+            if module.num_batches_tracked is not None:
+                init.zeros_(module.num_batches_tracked)
+        if isinstance(module, MrlaLight):
+            init.normal_(module.lam, mean=0.0, std=1.0)
+        if isinstance(module, _LayerAttentionBase):
+            # KL accumulators are non-persistent: never in a checkpoint, always start at zero
+            module.kl_sum.zero_()
+            module.kl_count.zero_()
+        if isinstance(module, _LayerAttentionBlockMixin):
+            # children are initialised first, so this zeroes the last BN of the residual branch as timm does
+            last_bn = getattr(module, "bn3", None) or getattr(module, "bn2", None)
+            zero_init_last = (self.config.model_args or {}).get("zero_init_last", True)
+            if zero_init_last and last_bn is not None and last_bn.weight is not None:
+                init.zeros_(last_bn.weight)
+            if module.attn_type is not None:
+                init.constant_(module.attn_skipped, module.is_skipped)
+
+    @classmethod
+    def from_timm_resnet(
+        cls,
+        resnet: nn.Module | dict[str, torch.Tensor],
+        architecture: str,
+        output_loading_info: bool = False,
+        **config_kwargs,
+    ):
+        """A model whose backbone is copied from a plain timm/torchvision ResNet, attention layers fresh.
+
+        ``architecture`` names the ELA variant (``"ela_resnet50"`` for a ResNet-50, ``"ela_resnet20_cifar"``
+        for ``"resnet20_cifar"``); further keyword arguments go to :class:`ElaConfig`. Without ``num_labels``
+        or ``id2label`` the ResNet's classifier size is kept, and so is its classifier. With
+        ``output_loading_info=True`` returns ``(model, ResNetInitReport)``. Shape mismatches raise ``ValueError``.
+        """
+        from ela_hf.models.from_resnet import _state_dict_of, init_from_resnet
+
+        state = _state_dict_of(resnet)
+        if "num_labels" not in config_kwargs and "id2label" not in config_kwargs:
+            head = state.get(CLASSIFIER_PREFIX + "weight")
+            if head is not None and head.ndim == 2:
+                config_kwargs["num_labels"] = int(head.shape[0])
+        model = cls(ElaConfig(architecture=architecture, **config_kwargs))
+        report = init_from_resnet(model, state)
+        return (model, report) if output_loading_info else model
+
+    def _set_gradient_checkpointing(self, enable: bool = True, *args, **kwargs) -> None:
+        # checkpointing is per stage (the MRLA-B cache cannot be split between blocks)
+        self.timm_model.set_grad_checkpointing(enable)
+
+    def get_input_embeddings(self):
+        return None
+
+    # ----------------------------------------------------------------------------------------------
+    # skip mask
+    @property
+    def skip_mask(self) -> list[list[bool]] | None:
+        """One list of bools per stage (True = attention layer skipped); None for a plain ResNet."""
+        return self.timm_model.skip_mask
+
+    def set_skip_mask(self, mask: list[list[bool]]) -> None:
+        """Skip attention layers in place (parameters kept; cumulative) and record the mask in the config."""
+        set_skip_mask(self.timm_model, mask)
+        self.config.skip_mask = get_skip_mask(self.timm_model)
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        if pixel_values is None:
+            raise ValueError("pixel_values is required (a [batch, channels, height, width] image tensor)")
+        if pixel_values.ndim != 4:
+            raise ValueError(
+                f"pixel_values must have shape [batch, {self.config.num_channels}, height, width], "
+                f"got shape {tuple(pixel_values.shape)}"
+            )
+        if pixel_values.shape[1] != self.config.num_channels:
+            raise ValueError(
+                f"pixel_values has {pixel_values.shape[1]} channels but this model expects "
+                f"{self.config.num_channels} (config.num_channels); input shape {tuple(pixel_values.shape)}, "
+                "images must be channels-first"
+            )
+        return pixel_values.to(self.dtype)
+
+    # ----------------------------------------------------------------------------------------------
+    # checkpoints
+    def load_state_dict(self, state_dict, *args, **kwargs):
+        """Accept timm key names (as in ``model.safetensors``), e.g. when the Trainer resumes a checkpoint."""
+        state_dict = {k if k.startswith(TIMM_PREFIX + ".") else f"{TIMM_PREFIX}.{k}": v for k, v in state_dict.items()}
+        return super().load_state_dict(state_dict, *args, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, state_dict: dict | None = None, **kwargs):
+        """transformers' ``save_pretrained`` writing timm's key names and the current skip mask.
+
+        transformers only strips the ``timm_model.`` prefix for models that went through
+        ``from_pretrained``; stripping it here makes every save (fresh model, Trainer checkpoint) the same
+        format. Training checkpoints keep every parameter, including those of skipped layers (resume needs
+        them); ``ela_hf.export_pruned`` writes the slim release.
+        """
+        # the run-time mask may have changed since construction (pruning during training)
+        if self.timm_model.attn_type is not None:
+            self.config.skip_mask = get_skip_mask(self.timm_model)
+        if state_dict is None:
+            state_dict = self.state_dict()
+        state_dict = {_strip_prefix(k): v for k, v in state_dict.items()}
+        return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' ``from_pretrained``, plus the checks a layer-attention checkpoint needs.
+
+        Raises ``ValueError`` when the weights miss parameters the config says exist (e.g. a slim file
+        whose config lost its mask), when the skip flags stored with the weights disagree with the
+        config's ``skip_mask``, or when the weight file is corrupt.
+        """
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+        except Exception as err:  # noqa: BLE001 - re-raised with the file named, or unchanged
+            _raise_for_unreadable_weights(pretrained_model_name_or_path, err)
+            raise
+        model._check_loaded_weights(info, pretrained_model_name_or_path)
+        return (model, info) if output_loading_info else model
+
+    def _check_loaded_weights(self, info: dict[str, Any], source) -> None:
+        missing = sorted(_strip_prefix(k) for k in info.get("missing_keys", ()) if not _is_head_key(k))
+        if missing:
+            attention = [k for k in missing if ".attn." in k]
+            hint = (
+                " The config marks these attention layers active but the file has no weights for them: a slim "
+                "checkpoint needs its skip mask in config.json (model_args['skip_mask'])."
+                if attention
+                else ""
+            )
+            raise ValueError(
+                f"the weights in {source} miss {len(missing)} parameters the config says exist, "
+                f"e.g. {missing[:4]}.{hint}"
+            )
+        if self.timm_model.attn_type is None:
+            return
+        # the transformers loader copies tensors without calling the blocks' load hooks: compare the loaded
+        # `attn_skipped` flags with the mask the model was built with (config.skip_mask)
+        disagree = []
+        for i, stage in enumerate(find_stages(self.timm_model)):
+            for j, blk in enumerate(stage):
+                if bool(blk.attn_skipped) != blk.is_skipped:
+                    disagree.append((i, j))
+        if disagree:
+            raise ValueError(
+                f"config.json of {source} and its weights disagree on which attention layers are skipped "
+                f"(stage, block) {disagree}: the config says {self.config.skip_mask}"
+            )
+
+
+def _strip_prefix(key: str) -> str:
+    return key[len(TIMM_PREFIX) + 1 :] if key.startswith(TIMM_PREFIX + ".") else key
+
+
+def _is_head_key(key: str) -> bool:
+    return _strip_prefix(key).startswith(CLASSIFIER_PREFIX)
+
+
+def _raise_for_unreadable_weights(source, err: Exception) -> None:
+    """Name the weight file when a local checkpoint's weights are missing or cannot be read."""
+    if not isinstance(source, (str, os.PathLike)) or not os.path.isdir(source):
+        return
+    weights = os.path.join(source, "model.safetensors")
+    if not os.path.isfile(weights) and not any(
+        f.endswith((".safetensors", ".bin", ".safetensors.index.json")) for f in os.listdir(source)
+    ):
+        raise ValueError(f"{source} has a config.json but no weight file (model.safetensors)") from err
+    if os.path.isfile(weights):
+        try:
+            from safetensors import safe_open
+
+            with safe_open(weights, framework="pt") as f:
+                f.keys()
+        except Exception as read_err:  # noqa: BLE001 - any parse failure means the file is unusable
+            raise ValueError(f"{weights} is corrupt or truncated and cannot be read: {read_err}") from err
+
+
+class ElaModel(ElaPreTrainedModel):
+    """The backbone without classifier: ``last_hidden_state`` (final feature map) and ``pooler_output`` ([B, C])."""
+
+    def __init__(self, config: ElaConfig):
+        super().__init__(config)
+        self.timm_model = build_timm_network(config, num_classes=0)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPoolingAndNoAttention | tuple:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+            Images, normalised as the image processor does (`ElaImageProcessor`).
+        output_hidden_states (`bool`, *optional*):
+            Also return the stem output and every stage's output (timm's `forward_intermediates`).
+        """
+        pixel_values = self._check_pixel_values(pixel_values)
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        hidden_states = None
+        if output_hidden_states:
+            last_hidden_state, intermediates = self.timm_model.forward_intermediates(pixel_values)
+            hidden_states = tuple(intermediates)
+        else:
+            last_hidden_state = self.timm_model.forward_features(pixel_values)
+        pooled = self.timm_model.forward_head(last_hidden_state, pre_logits=True)
+        if not return_dict:
+            return tuple(v for v in (last_hidden_state, pooled, hidden_states) if v is not None)
+        return BaseModelOutputWithPoolingAndNoAttention(
+            last_hidden_state=last_hidden_state, pooler_output=pooled, hidden_states=hidden_states
+        )
+
+
+class ElaForImageClassification(ElaPreTrainedModel):
+    """Layer-attention ResNet with its linear classifier (timm's ``fc``); loss from ``labels``."""
+
+    def __init__(self, config: ElaConfig):
+        super().__init__(config)
+        if not config.num_labels:
+            raise ValueError(
+                "ElaForImageClassification needs num_labels >= 1 (a classifier); use ElaModel for features"
+            )
+        self.num_labels = config.num_labels
+        self.timm_model = build_timm_network(config, num_classes=config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutputWithNoAttention | tuple:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+            Images, normalised as the image processor does (`ElaImageProcessor`).
+        labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+            Class indices in `[0, config.num_labels)`; cross-entropy (or MSE when `num_labels == 1`, BCE for
+            `problem_type="multi_label_classification"`), as in transformers' other image classifiers.
+        output_hidden_states (`bool`, *optional*):
+            Also return the stem output and every stage's output.
+        """
+        pixel_values = self._check_pixel_values(pixel_values)
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        hidden_states = None
+        if output_hidden_states:
+            features, intermediates = self.timm_model.forward_intermediates(pixel_values)
+            hidden_states = tuple(intermediates)
+        else:
+            features = self.timm_model.forward_features(pixel_values)
+        logits = self.timm_model.forward_head(features)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels, logits, self.config)
+        if not return_dict:
+            output = (logits,) + ((hidden_states,) if hidden_states is not None else ())
+            return ((loss,) + output) if loss is not None else output
+        return ImageClassifierOutputWithNoAttention(loss=loss, logits=logits, hidden_states=hidden_states)
+
+
+class ElaBackbone(BackboneMixin, ElaPreTrainedModel):
+    """Feature maps of the stem and the stages (``config.out_features``) for detection / segmentation heads.
+
+    ``AutoBackbone.from_config(ElaConfig(architecture="ela_resnet50", out_features=["stage2", "stage3", "stage4"]))``
+    returns strides 8, 16, 32 with 512, 1024, 2048 channels (``backbone.channels``).
+    """
+
+    has_attentions = False
+
+    def __init__(self, config: ElaConfig):
+        super().__init__(config)
+        self.timm_model = build_timm_network(config, num_classes=0)
+        self.num_features = [info["num_chs"] for info in self.timm_model.feature_info]
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BackboneOutput | tuple:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+            Images, normalised as the image processor does.
+        output_hidden_states (`bool`, *optional*):
+            Also return every feature map (stem and all stages), not only the selected ones.
+        """
+        if output_attentions:
+            raise ValueError("ELA backbones have no attention maps to return (output_attentions)")
+        pixel_values = self._check_pixel_values(pixel_values)
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if output_hidden_states:
+            hidden_states = tuple(self.timm_model.forward_intermediates(pixel_values, intermediates_only=True))
+            feature_maps = tuple(hidden_states[i] for i in self.out_indices)
+        else:
+            hidden_states = None
+            # later stages are not run when no requested feature map needs them
+            feature_maps = tuple(
+                self.timm_model.forward_intermediates(
+                    pixel_values, indices=list(self.out_indices), stop_early=True, intermediates_only=True
+                )
+            )
+        if not return_dict:
+            return (feature_maps,) + ((hidden_states,) if hidden_states is not None else ())
+        return BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_states)

@@ -1,0 +1,651 @@
+"""Slim releases of pruned models: export to a folder, render the model card, push to the Hub.
+
+A slim release is the checkpoint format of ``save_pretrained`` (``config.json`` with transformers' and
+timm's keys, ``model.safetensors`` with timm's key names) minus the weights of skipped attention layers;
+its ``config.json`` carries the mask in ``model_args["skip_mask"]``, so both
+``AutoModelForImageClassification.from_pretrained(dir)`` and ``timm.create_model("local-dir:" + dir,
+pretrained=True)`` build the reduced network, whose outputs equal the masked model's.
+
+``pruning_history.json``, the record of the pruning windows written by ``ElaPruningCallback``, is read
+defensively (unknown keys are ignored, malformed layer entries skipped). The callback's layout::
+
+    {
+      "windows": [[1, 3], [45, 48], [91, 93]], "window_unit": "epoch",       # the schedule
+      "selector": {"name": "ebqm", "q": 0.5, "alpha": 5.0, "beta": 1.0, "tau": 0.3},
+      "decisions": [                                                          # one per finished window
+        {"window": 1, "unit": "epoch", "start": 1, "end": 3, "quantile": 0.021,
+         "layers": [{"name": "layer1.1", "stage": 0, "block": 1, "d_t": 0.0123, "mapped": 0.04,
+                     "skip": true, ...}, ...],
+         ...},
+        ...
+      ]
+    }
+
+Also accepted: the window records under ``"windows"`` instead of ``"decisions"``, or a bare list of them;
+``"d"`` for ``"d_t"``; window labels from ``"name"``, ``"start"``/``"end"`` (+ ``"unit"``), ``"epochs"``,
+``"epoch"`` or ``"step"``. Per layer, ``stage`` and ``block`` (0-based) are required; ``d_t`` (window-mean
+KL divergence), ``mapped`` (the selector's mapped value, e.g. the Beta CDF) and ``skip`` (decided at this
+window's end) are optional.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .hf.configuration_ela import ElaConfig, default_pretrained_cfg
+from .hf.modeling_ela import ElaPreTrainedModel, build_timm_network
+from .models import get_skip_mask, slim_state_dict
+from .models.ela_resnet import LayerAttentionResNet
+
+__all__ = [
+    "export_pruned",
+    "push_pruned_to_hub",
+    "render_model_card",
+    "load_pruning_history",
+    "config_from_timm_model",
+    "MODEL_CARD_TEMPLATE",
+]
+
+logger = logging.getLogger(__name__)
+
+MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "ela_model_card.md"
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+HISTORY_NAME = "pruning_history.json"
+PLOT_NAME = "d_t_per_window.png"
+
+PathLike = Union[str, os.PathLike]
+
+# TrainingArguments fields worth a line in the card (everything else is noise for a reader)
+_TRAINING_KEYS = (
+    "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "learning_rate", "lr_scheduler_type", "warmup_ratio", "warmup_steps", "weight_decay", "optim",
+    "adam_beta1", "adam_beta2", "label_smoothing_factor", "seed", "bf16", "fp16",
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# model -> (timm network, config)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # DDP / accelerate / torch.compile wrappers keep the real model in `.module` / `._orig_mod`
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def config_from_timm_model(model: LayerAttentionResNet, id2label: Optional[Mapping[int, str]] = None) -> ElaConfig:
+    """An :class:`ElaConfig` describing a timm layer-attention model as it is now (mask included)."""
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    architecture = cfg.get("architecture")
+    if architecture is None:
+        raise ValueError("the timm model has no pretrained_cfg['architecture']; create it with timm.create_model")
+    created_with = dict(getattr(model, "_model_args", {}) or {})
+    model_args = {
+        k: v for k, v in created_with.items()
+        if k not in ("num_classes", "in_chans", "drop_rate", "drop_path_rate", "skip_mask", "pretrained_cfg_overlay")
+    }
+    structural = _structural_mask(model)
+    if structural is not None and any(any(s) for s in structural):
+        model_args["skip_mask"] = structural
+    pretrained_cfg = {
+        k: (list(v) if isinstance(v, tuple) else v)
+        for k, v in cfg.items()
+        if k not in ("url", "file", "hf_hub_id", "hf_hub_filename", "source", "state_dict", "architecture")
+        and (v is not None or k in ("pool_size", "first_conv", "classifier"))
+    } or default_pretrained_cfg(architecture)
+    kwargs: Dict[str, Any] = dict(
+        architecture=architecture,
+        skip_mask=model.skip_mask,
+        num_channels=int(model.in_chans),
+        drop_rate=float(created_with.get("drop_rate", 0.0) or 0.0),
+        drop_path_rate=float(created_with.get("drop_path_rate", 0.0) or 0.0),
+        model_args=model_args or None,
+        pretrained_cfg=pretrained_cfg,
+    )
+    if id2label is not None:
+        if len(id2label) != model.num_classes:
+            raise ValueError(f"id2label has {len(id2label)} labels but the model has {model.num_classes} classes")
+        kwargs["id2label"] = {int(k): str(v) for k, v in id2label.items()}
+    else:
+        kwargs["num_labels"] = int(model.num_classes)
+    config = ElaConfig(**kwargs)
+    config.architectures = ["ElaForImageClassification" if model.num_classes else "ElaModel"]
+    return config
+
+
+def _structural_mask(net: LayerAttentionResNet) -> Optional[List[List[bool]]]:
+    """Which attention layers were built without parameters."""
+    if net.attn_type is None:
+        return None
+    return [[blk.attn is None for blk in stage] for stage in net.stages]
+
+
+def _network_and_config(model: nn.Module, id2label=None) -> Tuple[LayerAttentionResNet, ElaConfig]:
+    model = _unwrap(model)
+    if isinstance(model, ElaPreTrainedModel):
+        config = copy.deepcopy(model.config)
+        if id2label is not None:
+            if len(id2label) != model.timm_model.num_classes:
+                raise ValueError(
+                    f"id2label has {len(id2label)} labels but the model has {model.timm_model.num_classes} classes"
+                )
+            config.id2label = {int(k): str(v) for k, v in id2label.items()}
+            config.label2id = {v: k for k, v in config.id2label.items()}
+        config.architectures = [type(model).__name__]
+        return model.timm_model, config
+    if isinstance(model, LayerAttentionResNet):
+        return model, config_from_timm_model(model, id2label)
+    raise ValueError(
+        f"expected a timm ELA model (LayerAttentionResNet) or an ElaModel/ElaForImageClassification, "
+        f"got {type(model).__name__}"
+    )
+
+
+def _slim_config(config: ElaConfig, mask: Optional[List[List[bool]]]) -> ElaConfig:
+    """The config of the slim release: every skipped layer is also structurally absent."""
+    data = config.to_dict()
+    data.pop("transformers_version", None)
+    data["skip_mask"] = mask
+    model_args = dict(data.get("model_args") or {})
+    if mask is not None and any(any(s) for s in mask):
+        model_args["skip_mask"] = mask
+    else:
+        model_args.pop("skip_mask", None)
+    data["model_args"] = model_args
+    slim = ElaConfig.from_dict(data)
+    slim.architectures = config.architectures
+    return slim
+
+
+@torch.no_grad()
+def _verify_slim(net: LayerAttentionResNet, config: ElaConfig, state: Dict[str, torch.Tensor]) -> None:
+    """Build the reduced model from the exported config, load the slim weights strictly, compare outputs.
+
+    Both models run on the network's device and dtype, so the comparison sees the same kernels.
+    """
+    param = next(net.parameters())
+    reduced = build_timm_network(config, int(net.num_classes))
+    reduced.load_state_dict(state, strict=True)
+    reduced.to(device=param.device, dtype=param.dtype).eval()
+    # any spatial size checks the weights; a small one keeps the check cheap for ImageNet nets on CPU
+    channels, height, width = list(config.pretrained_cfg.get("input_size") or [net.in_chans, 32, 32])
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, channels, min(height, 64), min(width, 64), generator=generator)
+    x = x.to(device=param.device, dtype=param.dtype)
+    was_training = net.training
+    net.eval()
+    try:
+        expected = net(x).float()
+        got = reduced(x).float()
+    finally:
+        net.train(was_training)
+    rtol, atol = (1e-4, 1e-5) if param.dtype == torch.float32 else (2e-2, 1e-3)
+    if not torch.allclose(expected, got, rtol=rtol, atol=atol):
+        raise RuntimeError(
+            "the slim export does not reproduce the masked model "
+            f"(max abs difference {float((expected - got).abs().max()):.3g}); please report this"
+        )
+    del reduced
+
+
+# --------------------------------------------------------------------------------------------------
+# pruning history
+
+
+def load_pruning_history(history: Union[None, PathLike, Mapping, Sequence]) -> Optional[Dict[str, Any]]:
+    """Read ``pruning_history.json`` (a path, or its parsed content) into ``{"selector", "windows"}``.
+
+    Windows become ``{"label", "layers": [{"stage", "block", "d", "mapped", "skip"}]}``. Raises
+    ``ValueError`` when the file is not JSON or not one of the layouts in this module's docstring.
+    """
+    if history is None:
+        return None
+    source = "pruning history"
+    if isinstance(history, (str, os.PathLike)):
+        source = str(history)
+        try:
+            with open(history, encoding="utf-8") as f:
+                history = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{source} is not valid JSON: {err}") from None
+    if isinstance(history, Mapping):
+        selector = history.get("selector")
+        windows = history.get("decisions")
+        if windows is None:
+            windows = history.get("windows", [])
+            # the callback's "windows" is the schedule ([start, end] pairs), not decisions
+            if isinstance(windows, Sequence) and windows and all(not isinstance(w, Mapping) for w in windows):
+                windows = []
+    elif isinstance(history, Sequence) and not isinstance(history, (str, bytes)):
+        windows, selector = history, None
+    else:
+        raise ValueError(f"{source}: expected an object with a 'decisions' or 'windows' list, or a list of windows")
+    if not isinstance(windows, Sequence) or isinstance(windows, (str, bytes)):
+        raise ValueError(f"{source}: the window records must be a list, got {type(windows).__name__}")
+    unit = history.get("window_unit") if isinstance(history, Mapping) else None
+    out = []
+    for idx, window in enumerate(windows):
+        if not isinstance(window, Mapping):
+            logger.warning("%s: window %d is not an object; ignored", source, idx)
+            continue
+        layers = []
+        for entry in window.get("layers") or ():
+            if not isinstance(entry, Mapping) or not _is_int(entry.get("stage")) or not _is_int(entry.get("block")):
+                continue
+            layers.append(
+                dict(
+                    stage=int(entry["stage"]),
+                    block=int(entry["block"]),
+                    d=_as_float(entry.get("d_t", entry.get("d"))),
+                    mapped=_as_float(entry.get("mapped")),
+                    skip=bool(entry.get("skip", False)),
+                )
+            )
+        layers.sort(key=lambda e: (e["stage"], e["block"]))
+        out.append(dict(label=_window_label(window, idx, unit), layers=layers, quantile=_as_float(window.get("quantile"))))
+    return dict(selector=selector if isinstance(selector, Mapping) else None, windows=out)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _as_float(value: Any) -> Optional[float]:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _window_label(window: Mapping, idx: int, unit: Optional[str] = None) -> str:
+    number = window.get("window") if _is_int(window.get("window")) else idx + 1
+    if isinstance(window.get("name"), str):
+        return window["name"]
+    unit = window.get("unit") or unit or "epoch"
+    if "start" in window and "end" in window:
+        span = f"{window['start']}" if window["start"] == window["end"] else f"{window['start']}-{window['end']}"
+        return f"Window {number} ({unit}{'' if window['start'] == window['end'] else 's'} {span})"
+    epochs = window.get("epochs")
+    if isinstance(epochs, Sequence) and len(epochs) == 2 and not isinstance(epochs, str):
+        return f"Window {number} (epochs {epochs[0]}-{epochs[1]})"
+    if "start_epoch" in window and "end_epoch" in window:
+        return f"Window {number} (epochs {window['start_epoch']}-{window['end_epoch']})"
+    if "epoch" in window:
+        return f"Window {number} (epoch {window['epoch']})"
+    if "step" in window:
+        return f"Window {number} (step {window['step']})"
+    return f"Window {number}"
+
+
+def _plot_history(history: Dict[str, Any], path: Path) -> bool:
+    """PNG of d_t per layer, one line per window, skipped layers marked. False when there is nothing to plot."""
+    windows = [w for w in history["windows"] if any(layer["d"] is not None for layer in w["layers"])]
+    if not windows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    names = sorted({(layer["stage"], layer["block"]) for w in windows for layer in w["layers"]})
+    position = {name: i for i, name in enumerate(names)}
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(names)), 3.6), dpi=100)
+    try:
+        for k, w in enumerate(windows):
+            color = f"C{k % 10}"
+            for n, stage in enumerate(sorted({l["stage"] for l in w["layers"]})):
+                pts = [(position[(l["stage"], l["block"])], l["d"]) for l in w["layers"] if l["stage"] == stage and l["d"] is not None]
+                if pts:
+                    xs, ys = zip(*pts)
+                    ax.plot(xs, ys, marker="o", markersize=3, linewidth=1, color=color, label=w["label"] if n == 0 else None)
+            skipped = [(position[(l["stage"], l["block"])], l["d"]) for l in w["layers"] if l["skip"] and l["d"] is not None]
+            if skipped:
+                sx, sy = zip(*skipped)
+                ax.scatter(sx, sy, marker="x", s=60, color="red", zorder=3)
+        ax.scatter([], [], marker="x", color="red", label="skipped at this window")
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels([f"{s}.{b}" for s, b in names], rotation=90, fontsize=7)
+        ax.set_xlabel("layer (stage.block)")
+        ax.set_ylabel("d_t (KL to previous layer)")
+        if all(l["d"] > 0 for w in windows for l in w["layers"] if l["d"] is not None):
+            ax.set_yscale("log")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, format="png")
+    finally:
+        plt.close(fig)
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+# model card
+
+
+def _training_rows(training: Any) -> List[Tuple[str, Any]]:
+    if training is None:
+        return []
+    if hasattr(training, "to_dict") and not isinstance(training, Mapping):
+        training = {k: v for k, v in training.to_dict().items() if k in _TRAINING_KEYS}
+    if not isinstance(training, Mapping):
+        raise ValueError(f"training settings must be a dict or TrainingArguments, got {type(training).__name__}")
+    return [(str(k), v) for k, v in training.items() if v is not None]
+
+
+def _metric_rows(metrics: Optional[Mapping[str, Any]]) -> List[Tuple[str, Any]]:
+    if not metrics:
+        return []
+    if not isinstance(metrics, Mapping):
+        raise ValueError(f"metrics must be a dict of name -> value, got {type(metrics).__name__}")
+    return [(str(k), (round(v, 4) if isinstance(v, float) else v)) for k, v in metrics.items()]
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "" if value is None else f"{value:.4g}"
+
+
+def render_model_card(
+    config: ElaConfig,
+    net: LayerAttentionResNet,
+    *,
+    history: Optional[Dict[str, Any]] = None,
+    plot_file: Optional[str] = None,
+    training: Any = None,
+    metrics: Optional[Mapping[str, Any]] = None,
+    dataset: Optional[Union[str, List[str]]] = None,
+    repo_id: Optional[str] = None,
+    model_name: Optional[str] = None,
+    base_model: Optional[str] = None,
+    license: Optional[str] = None,
+    template_path: Optional[PathLike] = None,
+):
+    """The model card (a ``huggingface_hub.ModelCard``) of ``net`` described by ``config``.
+
+    Metadata: ``library_name: timm``, ``pipeline_tag: image-classification``, tags, ``datasets``,
+    ``metrics`` and, when both a dataset and metrics are known, a ``model-index`` with the results.
+    """
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    from .models import MODEL_ARGS
+
+    template_path = Path(template_path or MODEL_CARD_TEMPLATE)
+    if not template_path.is_file():
+        raise FileNotFoundError(
+            f"model card template {template_path} not found (it ships in the source tree's model_cards/); "
+            "pass template_path="
+        )
+    architecture = config.architecture
+    arch_args = dict(MODEL_ARGS[architecture], **(config.model_args or {}))
+    mask = config.skip_mask
+    attn_type = arch_args.get("attn_type")
+    attention_kind = {"mrla_b": "MRLA-B layer attention", "mrla_l": "MRLA-L layer attention"}.get(attn_type, "plain ResNet")
+    stage_sizes = list(arch_args["layers"])
+    total_layers = sum(stage_sizes) if attn_type else 0
+    skipped_layers = sum(sum(stage) for stage in mask) if mask else 0
+    # the release's parameters: the network minus the attention layers it leaves out
+    num_params = sum(p.numel() for p in net.parameters()) - sum(
+        p.numel() for stage in net.stages for blk in stage if blk.attn is not None and blk.is_skipped
+        for p in blk.attn.parameters()
+    )
+    attention_params = sum(
+        p.numel() for stage in net.stages for blk in stage if blk.attn is not None and not blk.is_skipped
+        for p in blk.attn.parameters()
+    )
+
+    windows = []
+    first_skip: Dict[Tuple[int, int], str] = {}
+    if history:
+        for w in history["windows"]:
+            windows.append(
+                dict(
+                    label=w["label"],
+                    quantile=_fmt(w.get("quantile")) or None,
+                    layers=[dict(l, d=_fmt(l["d"]), mapped=_fmt(l["mapped"])) for l in w["layers"]],
+                )
+            )
+            for l in w["layers"]:
+                if l["skip"]:
+                    first_skip.setdefault((l["stage"], l["block"]), w["label"])
+    skip_table = []
+    if mask:
+        for i, stage in enumerate(mask):
+            blocks = [j for j, s in enumerate(stage) if s]
+            when = sorted({first_skip.get((i, j), "not recorded") for j in blocks})
+            skip_table.append(
+                dict(stage=i, blocks=len(stage), skipped=blocks, windows=", ".join(when) if blocks else "")
+            )
+
+    selector = None
+    if history and history.get("selector"):
+        selector = ", ".join(f"{k}={v}" for k, v in history["selector"].items())
+    datasets = [dataset] if isinstance(dataset, str) else list(dataset or [])
+    metric_rows = _metric_rows(metrics)
+    eval_results = None
+    if datasets and metric_rows:
+        eval_results = [
+            EvalResult(
+                task_type="image-classification",
+                dataset_type=datasets[0],
+                dataset_name=datasets[0],
+                metric_type=_metric_type(name),
+                metric_name=name,
+                metric_value=value,
+            )
+            for name, value in metric_rows
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+        ] or None
+    name = model_name or (repo_id.split("/")[-1] if repo_id else architecture)
+    tags = ["image-feature-extraction" if not net.num_classes else "image-classification", "timm", "transformers", "ela_hf", "layer-attention", attn_type or "resnet"]
+    if skipped_layers:
+        tags.append("pruned")
+    headless = not net.num_classes
+    card_data = ModelCardData(
+        library_name="timm",
+        pipeline_tag="image-feature-extraction" if headless else "image-classification",
+        license=license or config.pretrained_cfg.get("license") or "apache-2.0",
+        tags=tags,
+        datasets=datasets or None,
+        metrics=sorted({_metric_type(n) for n, _ in metric_rows}) or None,
+        base_model=base_model,
+        model_name=name if eval_results else None,
+        eval_results=eval_results,
+    )
+    hub_ref = repo_id or f"path/to/{name}"
+    summary = (
+        f"`{architecture}` ({attention_kind}) with {skipped_layers} of {total_layers} attention layers skipped by "
+        "ELA's KL/EBQM pruning."
+        if attn_type
+        else f"`{architecture}`, a plain ResNet baseline of the ELA experiments."
+    )
+    pcfg = config.pretrained_cfg or {}
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(template_path),
+        model_name=name,
+        summary=summary,
+        architecture=architecture,
+        attention_kind=attention_kind,
+        block=arch_args.get("block", "bottleneck"),
+        stage_sizes=stage_sizes,
+        num_params=num_params,
+        attention_params=attention_params,
+        active_layers=total_layers - skipped_layers,
+        skipped_layers=skipped_layers,
+        total_layers=total_layers,
+        input_size=list(pcfg.get("input_size") or []),
+        mean=list(pcfg.get("mean") or []),
+        std=list(pcfg.get("std") or []),
+        crop_pct=pcfg.get("crop_pct"),
+        interpolation=pcfg.get("interpolation"),
+        num_classes=config.num_labels if net.num_classes else "none (feature extractor)",
+        slim=config.is_slim,
+        skip_table=skip_table,
+        windows=windows,
+        selector=selector,
+        plot_file=plot_file,
+        training=_training_rows(training),
+        metrics=metric_rows,
+        timm_id=f"hf-hub:{hub_ref}" if repo_id else f"local-dir:{hub_ref}",
+        hf_id=hub_ref,
+    )
+    # the template's control blocks leave runs of blank lines; markdown needs at most one
+    return ModelCard(re.sub(r"\n{3,}", "\n\n", str(card)))
+
+
+def _metric_type(name: str) -> str:
+    name = name.lower().removeprefix("eval_").removeprefix("test_")
+    return "accuracy" if name in ("acc", "top1", "acc1", "top1_acc", "accuracy") else name
+
+
+# --------------------------------------------------------------------------------------------------
+# export and push
+
+
+def export_pruned(
+    model: nn.Module,
+    out_dir: PathLike,
+    *,
+    pruning_history: Union[None, PathLike, Mapping, Sequence] = None,
+    training_args: Any = None,
+    metrics: Optional[Mapping[str, Any]] = None,
+    dataset: Optional[Union[str, List[str]]] = None,
+    id2label: Optional[Mapping[int, str]] = None,
+    repo_id: Optional[str] = None,
+    model_name: Optional[str] = None,
+    base_model: Optional[str] = None,
+    license: Optional[str] = None,
+    card_template: Optional[PathLike] = None,
+    overwrite: bool = False,
+    verify: bool = True,
+) -> Path:
+    """Write the slim release of ``model`` to ``out_dir`` and return its path.
+
+    ``model``: a timm ELA model (``timm.create_model("ela_resnet50", ...)``), an ``ElaModel`` /
+    ``ElaForImageClassification``, or either wrapped by DDP / accelerate / ``torch.compile``.
+
+    The folder holds ``config.json`` (transformers + timm keys, mask in ``skip_mask`` and
+    ``model_args["skip_mask"]``), ``model.safetensors`` (timm key names, no weights for skipped attention
+    layers), ``README.md`` (the model card), and, with a pruning history, ``pruning_history.json`` and the
+    ``d_t_per_window.png`` plot. ``training_args`` (a dict or ``TrainingArguments``), ``metrics`` and
+    ``dataset`` (Hub dataset id) go into the card; ``card_template`` replaces ``model_cards/ela_model_card.md``
+    (a Jinja2 template receiving the same variables). With ``verify`` (default), the reduced model is built from
+    the written config and must reproduce the masked model's outputs.
+
+    The folder is written under a temporary name next to ``out_dir`` and renamed into place at the end: an
+    interrupted export leaves no ``out_dir``. An existing ``out_dir`` raises ``FileExistsError`` unless
+    ``overwrite=True``.
+    """
+    net, config = _network_and_config(model, id2label)
+    mask = get_skip_mask(net) if net.attn_type is not None else None
+    slim_config = _slim_config(config, mask)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in slim_state_dict(net).items()}
+    if verify:
+        _verify_slim(net, slim_config, state)
+    history = load_pruning_history(pruning_history)
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        from safetensors.torch import save_file
+
+        slim_config.to_json_file(tmp / CONFIG_NAME)
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        plot_file = None
+        if history is not None:
+            if isinstance(pruning_history, (str, os.PathLike)):
+                shutil.copyfile(pruning_history, tmp / HISTORY_NAME)
+            else:
+                with open(tmp / HISTORY_NAME, "w", encoding="utf-8") as f:
+                    json.dump(pruning_history, f, indent=2)
+            if _plot_history(history, tmp / PLOT_NAME):
+                plot_file = PLOT_NAME
+        card = render_model_card(
+            slim_config,
+            net,
+            history=history,
+            plot_file=plot_file,
+            training=training_args,
+            metrics=metrics,
+            dataset=dataset,
+            repo_id=repo_id,
+            model_name=model_name or (None if repo_id else out_dir.name),
+            base_model=base_model,
+            license=license,
+            template_path=card_template,
+        )
+        card.save(tmp / "README.md")
+        _move_into_place(tmp, out_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    os.chmod(tmp, 0o755)  # mkdtemp creates 0700
+    if not out_dir.exists():
+        os.rename(tmp, out_dir)
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
+    # park the old folder first: a crash between the two renames leaves no out_dir, never a mixed one
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    os.rmdir(old)
+    os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def push_pruned_to_hub(
+    model: nn.Module,
+    repo_id: str,
+    *,
+    token: Optional[str] = None,
+    private: Optional[bool] = None,
+    revision: Optional[str] = None,
+    commit_message: Optional[str] = None,
+    create_pr: bool = False,
+    endpoint: Optional[str] = None,
+    **export_kwargs,
+):
+    """Export the slim release of ``model`` (see :func:`export_pruned`) and upload it to ``repo_id`` in one commit.
+
+    The repository is created when missing. Returns huggingface_hub's ``CommitInfo``. Nothing is uploaded
+    if the export fails, and the single commit means a repository never holds half a release.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=endpoint, token=token)
+    net, _ = _network_and_config(model)
+    skipped = sum(sum(s) for s in get_skip_mask(net)) if net.attn_type is not None else 0
+    with tempfile.TemporaryDirectory(prefix="ela_hf-push-") as tmp:
+        folder = export_pruned(model, Path(tmp) / "release", repo_id=repo_id, **export_kwargs)
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        repo_id = repo_url.repo_id
+        if revision is not None and not create_pr:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            commit_message=commit_message or f"Upload slim ELA release ({skipped} attention layers skipped)",
+            revision=revision,
+            create_pr=create_pr,
+        )

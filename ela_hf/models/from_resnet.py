@@ -1,0 +1,110 @@
+"""Start an ELA model from a plain ResNet checkpoint: backbone weights copied, attention layers fresh.
+
+The layer-attention ResNets keep timm's (and torchvision's) ResNet key names, so a plain ResNet state
+dict maps one to one onto the backbone; only the attention layers (``layerN.M.attn.*``) and their skip
+flags are new. Fine-tuning from a pretrained ResNet is how the paper's ELA models are cheapest to obtain.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Union
+
+import torch
+import torch.nn as nn
+
+__all__ = ["ResNetInitReport", "init_from_resnet"]
+
+_CLASSIFIER_PREFIX = "fc."
+
+
+@dataclass
+class ResNetInitReport:
+    """What :func:`init_from_resnet` did, key by key (timm key names).
+
+    - ``mapped``: copied from the ResNet checkpoint.
+    - ``missing``: in the ELA model but not in the checkpoint (the attention layers and their skip flags);
+      they keep their fresh initialisation.
+    - ``unexpected``: in the checkpoint but not in the ELA model (ignored).
+    - ``reinitialized_head``: classifier keys left fresh because the number of classes differs.
+    """
+
+    mapped: List[str] = field(default_factory=list)
+    missing: List[str] = field(default_factory=list)
+    unexpected: List[str] = field(default_factory=list)
+    reinitialized_head: List[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return (
+            f"{len(self.mapped)} tensors mapped from the ResNet, {len(self.missing)} left freshly initialised "
+            f"(attention layers), {len(self.unexpected)} unused, classifier re-initialised: "
+            f"{bool(self.reinitialized_head)}"
+        )
+
+
+def _state_dict_of(source: Union[nn.Module, Mapping[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    if isinstance(source, nn.Module):
+        source = source.state_dict()
+    if not isinstance(source, Mapping):
+        raise ValueError(f"expected a ResNet state dict or nn.Module, got {type(source).__name__}")
+    # checkpoints saved from DDP / torch.compile / a transformers wrapper carry a prefix on every key
+    keys = list(source)
+    for prefix in ("module.", "_orig_mod.", "timm_model."):
+        if keys and all(k.startswith(prefix) for k in keys):
+            source = {k[len(prefix):]: v for k, v in source.items()}
+            keys = list(source)
+    return dict(source)
+
+
+@torch.no_grad()
+def init_from_resnet(
+    model: nn.Module, resnet: Union[nn.Module, Mapping[str, torch.Tensor]]
+) -> ResNetInitReport:
+    """Copy a plain ResNet's weights into the backbone of the ELA ``model`` (in place).
+
+    ``model``: a timm layer-attention model (``timm.create_model("ela_resnet50")``) or an
+    ``ElaModel``/``ElaForImageClassification``. ``resnet``: a plain timm/torchvision ResNet of the same depth,
+    or its state dict (e.g. ``timm.create_model("resnet50", pretrained=True)``).
+
+    The attention layers keep their fresh initialisation. A classifier whose shape differs (another number
+    of classes) is left fresh and reported; any other shape mismatch, blocks the model does not have, or
+    backbone weights the checkpoint lacks raise ``ValueError``.
+    """
+    target = getattr(model, "timm_model", model)
+    source = _state_dict_of(resnet)
+    own = target.state_dict()
+    report = ResNetInitReport()
+    mismatched = []
+    to_load = {}
+    for key, value in source.items():
+        if key not in own:
+            report.unexpected.append(key)
+            continue
+        if own[key].shape != value.shape:
+            if key.startswith(_CLASSIFIER_PREFIX):
+                report.reinitialized_head.append(key)
+                continue
+            mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}")
+            continue
+        to_load[key] = value
+    extra_blocks = [k for k in report.unexpected if k.startswith("layer")]
+    if extra_blocks:
+        mismatched.append(f"blocks the model does not have, e.g. {extra_blocks[:2]} (a deeper ResNet?)")
+    if mismatched:
+        raise ValueError(
+            f"the ResNet checkpoint does not fit this architecture ({len(mismatched)} mismatches, e.g. "
+            f"{mismatched[:3]}); use a ResNet of the same depth and width"
+        )
+    backbone = [k for k in own if ".attn." not in k and not k.endswith("attn_skipped") and not k.startswith(_CLASSIFIER_PREFIX)]
+    absent = [k for k in backbone if k not in to_load]
+    if absent:
+        raise ValueError(
+            f"the ResNet checkpoint lacks {len(absent)} of the model's {len(backbone)} backbone tensors, e.g. "
+            f"{absent[:3]}; is it a plain ResNet of the same architecture?"
+        )
+    for key, value in to_load.items():
+        own[key].copy_(value)
+    report.mapped = sorted(to_load)
+    report.missing = sorted(k for k in own if k not in to_load and k not in report.reinitialized_head)
+    report.unexpected.sort()
+    report.reinitialized_head.sort()
+    return report

@@ -1,0 +1,572 @@
+"""Staged KL/EBQM pruning of attention layers as a ``transformers.TrainerCallback`` (SPEC.md sections 3-4).
+
+Training is split by *windows*: 1-indexed, inclusive ranges of epochs (or of optimizer steps). While a
+window is open every active attention layer records its adjacent-layer KL divergence ``d_t`` of
+training-mode forward passes; at the window's end the statistics are summed over all processes, the
+selector decides once (on rank 0) which layers to skip, the decision is broadcast, and every process
+applies the same skip mask. Skipped layers never come back.
+
+How the per-rank statistics stay exact:
+
+* the attention layers accumulate into small on-device buffers; the callback moves ("drains") them into
+  its own float64 totals after every micro-batch (``on_substep_end`` / ``on_step_end``), so the buffers
+  are zero before every forward pass. That matters under DDP, which broadcasts rank 0's module buffers to
+  the other ranks at the start of a synchronising forward pass (``broadcast_buffers=True``): without the
+  drain, that broadcast would overwrite the other ranks' running sums.
+* a checkpoint saved inside a window stores the window's partial sums *reduced over all processes*
+  (the reduction runs on every rank right before the save: ``control.should_save`` at step/epoch end,
+  and after each evaluation for ``save_strategy="best"``), in ``TrainerState`` via ``ExportableState``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+from transformers.utils import logging
+
+from ..models.attention_tools import (
+    attention_layers,
+    get_skip_mask,
+    reset_kl_statistics,
+    set_kl_recording,
+    set_skip_mask,
+)
+from .selectors import EbqmSelector, LayerSelector, Selection, selector_from_dict
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["ElaPruningCallback", "HISTORY_FILE_NAME", "LOG_PREFIX"]
+
+HISTORY_FILE_NAME = "pruning_history.json"
+LOG_PREFIX = "ela_pruning"
+WINDOW_UNITS = ("epoch", "step")
+
+Window = Tuple[int, int]
+
+
+def _validate_windows(windows: Any) -> List[Window]:
+    if isinstance(windows, (str, bytes)) or not isinstance(windows, Sequence):
+        raise ValueError(f"windows must be a list of (start, end) pairs, got {windows!r}")
+    if len(windows) == 0:
+        raise ValueError("windows is empty: give at least one (start, end) pair")
+    out: List[Window] = []
+    for w in windows:
+        if isinstance(w, (str, bytes)) or not isinstance(w, Sequence) or len(w) != 2:
+            raise ValueError(f"each window must be a (start, end) pair, got {w!r}")
+        start, end = w
+        for v in (start, end):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise ValueError(f"window bounds must be integers, got {w!r}")
+        if start < 1:
+            raise ValueError(f"windows are 1-indexed: window {tuple(w)} starts before 1")
+        if end < start:
+            raise ValueError(f"window {tuple(w)} is reversed (end < start); windows are inclusive (start, end) ranges")
+        if out and start <= out[-1][1]:
+            if start >= out[-1][0]:
+                raise ValueError(f"windows {out[-1]} and {(start, end)} overlap")
+            raise ValueError(f"windows must be given in increasing order, got {out[-1]} before {(start, end)}")
+        out.append((int(start), int(end)))
+    return out
+
+
+def _world() -> Tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) when torch.distributed is not in use."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _finite_or_none(v: Optional[float]) -> Optional[float]:
+    return None if v is None or not math.isfinite(v) else float(v)
+
+
+def _write_json_atomically(path: str, payload: Dict[str, Any]) -> None:
+    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2, allow_nan=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class ElaPruningCallback(TrainerCallback, ExportableState):
+    """Skip redundant attention layers during ``Trainer.train()``: ELA's staged KL/EBQM pruning.
+
+    Args:
+        windows: 1-indexed inclusive ``(start, end)`` ranges of epochs (or optimizer steps), in
+            increasing order, not overlapping. The KL statistics are averaged over each window and the
+            decision is made at its end.
+        selector: a :class:`~ela_hf.pruning.LayerSelector` (default :class:`~ela_hf.pruning.EbqmSelector`
+            with its defaults), or its ``to_dict()`` form.
+        window_unit: ``"epoch"`` or ``"step"`` (optimizer steps, i.e. after gradient accumulation; for
+            short runs and fine-tuning).
+
+    Presets with the paper's settings: :meth:`cifar`, :meth:`imagenet`, :meth:`detection`.
+
+    The callback finds the attention layers anywhere inside the Trainer's model (a timm model, the
+    transformers wrappers, or a module wrapping either). Under DDP the skipped layers' parameters stop
+    receiving gradients, so DDP must look for unused parameters: that is the Trainer's default
+    (``ddp_find_unused_parameters=None`` -> True for models without activation checkpointing);
+    ``ddp_find_unused_parameters=False`` or ``ddp_static_graph=True`` raise ``ValueError`` at train begin.
+
+    Per window it logs ``ela_pruning/...`` scalars into the Trainer's logs (``state.log_history`` and
+    the ``logs`` seen by callbacks after this one) and appends a record to ``pruning_history.json`` in
+    ``output_dir`` (main process, written atomically).
+    """
+
+    def __init__(
+        self,
+        windows: Sequence[Sequence[int]],
+        selector: Optional[Union[LayerSelector, Dict[str, Any]]] = None,
+        window_unit: str = "epoch",
+    ):
+        if window_unit not in WINDOW_UNITS:
+            raise ValueError(f"window_unit must be one of {WINDOW_UNITS}, got {window_unit!r}")
+        self.windows = _validate_windows(windows)
+        if selector is None:
+            selector = EbqmSelector()
+        elif isinstance(selector, dict):
+            selector = selector_from_dict(selector)
+        elif not isinstance(selector, LayerSelector):
+            raise ValueError(
+                f"selector must be an ela_hf.pruning.LayerSelector (or its to_dict() form), got {type(selector).__name__}"
+            )
+        self.selector = selector
+        self.window_unit = window_unit
+
+        # progress that must survive resume_from_checkpoint (see state())
+        self.windows_done = 0
+        self.history: List[Dict[str, Any]] = []
+        self.partial_window: Optional[int] = None
+        self.partial_kl: Optional[List[Dict[str, Any]]] = None
+
+        # run-time only
+        self._model: Optional[nn.Module] = None
+        self._open: Optional[int] = None  # index of the window being recorded
+        self._layers: List[Tuple[int, int, str, nn.Module]] = []  # (stage, block, name, attention module)
+        self._totals: Optional[torch.Tensor] = None  # [2, n] float64: this rank's sums and counts
+        self._carried: Optional[torch.Tensor] = None  # [2, n] float64: all ranks' sums from before a resume
+        self._snapshot: Optional[List[List[float]]] = None  # reduced sums taken right before a save
+        self._pending_logs: Optional[Dict[str, Any]] = None
+        self._output_dir: Optional[str] = None
+        self._names: Dict[int, str] = {}  # id(block) -> its qualified name in the model, for logs
+
+    # ------------------------------------------------------------------------------------------------
+    # presets (SPEC section 4 table)
+    @classmethod
+    def cifar(cls, q: float = 0.5) -> "ElaPruningCallback":
+        """CIFAR-10/100, 180 epochs: windows 1-3, 45-48, 91-93; Beta(5, 1), tau 0.3."""
+        return cls([(1, 3), (45, 48), (91, 93)], EbqmSelector(q=q, alpha=5.0, beta=1.0, tau=0.3), "epoch")
+
+    @classmethod
+    def imagenet(cls, q: float = 0.5) -> "ElaPruningCallback":
+        """ImageNet-1K, 100 epochs: windows 1-3, 51-53; Beta(2, 5), tau 0.25."""
+        return cls([(1, 3), (51, 53)], EbqmSelector(q=q, alpha=2.0, beta=5.0, tau=0.25), "epoch")
+
+    @classmethod
+    def detection(cls, q: float = 0.5) -> "ElaPruningCallback":
+        """COCO detection, 12 epochs: windows 1 and 7; Beta(2, 5), tau 0.2."""
+        return cls([(1, 1), (7, 7)], EbqmSelector(q=q, alpha=2.0, beta=5.0, tau=0.2), "epoch")
+
+    # DESIGN.md spells the presets ``for_<task>()``; both spellings are the same classmethods.
+    for_cifar = cifar
+    for_imagenet = imagenet
+    for_detection = detection
+
+    # ------------------------------------------------------------------------------------------------
+    # ExportableState: what a checkpoint stores (trainer_state.json -> stateful_callbacks)
+    def _args(self) -> Dict[str, Any]:
+        return {
+            "windows": [list(w) for w in self.windows],
+            "selector": self.selector.to_dict(),
+            "window_unit": self.window_unit,
+        }
+
+    def state(self) -> dict:
+        return {
+            "args": self._args(),
+            "attributes": {
+                "windows_done": self.windows_done,
+                "history": self.history,
+                "partial_window": self._open,
+                "partial_kl": self._partial_for_checkpoint(),
+            },
+        }
+
+    def _partial_for_checkpoint(self) -> Optional[List[Dict[str, Any]]]:
+        if self._open is None:
+            return None
+        if self._snapshot is not None:
+            sums, counts = self._snapshot
+        elif _world()[1] == 1:
+            self._drain()
+            totals = self._totals + self._carried
+            sums, counts = totals.cpu().tolist()
+        else:
+            # Called on the main process only, so no collective is possible here; only a save that
+            # bypassed the Trainer's step/epoch/evaluate hooks ends up here.
+            logger.warning(
+                "ElaPruningCallback: a checkpoint is being saved inside pruning window %d without statistics "
+                "reduced over the processes; a run resumed from it averages only the steps after the resume.",
+                self._open + 1,
+            )
+            return None
+        return [
+            {"stage": i, "block": j, "name": name, "sum": s, "count": c}
+            for (i, j, name, _), s, c in zip(self._layers, sums, counts)
+        ]
+
+    # ------------------------------------------------------------------------------------------------
+    # statistics
+    def _drain(self) -> None:
+        """Move this rank's per-layer sums from the attention layers' buffers into our float64 totals."""
+        if self._open is None or not self._layers:
+            return
+        sums = [a.kl_sum for _, _, _, a in self._layers]
+        counts = [a.kl_count for _, _, _, a in self._layers]
+        self._totals[0] += torch.stack(sums).to(self._totals)
+        self._totals[1] += torch.stack(counts).to(self._totals)
+        torch._foreach_zero_(sums + counts)  # one fused kernel rather than one per layer on GPUs
+        self._snapshot = None
+
+    def _reduced_totals(self) -> torch.Tensor:
+        """All ranks' sums and counts (a collective: every rank must call it at the same point)."""
+        self._drain()
+        totals = self._totals.clone()
+        _, world = _world()
+        if world > 1 and totals.numel() > 0:
+            dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+        return totals + self._carried
+
+    def _take_snapshot(self) -> None:
+        self._snapshot = self._reduced_totals().cpu().tolist()
+
+    def _open_window(self, idx: int, carried: Optional[List[Dict[str, Any]]] = None) -> None:
+        model = self._model
+        self._layers = []
+        for i, j, blk in attention_layers(model):
+            if j == 0 or blk.is_skipped:
+                continue
+            self._layers.append((i, j, self._names.get(id(blk), f"stage{i}.block{j}"), blk.attn))
+        for _, _, _, attn in self._layers:
+            # the statistics are float32 by contract, also for a model cast to half precision
+            if attn.kl_sum.dtype != torch.float32:
+                attn.kl_sum = attn.kl_sum.float()
+                attn.kl_count = attn.kl_count.float()
+        device = self._layers[0][3].kl_sum.device if self._layers else torch.device("cpu")
+        n = len(self._layers)
+        self._totals = torch.zeros(2, n, dtype=torch.float64, device=device)
+        self._carried = torch.zeros(2, n, dtype=torch.float64, device=device)
+        if carried is not None:
+            by_layer = {(int(e["stage"]), int(e["block"])): (float(e["sum"]), float(e["count"])) for e in carried}
+            keys = [(i, j) for i, j, _, _ in self._layers]
+            if set(by_layer) != set(keys):
+                logger.warning(
+                    "ElaPruningCallback: the checkpoint's partial statistics of window %d do not match the "
+                    "model's active layers; averaging only the steps after the resume.",
+                    idx + 1,
+                )
+            else:
+                values = [by_layer[k] for k in keys]
+                self._carried = torch.tensor(values, dtype=torch.float64, device=device).T.contiguous()
+        reset_kl_statistics(model)
+        set_kl_recording(model, True)
+        self._open = idx
+        self._snapshot = None
+
+    def _close_window(self) -> None:
+        set_kl_recording(self._model, False)
+        reset_kl_statistics(self._model)
+        self._open = None
+        self._layers, self._totals, self._carried, self._snapshot = [], None, None, None
+
+    def _decide(self, state) -> None:
+        """Window end: reduce, decide on rank 0, broadcast, apply everywhere, log."""
+        idx = self._open
+        totals = self._reduced_totals()
+        rank, world = _world()
+        record, failure = None, None
+        if rank == 0:
+            sums, counts = totals.cpu().tolist() if totals.numel() else ([], [])
+            try:
+                record = self._decision_record(idx, state, sums, counts)
+            except Exception as e:  # tell the other ranks instead of leaving them waiting in the broadcast
+                failure = e
+        if world > 1:
+            box = [record if failure is None else {"error": f"{type(failure).__name__}: {failure}"}]
+            dist.broadcast_object_list(box, src=0)
+            if failure is None and "error" in box[0]:
+                raise RuntimeError(f"ElaPruningCallback: the pruning decision failed on rank 0: {box[0]['error']}")
+            record = box[0]
+        if failure is not None:
+            raise failure
+        self._apply(record)
+        self.history.append(record)
+        self.windows_done = idx + 1
+        self._close_window()
+        metrics = self._log_metrics(record)
+        self._pending_logs = {"step": state.global_step, "epoch": state.epoch, "metrics": metrics}
+        if state.is_world_process_zero:
+            self._write_history()
+
+    def _decision_record(self, idx: int, state, sums: List[float], counts: List[float]) -> Dict[str, Any]:
+        d = [s / c if c > 0 else float("nan") for s, c in zip(sums, counts)]
+        selection = self.selector.explain(d)
+        if not isinstance(selection, Selection) or len(selection.skip) != len(d):
+            raise ValueError(
+                f"{type(self.selector).__name__}.explain() must return a Selection with one entry per layer "
+                f"({len(d)}), got {selection!r}"
+            )
+        layers = []
+        for k, (i, j, name, _) in enumerate(self._layers):
+            layers.append(
+                {
+                    "name": name,
+                    "stage": i,
+                    "block": j,
+                    "d_t": _finite_or_none(d[k]),
+                    "samples": int(counts[k]),
+                    "candidate": bool(selection.candidate[k]),
+                    "mapped": _finite_or_none(selection.mapped[k]),
+                    "skip": bool(selection.skip[k]),
+                }
+            )
+        mask = [list(m) for m in get_skip_mask(self._model)]
+        for entry in layers:
+            if entry["skip"]:
+                mask[entry["stage"]][entry["block"]] = True
+        start, end = self.windows[idx]
+        return {
+            "window": idx + 1,
+            "unit": self.window_unit,
+            "start": start,
+            "end": end,
+            "global_step": int(state.global_step),
+            "epoch": _finite_or_none(state.epoch),
+            "quantile": _finite_or_none(selection.quantile),
+            "layers": layers,
+            "skipped_now": [e["name"] for e in layers if e["skip"]],
+            "active_layers_per_stage": [sum(not s for s in stage) for stage in mask],
+            "skip_mask": mask,
+        }
+
+    def _apply(self, record: Dict[str, Any]) -> None:
+        current = get_skip_mask(self._model)
+        mask = [[a or b for a, b in zip(cur, new)] for cur, new in zip(current, record["skip_mask"])]
+        set_skip_mask(self._model, mask)
+
+    def _log_metrics(self, record: Dict[str, Any]) -> Dict[str, float]:
+        metrics: Dict[str, float] = {f"{LOG_PREFIX}/window": float(record["window"])}
+        for e in record["layers"]:
+            if e["d_t"] is not None:
+                metrics[f"{LOG_PREFIX}/d_t/{e['name']}"] = e["d_t"]
+            if e["mapped"] is not None:
+                metrics[f"{LOG_PREFIX}/mapped/{e['name']}"] = e["mapped"]
+            metrics[f"{LOG_PREFIX}/skip/{e['name']}"] = float(e["skip"])
+        for i, n in enumerate(record["active_layers_per_stage"]):
+            metrics[f"{LOG_PREFIX}/active_layers/stage{i}"] = float(n)
+        metrics[f"{LOG_PREFIX}/skipped_layers"] = float(sum(sum(s) for s in record["skip_mask"]))
+        return metrics
+
+    def _write_history(self) -> None:
+        if not self._output_dir:
+            return
+        payload = {**self._args(), "decisions": self.history}
+        _write_json_atomically(os.path.join(self._output_dir, HISTORY_FILE_NAME), payload)
+
+    # ------------------------------------------------------------------------------------------------
+    # windows
+    def _advance_to(self, position: int) -> None:
+        """``position``: the 1-indexed epoch or optimizer step about to run. Opens its window if due."""
+        while self.windows_done < len(self.windows) and self._open is None:
+            start, end = self.windows[self.windows_done]
+            if position > end:
+                warnings.warn(
+                    f"ElaPruningCallback: pruning window {self.windows_done + 1} ({start}-{end} {self.window_unit}s) "
+                    "was never observed (training resumed past it without its state); no decision is made for it."
+                )
+                self.windows_done += 1
+                continue
+            if position >= start:
+                if position > start:
+                    warnings.warn(
+                        f"ElaPruningCallback: pruning window {self.windows_done + 1} opens late, at {self.window_unit} "
+                        f"{position} instead of {start}; its average covers only the rest of the window."
+                    )
+                self._open_window(self.windows_done)
+            return
+
+    def _window_ended(self, state) -> bool:
+        end = self.windows[self._open][1]
+        if self.window_unit == "step":
+            return state.global_step >= end
+        # state.epoch is exactly `end` after the last optimizer step of epoch `end`
+        return state.epoch is not None and state.epoch >= end
+
+    # ------------------------------------------------------------------------------------------------
+    # TrainerCallback events
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            raise ValueError("ElaPruningCallback needs the Trainer's model")
+        self._model = model
+        self._names = {id(m): name for name, m in model.named_modules()}
+        list(attention_layers(model))  # ValueError when the model has no layer-attention stages
+        self._output_dir = args.output_dir
+        self._check_training_length(state)
+        self._check_ddp(args)
+        if self._open is not None:  # left open by an interrupted earlier train() call on this instance
+            self._close_window()
+        if state.global_step > 0 and self._restore(state):
+            self._reapply_history()
+            if self.partial_window is not None and self.partial_window == self.windows_done:
+                if self.partial_kl is None:
+                    warnings.warn(
+                        f"ElaPruningCallback: resuming inside pruning window {self.partial_window + 1} without its "
+                        "partial statistics; its average covers only the steps after the resume."
+                    )
+                self._open_window(self.partial_window, carried=self.partial_kl)
+            if state.is_world_process_zero and self.history:
+                self._write_history()
+        else:
+            # a fresh run: progress from an earlier train() call on this instance does not carry over
+            self.windows_done, self.history = 0, []
+        self.partial_window, self.partial_kl = None, None
+        return control
+
+    def _check_training_length(self, state) -> None:
+        last_start, last_end = self.windows[-1]
+        if self.window_unit == "epoch":
+            limit, what = state.num_train_epochs, "num_train_epochs"
+        else:
+            limit, what = state.max_steps, "max_steps"
+        if limit and last_end > limit:
+            raise ValueError(
+                f"pruning window ({last_start}, {last_end}) ends after the end of training "
+                f"({what} = {limit}, window_unit={self.window_unit!r})"
+            )
+
+    def _check_ddp(self, args) -> None:
+        if _world()[1] == 1:
+            return
+        if getattr(args, "ddp_find_unused_parameters", None) is False:
+            raise ValueError(
+                "ElaPruningCallback skips attention layers during training, which leaves their parameters "
+                "without gradients; under DDP set ddp_find_unused_parameters=True (or leave it None)"
+            )
+        if getattr(args, "ddp_static_graph", None):
+            raise ValueError(
+                "ElaPruningCallback changes which layers run during training; ddp_static_graph=True cannot follow that"
+            )
+
+    def _restore(self, state) -> bool:
+        """Take over the progress stored in a resumed checkpoint's TrainerState. False when there is none."""
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        if saved is None:
+            return False
+        candidates = saved if isinstance(saved, list) else [saved]
+        mine = json.loads(json.dumps(self._args()))
+        matching = [c for c in candidates if json.loads(json.dumps(c.get("args", {}))) == mine]
+        if not matching:
+            raise ValueError(
+                f"the checkpoint was written by an ElaPruningCallback with {candidates[0].get('args')}, "
+                f"but this one has {mine}; resume with the same windows, selector and window_unit"
+            )
+        attrs = matching[0].get("attributes", {})
+        self.windows_done = int(attrs.get("windows_done", 0))
+        self.history = list(attrs.get("history", []))
+        self.partial_window = attrs.get("partial_window")
+        self.partial_kl = attrs.get("partial_kl")
+        return True
+
+    def _reapply_history(self) -> None:
+        """The checkpoint's weights already carry the mask; this keeps a model loaded some other way in step."""
+        if not self.history:
+            return
+        current = get_skip_mask(self._model)
+        mask = [[a or b for a, b in zip(cur, rec)] for cur, rec in zip(current, self.history[-1]["skip_mask"])]
+        set_skip_mask(self._model, mask)
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if self.window_unit == "epoch":
+            self._advance_to(int(math.floor(state.epoch or 0.0)) + 1)
+        return control
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.window_unit == "step":
+            self._advance_to(state.global_step + 1)
+        return control
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self._drain()
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._open is None:
+            return control
+        self._drain()
+        if self._window_ended(state):
+            self._decide(state)
+            control.should_log = True  # a log entry at this very step carries the decision
+        elif control.should_save:
+            self._take_snapshot()
+        return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self._open is None:
+            return control
+        # the last epoch can be cut short by max_steps: its window then ends here
+        if self.window_unit == "epoch" and math.ceil(state.epoch or 0.0) >= self.windows[self._open][1]:
+            self._decide(state)
+            control.should_log = True
+        elif control.should_save:
+            self._take_snapshot()
+        return control
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        # save_strategy="best" decides to save only after evaluating, on every rank
+        if self._open is not None:
+            self._take_snapshot()
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._pending_logs is None:
+            return control
+        pending, self._pending_logs = self._pending_logs, None
+        if logs is not None:
+            logs.update(pending["metrics"])  # seen by the callbacks after this one
+        last = state.log_history[-1] if state.log_history else None
+        if last is not None and last.get("step") == pending["step"] and f"{LOG_PREFIX}/window" not in last:
+            last.update(pending["metrics"])
+        else:
+            state.log_history.append({**pending["metrics"], "epoch": pending["epoch"], "step": pending["step"]})
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._pending_logs is not None:
+            pending, self._pending_logs = self._pending_logs, None
+            state.log_history.append({**pending["metrics"], "epoch": pending["epoch"], "step": pending["step"]})
+        if self._open is not None:
+            start, end = self.windows[self._open]
+            logger.warning(
+                "ElaPruningCallback: training ended inside pruning window %d (%d-%d %ss); no decision was made.",
+                self._open + 1, start, end, self.window_unit,
+            )
+            self._close_window()
+        return control

@@ -1,0 +1,353 @@
+"""Command-line arguments of the recipes (next to ``TrainingArguments``) and their checks.
+
+Every check here runs before any data is loaded or any model is trained, and fails with a
+``ValueError`` that names the argument.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+__all__ = [
+    "RecipeArguments",
+    "PaperSchedule",
+    "TrainingSchedule",
+    "check_model_name",
+    "check_image_size",
+    "min_image_size",
+    "parse_windows",
+    "parse_epochs",
+    "rescale_windows",
+    "resolve_schedule",
+    "validate_recipe_arguments",
+    "resolve_checkpoint",
+]
+
+Window = Tuple[int, int]
+
+
+@dataclass
+class RecipeArguments:
+    """Our arguments; everything about the training loop itself is in ``transformers.TrainingArguments``.
+
+    Fields left at ``None`` take the recipe's paper default (see each recipe's ``PAPER_SCHEDULE``).
+    """
+
+    model: str = field(
+        default="ela_resnet50",
+        metadata={"help": "A model registered by ela_hf (ela_*, ela_l_*, mrla_l_*, mrla_b_*, plain resnet*_cifar)."},
+    )
+    dataset: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "A Hub dataset id, a local folder (class sub-folders of images, or parquet files), a .parquet "
+            "file, or 'sklearn:digits' (embedded in scikit-learn; works offline)."
+        },
+    )
+    dataset_config: Optional[str] = field(default=None, metadata={"help": "Configuration name of a Hub dataset."})
+    image_column: Optional[str] = field(default=None, metadata={"help": "Image column (default: detected)."})
+    label_column: Optional[str] = field(default=None, metadata={"help": "Label column (default: detected)."})
+    train_split: str = field(default="train", metadata={"help": "Training split."})
+    eval_split: Optional[str] = field(
+        default=None, metadata={"help": "Evaluation split (default: the first of validation, valid, val, test)."}
+    )
+    eval_fraction: float = field(
+        default=0.1, metadata={"help": "Fraction of the training split held out when there is no evaluation split."}
+    )
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use only this many training images."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use only this many evaluation images."})
+    image_size: Optional[int] = field(
+        default=None, metadata={"help": "Input size in pixels (default: the model's data config: 224 or 32)."}
+    )
+    hflip: float = field(default=0.5, metadata={"help": "Probability of a horizontal flip in training."})
+    drop_path_rate: float = field(
+        default=0.2, metadata={"help": "Drop path (stochastic depth) on the attention branch."}
+    )
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
+    lr_batch_size: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "--learning_rate is given for this total batch size and scaled linearly to the actual one "
+            "(ImageNet recipe: 256). Unset: --learning_rate is used as it is."
+        },
+    )
+    warmup_epochs: Optional[float] = field(
+        default=None, metadata={"help": "Linear warm-up epochs (default: the paper's, rescaled to the epochs)."}
+    )
+    lr_decay_epochs: Optional[str] = field(
+        default=None,
+        metadata={"help": "Comma-separated epochs after which the lr drops (default: the paper's, rescaled)."},
+    )
+    lr_decay_rate: float = field(default=0.1, metadata={"help": "Factor applied to the lr at each decay epoch."})
+    kl_windows: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "ELA pruning windows, 1-indexed inclusive ranges in --window_unit, e.g. '1-3,45-48,91-93'; "
+            "'none' trains without pruning (default: the paper's, rescaled to the epochs)."
+        },
+    )
+    window_unit: str = field(default="epoch", metadata={"help": "Unit of --kl_windows: 'epoch' or 'step'."})
+    ebqm_q: Optional[float] = field(default=None, metadata={"help": "EBQM quantile q (default: the preset's)."})
+    ebqm_alpha: Optional[float] = field(default=None, metadata={"help": "EBQM Beta alpha (default: the preset's)."})
+    ebqm_beta: Optional[float] = field(default=None, metadata={"help": "EBQM Beta beta (default: the preset's)."})
+    ebqm_tau: Optional[float] = field(default=None, metadata={"help": "EBQM threshold tau (default: the preset's)."})
+    export_dir: Optional[str] = field(
+        default=None, metadata={"help": "Where the slim, Hub-ready export goes (default: <output_dir>/export)."}
+    )
+
+
+@dataclass(frozen=True)
+class PaperSchedule:
+    """A recipe's schedule as the paper states it, in epochs of a run of ``epochs`` epochs."""
+
+    epochs: int
+    lr_decay_epochs: Tuple[float, ...]
+    warmup_epochs: float
+    kl_windows: Tuple[Window, ...]
+
+
+@dataclass
+class TrainingSchedule:
+    """The schedule of this run: epochs, optimizer steps, lr milestones and the pruning windows."""
+
+    num_epochs: int
+    steps_per_epoch: Optional[int]
+    lr_decay_epochs: List[float]
+    warmup_epochs: float
+    kl_windows: List[Window]
+    window_unit: str
+    rescaled_from: Optional[int] = None
+
+    @property
+    def total_steps(self) -> Optional[int]:
+        return None if self.steps_per_epoch is None else self.num_epochs * self.steps_per_epoch
+
+    def describe(self) -> str:
+        windows = ", ".join(f"{s}-{e}" for s, e in self.kl_windows) or "none"
+        decay = ", ".join(f"{e:g}" for e in self.lr_decay_epochs) or "none"
+        text = (
+            f"{self.num_epochs} epochs; warm-up {self.warmup_epochs:g} epochs; lr decay after epochs {decay}; "
+            f"KL windows ({self.window_unit}s) {windows}"
+        )
+        if self.rescaled_from is not None:
+            text += f" (the paper's {self.rescaled_from}-epoch schedule, rescaled)"
+        return text
+
+
+def check_model_name(name: str) -> None:
+    from ela_hf.models import MODEL_ARGS
+
+    if name not in MODEL_ARGS:
+        close = difflib.get_close_matches(name, list(MODEL_ARGS), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; known models: {', '.join(sorted(MODEL_ARGS))}"
+        raise ValueError(f"--model {name!r} is not a model registered by ela_hf{hint}")
+
+
+def min_image_size(name: str) -> int:
+    """The model's total stride: a smaller input leaves its last stage less than one pixel of real image."""
+    from ela_hf.models import MODEL_ARGS
+
+    args = MODEL_ARGS[name]
+    stem_stride = 1 if args.get("stem_type") == "cifar" else 4
+    return stem_stride * 2 ** (len(args["layers"]) - 1)
+
+
+def check_image_size(name: str, image_size: Optional[int]) -> None:
+    if image_size is None:
+        return
+    smallest = min_image_size(name)
+    if image_size < smallest:
+        raise ValueError(
+            f"--image_size {image_size} is too small for {name}: its total stride is {smallest}, so images must be "
+            f"at least {smallest}x{smallest} pixels"
+        )
+
+
+def parse_windows(text: Optional[str]) -> Optional[List[Window]]:
+    """``"1-3,45-48"`` -> ``[(1, 3), (45, 48)]``; ``"5"`` is ``(5, 5)``; ``"none"`` -> ``[]``; None -> None."""
+    if text is None:
+        return None
+    if text.strip().lower() in ("none", ""):
+        return []
+    windows = []
+    for part in text.split(","):
+        bounds = part.strip().split("-")
+        try:
+            if len(bounds) == 1:
+                start = end = int(bounds[0])
+            elif len(bounds) == 2:
+                start, end = int(bounds[0]), int(bounds[1])
+            else:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"--kl_windows {text!r}: {part.strip()!r} is not a range like '45-48'") from None
+        if start < 1 or end < start:
+            raise ValueError(f"--kl_windows {text!r}: window {start}-{end} must satisfy 1 <= start <= end (1-indexed)")
+        windows.append((start, end))
+    _check_disjoint(windows, f"--kl_windows {text!r}")
+    return windows
+
+
+def parse_epochs(text: Optional[str]) -> Optional[List[float]]:
+    if text is None:
+        return None
+    if text.strip().lower() in ("none", ""):
+        return []
+    try:
+        epochs = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--lr_decay_epochs {text!r} is not a comma-separated list of epochs") from None
+    if any(e <= 0 for e in epochs) or epochs != sorted(epochs):
+        raise ValueError(f"--lr_decay_epochs {text!r} must be positive and increasing")
+    return epochs
+
+
+def rescale_windows(windows: Sequence[Window], from_epochs: int, to_epochs: int) -> List[Window]:
+    """Map 1-indexed inclusive epoch windows of a ``from_epochs`` run onto a ``to_epochs`` run.
+
+    A window covering epochs ``(s-1, e]`` of the paper's run covers ``(round((s-1)r), round(e r)]`` of
+    this one (``r = to/from``), and at least one epoch.
+    """
+    ratio = to_epochs / from_epochs
+    out = []
+    for start, end in windows:
+        new_start = min(max(1, round((start - 1) * ratio) + 1), to_epochs)
+        out.append((new_start, min(max(new_start, round(end * ratio)), to_epochs)))
+    return out
+
+
+def _check_disjoint(windows: Sequence[Window], what: str) -> None:
+    for (s0, e0), (s1, e1) in zip(windows, windows[1:]):
+        if s1 <= e0:
+            raise ValueError(f"{what}: windows {s0}-{e0} and {s1}-{e1} overlap or are out of order")
+
+
+def resolve_schedule(
+    paper: PaperSchedule, args: RecipeArguments, num_train_epochs: float, max_steps: int = -1,
+    steps_per_epoch: Optional[int] = None, has_attention: bool = True,
+) -> TrainingSchedule:
+    """This run's schedule: the paper's, rescaled to the run's epochs, with any explicit argument winning.
+
+    The run's epochs are ``ceil(num_train_epochs)``, or, with ``max_steps > 0`` (as in the Trainer),
+    ``ceil(max_steps / steps_per_epoch)``; while ``steps_per_epoch`` is unknown only what can be checked
+    without it is. Windows that do not fit into the run raise ``ValueError``.
+    """
+    if args.window_unit not in ("epoch", "step"):
+        raise ValueError(f"--window_unit must be 'epoch' or 'step', got {args.window_unit!r}")
+    if max_steps > 0:
+        num_epochs = math.ceil(max_steps / steps_per_epoch) if steps_per_epoch else None
+    else:
+        if num_train_epochs <= 0:
+            raise ValueError(f"--num_train_epochs must be positive, got {num_train_epochs}")
+        num_epochs = math.ceil(num_train_epochs)
+    rescale = num_epochs is not None and num_epochs != paper.epochs
+    ratio = num_epochs / paper.epochs if rescale else 1.0
+
+    explicit_windows = parse_windows(args.kl_windows)
+    if explicit_windows is not None:
+        windows = explicit_windows
+    elif args.window_unit == "step":
+        raise ValueError("--window_unit step needs --kl_windows (the paper's windows are in epochs)")
+    elif not has_attention:
+        windows = []
+    elif rescale:
+        windows = rescale_windows(paper.kl_windows, paper.epochs, num_epochs)
+        try:
+            _check_disjoint(windows, "")
+        except ValueError:
+            raise ValueError(
+                f"the paper's KL windows {_fmt(paper.kl_windows)} (for {paper.epochs} epochs) do not fit into "
+                f"{num_epochs} epochs; pass --kl_windows (e.g. '1-1'), or --window_unit step with step windows"
+            ) from None
+    else:
+        windows = list(paper.kl_windows)
+    if windows and not has_attention:
+        raise ValueError(f"--kl_windows given, but --model {args.model} has no attention layers to prune")
+
+    decay = parse_epochs(args.lr_decay_epochs)
+    if decay is None:
+        decay = [e * ratio for e in paper.lr_decay_epochs]
+    warmup = args.warmup_epochs if args.warmup_epochs is not None else paper.warmup_epochs * ratio
+    if warmup < 0:
+        raise ValueError(f"--warmup_epochs must be >= 0, got {warmup}")
+
+    # say "rescaled" only when a paper value was actually moved
+    rescaled = rescale and (
+        (explicit_windows is None and windows != list(paper.kl_windows))
+        or (args.lr_decay_epochs is None and bool(paper.lr_decay_epochs))
+        or (args.warmup_epochs is None and paper.warmup_epochs > 0)
+    )
+    schedule = TrainingSchedule(
+        num_epochs=num_epochs if num_epochs is not None else paper.epochs,
+        steps_per_epoch=steps_per_epoch,
+        lr_decay_epochs=decay,
+        warmup_epochs=warmup,
+        kl_windows=windows,
+        window_unit=args.window_unit,
+        rescaled_from=paper.epochs if rescaled else None,
+    )
+    if windows:
+        last = windows[-1][1]
+        if args.window_unit == "epoch" and num_epochs is not None and last > num_epochs:
+            raise ValueError(
+                f"KL window {windows[-1][0]}-{last} ends after the last epoch: the run has {num_epochs} epochs"
+            )
+        total = schedule.total_steps if max_steps <= 0 else max_steps
+        if args.window_unit == "step" and steps_per_epoch is not None and last > total:
+            raise ValueError(f"KL window {windows[-1][0]}-{last} ends after the last step: the run has {total} steps")
+    return schedule
+
+
+def validate_recipe_arguments(args: RecipeArguments) -> None:
+    """Checks that need neither data nor a model; called first thing, so bad arguments cost nothing."""
+    from ela_hf.models import MODEL_ARGS
+
+    check_model_name(args.model)
+    check_image_size(args.model, args.image_size)
+    if args.dataset is None:
+        raise ValueError("--dataset is required (a Hub id, a local folder, a .parquet file, or 'sklearn:digits')")
+    for name in ("max_train_samples", "max_eval_samples"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name} must be positive, got {value}")
+    if not 0.0 <= args.hflip <= 1.0:
+        raise ValueError(f"--hflip is a probability in [0, 1], got {args.hflip}")
+    if not 0.0 <= args.drop_path_rate < 1.0:
+        raise ValueError(f"--drop_path_rate must be in [0, 1), got {args.drop_path_rate}")
+    if not 0.0 <= args.momentum < 1.0:
+        raise ValueError(f"--momentum must be in [0, 1), got {args.momentum}")
+    if args.lr_batch_size is not None and args.lr_batch_size <= 0:
+        raise ValueError(f"--lr_batch_size must be positive, got {args.lr_batch_size}")
+    if not 0.0 < args.lr_decay_rate <= 1.0:
+        raise ValueError(f"--lr_decay_rate must be in (0, 1], got {args.lr_decay_rate}")
+    if MODEL_ARGS[args.model]["attn_type"] is None and any(
+        getattr(args, f"ebqm_{p}") is not None for p in ("q", "alpha", "beta", "tau")
+    ):
+        raise ValueError(f"--ebqm_* given, but --model {args.model} has no attention layers to prune")
+
+
+def _fmt(windows: Sequence[Window]) -> str:
+    return ", ".join(f"{s}-{e}" for s, e in windows)
+
+
+def resolve_checkpoint(training_args) -> Optional[str]:
+    """The checkpoint folder of ``--resume_from_checkpoint``: a path, or ``last`` for the newest
+    ``checkpoint-*`` in ``--output_dir``. None when not resuming."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint is None:
+        return None
+    if checkpoint.lower() in ("last", "latest", "true"):
+        output_dir = training_args.output_dir
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is None:
+            raise ValueError(f"--resume_from_checkpoint {checkpoint}: no checkpoint-* folder in {output_dir}")
+        return last
+    if not os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
+        raise ValueError(f"--resume_from_checkpoint {checkpoint!r} is not a Trainer checkpoint folder "
+                         "(it has no trainer_state.json)")
+    return checkpoint

@@ -1,0 +1,286 @@
+"""Image-classification data for the recipes: loading, column detection, timm transforms, collation.
+
+A dataset is a Hub dataset id, a local folder (class sub-folders of images, read by the ``imagefolder``
+builder, or parquet files; ``datasets`` picks the builder from the files), a single ``.parquet`` file,
+or ``sklearn:digits``, a small real dataset that ships with scikit-learn (for offline demos and tests).
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value, load_dataset
+from PIL import Image as PILImage
+
+__all__ = [
+    "DIGITS_DATASET",
+    "EVAL_SPLIT_NAMES",
+    "ImageClassificationTransform",
+    "build_transforms",
+    "collate_image_batch",
+    "load_digits_dataset",
+    "load_image_dataset",
+    "resolve_columns",
+    "class_names",
+    "check_labels",
+    "split_train_eval",
+    "hub_dataset_id",
+]
+
+DIGITS_DATASET = "sklearn:digits"
+# the first of these that exists is the evaluation split
+EVAL_SPLIT_NAMES = ("validation", "valid", "val", "test")
+_IMAGE_COLUMN_NAMES = ("image", "img", "images", "picture", "pixel_values")
+_LABEL_COLUMN_NAMES = ("label", "labels", "fine_label", "target", "class", "category")
+
+
+def load_digits_dataset(image_size: int = 32, eval_fraction: float = 0.2, seed: int = 0) -> DatasetDict:
+    """scikit-learn's handwritten digits (1,797 images, 8x8 grey, 10 classes) as RGB images of ``image_size``.
+
+    The images are upscaled (bilinear) so that a CIFAR network sees CIFAR-sized inputs. The split is
+    stratified and fixed by ``seed``: ``train`` and ``validation``.
+    """
+    from sklearn.datasets import load_digits
+
+    if image_size < 8:
+        raise ValueError(f"image_size for {DIGITS_DATASET} must be at least 8 (the images are 8x8), got {image_size}")
+    digits = load_digits()
+    # pixel values are 0..16
+    pixels = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
+    images = [
+        PILImage.fromarray(p, mode="L").resize((image_size, image_size), PILImage.BILINEAR).convert("RGB")
+        for p in pixels
+    ]
+    names = [str(i) for i in range(10)]
+    features = Features({"image": Image(), "label": ClassLabel(names=names)})
+    full = Dataset.from_dict({"image": images, "label": digits.target.tolist()}, features=features)
+    parts = full.train_test_split(test_size=eval_fraction, stratify_by_column="label", seed=seed)
+    return DatasetDict(train=parts["train"], validation=parts["test"])
+
+
+def load_image_dataset(
+    dataset: str, config: Optional[str] = None, cache_dir: Optional[str] = None, image_size: int = 32
+) -> DatasetDict:
+    """Load ``dataset`` (see the module docstring) as a :class:`~datasets.DatasetDict`.
+
+    ``image_size`` only matters for ``sklearn:digits``, whose 8x8 images are upscaled to it.
+    """
+    if dataset == DIGITS_DATASET:
+        return load_digits_dataset(image_size=image_size)
+    looks_local = dataset.startswith((".", "/", "~")) or dataset.endswith(".parquet")
+    path = os.path.expanduser(dataset)
+    if looks_local and not os.path.exists(path):
+        raise ValueError(f"--dataset {dataset!r}: no such file or folder")
+    if os.path.isfile(path):
+        if not path.endswith(".parquet"):
+            raise ValueError(f"--dataset {dataset!r}: a single file must be a .parquet file (or pass a folder)")
+        loaded = load_dataset("parquet", data_files={"train": path}, cache_dir=cache_dir)
+    else:
+        # a local folder or a Hub id: datasets infers the builder (imagefolder, parquet, ...) and the
+        # splits from the file names
+        loaded = load_dataset(path if os.path.isdir(path) else dataset, name=config, cache_dir=cache_dir)
+    if not isinstance(loaded, DatasetDict):
+        loaded = DatasetDict(train=loaded)
+    return loaded
+
+
+def hub_dataset_id(dataset: str) -> Optional[str]:
+    """``dataset`` if it names a Hub dataset (for the model card's metadata), else None."""
+    if dataset == DIGITS_DATASET or os.path.exists(os.path.expanduser(dataset)):
+        return None
+    if dataset.startswith((".", "/", "~")) or dataset.endswith(".parquet"):
+        return None
+    return dataset
+
+
+def resolve_columns(
+    dataset: Dataset, image_column: Optional[str] = None, label_column: Optional[str] = None
+) -> Tuple[str, str]:
+    """The image and label columns of ``dataset``: the ones named, else detected from the features.
+
+    Detection prefers typed features (``Image``, ``ClassLabel``) and falls back to common names; a label
+    column must hold integers. Raises ``ValueError`` naming the columns there are when none fits.
+    """
+    features = dataset.features
+    columns = list(features)
+    described = ", ".join(f"{c} ({_describe(features[c])})" for c in columns)
+
+    if image_column is not None:
+        if image_column not in features:
+            raise ValueError(f"--image_column {image_column!r} is not a column of the dataset; columns: {described}")
+    else:
+        typed = [c for c in columns if isinstance(features[c], Image)]
+        named = [c for c in _IMAGE_COLUMN_NAMES if c in features]
+        if not typed and not named:
+            raise ValueError(f"the dataset has no image column; columns: {described}. Name it with --image_column")
+        image_column = (typed or named)[0]
+
+    if label_column is not None:
+        if label_column not in features:
+            raise ValueError(f"--label_column {label_column!r} is not a column of the dataset; columns: {described}")
+        if not _is_integer_label(features[label_column]):
+            raise ValueError(
+                f"--label_column {label_column!r} holds {_describe(features[label_column])}, not class ids; "
+                "a label column must be a ClassLabel or an integer column"
+            )
+    else:
+        class_labels = [c for c in columns if isinstance(features[c], ClassLabel)]
+        if len(class_labels) > 1:
+            preferred = [c for c in _LABEL_COLUMN_NAMES if c in class_labels]
+            if not preferred:
+                raise ValueError(
+                    f"the dataset has several label columns ({', '.join(class_labels)}); choose one with --label_column"
+                )
+            class_labels = preferred
+        named = [c for c in _LABEL_COLUMN_NAMES if c in features and _is_integer_label(features[c])]
+        if not class_labels and not named:
+            raise ValueError(
+                f"the dataset has no usable label column (a ClassLabel or an integer column named one of "
+                f"{', '.join(_LABEL_COLUMN_NAMES)}); columns: {described}. Name it with --label_column"
+            )
+        label_column = (class_labels or named)[0]
+    if label_column == image_column:
+        raise ValueError(f"the image and label columns are the same column {image_column!r}")
+    return image_column, label_column
+
+
+def class_names(dataset: Dataset, label_column: str) -> List[str]:
+    """Class names from a ``ClassLabel`` feature, else ``"0" .. str(max label)`` for an integer column."""
+    feature = dataset.features[label_column]
+    if isinstance(feature, ClassLabel):
+        return list(feature.names)
+    labels = np.asarray(dataset.with_format("numpy")[label_column])
+    if labels.size == 0:
+        raise ValueError(f"label column {label_column!r} is empty")
+    if labels.min() < 0:
+        raise ValueError(f"label column {label_column!r} has negative class ids (min {labels.min()}); unlabeled split?")
+    return [str(i) for i in range(int(labels.max()) + 1)]
+
+
+def check_labels(dataset: Dataset, label_column: str, num_classes: int, split: str) -> None:
+    """Every label of ``split`` must be a class id in ``[0, num_classes)`` (test splits often hold -1)."""
+    labels = np.asarray(dataset.with_format("numpy")[label_column])
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(
+            f"split {split!r}: label column {label_column!r} has values in [{labels.min()}, {labels.max()}], "
+            f"outside the {num_classes} classes [0, {num_classes - 1}] (an unlabeled split?)"
+        )
+
+
+def split_train_eval(
+    data: DatasetDict,
+    train_split: str = "train",
+    eval_split: Optional[str] = None,
+    eval_fraction: float = 0.1,
+    seed: int = 0,
+) -> Tuple[Dataset, Dataset, str]:
+    """``(train, eval, eval_name)``: the named splits, the first of ``EVAL_SPLIT_NAMES`` that exists, or
+    ``eval_fraction`` of ``train`` held out (fixed by ``seed``) when the dataset has no evaluation split."""
+    if train_split not in data:
+        raise ValueError(f"the dataset has no split {train_split!r}; splits: {', '.join(data)}")
+    if eval_split is not None:
+        if eval_split not in data:
+            raise ValueError(f"the dataset has no split {eval_split!r}; splits: {', '.join(data)}")
+        return data[train_split], data[eval_split], eval_split
+    for name in EVAL_SPLIT_NAMES:
+        if name in data and name != train_split:
+            return data[train_split], data[name], name
+    if not 0.0 < eval_fraction < 1.0:
+        raise ValueError(f"the dataset has no evaluation split and eval_fraction={eval_fraction} is not in (0, 1)")
+    parts = data[train_split].train_test_split(test_size=eval_fraction, seed=seed)
+    return parts["train"], parts["test"], f"{train_split}[held out {eval_fraction:.0%}]"
+
+
+def build_transforms(
+    data_config: Dict, recipe: str, hflip: float = 0.5
+) -> Tuple[Callable[[PILImage.Image], torch.Tensor], Callable[[PILImage.Image], torch.Tensor]]:
+    """``(train_transform, eval_transform)`` from a timm data config (``timm.data.resolve_data_config``).
+
+    ``recipe="imagenet"``: timm's RandomResizedCrop + flip for training and resize + center crop
+    (``crop_pct``) for evaluation; no colour jitter (the paper's recipe has none).
+    ``recipe="cifar"``: random crop with 4 pixels of zero padding + flip for training; evaluation sees the
+    image as it is. Images whose size differs from the model's input are resized to it first.
+    Both normalise with the config's mean and std.
+    """
+    from timm.data import create_transform
+    from torchvision import transforms as T
+
+    size = int(data_config["input_size"][-1])
+    mean, std = tuple(data_config["mean"]), tuple(data_config["std"])
+    if recipe == "imagenet":
+        train = create_transform(
+            data_config["input_size"], is_training=True, hflip=hflip, color_jitter=None,
+            interpolation=data_config["interpolation"], mean=mean, std=std,
+        )
+        evaluate = create_transform(
+            data_config["input_size"], is_training=False, interpolation=data_config["interpolation"],
+            mean=mean, std=std, crop_pct=data_config["crop_pct"],
+        )
+    elif recipe == "cifar":
+        resize = _ResizeIfNeeded(size)
+        normalize = [T.ToTensor(), T.Normalize(mean, std)]
+        train = T.Compose([resize, T.RandomCrop(size, padding=4), T.RandomHorizontalFlip(hflip), *normalize])
+        evaluate = T.Compose([resize, *normalize])
+    else:
+        raise ValueError(f"recipe must be 'imagenet' or 'cifar', got {recipe!r}")
+    return train, evaluate
+
+
+class _ResizeIfNeeded:
+    """Resize to ``size`` x ``size`` only when the image is not that size already (CIFAR images are)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, img: PILImage.Image) -> PILImage.Image:
+        if img.size != (self.size, self.size):
+            img = img.resize((self.size, self.size), PILImage.BILINEAR)
+        return img
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size})"
+
+
+class ImageClassificationTransform:
+    """``Dataset.set_transform`` callable: a batch of rows -> ``pixel_values`` and ``labels``.
+
+    A class rather than a closure so that dataloader worker processes can pickle it.
+    """
+
+    def __init__(self, transform: Callable, image_column: str, label_column: str):
+        self.transform = transform
+        self.image_column = image_column
+        self.label_column = label_column
+
+    def __call__(self, batch: Dict[str, Sequence]) -> Dict[str, List]:
+        images = [_to_rgb(img) for img in batch[self.image_column]]
+        return {
+            "pixel_values": [self.transform(img) for img in images],
+            "labels": [int(y) for y in batch[self.label_column]],
+        }
+
+
+def _to_rgb(img) -> PILImage.Image:
+    if not isinstance(img, PILImage.Image):
+        img = PILImage.fromarray(np.asarray(img))
+    # grey, palette and RGBA images all become 3-channel RGB, which every model here expects
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def collate_image_batch(examples: Sequence[Dict]) -> Dict[str, torch.Tensor]:
+    return {
+        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+        "labels": torch.tensor([e["labels"] for e in examples], dtype=torch.long),
+    }
+
+
+def _is_integer_label(feature) -> bool:
+    return isinstance(feature, ClassLabel) or (isinstance(feature, Value) and feature.dtype.startswith(("int", "uint")))
+
+
+def _describe(feature) -> str:
+    if isinstance(feature, Value):
+        return feature.dtype
+    return type(feature).__name__

@@ -1,0 +1,97 @@
+"""The reference code's optimisation: SGD with momentum, a step schedule in epochs with linear warm-up.
+
+The schedule is a ``LambdaLR`` over optimizer steps (what ``transformers.Trainer`` steps it by); epoch
+boundaries become step counts through :func:`update_steps_per_epoch`, which mirrors the Trainer's own
+arithmetic so that "x0.1 at epoch 30" happens exactly when the Trainer starts epoch 31.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+__all__ = [
+    "StepScheduleWithWarmup",
+    "create_sgd",
+    "create_step_scheduler",
+    "scale_learning_rate",
+    "update_steps_per_epoch",
+]
+
+
+def update_steps_per_epoch(
+    num_examples: int, per_device_batch_size: int, world_size: int = 1, gradient_accumulation_steps: int = 1,
+    drop_last: bool = False,
+) -> int:
+    """Optimizer steps per epoch of ``transformers.Trainer`` for a map-style dataset of ``num_examples``.
+
+    Accelerate shards whole batches over the processes (an uneven tail is padded, or dropped with
+    ``drop_last``); the Trainer then counts one update per ``gradient_accumulation_steps`` batches,
+    rounding up.
+    """
+    if num_examples <= 0:
+        raise ValueError(f"the training set is empty (num_examples={num_examples})")
+    batches = num_examples // per_device_batch_size if drop_last else math.ceil(num_examples / per_device_batch_size)
+    per_process = batches // world_size if drop_last else math.ceil(batches / world_size)
+    if per_process == 0:
+        raise ValueError(
+            f"{num_examples} training examples make no full batch of {per_device_batch_size} per device on "
+            f"{world_size} process(es) with drop_last"
+        )
+    return max(math.ceil(per_process / gradient_accumulation_steps), 1)
+
+
+def scale_learning_rate(learning_rate: float, reference_batch_size: int | None, total_batch_size: int) -> float:
+    """Linear scaling rule: ``learning_rate`` is given for ``reference_batch_size`` (None: no scaling)."""
+    if reference_batch_size is None:
+        return learning_rate
+    if reference_batch_size <= 0:
+        raise ValueError(f"the reference batch size for learning-rate scaling must be positive, got {reference_batch_size}")
+    return learning_rate * total_batch_size / reference_batch_size
+
+
+def create_sgd(model: torch.nn.Module, learning_rate: float, momentum: float = 0.9, weight_decay: float = 1e-4):
+    """SGD over all trainable parameters with weight decay on every one of them, as in the reference code."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=learning_rate, momentum=momentum, weight_decay=weight_decay)
+
+
+class StepScheduleWithWarmup:
+    """LR factor at optimizer step ``step`` (0-based): linear warm-up, then x``decay_rate`` at each milestone.
+
+    ``warmup_epochs`` and ``decay_epochs`` are in epochs (warm-up may be fractional); "decay at epoch 30"
+    means the factor drops once 30 full epochs are done. A plain object, not a closure, so that
+    ``LambdaLR.state_dict`` saves it and resume restores it.
+    """
+
+    def __init__(
+        self, steps_per_epoch: int, warmup_epochs: float = 0.0, decay_epochs: Sequence[float] = (),
+        decay_rate: float = 0.1,
+    ):
+        if steps_per_epoch <= 0:
+            raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
+        if warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        if list(decay_epochs) != sorted(decay_epochs) or any(e <= 0 for e in decay_epochs):
+            raise ValueError(f"lr decay epochs must be positive and increasing, got {list(decay_epochs)}")
+        if not 0.0 < decay_rate <= 1.0:
+            raise ValueError(f"lr decay rate must be in (0, 1], got {decay_rate}")
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.warmup_steps = int(round(warmup_epochs * steps_per_epoch))
+        self.decay_steps = [int(round(e * steps_per_epoch)) for e in decay_epochs]
+        self.decay_rate = float(decay_rate)
+
+    def __call__(self, step: int) -> float:
+        factor = self.decay_rate ** sum(step >= s for s in self.decay_steps)
+        if step < self.warmup_steps:
+            factor *= (step + 1) / self.warmup_steps
+        return factor
+
+
+def create_step_scheduler(
+    optimizer: torch.optim.Optimizer, steps_per_epoch: int, warmup_epochs: float = 0.0,
+    decay_epochs: Sequence[float] = (), decay_rate: float = 0.1,
+) -> LambdaLR:
+    return LambdaLR(optimizer, StepScheduleWithWarmup(steps_per_epoch, warmup_epochs, decay_epochs, decay_rate))

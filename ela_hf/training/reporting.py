@@ -1,0 +1,213 @@
+"""What a recipe reports at the end: accuracy, skipped layers per stage, time per epoch before/after pruning."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+from transformers import TrainerCallback
+
+__all__ = [
+    "EpochRecord",
+    "EpochTimerCallback",
+    "card_settings",
+    "release_name",
+    "format_epoch_times",
+    "format_summary",
+    "format_skip_mask",
+    "log_rank_result",
+    "setup_logging",
+]
+
+
+@dataclass
+class EpochRecord:
+    epoch: int                 # 1-indexed
+    seconds: float             # training only: the evaluation that follows an epoch is not counted
+    active_layers: Optional[int]  # active attention layers while the epoch ran (None: no attention layers)
+
+
+class EpochTimerCallback(TrainerCallback):
+    """Wall time of every training epoch, with the number of attention layers active during it."""
+
+    def __init__(self):
+        self.records: List[EpochRecord] = []
+        self._start: Optional[float] = None
+        self._active: Optional[int] = None
+
+    def on_epoch_begin(self, args, state, control, model=None, **kwargs):
+        self._start = time.perf_counter()
+        self._active = _active_layers(model)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self._start is None:
+            return
+        epoch = int(round(state.epoch)) if state.epoch is not None else len(self.records) + 1
+        self.records.append(EpochRecord(epoch, time.perf_counter() - self._start, self._active))
+        self._start = None
+
+
+def _active_layers(model) -> Optional[int]:
+    from ela_hf.models import get_skip_mask
+
+    if model is None:
+        return None
+    try:
+        mask = get_skip_mask(model)
+    except ValueError:  # a plain ResNet: nothing to prune
+        return None
+    return sum(not skipped for stage in mask for skipped in stage)
+
+
+def format_skip_mask(mask: Optional[List[List[bool]]]) -> str:
+    """One line per stage: which blocks' attention layers are skipped (block indices as in ``layerN.M``)."""
+    if mask is None:
+        return "  (plain ResNet: no attention layers)"
+    lines = []
+    for i, stage in enumerate(mask):
+        skipped = [j for j, s in enumerate(stage) if s]
+        which = f"blocks {', '.join(map(str, skipped))}" if skipped else "none"
+        # the first block of a stage is never skipped, so len(stage) - 1 layers can be
+        lines.append(f"  layer{i + 1}: {len(skipped)} of {len(stage) - 1} skippable skipped ({which})")
+    total = sum(map(sum, mask))
+    lines.append(f"  total: {total} of {sum(len(s) - 1 for s in mask)} skippable attention layers skipped")
+    return "\n".join(lines)
+
+
+def _epoch_span(records: List[EpochRecord]) -> str:
+    epochs = [r.epoch for r in records]
+    return f"epoch {epochs[0]}" if len(epochs) == 1 else f"epochs {epochs[0]}-{epochs[-1]}"
+
+
+def _mean_seconds(records: List[EpochRecord]) -> float:
+    return sum(r.seconds for r in records) / len(records)
+
+
+def format_epoch_times(records: List[EpochRecord], num_layers: Optional[int], final_active: Optional[int]) -> str:
+    """Mean epoch time with every attention layer active vs. with the final mask.
+
+    ``num_layers``: attention layers of the model (None for a plain ResNet). A resumed run may have no
+    epoch of one kind; that is said rather than guessed.
+    """
+    if not records:
+        return "  (no epoch ran in this process)"
+    if num_layers is None:
+        return f"  {_mean_seconds(records):.1f} s per epoch ({_epoch_span(records)}; no attention layers)"
+    before = [r for r in records if r.active_layers == num_layers]
+    after = [r for r in records if r.active_layers == final_active]
+    if final_active == num_layers:
+        return f"  {_mean_seconds(before):.1f} s per epoch with all {num_layers} attention layers " \
+               f"({_epoch_span(before)}); nothing was pruned"
+    lines = []
+    if before:
+        t0 = _mean_seconds(before)
+        lines.append(f"  before pruning: {t0:.1f} s per epoch with {num_layers} attention layers ({_epoch_span(before)})")
+    else:
+        lines.append(f"  before pruning: no epoch of this run had all {num_layers} attention layers (resumed?)")
+    if after:
+        t1 = _mean_seconds(after)
+        ratio = f": {t1 / t0:.2f}x" if before else ""
+        lines.append(f"  after pruning:  {t1:.1f} s per epoch with {final_active} attention layers "
+                     f"({_epoch_span(after)}){ratio}")
+    else:
+        lines.append(f"  after pruning:  no whole epoch ran with the final {final_active} attention layers")
+    return "\n".join(lines)
+
+
+def format_summary(
+    model_name: str, dataset: str, metrics: Dict[str, float], num_eval: int, skip_mask, records: List[EpochRecord],
+    export_dir: Optional[str] = None,
+) -> str:
+    num_layers = None if skip_mask is None else sum(len(stage) for stage in skip_mask)
+    final_active = None if skip_mask is None else sum(not s for stage in skip_mask for s in stage)
+    top1, top5 = metrics.get("eval_top1"), metrics.get("eval_top5")
+    accuracy = "n/a" if top1 is None else f"top-1 {100 * top1:.2f}%, top-5 {100 * top5:.2f}%"
+    lines = [
+        "",
+        "=" * 72,
+        f"{model_name} on {dataset}: {accuracy} on {num_eval} evaluation images",
+        "attention layers skipped per stage:",
+        format_skip_mask(skip_mask),
+        "time per training epoch (this process, evaluation excluded):",
+        format_epoch_times(records, num_layers, final_active),
+    ]
+    if export_dir is not None:
+        lines.append(f"slim Hub-ready export (weights, config, model card): {export_dir}")
+    lines.append("=" * 72)
+    return "\n".join(lines)
+
+
+def setup_logging(logger: logging.Logger, training_args) -> None:
+    """The recipe's logger talks at INFO on the main process, replicas at ``--log_level_replica``
+    (default warning); transformers' own loggers follow ``--log_level`` / ``--log_level_replica``."""
+    import transformers
+
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    logger.setLevel(logging.INFO if training_args.should_log else training_args.get_process_log_level())
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+
+
+def log_rank_result(logger: logging.Logger, training_args, metrics: Dict[str, float], model) -> Dict[str, Any]:
+    """One INFO line per process with what must agree across ranks: accuracy, skip mask, a weight checksum.
+
+    Replicas print it with ``--log_level_replica info``.
+    """
+    from ela_hf.models import get_skip_mask
+
+    try:
+        mask = get_skip_mask(model)
+    except ValueError:
+        mask = None
+    result = {
+        "eval_top1": metrics.get("eval_top1"),
+        "skip_mask": mask,
+        "weights_sum": float(sum(p.detach().double().sum() for p in model.parameters())),
+    }
+    logger.info(f"rank {training_args.process_index}/{training_args.world_size} result: {json.dumps(result)}")
+    return result
+
+
+def card_settings(
+    recipe: str, args, training_args, schedule, learning_rate: float, total_batch_size: int, selector=None
+) -> Dict[str, Any]:
+    """The training settings shown in the exported model card."""
+    decay = ", ".join(f"{e:g}" for e in schedule.lr_decay_epochs)
+    windows = ", ".join(f"{s}-{e}" for s, e in schedule.kl_windows) or "none"
+    return {
+        "recipe": f"recipes/{recipe}.py",
+        "dataset": _dataset_label(args.dataset),
+        "epochs": schedule.num_epochs,
+        "optimizer": f"SGD, momentum {args.momentum:g}",
+        "learning_rate": learning_rate,
+        "total_batch_size": total_batch_size,
+        "weight_decay": training_args.weight_decay,
+        "lr_schedule": (f"x{args.lr_decay_rate:g} after epochs {decay}" if schedule.lr_decay_epochs else "constant")
+        + f"; {schedule.warmup_epochs:g} warm-up epochs",
+        "drop_path_rate": args.drop_path_rate,
+        "kl_windows": f"{windows} ({schedule.window_unit}s)",
+        "selector": None if selector is None else json.dumps(selector.to_dict()),
+        "seed": training_args.seed,
+    }
+
+
+def _dataset_label(dataset: str) -> str:
+    # a local path would leak the training machine's layout into a published card: keep its last part
+    from .data import DIGITS_DATASET, hub_dataset_id
+
+    if dataset == DIGITS_DATASET or hub_dataset_id(dataset) is not None:
+        return dataset
+    return f"local: {os.path.basename(os.path.normpath(dataset))}"
+
+
+def release_name(model: str, dataset: str) -> str:
+    """A folder/repo-style name for the release, e.g. ``ela_resnet56_cifar-cifar100``."""
+    last = os.path.basename(os.path.normpath(dataset)).replace(":", "-")
+    stem = last[: -len(".parquet")] if last.endswith(".parquet") else last
+    return f"{model}-{stem}"

@@ -1,0 +1,218 @@
+#!/usr/bin/env python
+"""Train an ImageNet layer-attention ResNet with ELA's staged KL/EBQM pruning (the paper's ImageNet-1K recipe).
+
+    accelerate launch --multi_gpu --num_processes 8 recipes/imagenet.py --output_dir outputs/ela_resnet50 --bf16
+    python recipes/imagenet.py --dataset path/to/images --model ela_resnet18 --num_train_epochs 10 --use_cpu
+
+Paper defaults (the reference code's recipe): ela_resnet50 on ILSVRC/imagenet-1k, SGD momentum 0.9,
+lr 0.1 per 256 images of total batch (scaled linearly), 32 images per device, weight decay 1e-4,
+100 epochs, lr x0.1 after epochs 30, 60 and 90, 3 linear warm-up epochs, RandomResizedCrop 224 +
+horizontal flip, evaluation resize 256 + center crop 224, drop path 0.2 on the attention branch, KL
+windows 1-3 and 51-53 with EBQM Beta(2, 5), tau 0.25. With fewer epochs the epoch-based schedule is
+rescaled to fit. Every ``TrainingArguments`` option works too (``--bf16``, ``--torch_compile``, ...).
+
+Writes to ``--output_dir``: Trainer checkpoints (full structure: ``--resume_from_checkpoint`` continues
+them), the final full model, ``pruning_history.json``, ``eval_results.json``, and the slim Hub-ready
+release with its model card in ``<output_dir>/export`` (pushed with ``--push_to_hub --hub_model_id ...``).
+"""
+import logging
+import os
+
+import timm
+import transformers
+from transformers import HfArgumentParser, Trainer, TrainingArguments
+
+from ela_hf import ElaConfig, ElaForImageClassification, ElaPruningCallback, export_pruned, push_pruned_to_hub
+from ela_hf.models import MODEL_ARGS, get_skip_mask
+from ela_hf.pruning import EbqmSelector
+from ela_hf.training import (
+    EpochTimerCallback,
+    ImageClassificationTransform,
+    PaperSchedule,
+    RecipeArguments,
+    build_transforms,
+    card_settings,
+    check_labels,
+    class_names,
+    collate_image_batch,
+    compute_accuracy,
+    create_sgd,
+    create_step_scheduler,
+    format_summary,
+    hub_dataset_id,
+    load_image_dataset,
+    log_rank_result,
+    release_name,
+    resolve_checkpoint,
+    resolve_columns,
+    resolve_schedule,
+    scale_learning_rate,
+    setup_logging,
+    split_train_eval,
+    top_k_predictions,
+    update_steps_per_epoch,
+    validate_recipe_arguments,
+)
+
+logger = logging.getLogger(__name__)
+
+PRUNING_PRESET = ElaPruningCallback.imagenet()
+PAPER_SCHEDULE = PaperSchedule(
+    epochs=100, lr_decay_epochs=(30, 60, 90), warmup_epochs=3, kl_windows=tuple(PRUNING_PRESET.windows)
+)
+PAPER_DEFAULTS = dict(
+    model="ela_resnet50",
+    dataset="ILSVRC/imagenet-1k",
+    learning_rate=0.1,
+    lr_batch_size=256,  # --learning_rate is per 256 images, scaled to the total batch size
+    per_device_train_batch_size=32,
+    per_device_eval_batch_size=64,
+    weight_decay=1e-4,
+    num_train_epochs=PAPER_SCHEDULE.epochs,
+    output_dir="outputs/imagenet",
+    eval_strategy="epoch",
+    save_strategy="epoch",
+    save_total_limit=2,
+    logging_steps=100,
+    dataloader_num_workers=8,
+    # the dataset yields image/label columns that set_transform turns into pixel_values/labels
+    remove_unused_columns=False,
+)
+
+
+def main(argv=None):
+    # ---------------------------------------------------------------------------------------------
+    # 1. arguments: ours + TrainingArguments, with the paper's defaults; bad ones fail here
+    parser = HfArgumentParser((RecipeArguments, TrainingArguments))
+    parser.set_defaults(**PAPER_DEFAULTS)
+    args, training_args = parser.parse_args_into_dataclasses(argv)
+    setup_logging(logger, training_args)
+    validate_recipe_arguments(args)
+    has_attention = MODEL_ARGS[args.model]["attn_type"] is not None
+    resolve_schedule(PAPER_SCHEDULE, args, training_args.num_train_epochs, training_args.max_steps,
+                     has_attention=has_attention)
+    checkpoint = resolve_checkpoint(training_args)
+    # the release is the slim export pushed at the end, not the Trainer's full training checkpoints
+    push_repo = (training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
+                 if training_args.push_to_hub else None)
+    training_args.push_to_hub = False
+
+    # ---------------------------------------------------------------------------------------------
+    # 2. data: timm's data config of the model, ImageNet augmentation
+    pretrained_cfg = timm.models.get_pretrained_cfg(args.model).to_dict()
+    if args.image_size is not None:
+        pretrained_cfg["input_size"] = (3, args.image_size, args.image_size)
+    data_config = timm.data.resolve_data_config(pretrained_cfg=pretrained_cfg)
+    # the main process fills the datasets cache first; the others then read it
+    with training_args.main_process_first(desc="loading the dataset"):
+        data = load_image_dataset(args.dataset, args.dataset_config, image_size=data_config["input_size"][-1])
+        train_ds, eval_ds, eval_name = split_train_eval(
+            data, args.train_split, args.eval_split, args.eval_fraction, seed=training_args.seed
+        )
+    image_column, label_column = resolve_columns(train_ds, args.image_column, args.label_column)
+    resolve_columns(eval_ds, image_column, label_column)
+    labels = class_names(train_ds, label_column)
+    check_labels(eval_ds, label_column, len(labels), eval_name)
+    if args.max_train_samples is not None:
+        train_ds = train_ds.select(range(min(args.max_train_samples, len(train_ds))))
+    if args.max_eval_samples is not None:
+        eval_ds = eval_ds.select(range(min(args.max_eval_samples, len(eval_ds))))
+    train_transform, eval_transform = build_transforms(data_config, "imagenet", hflip=args.hflip)
+    train_ds.set_transform(ImageClassificationTransform(train_transform, image_column, label_column))
+    eval_ds.set_transform(ImageClassificationTransform(eval_transform, image_column, label_column))
+    steps_per_epoch = update_steps_per_epoch(
+        len(train_ds), training_args.per_device_train_batch_size, training_args.world_size,
+        training_args.gradient_accumulation_steps, training_args.dataloader_drop_last,
+    )
+    schedule = resolve_schedule(PAPER_SCHEDULE, args, training_args.num_train_epochs, training_args.max_steps,
+                                steps_per_epoch, has_attention=has_attention)
+    logger.info(f"{args.dataset}: {len(train_ds)} training images, {len(eval_ds)} from {eval_name!r}, "
+                f"{len(labels)} classes; input {data_config['input_size']}")
+    logger.info(f"schedule: {schedule.describe()}")
+
+    # ---------------------------------------------------------------------------------------------
+    # 3. model: the timm network inside a transformers PreTrainedModel (save_pretrained, Hub, pipelines)
+    transformers.set_seed(training_args.seed)
+    config = ElaConfig(
+        architecture=args.model,
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+        drop_path_rate=args.drop_path_rate,
+        pretrained_cfg=pretrained_cfg,
+    )
+    model = ElaForImageClassification(config)
+
+    # ---------------------------------------------------------------------------------------------
+    # 4. optimizer, step schedule, pruning windows
+    total_batch_size = (training_args.per_device_train_batch_size * training_args.world_size
+                        * training_args.gradient_accumulation_steps)
+    learning_rate = scale_learning_rate(training_args.learning_rate, args.lr_batch_size, total_batch_size)
+    optimizer = create_sgd(model, learning_rate, args.momentum, training_args.weight_decay)
+    scheduler = create_step_scheduler(optimizer, steps_per_epoch, schedule.warmup_epochs,
+                                      schedule.lr_decay_epochs, args.lr_decay_rate)
+    timer = EpochTimerCallback()
+    callbacks = [timer]
+    selector = None
+    if schedule.kl_windows:
+        preset = PRUNING_PRESET.selector
+        selector = EbqmSelector(
+            q=_given(args.ebqm_q, preset.q), alpha=_given(args.ebqm_alpha, preset.alpha),
+            beta=_given(args.ebqm_beta, preset.beta), tau=_given(args.ebqm_tau, preset.tau),
+        )
+        callbacks.append(ElaPruningCallback(schedule.kl_windows, selector, schedule.window_unit))
+
+    # ---------------------------------------------------------------------------------------------
+    # 5. train
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=collate_image_batch,
+        compute_metrics=compute_accuracy,
+        preprocess_logits_for_metrics=top_k_predictions,
+        optimizers=(optimizer, scheduler),
+        callbacks=callbacks,
+    )
+    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model()
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+    trainer.save_state()
+
+    # ---------------------------------------------------------------------------------------------
+    # 6. evaluate, export the slim release with its model card, push, summarise
+    metrics = trainer.evaluate()
+    trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics)
+    skip_mask = get_skip_mask(model) if has_attention else None
+    log_rank_result(logger, training_args, metrics, model)
+    export_dir = args.export_dir or os.path.join(training_args.output_dir, "export")
+    if trainer.is_world_process_zero():
+        history = os.path.join(training_args.output_dir, "pruning_history.json")
+        export_kwargs = dict(
+            pruning_history=history if os.path.exists(history) else None,
+            training_args=card_settings("imagenet", args, training_args, schedule, learning_rate, total_batch_size,
+                                        selector),
+            metrics={k: v for k, v in metrics.items() if k in ("eval_top1", "eval_top5", "eval_loss")},
+            dataset=hub_dataset_id(args.dataset),
+            id2label=config.id2label,
+            model_name=release_name(args.model, args.dataset),
+        )
+        export_pruned(model, export_dir, overwrite=True, **export_kwargs)
+        if push_repo is not None:
+            push_pruned_to_hub(model, push_repo, token=training_args.hub_token,
+                               private=training_args.hub_private_repo, **export_kwargs)
+            logger.info(f"pushed the slim release to {push_repo}")
+        print(format_summary(args.model, args.dataset, metrics, len(eval_ds), skip_mask, timer.records,
+                             export_dir))
+    trainer.accelerator.wait_for_everyone()
+    return metrics
+
+
+def _given(value, default):
+    return default if value is None else value
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Run by tests/test_callback_multiprocess.py under ``accelerate launch --multi_gpu --num_processes 2``.
+
+Run A trains the tiny model with two step windows, gradient accumulation, evaluation inside a window and
+a checkpoint inside window 2; run B resumes from that checkpoint. Each rank writes what it saw, recorded
+and decided to ``<out>/rank<r>.json`` for the test to compare.
+"""
+import json
+import os
+import sys
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+from transformers import Trainer
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pruning_toy import RandomImages, TinyElaClassifier, training_args  # noqa: E402
+
+import ela_hf  # noqa: E402
+from ela_hf.models import attention_layers  # noqa: E402
+from ela_hf.pruning import ElaPruningCallback  # noqa: E402
+
+WINDOWS = [(2, 3), (5, 6)]
+
+
+def tap_recorded_kl(model, tally):
+    """Count what each attention layer accumulates on this rank, independently of its buffers."""
+    names = {id(m): n for n, m in model.named_modules()}
+    for _, _, blk in attention_layers(model):
+        original = blk.attn._accumulate
+
+        def tapped(d, _name=names[id(blk)], _original=original):
+            entry = tally.setdefault(_name, [0.0, 0])
+            entry[0] += float(d.double().sum())
+            entry[1] += int(d.shape[0])
+            _original(d)
+
+        blk.attn._accumulate = tapped
+
+
+class SpyingPruningCallback(ElaPruningCallback):
+    """Keeps this rank's own (unreduced) totals, and the independent tally, at each reduction."""
+
+    def __init__(self, *args, tally=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tally = tally if tally is not None else {}
+        self.local_at_decisions = []
+        self.tally_at_decisions = []
+        self.local_at_snapshots = {}  # global step -> totals
+        self._step = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._step = state.global_step
+        return super().on_step_end(args, state, control, **kwargs)
+
+    def _decide(self, state):
+        self._drain()
+        self.local_at_decisions.append(self._totals.tolist())
+        self.tally_at_decisions.append({k: list(v) for k, v in self.tally.items()})
+        self.tally.clear()
+        super()._decide(state)
+
+    def _take_snapshot(self):
+        self._drain()
+        self.local_at_snapshots[self._step] = self._totals.tolist()
+        super()._take_snapshot()
+
+
+def run(out_dir, name, resume_from=None):
+    model = TinyElaClassifier()
+    tally = {}
+    tap_recorded_kl(model, tally)
+    callback = SpyingPruningCallback(windows=WINDOWS, window_unit="step", tally=tally)
+    args = training_args(
+        os.path.join(out_dir, name),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=8,
+        eval_strategy="steps",
+        eval_steps=2,  # step 2 evaluates inside window 1: not recorded, and a reduction point
+        save_strategy="steps",
+        save_steps=5,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=RandomImages(n=64),
+        eval_dataset=RandomImages(n=8, seed=1),
+        callbacks=[callback],
+    )
+    trainer.train(resume_from_checkpoint=resume_from)
+    return trainer, model, callback
+
+
+def main(out_dir):
+    trainer, model, callback = run(out_dir, "a")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        callback._check_ddp(SimpleNamespace(ddp_find_unused_parameters=False, ddp_static_graph=None))
+        ddp_check_raised = False
+    except ValueError:
+        ddp_check_raised = True
+
+    _, model_b, callback_b = run(out_dir, "b", resume_from=os.path.join(out_dir, "a", "checkpoint-5"))
+    result = {
+        "rank": rank,
+        "world_size": world,
+        "ddp": isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel),
+        "seen_indices": model.seen_indices,
+        "mask": ela_hf.get_skip_mask(model),
+        "history": callback.history,
+        "local_at_decisions": callback.local_at_decisions,
+        "tally_at_decisions": callback.tally_at_decisions,
+        "local_at_snapshots": callback.local_at_snapshots,
+        "ddp_check_raised": ddp_check_raised,
+        "resumed_mask": ela_hf.get_skip_mask(model_b),
+        "resumed_history": callback_b.history,
+    }
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

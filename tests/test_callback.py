@@ -1,0 +1,388 @@
+"""ElaPruningCallback in real (tiny) Trainer runs on CPU: windows, decisions, logs, history, resume."""
+import json
+import os
+
+import pytest
+import timm
+import torch
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+import ela_hf
+from ela_hf.models import attention_layers
+from ela_hf.pruning import EbqmSelector, ElaPruningCallback, FixedCountSelector, ThresholdSelector
+
+from pruning_toy import RandomImages, TinyElaClassifier, training_args
+
+
+def tap_recorded_kl(model):
+    """Independent record of what each attention layer accumulates: {block name: [sum, count]}."""
+    tally = {}
+    names = {id(m): n for n, m in model.named_modules()}
+    for _, j, blk in attention_layers(model):
+        if blk.attn is None:
+            continue
+        name = names[id(blk)]
+        original = blk.attn._accumulate
+
+        def tapped(d, _name=name, _original=original):
+            entry = tally.setdefault(_name, [0.0, 0])
+            entry[0] += float(d.double().sum())
+            entry[1] += int(d.shape[0])
+            _original(d)
+
+        blk.attn._accumulate = tapped
+    return tally
+
+
+class LogCatcher(TrainerCallback):
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+def pruning_keys(entry):
+    return {k for k in entry if k.startswith("ela_pruning/")}
+
+
+# ------------------------------------------------------------------------------------------------
+# a real Trainer run with step windows
+def test_trainer_run_with_step_windows_prunes_logs_and_writes_history(tmp_path):
+    model = TinyElaClassifier()
+    tally = tap_recorded_kl(model)
+    windows_seen = []
+
+    class WindowSpy(TrainerCallback):
+        # after ElaPruningCallback in the list: sees each window's tally just after the decision
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step in (3, 6):
+                windows_seen.append({k: list(v) for k, v in tally.items()})
+                tally.clear()
+
+    callback = ElaPruningCallback(windows=[(2, 3), (5, 6)], window_unit="step")
+    catcher = LogCatcher()
+    args = training_args(
+        tmp_path,
+        max_steps=6,
+        gradient_accumulation_steps=2,
+        eval_strategy="steps",
+        eval_steps=2,  # evaluates inside window 1 (step 2): those batches must not count
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=RandomImages(n=32),
+        eval_dataset=RandomImages(n=8, seed=1),
+        callbacks=[callback, WindowSpy(), catcher],
+    )
+    trainer.train()
+
+    history = callback.history
+    assert [h["window"] for h in history] == [1, 2]
+    assert [h["global_step"] for h in history] == [3, 6]
+    names_1 = [e["name"] for e in history[0]["layers"]]
+    assert names_1 == ["backbone.layer1.1", "backbone.layer2.1", "backbone.layer3.1"]
+    for h, seen in zip(history, windows_seen):
+        for e in h["layers"]:
+            # 2 optimizer steps x 2 micro-batches x 4 images; evaluation batches are not counted
+            assert e["samples"] == 16
+            s, c = seen[e["name"]]
+            assert c == 16 and e["d_t"] == pytest.approx(s / c, rel=1e-6)
+        d = [e["d_t"] for e in h["layers"]]
+        assert EbqmSelector().select(d) == [e["skip"] for e in h["layers"]]
+        assert sum(e["skip"] for e in h["layers"]) == 1  # one candidate per window here (see selectors docs)
+    # window 2 only measures the layers still active after window 1
+    skipped_1 = history[0]["skipped_now"]
+    assert [e["name"] for e in history[1]["layers"]] == [n for n in names_1 if n not in skipped_1]
+
+    mask = ela_hf.get_skip_mask(model)
+    assert mask == history[-1]["skip_mask"]
+    assert sum(map(sum, mask)) == 2
+    assert history[-1]["active_layers_per_stage"] == [sum(not s for s in st) for st in mask]
+    for _, _, blk in attention_layers(model):  # recording is off after the last window
+        assert blk.attn is None or blk.attn.recording is False
+
+    with open(tmp_path / "pruning_history.json") as f:
+        on_disk = json.load(f)
+    assert on_disk["decisions"] == history
+    assert on_disk["windows"] == [[2, 3], [5, 6]] and on_disk["window_unit"] == "step"
+    assert on_disk["selector"] == EbqmSelector().to_dict()
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+    # Trainer logs: one entry per decision at its step, merged with that step's training log
+    entries = [e for e in trainer.state.log_history if "ela_pruning/window" in e]
+    assert [(e["step"], e["ela_pruning/window"]) for e in entries] == [(3, 1.0), (6, 2.0)]
+    for e, h in zip(entries, history):
+        assert "loss" in e
+        for layer in h["layers"]:
+            assert e[f"ela_pruning/d_t/{layer['name']}"] == layer["d_t"]
+            assert e[f"ela_pruning/skip/{layer['name']}"] == float(layer["skip"])
+        for i, n in enumerate(h["active_layers_per_stage"]):
+            assert e[f"ela_pruning/active_layers/stage{i}"] == n
+    # and callbacks after this one (progress printers, loggers placed after it) receive them
+    assert [pruning_keys(e) for e in catcher.logs if pruning_keys(e)] == [pruning_keys(e) for e in entries]
+
+
+def test_trainer_run_with_epoch_windows_in_bf16(tmp_path):
+    model = TinyElaClassifier()
+    callback = ElaPruningCallback(windows=[(1, 1), (2, 2)], selector=FixedCountSelector(1), window_unit="epoch")
+    args = training_args(tmp_path, max_steps=-1, num_train_epochs=2, bf16=True)
+    trainer = Trainer(model=model, args=args, train_dataset=RandomImages(n=16), callbacks=[callback])
+    trainer.train()
+    # 4 steps per epoch: decisions at the last step of epochs 1 and 2, over the whole epoch
+    assert [(h["global_step"], h["epoch"]) for h in callback.history] == [(4, 1.0), (8, 2.0)]
+    for h in callback.history:
+        for e in h["layers"]:
+            assert e["samples"] == 16
+            assert e["d_t"] is not None and e["d_t"] >= 0.0  # finite: KL accumulated in float32 under autocast
+    assert sum(map(sum, ela_hf.get_skip_mask(model))) == 2
+    for _, j, blk in attention_layers(model):
+        if blk.attn is not None:
+            assert blk.attn.kl_sum.dtype == torch.float32
+
+
+def test_transformers_model_is_pruned_and_exported_with_its_history(tmp_path):
+    from ela_hf import ElaConfig, ElaForImageClassification
+
+    class Images(RandomImages):
+        def __getitem__(self, i):  # the transformers model takes pixel_values and labels only
+            item = super().__getitem__(i)
+            return {"pixel_values": item["pixel_values"], "labels": item["labels"]}
+
+    torch.manual_seed(0)
+    model = ElaForImageClassification(ElaConfig(architecture="ela_resnet20_cifar", num_labels=4))
+    callback = ElaPruningCallback(windows=[(1, 2)], window_unit="step")
+    args = training_args(tmp_path / "run", max_steps=3, save_strategy="steps", save_steps=3)
+    Trainer(model=model, args=args, train_dataset=Images(n=16), callbacks=[callback]).train()
+
+    (decision,) = callback.history
+    assert [e["name"] for e in decision["layers"]] == ["timm_model.layer1.1", "timm_model.layer2.1", "timm_model.layer3.1"]
+    mask = ela_hf.get_skip_mask(model)
+    assert mask == decision["skip_mask"] and sum(map(sum, mask)) == 1
+    saved = json.loads((tmp_path / "run" / "checkpoint-3" / "config.json").read_text())
+    assert saved["skip_mask"] == mask
+
+    # the hub side reads the file this callback wrote
+    history = ela_hf.load_pruning_history(tmp_path / "run" / "pruning_history.json")
+    (window,) = history["windows"]
+    assert [(e["stage"], e["block"], e["skip"]) for e in window["layers"]] == [
+        (e["stage"], e["block"], e["skip"]) for e in decision["layers"]
+    ]
+    assert [e["d"] for e in window["layers"]] == pytest.approx([e["d_t"] for e in decision["layers"]])
+
+
+def test_window_past_the_end_of_training_raises_at_train_begin(tmp_path):
+    model = TinyElaClassifier()
+    step_cb = ElaPruningCallback(windows=[(2, 3), (5, 9)], window_unit="step")
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=6), train_dataset=RandomImages(), callbacks=[step_cb])
+    with pytest.raises(ValueError, match=r"\(5, 9\) ends after the end of training \(max_steps = 6"):
+        trainer.train()
+
+    epoch_cb = ElaPruningCallback(windows=[(1, 1), (3, 3)], window_unit="epoch")
+    args = training_args(tmp_path, max_steps=-1, num_train_epochs=2)
+    trainer = Trainer(model=model, args=args, train_dataset=RandomImages(n=8), callbacks=[epoch_cb])
+    with pytest.raises(ValueError, match=r"\(3, 3\) ends after the end of training \(num_train_epochs = 2"):
+        trainer.train()
+
+
+def test_model_without_layer_attention_raises_at_train_begin(tmp_path):
+    class Plain(TinyElaClassifier):
+        def __init__(self):
+            super().__init__(model_name="resnet20_cifar")
+
+    trainer = Trainer(
+        model=Plain(),
+        args=training_args(tmp_path, max_steps=2),
+        train_dataset=RandomImages(n=8),
+        callbacks=[ElaPruningCallback(windows=[(1, 1)], window_unit="step")],
+    )
+    with pytest.raises(ValueError, match="no layer-attention"):
+        trainer.train()
+
+
+# ------------------------------------------------------------------------------------------------
+# resume_from_checkpoint, also inside a window
+def _resume_setup(tmp_path, name, **overrides):
+    callback = ElaPruningCallback(windows=[(2, 4), (6, 7)], window_unit="step")
+    model = TinyElaClassifier()
+    args = training_args(tmp_path / name, max_steps=8, save_strategy="steps", save_steps=3, **overrides)
+    trainer = Trainer(model=model, args=args, train_dataset=RandomImages(n=32), callbacks=[callback])
+    return trainer, model, callback
+
+
+def _assert_same_decisions(history_a, history_b):
+    assert len(history_a) == len(history_b)
+    for a, b in zip(history_a, history_b):
+        assert {k: v for k, v in a.items() if k != "layers"} == {k: v for k, v in b.items() if k != "layers"}
+        for la, lb in zip(a["layers"], b["layers"]):
+            assert {k: v for k, v in la.items() if k != "d_t"} == {k: v for k, v in lb.items() if k != "d_t"}
+            assert la["d_t"] == pytest.approx(lb["d_t"], rel=1e-5)
+
+
+def _current_callback(trainer):
+    return next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, ElaPruningCallback))
+
+
+def test_resume_inside_windows_ends_with_the_same_mask_and_decisions(tmp_path):
+    trainer_a, model_a, callback_a = _resume_setup(tmp_path, "a")
+    trainer_a.train()
+    mask_a = ela_hf.get_skip_mask(model_a)
+    assert len(callback_a.history) == 2 and sum(map(sum, mask_a)) == 2
+
+    # checkpoint-3 lies inside window 1 (steps 2-4): its partial sums over steps 2-3 were saved
+    state_3 = json.load(open(tmp_path / "a" / "checkpoint-3" / "trainer_state.json"))
+    saved = state_3["stateful_callbacks"]["ElaPruningCallback"]["attributes"]
+    assert saved["partial_window"] == 0 and saved["windows_done"] == 0
+    assert [e["count"] for e in saved["partial_kl"]] == [8.0, 8.0, 8.0]  # 2 steps x 4 images
+
+    trainer_b, model_b, callback_b = _resume_setup(tmp_path, "b")
+    trainer_b.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+    assert ela_hf.get_skip_mask(model_b) == mask_a
+    _assert_same_decisions(callback_a.history, _current_callback(trainer_b).history)
+    assert [e["samples"] for e in _current_callback(trainer_b).history[0]["layers"]] == [12, 12, 12]
+    assert json.load(open(tmp_path / "b" / "pruning_history.json"))["decisions"] == _current_callback(trainer_b).history
+
+    # checkpoint-6: window 1 decided (its mask is in the weights), window 2 (steps 6-7) half recorded.
+    # With restore_callback_states_from_checkpoint the Trainer rebuilds the callback from the checkpoint.
+    trainer_c, model_c, callback_c = _resume_setup(tmp_path, "c", restore_callback_states_from_checkpoint=True)
+    trainer_c.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-6"))
+    restored = _current_callback(trainer_c)
+    assert restored is not callback_c  # the Trainer's restore path rebuilt it from the JSON args
+    assert ela_hf.get_skip_mask(model_c) == mask_a
+    assert [h["window"] for h in restored.history] == [1, 2]  # window 1 not decided again
+    _assert_same_decisions(callback_a.history, restored.history)
+
+
+def test_resume_mid_epoch_inside_an_epoch_window(tmp_path):
+    def setup(name):
+        callback = ElaPruningCallback(windows=[(1, 2)], window_unit="epoch")
+        model = TinyElaClassifier()
+        args = training_args(tmp_path / name, max_steps=-1, num_train_epochs=3, save_strategy="steps", save_steps=6)
+        trainer = Trainer(model=model, args=args, train_dataset=RandomImages(n=16), callbacks=[callback])
+        return trainer, model, callback
+
+    trainer_a, model_a, callback_a = setup("a")
+    trainer_a.train()
+    trainer_b, model_b, callback_b = setup("b")  # checkpoint-6: half way through epoch 2 of window 1-2
+    trainer_b.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-6"))
+    assert [(h["global_step"], h["epoch"]) for h in callback_b.history] == [(8, 2.0)]
+    assert [e["samples"] for e in callback_b.history[0]["layers"]] == [32, 32, 32]  # both epochs, 16 images each
+    _assert_same_decisions(callback_a.history, callback_b.history)
+    assert ela_hf.get_skip_mask(model_b) == ela_hf.get_skip_mask(model_a)
+
+
+def test_resume_with_a_different_configuration_raises(tmp_path):
+    model = timm.create_model("ela_resnet20_cifar", num_classes=4)
+    original = ElaPruningCallback(windows=[(2, 4)], window_unit="step")
+    state = TrainerState(global_step=3, max_steps=8, stateful_callbacks=[original])
+    changed = ElaPruningCallback(windows=[(2, 5)], window_unit="step")
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    with pytest.raises(ValueError, match="resume with the same windows"):
+        changed.on_train_begin(args, state, TrainerControl(), model=model)
+
+
+# ------------------------------------------------------------------------------------------------
+# driving the events by hand: torch.compile and half-precision models
+def _manual_steps(callback, model, forward, steps, tmp_path, on_step=None):
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    state, control = TrainerState(max_steps=steps, num_train_epochs=1), TrainerControl()
+    callback.on_train_begin(args, state, control, model=model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    for _ in range(steps):
+        callback.on_step_begin(args, state, control)
+        forward(x).float().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        state.global_step += 1
+        callback.on_step_end(args, state, control)
+        if on_step is not None:
+            on_step(state.global_step)
+
+
+def test_torch_compile_recompiles_at_window_changes_only(tmp_path):
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(len(gm.graph.nodes))
+        return gm.forward
+
+    # one stage of three blocks keeps dynamo's tracing short
+    model = timm.create_model("ela_resnet20_cifar", num_classes=4, layers=(3,), channels=(16,))
+    compiled = torch.compile(model, backend=counting_backend)
+    callback = ElaPruningCallback(windows=[(1, 2)], selector=FixedCountSelector(1), window_unit="step")
+    per_step = []
+    _manual_steps(callback, model, compiled, 4, tmp_path, on_step=lambda s: per_step.append(len(compiles)))
+    assert sum(map(sum, ela_hf.get_skip_mask(model))) == 1
+    assert [e["samples"] for e in callback.history[0]["layers"]] == [4, 4]
+    # step 1 compiles (recording on), step 2 reuses it, step 3 compiles once for the new mask, step 4 reuses
+    assert per_step[1] == per_step[0] and per_step[3] == per_step[2]
+    assert per_step[2] == per_step[1] + 1
+
+
+def test_statistics_stay_float32_for_a_bfloat16_model(tmp_path):
+    model = timm.create_model("ela_resnet20_cifar", num_classes=4).to(torch.bfloat16)
+    callback = ElaPruningCallback(windows=[(1, 2)], selector=ThresholdSelector(tau=0.5), window_unit="step")
+    dtypes = []
+
+    def forward(x):
+        # the non-first layers are the ones that accumulate (a stage's first layer has no predecessor)
+        dtypes.append({blk.attn.kl_sum.dtype for _, j, blk in attention_layers(model) if j > 0 and not blk.is_skipped})
+        return model(x.to(torch.bfloat16))
+
+    _manual_steps(callback, model, forward, 2, tmp_path)
+    assert dtypes == [{torch.float32}, {torch.float32}]
+    d = [e["d_t"] for e in callback.history[0]["layers"]]
+    assert all(v is not None and v >= 0.0 for v in d)
+
+
+# ------------------------------------------------------------------------------------------------
+# construction
+def test_presets_carry_the_paper_settings():
+    cifar, imagenet, detection = ElaPruningCallback.cifar(), ElaPruningCallback.imagenet(), ElaPruningCallback.detection()
+    assert cifar.windows == [(1, 3), (45, 48), (91, 93)]
+    assert cifar.selector == EbqmSelector(q=0.5, alpha=5, beta=1, tau=0.3)
+    assert imagenet.windows == [(1, 3), (51, 53)]
+    assert imagenet.selector == EbqmSelector(q=0.5, alpha=2, beta=5, tau=0.25)
+    assert detection.windows == [(1, 1), (7, 7)]
+    assert detection.selector == EbqmSelector(q=0.5, alpha=2, beta=5, tau=0.2)
+    assert {cb.window_unit for cb in (cifar, imagenet, detection)} == {"epoch"}
+    assert ElaPruningCallback.cifar(q=0.3).selector.q == 0.3
+    assert ela_hf.ElaPruningCallback is ElaPruningCallback
+    # DESIGN.md's spelling gives the same presets
+    assert ElaPruningCallback.for_imagenet().windows == imagenet.windows
+    assert ElaPruningCallback.for_imagenet(q=0.4).selector == EbqmSelector(q=0.4, alpha=2, beta=5, tau=0.25)
+    assert ElaPruningCallback.for_cifar().selector == cifar.selector
+    assert ElaPruningCallback.for_detection().windows == detection.windows
+
+
+def test_callback_rebuilds_from_its_exported_state():
+    cb = ElaPruningCallback(windows=[(1, 2), (5, 5)], selector=ThresholdSelector(tau=0.4), window_unit="step")
+    exported = json.loads(json.dumps(cb.state()))  # what trainer_state.json holds
+    rebuilt = ElaPruningCallback(**exported["args"])
+    assert rebuilt.windows == cb.windows and rebuilt.selector == cb.selector and rebuilt.window_unit == "step"
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(windows=[]), "windows is empty"),
+        (dict(windows=[(3, 2)]), "reversed"),
+        (dict(windows=[(1, 3), (3, 5)]), "overlap"),
+        (dict(windows=[(1, 5), (2, 3)]), "overlap"),
+        (dict(windows=[(5, 6), (1, 2)]), "increasing order"),
+        (dict(windows=[(0, 2)]), "1-indexed"),
+        (dict(windows=[(1.0, 2)]), "integers"),
+        (dict(windows=[(True, 2)]), "integers"),
+        (dict(windows=[(1, 2, 3)]), r"\(start, end\) pair"),
+        (dict(windows=[1, 2]), r"\(start, end\) pair"),
+        (dict(windows="1-3"), "list of"),
+        (dict(windows=[(1, 2)], window_unit="batch"), "window_unit"),
+        (dict(windows=[(1, 2)], selector="ebqm"), "selector"),
+        (dict(windows=[(1, 2)], selector={"name": "nope"}), "unknown selector"),
+    ],
+)
+def test_invalid_callback_parameters_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ElaPruningCallback(**kwargs)

@@ -1,0 +1,151 @@
+"""Slim releases (`ela_hf.export_pruned`): both front doors, atomic writes, and the errors bad checkpoints give."""
+import json
+
+import pytest
+import timm
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForImageClassification
+
+import ela_hf
+import ela_hf.hub
+from ela_hf import ElaConfig, ElaForImageClassification
+
+ARCH = "ela_resnet20_cifar"
+MASK = [[False, True], [False, False], [False, True]]
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+
+
+def _pruned_timm_model(arch=ARCH, mask=MASK):
+    torch.manual_seed(0)
+    model = timm.create_model(arch, num_classes=10)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 32, 32))
+    model.set_skip_mask(mask)
+    return model.eval()
+
+
+def _keys(folder):
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        return set(f.keys())
+
+
+@pytest.mark.parametrize("arch", [ARCH, "ela_l_resnet20_cifar"])
+def test_slim_release_round_trips_through_both_front_doors(tmp_path, images, arch):
+    model = _pruned_timm_model(arch)
+    expected = model(images)
+    out = ela_hf.export_pruned(model, tmp_path / "release")
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+    keys = _keys(out)
+    assert not any(k.startswith(("layer1.1.attn.", "layer3.1.attn.")) for k in keys), "skipped layers are not in the file"
+    assert "layer2.1.attn.wv.weight" in keys and "layer1.1.attn_skipped" in keys
+    assert keys == set(ela_hf.models.slim_state_dict(model))
+    config = json.loads((out / "config.json").read_text())
+    assert config["skip_mask"] == MASK and config["model_args"]["skip_mask"] == MASK
+    assert config["architecture"] == arch and config["model_type"] == "ela"
+
+    via_hf = AutoModelForImageClassification.from_pretrained(out).eval()
+    via_timm = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    for net in (via_hf.timm_model, via_timm):
+        assert net.layer1[1].attn is None and net.layer3[1].attn is None, "the reduced model is built"
+        assert net.layer2[1].attn is not None
+    assert via_hf.config.is_slim and via_hf.skip_mask == MASK
+    torch.testing.assert_close(via_hf(images).logits, expected, rtol=0, atol=0)
+    torch.testing.assert_close(via_timm(images), expected, rtol=0, atol=0)
+    # the release has fewer parameters than the training model, by exactly the skipped attention layers
+    skipped = sum(p.numel() for s, b in ((0, 1), (2, 1)) for p in model.stages[s][b].attn.parameters())
+    assert sum(p.numel() for p in via_timm.parameters()) == sum(p.numel() for p in model.parameters()) - skipped
+
+
+def test_export_from_the_transformers_model_and_reexport_of_a_slim_model(tmp_path, images):
+    torch.manual_seed(0)
+    model = ElaForImageClassification(ElaConfig(architecture=ARCH, id2label={0: "a", 1: "b"})).eval()
+    model.set_skip_mask([[False, True], [False, False], [False, False]])
+    out = ela_hf.export_pruned(model, tmp_path / "first")
+    slim = AutoModelForImageClassification.from_pretrained(out).eval()
+    assert slim.config.id2label == {0: "a", 1: "b"}
+    # prune the slim model further in place, then release again: both masks end up structural
+    slim.set_skip_mask(MASK)
+    expected = slim(images).logits
+    out2 = ela_hf.export_pruned(slim, tmp_path / "second")
+    again = AutoModelForImageClassification.from_pretrained(out2).eval()
+    assert again.skip_mask == MASK and again.timm_model.layer3[1].attn is None
+    torch.testing.assert_close(again(images).logits, expected, rtol=0, atol=0)
+
+
+def test_export_is_atomic_and_does_not_overwrite_by_accident(tmp_path, monkeypatch):
+    model = _pruned_timm_model()
+    target = tmp_path / "release"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # e.g. Ctrl-C while the weights are being written
+
+    monkeypatch.setattr(ela_hf.hub, "render_model_card", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ela_hf.export_pruned(model, target, verify=False)
+    assert list(tmp_path.iterdir()) == [], "no release folder and no leftover temporary folder"
+    monkeypatch.undo()
+
+    ela_hf.export_pruned(model, target, verify=False)
+    with pytest.raises(FileExistsError, match="already exists"):
+        ela_hf.export_pruned(model, target, verify=False)
+    (target / "stale.txt").write_text("from an older release")
+    ela_hf.export_pruned(model, target, overwrite=True, verify=False)
+    assert not (target / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["release"]
+
+
+def test_export_rejects_what_it_cannot_describe(tmp_path):
+    with pytest.raises(ValueError, match="expected a timm ELA model"):
+        ela_hf.export_pruned(torch.nn.Linear(2, 2), tmp_path / "x")
+    with pytest.raises(ValueError, match="id2label has 3 labels but the model has 10 classes"):
+        ela_hf.export_pruned(_pruned_timm_model(), tmp_path / "x", id2label={0: "a", 1: "b", 2: "c"})
+    assert not (tmp_path / "x").exists()
+
+
+def test_checkpoint_missing_weights_of_active_layers_is_an_error(tmp_path):
+    out = ela_hf.export_pruned(_pruned_timm_model(), tmp_path / "release", verify=False)
+    config = json.loads((out / "config.json").read_text())
+    # a slim file whose config lost its mask: the config says layer1.1's attention exists
+    config["skip_mask"] = None
+    config["model_args"].pop("skip_mask")
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"miss \d+ parameters the config says exist.*layer1\.1\.attn"):
+        AutoModelForImageClassification.from_pretrained(out)
+
+
+def test_config_and_weights_disagreeing_on_the_mask_is_an_error(tmp_path):
+    model = ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=2))
+    model.set_skip_mask(MASK)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["skip_mask"] = [[False, False]] * 3
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"disagree on which attention layers are skipped.*\(0, 1\)"):
+        AutoModelForImageClassification.from_pretrained(tmp_path)
+
+
+def test_corrupt_or_missing_weight_file_is_a_clear_error(tmp_path):
+    ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=2)).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated download
+    with pytest.raises(ValueError, match="model.safetensors is corrupt or truncated"):
+        AutoModelForImageClassification.from_pretrained(tmp_path)
+    weights.unlink()
+    with pytest.raises(ValueError, match="has a config.json but no weight file"):
+        AutoModelForImageClassification.from_pretrained(tmp_path)
+
+
+def test_mask_in_config_json_that_does_not_fit_is_a_clear_error(tmp_path):
+    ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=2)).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["skip_mask"] = [[False, True, True], [False, False], [False, False]]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="skip_mask does not fit the architecture: skip_mask stage 0 has 3 entries"):
+        AutoModelForImageClassification.from_pretrained(tmp_path)

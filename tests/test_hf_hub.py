@@ -1,0 +1,80 @@
+"""Push a slim release to a Hub-protocol server on 127.0.0.1 (tests/hub_server.py) and pull it back."""
+import pytest
+import timm
+import torch
+from huggingface_hub import HfApi, ModelCard
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+import ela_hf
+import ela_hf.hub
+
+MASK = [[False, True], [False, False], [False, True]]
+FILES = {".gitattributes", "README.md", "config.json", "model.safetensors", "pruning_history.json", "d_t_per_window.png"}
+HISTORY = {"windows": [{"epochs": [1, 3], "layers": [
+    {"stage": 0, "block": 1, "d": 0.001, "mapped": 0.0, "skip": True},
+    {"stage": 1, "block": 1, "d": 0.04, "mapped": 1.0, "skip": False},
+    {"stage": 2, "block": 1, "d": 0.002, "mapped": 0.1, "skip": True},
+]}]}
+
+
+def _pruned(mask=MASK, seed=0):
+    torch.manual_seed(seed)
+    model = timm.create_model("ela_resnet20_cifar", num_classes=10)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 32, 32))
+    model.set_skip_mask(mask)
+    return model.eval()
+
+
+def test_push_then_pull_through_both_front_doors(local_hub):
+    repo_id = f"{local_hub.user}/ela-r20-pruned"
+    model = _pruned()
+    images = torch.randn(2, 3, 32, 32)
+    expected = model(images)
+
+    commit = ela_hf.push_pruned_to_hub(model, repo_id, token=local_hub.token, pruning_history=HISTORY)
+    repo = local_hub.server.repo(repo_id)
+    history = repo.history("main")
+    assert len(history) == 2, "repository creation, then exactly one commit with the whole release"
+    assert commit.oid == history[0].sha
+    assert set(HfApi().list_repo_files(repo_id)) == FILES
+
+    via_hf = AutoModelForImageClassification.from_pretrained(repo_id).eval()
+    via_timm = timm.create_model(f"hf-hub:{repo_id}", pretrained=True).eval()
+    assert via_hf.skip_mask == MASK and via_hf.timm_model.layer1[1].attn is None
+    assert via_timm.skip_mask == MASK and via_timm.layer3[1].attn is None
+    torch.testing.assert_close(via_hf(images).logits, expected, rtol=0, atol=0)
+    torch.testing.assert_close(via_timm(images), expected, rtol=0, atol=0)
+    assert isinstance(AutoImageProcessor.from_pretrained(repo_id), ela_hf.ElaImageProcessor)
+    card = ModelCard.load(repo_id)
+    assert card.data.library_name == "timm" and f'"hf-hub:{repo_id}"' in card.text
+
+
+def test_revisions_keep_each_release(local_hub):
+    repo_id = f"{local_hub.user}/ela-r20-revisions"
+    first = _pruned(mask=[[False, True], [False, False], [False, False]])
+    ela_hf.push_pruned_to_hub(first, repo_id, token=local_hub.token, verify=False)
+    first_sha = local_hub.server.repo(repo_id).history("main")[0].sha
+    second = _pruned(mask=MASK, seed=1)
+    ela_hf.push_pruned_to_hub(second, repo_id, token=local_hub.token, revision="pruned-more", verify=False)
+
+    assert AutoModelForImageClassification.from_pretrained(repo_id).skip_mask == first.skip_mask
+    assert AutoModelForImageClassification.from_pretrained(repo_id, revision="pruned-more").skip_mask == MASK
+    # the commit sha of the first release still resolves after later pushes
+    pinned = AutoModelForImageClassification.from_pretrained(repo_id, revision=first_sha)
+    assert pinned.skip_mask == first.skip_mask
+    assert timm.create_model(f"hf-hub:{repo_id}@pruned-more", pretrained=True).skip_mask == MASK
+
+
+def test_failed_export_uploads_nothing(local_hub, monkeypatch):
+    repo_id = f"{local_hub.user}/ela-r20-broken"
+
+    def failing_card(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ela_hf.hub, "render_model_card", failing_card)
+    with pytest.raises(RuntimeError, match="disk full"):
+        ela_hf.push_pruned_to_hub(_pruned(), repo_id, token=local_hub.token, verify=False)
+    assert local_hub.server.count(method="POST", path_contains="/commit/") == 0
+    assert not HfApi().repo_exists(repo_id)

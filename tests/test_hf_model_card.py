@@ -1,0 +1,172 @@
+"""The model card rendered into every export: content, Hub metadata, the d_t plot, defensive history reading."""
+import json
+
+import pytest
+import timm
+import torch
+from huggingface_hub import ModelCard
+from PIL import Image
+
+import ela_hf
+
+MASK = [[False, True], [False, False], [False, True]]
+HISTORY = {
+    "selector": {"name": "ebqm", "q": 0.5, "alpha": 5, "beta": 1, "tau": 0.3},
+    "windows": [
+        {
+            "epochs": [1, 3],
+            "layers": [
+                {"stage": 0, "block": 1, "d": 0.00123, "mapped": 0.01, "skip": True},
+                {"stage": 1, "block": 1, "d": 0.0456, "mapped": 0.97, "skip": False},
+                {"stage": 2, "block": 1, "d": 0.0321, "mapped": 0.55, "skip": False},
+            ],
+        },
+        {
+            "epochs": [45, 48],
+            "layers": [
+                {"stage": 1, "block": 1, "d": 0.0512, "mapped": 0.99, "skip": False},
+                {"stage": 2, "block": 1, "d": 0.0021, "mapped": 0.02, "skip": True},
+                {"stage": 7},  # malformed entries are ignored, not fatal
+                "not a layer",
+            ],
+        },
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    torch.manual_seed(0)
+    model = timm.create_model("ela_resnet20_cifar", num_classes=10).eval()
+    model.set_skip_mask(MASK)
+    history_file = tmp_path_factory.mktemp("hist") / "pruning_history.json"
+    history_file.write_text(json.dumps(HISTORY))
+    out = tmp_path_factory.mktemp("rel") / "ela-r20-cifar10"
+    ela_hf.export_pruned(
+        model,
+        out,
+        pruning_history=history_file,
+        training_args={"num_train_epochs": 180, "learning_rate": 0.1, "per_device_train_batch_size": 128},
+        metrics={"eval_accuracy": 0.9312, "eval_loss": 0.25},
+        dataset="uoft-cs/cifar10",
+        repo_id="ela-hf/ela-r20-cifar10",
+        verify=False,
+    )
+    return out
+
+
+def test_card_metadata_is_valid_hub_metadata(release):
+    card = ModelCard.load(release / "README.md")  # huggingface_hub parses and validates the YAML block
+    data = card.data.to_dict()
+    assert data["library_name"] == "timm"
+    assert data["pipeline_tag"] == "image-classification"
+    assert data["license"] == "apache-2.0"
+    assert data["datasets"] == ["uoft-cs/cifar10"]
+    assert "accuracy" in data["metrics"]
+    assert {"timm", "transformers", "pruned", "mrla_b"} <= set(data["tags"])
+    results = card.data.eval_results
+    accuracy = next(r for r in results if r.metric_type == "accuracy")
+    assert accuracy.metric_value == 0.9312 and accuracy.dataset_type == "uoft-cs/cifar10"
+    assert accuracy.task_type == "image-classification"
+
+
+def test_card_describes_architecture_skips_history_training_and_usage(release):
+    text = (release / "README.md").read_text()
+    assert "`ela_resnet20_cifar` (MRLA-B layer attention)" in text
+    assert "| Attention layers skipped | 2 of 6 |" in text
+    # released parameter count: the reduced model timm builds from the folder
+    reduced = timm.create_model(f"local-dir:{release}", pretrained=True)
+    assert f"| Parameters | {sum(p.numel() for p in reduced.parameters()):,} " in text
+    # skipped layers per stage, with the window that skipped them
+    assert "| 0 | 2 | 1 | Window 1 (epochs 1-3) |" in text
+    assert "| 1 | 2 | none |  |" in text
+    assert "| 2 | 2 | 1 | Window 2 (epochs 45-48) |" in text
+    # the KL / EBQM table of every window
+    assert "### Window 2 (epochs 45-48)" in text
+    assert "| 0.1 | 0.00123 | 0.01 | yes |" in text
+    assert "| 2.1 | 0.0021 | 0.02 | yes |" in text
+    assert "name=ebqm, q=0.5, alpha=5, beta=1, tau=0.3" in text
+    assert "| num_train_epochs | 180 |" in text and "| eval_accuracy | 0.9312 |" in text
+    # usage snippets for both front doors, pointing at the repository
+    assert 'timm.create_model("hf-hub:ela-hf/ela-r20-cifar10", pretrained=True)' in text
+    assert 'AutoModelForImageClassification.from_pretrained("ela-hf/ela-r20-cifar10")' in text
+    assert "\n\n\n" not in text
+
+
+def test_plot_and_history_ship_with_the_release(release):
+    assert "![d_t per layer and window](d_t_per_window.png)" in (release / "README.md").read_text()
+    with Image.open(release / "d_t_per_window.png") as plot:
+        assert plot.format == "PNG" and plot.width >= 400
+    assert json.loads((release / "pruning_history.json").read_text()) == HISTORY
+
+
+def test_history_is_read_defensively():
+    history = ela_hf.load_pruning_history(HISTORY)
+    assert [w["label"] for w in history["windows"]] == ["Window 1 (epochs 1-3)", "Window 2 (epochs 45-48)"]
+    assert [(l["stage"], l["block"]) for l in history["windows"][1]["layers"]] == [(1, 1), (2, 1)]
+    bare = ela_hf.load_pruning_history([{"layers": [{"stage": 0, "block": 1, "d": "nan"}]}])
+    assert bare["windows"][0]["layers"][0]["d"] is None and bare["selector"] is None
+    assert ela_hf.load_pruning_history(None) is None
+
+
+# what ElaPruningCallback writes: the schedule under "windows", one record per finished window under "decisions"
+CALLBACK_HISTORY = {
+    "windows": [[1, 3], [45, 48], [91, 93]],
+    "selector": {"name": "ebqm", "q": 0.5, "alpha": 5.0, "beta": 1.0, "tau": 0.3},
+    "window_unit": "epoch",
+    "decisions": [
+        {
+            "window": 1, "unit": "epoch", "start": 1, "end": 3, "global_step": 1173, "epoch": 3.0, "quantile": 0.0214,
+            "layers": [
+                {"name": "layer1.1", "stage": 0, "block": 1, "d_t": 0.0012, "samples": 150000, "candidate": True,
+                 "mapped": 0.08, "skip": True},
+                {"name": "layer2.1", "stage": 1, "block": 1, "d_t": 0.0391, "samples": 150000, "candidate": False,
+                 "mapped": None, "skip": False},
+            ],
+            "skipped_now": ["layer1.1"], "active_layers_per_stage": [1, 2, 2],
+            "skip_mask": [[False, True], [False, False], [False, False]],
+        }
+    ],
+}
+
+
+def test_history_written_by_the_pruning_callback_is_understood(tmp_path):
+    history = ela_hf.load_pruning_history(CALLBACK_HISTORY)
+    assert len(history["windows"]) == 1, "the schedule pairs are not mistaken for decisions"
+    window = history["windows"][0]
+    assert window["label"] == "Window 1 (epochs 1-3)" and window["quantile"] == 0.0214
+    assert [(l["stage"], l["block"], l["d"], l["mapped"], l["skip"]) for l in window["layers"]] == [
+        (0, 1, 0.0012, 0.08, True),
+        (1, 1, 0.0391, None, False),
+    ]
+    model = timm.create_model("ela_resnet20_cifar", num_classes=10).eval()
+    model.set_skip_mask([[False, True], [False, False], [False, False]])
+    out = ela_hf.export_pruned(model, tmp_path / "release", pruning_history=CALLBACK_HISTORY, verify=False)
+    text = (out / "README.md").read_text()
+    assert "| 0 | 2 | 1 | Window 1 (epochs 1-3) |" in text
+    assert "| 0.1 | 0.0012 | 0.08 | yes |" in text and "| 1.1 | 0.0391 |  |  |" in text
+    assert "Quantile of the window's d_t values: 0.0214" in text
+    # a run that has not finished a window yet: schedule only, nothing to tabulate
+    assert ela_hf.load_pruning_history(dict(CALLBACK_HISTORY, decisions=[]))["windows"] == []
+    assert ela_hf.load_pruning_history({"windows": [[1, 3]], "selector": {}})["windows"] == []
+
+
+def test_bad_history_files_are_clear_errors(tmp_path):
+    broken = tmp_path / "pruning_history.json"
+    broken.write_text("{not json")
+    with pytest.raises(ValueError, match="pruning_history.json is not valid JSON"):
+        ela_hf.load_pruning_history(broken)
+    with pytest.raises(ValueError, match="the window records must be a list"):
+        ela_hf.load_pruning_history({"decisions": 3})
+    with pytest.raises(ValueError, match="expected an object with a 'decisions' or 'windows' list"):
+        ela_hf.load_pruning_history(42)
+
+
+def test_card_without_history_or_metrics_still_renders(tmp_path):
+    model = timm.create_model("ela_l_resnet20_cifar", num_classes=0).eval()  # a feature extractor
+    out = ela_hf.export_pruned(model, tmp_path / "plain", verify=False)
+    card = ModelCard.load(out / "README.md")
+    assert card.data.pipeline_tag == "image-feature-extraction"
+    assert "pruned" not in card.data.tags and card.data.datasets is None
+    assert "0 of 6" in card.text and "MRLA-L" in card.text and "Pruning history" not in card.text
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]

@@ -1,0 +1,258 @@
+"""transformers front door: config, models, image processor, and the one folder format both libraries read."""
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors import safe_open
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageClassification,
+    pipeline,
+)
+
+import ela_hf
+from ela_hf import ElaConfig, ElaForImageClassification, ElaImageProcessor, ElaModel
+
+ARCH = "ela_resnet20_cifar"
+MASK = [[False, True], [False, False], [False, True]]
+
+
+def _trained_bn(model):
+    """One training-mode pass so BatchNorm statistics differ from their init (outputs then depend on them)."""
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 32, 32))
+    return model.eval()
+
+
+def _weight_keys(folder):
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        return set(f.keys())
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def test_config_documents_and_validates_its_fields():
+    config = ElaConfig(architecture=ARCH, num_labels=10, skip_mask=MASK, drop_path_rate=0.2)
+    assert config.model_type == "ela"
+    assert config.num_labels == 10 and config.skip_mask == MASK and not config.is_slim
+    assert config.stage_sizes == [2, 2, 2]
+    assert config.pretrained_cfg["input_size"] == [3, 32, 32]
+    # default classes come from the architecture's timm cfg (CIFAR-100 nets)
+    assert ElaConfig(architecture=ARCH).num_labels == 100
+    for field in ("architecture", "num_labels", "skip_mask", "slim", "num_channels", "drop_path_rate", "model_args", "pretrained_cfg"):
+        assert f"{field} (`" in ElaConfig.__doc__, field
+    slim = ElaConfig(architecture=ARCH, skip_mask=MASK, slim=True)
+    assert slim.is_slim and slim.model_args["skip_mask"] == MASK
+    assert ElaConfig.from_dict(slim.to_dict()).to_dict() == slim.to_dict()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(architecture="resnet50"), "not an ela_hf layer-attention model"),
+        (dict(architecture=ARCH, skip_mask=[[False, True]] * 2), "has 2 stages but the architecture has 3"),
+        (dict(architecture=ARCH, skip_mask=[[False, True, False]] * 3), "stage 0 has 3 entries"),
+        (dict(architecture=ARCH, skip_mask=[[True, False]] * 3), "first block"),
+        (dict(architecture="resnet20_cifar", skip_mask=MASK), "no attention layers"),
+        (dict(architecture=ARCH, model_args={"skip_mask": MASK}), None),
+        (dict(architecture=ARCH, skip_mask=[[False, False]] * 3, model_args={"skip_mask": MASK}), "says are active"),
+        (dict(architecture=ARCH, slim=True), "slim=True needs a skip_mask"),
+    ],
+)
+def test_config_rejects_masks_that_do_not_fit(kwargs, message):
+    if message is None:  # a structural mask alone implies the run-time mask
+        assert ElaConfig(**kwargs).skip_mask == MASK
+        return
+    with pytest.raises(ValueError, match=message):
+        ElaConfig(**kwargs)
+
+
+def test_auto_classes_are_registered_on_import(tmp_path):
+    config = AutoConfig.for_model("ela", architecture=ARCH, num_labels=3)
+    assert isinstance(config, ElaConfig)
+    assert isinstance(AutoModel.from_config(config), ElaModel)
+    assert isinstance(AutoModelForImageClassification.from_config(config), ElaForImageClassification)
+
+
+def test_forward_outputs_loss_and_hidden_states(images):
+    torch.manual_seed(0)
+    model = ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=4)).eval()
+    out = model(images, labels=torch.tensor([0, 3]), output_hidden_states=True)
+    assert type(out).__name__ == "ImageClassifierOutputWithNoAttention"
+    assert out.logits.shape == (2, 4)
+    assert torch.allclose(out.loss, torch.nn.functional.cross_entropy(out.logits, torch.tensor([0, 3])))
+    # stem + one feature map per stage
+    assert [h.shape[1] for h in out.hidden_states] == [16, 64, 128, 256]
+    assert torch.equal(model(images).logits, out.logits)
+    loss, logits = model(images, labels=torch.tensor([0, 1]), return_dict=False)[:2]
+    assert logits.shape == (2, 4) and loss.ndim == 0
+
+    backbone = ElaModel(ElaConfig(architecture=ARCH)).eval()
+    features = backbone(images)
+    assert type(features).__name__ == "BaseModelOutputWithPoolingAndNoAttention"
+    assert features.last_hidden_state.shape == (2, 256, 8, 8)
+    assert torch.allclose(features.pooler_output, features.last_hidden_state.mean(dim=(2, 3)), atol=1e-6)
+    assert not hasattr(backbone.timm_model.fc, "weight"), "the base model has no classifier"
+
+
+def test_wrong_channel_count_is_a_clear_error(images):
+    model = ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=2))
+    with pytest.raises(ValueError, match="pixel_values has 1 channels but this model expects 3"):
+        model(images[:, :1])
+    with pytest.raises(ValueError, match="pixel_values must have shape"):
+        model(images[0])
+    gray = ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=2, num_channels=1)).eval()
+    assert gray(images[:, :1]).logits.shape == (2, 2)
+    with pytest.raises(ValueError, match="expects 1"):
+        gray(images)
+
+
+def test_fresh_model_initialises_like_the_timm_constructor():
+    torch.manual_seed(0)
+    hf = ElaForImageClassification(ElaConfig(architecture="ela_l_resnet20_cifar", num_labels=10)).timm_model
+    ref = timm.create_model("ela_l_resnet20_cifar", num_classes=10)
+    for blk_hf, blk_ref in zip(hf.layer2, ref.layer2):
+        assert torch.count_nonzero(blk_hf.bn3.weight) == torch.count_nonzero(blk_ref.bn3.weight) == 0  # zero_init_last
+        assert torch.all(blk_hf.bn1.weight == 1)
+        # Kaiming normal, fan_out: std sqrt(2 / fan_out)
+        expected = (2.0 / (blk_hf.conv2.weight.shape[0] * 9)) ** 0.5
+        assert abs(blk_hf.conv2.weight.std().item() - expected) / expected < 0.1
+        assert 0.7 < blk_hf.attn.lam.std().item() < 1.3  # lambda ~ randn
+        assert not bool(blk_hf.attn_skipped)
+    assert hf.fc.weight.abs().max() <= 1 / hf.fc.weight.shape[1] ** 0.5 + 1e-6  # PyTorch Linear default
+
+
+def test_full_checkpoint_round_trip_through_both_front_doors(tmp_path, images):
+    torch.manual_seed(0)
+    model = _trained_bn(ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=5)))
+    model.set_skip_mask(MASK)  # pruned during training: parameters kept
+    model.save_pretrained(tmp_path)
+
+    config = json.loads((tmp_path / "config.json").read_text())
+    # transformers keys and timm keys side by side
+    assert config["model_type"] == "ela" and config["architectures"] == ["ElaForImageClassification"]
+    assert config["architecture"] == ARCH and config["num_classes"] == 5
+    assert config["pretrained_cfg"]["mean"] == list(timm.data.resolve_data_config(model=model.timm_model)["mean"])
+    assert config["skip_mask"] == MASK
+    assert "skip_mask" not in config["model_args"], "a training checkpoint keeps every layer's weights"
+    keys = _weight_keys(tmp_path)
+    assert "layer1.1.attn.wv.weight" in keys and "layer1.1.attn_skipped" in keys
+    assert not any(k.startswith("timm_model.") for k in keys), "timm's key names, no wrapper prefix"
+
+    expected = model(images).logits
+    via_hf = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    via_timm = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    assert via_hf.skip_mask == MASK and via_timm.skip_mask == MASK
+    assert via_hf.timm_model.layer1[1].attn is not None, "full structure: training can resume"
+    torch.testing.assert_close(via_hf(images).logits, expected, rtol=0, atol=0)
+    torch.testing.assert_close(via_timm(images), expected, rtol=0, atol=0)
+    # and the reloaded model writes the same format again
+    via_hf.save_pretrained(tmp_path / "again")
+    assert _weight_keys(tmp_path / "again") == keys
+
+
+def test_base_model_folder_loads_through_both_front_doors(tmp_path, images):
+    torch.manual_seed(0)
+    model = _trained_bn(ElaModel(ElaConfig(architecture=ARCH)))
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["num_classes"] == 0 and config["model_args"]["num_classes"] == 0
+    pooled = model(images).pooler_output
+    torch.testing.assert_close(AutoModel.from_pretrained(tmp_path).eval()(images).pooler_output, pooled)
+    torch.testing.assert_close(timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()(images), pooled)
+    # a classifier on top of the saved backbone: only the head is new
+    classifier = AutoModelForImageClassification.from_pretrained(tmp_path, num_labels=3).eval()
+    torch.testing.assert_close(classifier.timm_model.forward_head(classifier.timm_model.forward_features(images), pre_logits=True), pooled)
+
+
+def test_trainer_style_load_state_dict_accepts_timm_keys(tmp_path, images):
+    torch.manual_seed(0)
+    source = _trained_bn(ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=3)))
+    source.set_skip_mask(MASK)
+    source.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    target = ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=3)).eval()
+    result = target.load_state_dict(load_file(str(tmp_path / "model.safetensors")), False)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert target.skip_mask == MASK, "the skip flags travel with the weights"
+    torch.testing.assert_close(target(images).logits, source(images).logits)
+
+
+def test_image_processor_matches_timm_eval_transform_and_round_trips(tmp_path):
+    ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=2)).save_pretrained(tmp_path)
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    assert isinstance(processor, ElaImageProcessor)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    model = timm.create_model(f"local-dir:{tmp_path}", pretrained=True)
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+    expected = transform(image).unsqueeze(0)
+    torch.testing.assert_close(processor(image, return_tensors="pt")["pixel_values"], expected)
+    gray = image.convert("L")
+    assert processor([gray, image])["pixel_values"].shape == (2, 3, 32, 32)
+    # a processor saved on its own (the Trainer does this) reloads with the same settings
+    processor.save_pretrained(tmp_path / "proc")
+    again = ElaImageProcessor.from_pretrained(tmp_path / "proc")
+    assert again.data_config == processor.data_config
+
+
+def test_pipeline_classifies_a_pil_image(tmp_path):
+    torch.manual_seed(0)
+    config = ElaConfig(architecture=ARCH, id2label={0: "cat", 1: "dog", 2: "bird"})
+    _trained_bn(ElaForImageClassification(config)).save_pretrained(tmp_path)
+    classify = pipeline("image-classification", model=str(tmp_path), device="cpu")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 40, 3), dtype=np.uint8))
+    result = classify(image, top_k=3)
+    assert sorted(r["label"] for r in result) == ["bird", "cat", "dog"]
+    assert abs(sum(r["score"] for r in result) - 1.0) < 1e-4
+    # same numbers as running the model by hand
+    model = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        probs = model(**AutoImageProcessor.from_pretrained(tmp_path)(image)).logits.softmax(-1)[0]
+    assert abs(result[0]["score"] - probs.max().item()) < 1e-5
+
+
+def test_set_skip_mask_on_the_transformers_model(images):
+    model = ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=2)).eval()
+    assert model.skip_mask == [[False, False]] * 3
+    model.set_skip_mask(MASK)
+    assert model.skip_mask == MASK and model.config.skip_mask == MASK
+    # the generic helpers see through the wrapper
+    assert ela_hf.get_skip_mask(model) == MASK
+    with pytest.raises(ValueError, match="skips are cumulative"):
+        model.set_skip_mask([[False, False]] * 3)
+    with pytest.raises(ValueError, match="stage 1 has 3 entries"):
+        model.set_skip_mask([[False, True], [False, True, True], [False, True]])
+
+
+def test_backbone_returns_the_selected_feature_maps(tmp_path, images):
+    from transformers import AutoBackbone
+
+    torch.manual_seed(0)
+    config = ElaConfig(architecture=ARCH, out_features=["stage1", "stage3"])
+    backbone = AutoBackbone.from_config(config).eval()
+    assert isinstance(backbone, ela_hf.ElaBackbone)
+    assert backbone.stage_names == ["stem", "stage1", "stage2", "stage3"] and backbone.channels == [64, 256]
+    out = backbone(images)
+    assert [tuple(f.shape) for f in out.feature_maps] == [(2, 64, 32, 32), (2, 256, 8, 8)]
+    assert out.hidden_states is None
+    everything = backbone(images, output_hidden_states=True)
+    assert len(everything.hidden_states) == 4
+    torch.testing.assert_close(everything.feature_maps[1], backbone.timm_model.forward_features(images))
+    with pytest.raises(ValueError, match="out_features must be a subset of stage_names"):
+        ElaConfig(architecture=ARCH, out_features=["stage4"])
+    # the backbone folder is the same format (no classifier) and keeps the selection
+    backbone.save_pretrained(tmp_path)
+    again = ela_hf.ElaBackbone.from_pretrained(tmp_path).eval()
+    assert again.out_features == ["stage1", "stage3"]
+    torch.testing.assert_close(again(images).feature_maps[1], out.feature_maps[1])
+    assert json.loads((tmp_path / "config.json").read_text())["num_classes"] == 0

@@ -1,0 +1,73 @@
+"""Starting an ELA model from plain ResNet weights: backbone copied, attention layers fresh, mismatches refused."""
+import pytest
+import timm
+import torch
+
+import ela_hf
+from ela_hf import ElaForImageClassification
+
+
+def _plain_cifar_resnet(num_classes=10):
+    torch.manual_seed(0)
+    resnet = timm.create_model("resnet20_cifar", num_classes=num_classes)
+    resnet.train()
+    with torch.no_grad():
+        resnet(torch.randn(4, 3, 32, 32))  # non-trivial BatchNorm statistics
+    return resnet.eval()
+
+
+def test_cifar_state_dict_maps_onto_the_backbone():
+    resnet = _plain_cifar_resnet()
+    torch.manual_seed(1)
+    model = timm.create_model("ela_resnet20_cifar", num_classes=10)
+    report = ela_hf.init_from_resnet(model, resnet.state_dict())
+    source = resnet.state_dict()
+    own = model.state_dict()
+    assert report.mapped == sorted(source), "every plain ResNet tensor has a home"
+    assert not report.unexpected and not report.reinitialized_head
+    for key in source:
+        assert torch.equal(own[key], source[key]), key
+    assert report.missing and all(".attn." in k or k.endswith("attn_skipped") for k in report.missing)
+    assert "layer2.1.attn.wv.weight" in report.missing
+    # the convolutional path now computes exactly what the ResNet computes
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model.forward_stem(x), resnet.maxpool(resnet.act1(resnet.bn1(resnet.conv1(x)))))
+        blk, ref = model.layer1[0], resnet.layer1[0]
+        stem = model.forward_stem(x)
+        torch.testing.assert_close(blk._final_act(blk._conv_path(stem) + blk.downsample(stem)), ref(stem))
+
+
+def test_imagenet_resnet50_names_map_and_a_new_head_is_reported():
+    resnet = timm.create_model("resnet50")  # random weights, ImageNet key names
+    model, report = ElaForImageClassification.from_timm_resnet(
+        resnet, architecture="ela_resnet50", num_labels=10, output_loading_info=True
+    )
+    assert report.reinitialized_head == ["fc.bias", "fc.weight"]
+    assert len(report.mapped) == len(resnet.state_dict()) - 2
+    assert torch.equal(model.timm_model.layer4[2].conv3.weight, resnet.layer4[2].conv3.weight)
+    assert model.config.num_labels == 10 and model.timm_model.fc.out_features == 10
+
+
+def test_transformers_model_keeps_the_resnet_head_when_sizes_agree():
+    resnet = _plain_cifar_resnet(num_classes=7)
+    model = ElaForImageClassification.from_timm_resnet(resnet, architecture="ela_l_resnet20_cifar")
+    assert model.config.num_labels == 7
+    assert torch.equal(model.timm_model.fc.weight, resnet.fc.weight)
+
+
+def test_shape_mismatch_and_foreign_checkpoints_are_refused():
+    model = timm.create_model("ela_resnet20_cifar", num_classes=10)
+    plain = _plain_cifar_resnet().state_dict()
+    with pytest.raises(ValueError, match=r"conv1.weight: checkpoint \(8, 3, 3, 3\) vs model \(16, 3, 3, 3\)"):
+        ela_hf.init_from_resnet(model, dict(plain, **{"conv1.weight": torch.zeros(8, 3, 3, 3)}))
+    with pytest.raises(ValueError, match=r"blocks the model does not have.*layer1\.2\."):
+        ela_hf.init_from_resnet(model, timm.create_model("resnet56_cifar", num_classes=10).state_dict())
+    with pytest.raises(ValueError, match="lacks .* backbone tensors"):
+        ela_hf.init_from_resnet(model, {"fc.weight": torch.zeros(10, 256)})
+    with pytest.raises(ValueError, match="expected a ResNet state dict"):
+        ela_hf.init_from_resnet(model, [1, 2, 3])
+    # a checkpoint saved from DDP carries a `module.` prefix on every key
+    wrapped = {f"module.{k}": v for k, v in _plain_cifar_resnet().state_dict().items()}
+    assert ela_hf.init_from_resnet(model, wrapped).mapped

@@ -1,0 +1,333 @@
+"""The recipes' shared pieces (ela_hf.training): data, transforms, schedule, metrics, argument checks."""
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
+from PIL import Image as PILImage
+from transformers.trainer_utils import EvalPrediction
+
+from ela_hf.training import (
+    DIGITS_DATASET,
+    ImageClassificationTransform,
+    PaperSchedule,
+    RecipeArguments,
+    StepScheduleWithWarmup,
+    build_transforms,
+    check_labels,
+    class_names,
+    collate_image_batch,
+    compute_accuracy,
+    format_skip_mask,
+    load_image_dataset,
+    parse_windows,
+    rescale_windows,
+    resolve_columns,
+    resolve_schedule,
+    scale_learning_rate,
+    split_train_eval,
+    top_k_predictions,
+    update_steps_per_epoch,
+    validate_recipe_arguments,
+)
+from ela_hf.training.reporting import EpochRecord, format_epoch_times, release_name
+
+CIFAR_PAPER = PaperSchedule(epochs=180, lr_decay_epochs=(100, 150), warmup_epochs=0, kl_windows=((1, 3), (45, 48), (91, 93)))
+IMAGENET_PAPER = PaperSchedule(epochs=100, lr_decay_epochs=(30, 60, 90), warmup_epochs=3, kl_windows=((1, 3), (51, 53)))
+
+
+def _image(size=(12, 10), mode="RGB", seed=0):
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "L": 1, "RGBA": 4}[mode]
+    arr = rng.integers(0, 255, (size[1], size[0], channels), dtype=np.uint8)
+    return PILImage.fromarray(arr.squeeze(-1) if channels == 1 else arr, mode=mode)
+
+
+def _write_image_folder(root, splits=("train", "validation"), classes=("cat", "dog"), per_class=2):
+    for split in splits:
+        for c in classes:
+            os.makedirs(root / split / c, exist_ok=True)
+            for i in range(per_class):
+                _image(seed=i).save(root / split / c / f"{i}.png")
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+
+
+def test_image_folder_and_parquet_load_with_detected_columns(tmp_path):
+    _write_image_folder(tmp_path / "imgs")
+    data = load_image_dataset(str(tmp_path / "imgs"), cache_dir=str(tmp_path / "cache"))
+    assert set(data) == {"train", "validation"} and data["train"].num_rows == 4
+    assert resolve_columns(data["train"]) == ("image", "label")
+    assert class_names(data["train"], "label") == ["cat", "dog"]
+
+    data["train"].to_parquet(str(tmp_path / "one.parquet"))
+    single = load_image_dataset(str(tmp_path / "one.parquet"), cache_dir=str(tmp_path / "cache"))
+    assert list(single) == ["train"] and single["train"].num_rows == 4
+    assert resolve_columns(single["train"]) == ("image", "label")
+
+
+def test_missing_local_dataset_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no such file or folder"):
+        load_image_dataset(str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="no such file or folder"):
+        load_image_dataset("missing.parquet")
+
+
+def test_embedded_digits_are_rgb_at_the_requested_size():
+    data = load_image_dataset(DIGITS_DATASET, image_size=16)
+    assert data["train"].num_rows + data["validation"].num_rows == 1797
+    img = data["train"][0]["image"]
+    assert img.mode == "RGB" and img.size == (16, 16)
+    assert class_names(data["train"], "label") == [str(i) for i in range(10)]
+    # stratified: every class in both splits
+    assert set(data["validation"]["label"]) == set(range(10))
+
+
+def test_column_detection_prefers_typed_features_and_known_names():
+    img = _image()
+    cifar100_like = Dataset.from_dict(
+        {"img": [img], "fine_label": [3], "coarse_label": [1]},
+        features=Features({"img": Image(), "fine_label": ClassLabel(num_classes=100), "coarse_label": ClassLabel(num_classes=20)}),
+    )
+    assert resolve_columns(cifar100_like) == ("img", "fine_label")
+    assert resolve_columns(cifar100_like, label_column="coarse_label") == ("img", "coarse_label")
+
+    int_labels = Dataset.from_dict({"image": [img, img], "target": [0, 2]}, features=Features({"image": Image(), "target": Value("int64")}))
+    assert resolve_columns(int_labels) == ("image", "target")
+    assert class_names(int_labels, "target") == ["0", "1", "2"]
+
+
+def test_dataset_without_usable_label_column_is_rejected():
+    img = _image()
+    no_label = Dataset.from_dict({"image": [img], "caption": ["a cat"]}, features=Features({"image": Image(), "caption": Value("string")}))
+    with pytest.raises(ValueError, match="no usable label column.*caption"):
+        resolve_columns(no_label)
+    with pytest.raises(ValueError, match="'caption' holds string, not class ids"):
+        resolve_columns(no_label, label_column="caption")
+    with pytest.raises(ValueError, match="'nope' is not a column"):
+        resolve_columns(no_label, label_column="nope")
+    no_image = Dataset.from_dict({"text": ["x"], "label": [0]})
+    with pytest.raises(ValueError, match="no image column"):
+        resolve_columns(no_image)
+    two_labels = Dataset.from_dict(
+        {"image": [img], "a": [0], "b": [1]}, features=Features({"image": Image(), "a": ClassLabel(num_classes=2), "b": ClassLabel(num_classes=2)})
+    )
+    with pytest.raises(ValueError, match="several label columns"):
+        resolve_columns(two_labels)
+
+
+def test_unlabeled_split_is_rejected():
+    ds = Dataset.from_dict({"label": [0, 1, -1]})
+    with pytest.raises(ValueError, match="outside the 2 classes"):
+        check_labels(ds, "label", 2, "test")
+    check_labels(Dataset.from_dict({"label": [0, 1]}), "label", 2, "validation")
+
+
+def test_eval_split_is_found_or_held_out():
+    train = Dataset.from_dict({"x": list(range(20))})
+    _, ev, name = split_train_eval(DatasetDict(train=train, test=train.select(range(3))))
+    assert name == "test" and ev.num_rows == 3
+    tr, ev, name = split_train_eval(DatasetDict(train=train), eval_fraction=0.25, seed=1)
+    assert (tr.num_rows, ev.num_rows) == (15, 5) and "held out" in name
+    assert set(tr["x"]).isdisjoint(ev["x"])
+    with pytest.raises(ValueError, match="no split 'dev'"):
+        split_train_eval(DatasetDict(train=train), eval_split="dev")
+
+
+def test_cifar_transforms_pad_crop_flip_and_normalise():
+    cfg = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "interpolation": "bilinear", "crop_pct": 1.0}
+    train, evaluate = build_transforms(cfg, "cifar", hflip=0.5)
+    names = [type(t).__name__ for t in train.transforms]
+    assert "RandomCrop" in names and "RandomHorizontalFlip" in names
+    crop = next(t for t in train.transforms if type(t).__name__ == "RandomCrop")
+    assert crop.padding == 4 and tuple(crop.size) == (32, 32)
+    grey = PILImage.new("L", (8, 8), color=255)  # white, smaller than the model input
+    x = evaluate(grey.convert("RGB"))
+    assert x.shape == (3, 32, 32)
+    assert torch.allclose(x, torch.full_like(x, (1.0 - 0.5) / 0.25))
+    assert train(grey.convert("RGB")).shape == (3, 32, 32)
+
+
+def test_imagenet_transforms_follow_the_paper():
+    cfg = {"input_size": (3, 224, 224), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "interpolation": "bilinear", "crop_pct": 0.875}
+    train, evaluate = build_transforms(cfg, "imagenet")
+    names = [type(t).__name__ for t in train.transforms]
+    assert names[0] == "RandomResizedCropAndInterpolation" and "RandomHorizontalFlip" in names
+    assert "ColorJitter" not in names
+    resize = evaluate.transforms[0]
+    assert type(resize).__name__ == "Resize" and resize.size == 256
+    assert evaluate(_image((300, 260))).shape == (3, 224, 224)
+
+
+def test_set_transform_makes_rgb_pixel_values_and_labels():
+    ds = Dataset.from_dict(
+        {"image": [_image(mode="L"), _image(mode="RGBA")], "label": [1, 0]},
+        features=Features({"image": Image(), "label": ClassLabel(num_classes=2)}),
+    )
+    cfg = {"input_size": (3, 16, 16), "mean": (0, 0, 0), "std": (1, 1, 1), "interpolation": "bilinear", "crop_pct": 1.0}
+    _, evaluate = build_transforms(cfg, "cifar")
+    ds.set_transform(ImageClassificationTransform(evaluate, "image", "label"))
+    batch = collate_image_batch([ds[0], ds[1]])
+    assert batch["pixel_values"].shape == (2, 3, 16, 16)
+    assert batch["labels"].tolist() == [1, 0]
+
+
+# ------------------------------------------------------------------------------------------------
+# schedule
+
+
+def test_step_schedule_with_warmup():
+    sched = StepScheduleWithWarmup(steps_per_epoch=10, warmup_epochs=2, decay_epochs=(3, 5), decay_rate=0.1)
+    factors = [sched(s) for s in range(60)]
+    assert factors[0] == pytest.approx(1 / 20) and factors[19] == pytest.approx(1.0)
+    assert factors[20:30] == [1.0] * 10  # epoch 3
+    assert factors[30:50] == pytest.approx([0.1] * 20)  # epochs 4-5
+    assert factors[50] == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="increasing"):
+        StepScheduleWithWarmup(10, decay_epochs=(5, 3))
+
+
+def test_steps_per_epoch_matches_the_trainer(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Linear(1, 1)
+
+        def forward(self, x, labels=None):
+            return {"loss": self.w(x).sum()}
+
+    for n, bs, accum, drop_last in [(37, 4, 1, False), (37, 4, 3, False), (37, 4, 1, True), (8, 4, 1, False)]:
+        ds = Dataset.from_dict({"x": [[1.0]] * n})
+        args = TrainingArguments(
+            str(tmp_path), per_device_train_batch_size=bs, gradient_accumulation_steps=accum,
+            dataloader_drop_last=drop_last, use_cpu=True, report_to="none",
+        )
+        trainer = Trainer(model=Tiny(), args=args, train_dataset=ds)
+        batches = len(trainer.get_train_dataloader())
+        expected = max(batches // accum + int(batches % accum > 0), 1)
+        assert update_steps_per_epoch(n, bs, 1, accum, drop_last) == expected
+    # accelerate shards whole batches over processes and pads the tail: 10 batches on 4 processes -> 3 each
+    assert update_steps_per_epoch(40, 4, world_size=4) == 3
+    assert update_steps_per_epoch(40, 4, world_size=4, drop_last=True) == 2
+
+
+def test_linear_lr_scaling():
+    assert scale_learning_rate(0.1, 256, 1024) == pytest.approx(0.4)
+    assert scale_learning_rate(0.1, None, 1024) == 0.1
+
+
+# ------------------------------------------------------------------------------------------------
+# metrics
+
+
+def test_top1_top5_accuracy():
+    logits = torch.tensor([[9.0, 1, 2, 3, 4, 5, 0], [0.0, 9, 8, 7, 6, 5, 4], [0.0, 1, 2, 3, 4, 5, 6]])
+    labels = torch.tensor([0, 6, 0])
+    preds = top_k_predictions(logits, labels)
+    assert preds.shape == (3, 5)
+    metrics = compute_accuracy(EvalPrediction(predictions=preds.numpy(), label_ids=labels.numpy()))
+    # sample 0: top-1 hit; sample 1: label 6 is 7th -> miss; sample 2: label 0 is last -> miss
+    assert metrics == {"top1": pytest.approx(1 / 3), "top5": pytest.approx(1 / 3)}
+    labels = torch.tensor([0, 5, 2])  # sample 1: 5th best; sample 2: 5th best
+    metrics = compute_accuracy(EvalPrediction(predictions=preds.numpy(), label_ids=labels.numpy()))
+    assert metrics == {"top1": pytest.approx(1 / 3), "top5": pytest.approx(1.0)}
+    # fewer than five classes: top-k over all of them
+    two = top_k_predictions(torch.tensor([[0.0, 1.0]]), None)
+    assert compute_accuracy(EvalPrediction(predictions=two.numpy(), label_ids=np.array([0]))) == {"top1": 0.0, "top5": 1.0}
+
+
+# ------------------------------------------------------------------------------------------------
+# arguments
+
+
+def _args(**kw):
+    kw.setdefault("model", "ela_resnet20_cifar")
+    kw.setdefault("dataset", DIGITS_DATASET)
+    return RecipeArguments(**kw)
+
+
+def test_parse_and_rescale_windows():
+    assert parse_windows("1-3, 45-48,91") == [(1, 3), (45, 48), (91, 91)]
+    assert parse_windows("none") == [] and parse_windows(None) is None
+    for bad, msg in [("3-1", "start <= end"), ("0-2", "start <= end"), ("1-3,2-4", "overlap"), ("a-b", "not a range")]:
+        with pytest.raises(ValueError, match=msg):
+            parse_windows(bad)
+    assert rescale_windows([(1, 3), (45, 48), (91, 93)], 180, 18) == [(1, 1), (5, 5), (10, 10)]
+    assert rescale_windows([(1, 3), (51, 53)], 100, 100) == [(1, 3), (51, 53)]
+
+
+def test_paper_schedule_is_kept_or_rescaled():
+    full = resolve_schedule(CIFAR_PAPER, _args(), 180)
+    assert full.kl_windows == [(1, 3), (45, 48), (91, 93)] and full.lr_decay_epochs == [100, 150] and full.rescaled_from is None
+    short = resolve_schedule(IMAGENET_PAPER, _args(), 10)
+    assert short.kl_windows == [(1, 1), (6, 6)]
+    assert short.lr_decay_epochs == pytest.approx([3, 6, 9]) and short.warmup_epochs == pytest.approx(0.3)
+    assert short.rescaled_from == 100 and "rescaled" in short.describe()
+    explicit = resolve_schedule(CIFAR_PAPER, _args(kl_windows="2-2", lr_decay_epochs="3", warmup_epochs=1), 4)
+    assert (explicit.kl_windows, explicit.lr_decay_epochs, explicit.warmup_epochs) == ([(2, 2)], [3.0], 1)
+    plain = resolve_schedule(CIFAR_PAPER, _args(model="resnet20_cifar"), 180, has_attention=False)
+    assert plain.kl_windows == []
+
+
+def test_windows_past_the_end_are_rejected():
+    with pytest.raises(ValueError, match="ends after the last epoch: the run has 4 epochs"):
+        resolve_schedule(CIFAR_PAPER, _args(kl_windows="1-1,5-6"), 4)
+    with pytest.raises(ValueError, match="do not fit into 2 epochs"):
+        resolve_schedule(CIFAR_PAPER, _args(), 2)
+    with pytest.raises(ValueError, match="needs --kl_windows"):
+        resolve_schedule(CIFAR_PAPER, _args(window_unit="step"), 2)
+    # steps: unknown before the data is loaded, checked once it is
+    resolve_schedule(CIFAR_PAPER, _args(kl_windows="1-2,9-12", window_unit="step"), 2)
+    with pytest.raises(ValueError, match="ends after the last step: the run has 10 steps"):
+        resolve_schedule(CIFAR_PAPER, _args(kl_windows="1-2,9-12", window_unit="step"), 2, steps_per_epoch=5)
+    with pytest.raises(ValueError, match="the run has 3 steps"):
+        resolve_schedule(CIFAR_PAPER, _args(kl_windows="1-2,4-4", window_unit="step"), 2, max_steps=3, steps_per_epoch=5)
+    # max_steps decides the epochs, as in the Trainer
+    with pytest.raises(ValueError, match="the run has 2 epochs"):
+        resolve_schedule(CIFAR_PAPER, _args(kl_windows="3-3"), 100, max_steps=7, steps_per_epoch=5)
+    with pytest.raises(ValueError, match="no attention layers to prune"):
+        resolve_schedule(CIFAR_PAPER, _args(model="resnet20_cifar", kl_windows="1-1"), 4, has_attention=False)
+
+
+def test_unknown_model_and_bad_image_size_are_rejected():
+    with pytest.raises(ValueError, match="'ela_resnet57_cifar' is not a model registered by ela_hf; did you mean"):
+        validate_recipe_arguments(_args(model="ela_resnet57_cifar"))
+    with pytest.raises(ValueError, match="too small for ela_resnet50: its total stride is 32"):
+        validate_recipe_arguments(_args(model="ela_resnet50", image_size=16))
+    with pytest.raises(ValueError, match="too small for ela_resnet20_cifar: its total stride is 4"):
+        validate_recipe_arguments(_args(image_size=2))
+    validate_recipe_arguments(_args(image_size=16))
+    with pytest.raises(ValueError, match="--dataset is required"):
+        validate_recipe_arguments(_args(dataset=None))
+    with pytest.raises(ValueError, match="--max_train_samples must be positive"):
+        validate_recipe_arguments(_args(max_train_samples=0))
+
+
+# ------------------------------------------------------------------------------------------------
+# reporting
+
+
+def test_summary_pieces():
+    text = format_skip_mask([[False, True, False], [False, True, True]])
+    assert "layer1: 1 of 2 skippable skipped (blocks 1)" in text and "total: 3 of 4" in text
+    records = [EpochRecord(1, 10.0, 6), EpochRecord(2, 12.0, 6), EpochRecord(3, 8.0, 4), EpochRecord(4, 6.0, 3), EpochRecord(5, 6.0, 3)]
+    times = format_epoch_times(records, num_layers=6, final_active=3)
+    assert "before pruning: 11.0 s per epoch with 6 attention layers (epochs 1-2)" in times
+    assert "after pruning:  6.0 s per epoch with 3 attention layers (epochs 4-5): 0.55x" in times
+    assert "nothing was pruned" in format_epoch_times(records[:2], num_layers=6, final_active=6)
+    resumed = format_epoch_times(records[3:], num_layers=6, final_active=3)
+    assert "before pruning: no epoch of this run had all 6" in resumed and "6.0 s per epoch with 3" in resumed
+    assert "no whole epoch ran with the final 3" in format_epoch_times(records[:3], num_layers=6, final_active=3)
+    assert "no attention layers" in format_epoch_times(records, num_layers=None, final_active=None)
+
+
+def test_release_names_are_folder_names():
+    assert release_name("ela_resnet56_cifar", "uoft-cs/cifar100") == "ela_resnet56_cifar-cifar100"
+    assert release_name("ela_resnet20_cifar", DIGITS_DATASET) == "ela_resnet20_cifar-sklearn-digits"
+    assert release_name("ela_resnet18", "/data/shards/train.parquet") == "ela_resnet18-train"
