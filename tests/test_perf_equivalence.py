@@ -72,15 +72,6 @@ def _ref_forward(model, x):
 # helpers
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # many tiny ops: on a shared 2-core machine a second OpenMP thread mostly waits for a time slice
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _tiny(attn_type, layers=(4, 3), skip_mask=None, **kw):
     torch.manual_seed(0)
     model = LayerAttentionResNet(layers=layers, channels=(16, 32)[: len(layers)], stem_type="cifar", stem_width=16,
