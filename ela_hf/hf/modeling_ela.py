@@ -151,6 +151,16 @@ class ElaPreTrainedModel(PreTrainedModel):
         set_skip_mask(self.timm_model, mask)
         self.config.skip_mask = get_skip_mask(self.timm_model)
 
+    def _forward_features(self, pixel_values, output_hidden_states):
+        """Final feature map and, when asked (argument or config), the stem and stage outputs."""
+        pixel_values = self._check_pixel_values(pixel_values)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if output_hidden_states:
+            features, intermediates = self.timm_model.forward_intermediates(pixel_values)
+            return features, tuple(intermediates)
+        return self.timm_model.forward_features(pixel_values), None
+
     def _check_pixel_values(self, pixel_values: torch.Tensor | None) -> torch.Tensor:
         if pixel_values is None:
             raise ValueError("pixel_values is required (a [batch, channels, height, width] image tensor)")
@@ -287,17 +297,8 @@ class ElaModel(ElaPreTrainedModel):
         output_hidden_states (`bool`, *optional*):
             Also return the stem output and every stage's output (timm's `forward_intermediates`).
         """
-        pixel_values = self._check_pixel_values(pixel_values)
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
+        last_hidden_state, hidden_states = self._forward_features(pixel_values, output_hidden_states)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        hidden_states = None
-        if output_hidden_states:
-            last_hidden_state, intermediates = self.timm_model.forward_intermediates(pixel_values)
-            hidden_states = tuple(intermediates)
-        else:
-            last_hidden_state = self.timm_model.forward_features(pixel_values)
         pooled = self.timm_model.forward_head(last_hidden_state, pre_logits=True)
         if not return_dict:
             return tuple(v for v in (last_hidden_state, pooled, hidden_states) if v is not None)
@@ -336,17 +337,8 @@ class ElaForImageClassification(ElaPreTrainedModel):
         output_hidden_states (`bool`, *optional*):
             Also return the stem output and every stage's output.
         """
-        pixel_values = self._check_pixel_values(pixel_values)
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
+        features, hidden_states = self._forward_features(pixel_values, output_hidden_states)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        hidden_states = None
-        if output_hidden_states:
-            features, intermediates = self.timm_model.forward_intermediates(pixel_values)
-            hidden_states = tuple(intermediates)
-        else:
-            features = self.timm_model.forward_features(pixel_values)
         logits = self.timm_model.forward_head(features)
         loss = None
         if labels is not None:
