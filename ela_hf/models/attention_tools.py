@@ -12,7 +12,7 @@ from typing import Dict, Iterator, List, Tuple
 import torch
 import torch.nn as nn
 
-from .ela_resnet import LayerAttentionStage, SkipMask, validate_skip_mask
+from .ela_resnet import LayerAttentionStage, SkipMask, _LayerAttentionBlockMixin, validate_skip_mask
 
 __all__ = [
     "find_stages",
@@ -120,7 +120,7 @@ def slim_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:
     """
     prefixes = []
     for name, sub in module.named_modules():
-        if getattr(sub, "attn_type", None) is not None and isinstance(sub, nn.Module) and hasattr(sub, "is_skipped"):
-            if sub.is_skipped and sub.attn is not None:
-                prefixes.append(f"{name}.attn." if name else "attn.")
+        # a skipped layer built in place still has its weights (attn); plain blocks have attn None
+        if isinstance(sub, _LayerAttentionBlockMixin) and sub.is_skipped and sub.attn is not None:
+            prefixes.append(f"{name}.attn." if name else "attn.")
     return {k: v for k, v in module.state_dict().items() if not any(k.startswith(p) for p in prefixes)}
