@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import ela_hf  # noqa: F401
-from ela_hf.layers import StageState
+from ela_hf.layers import StageState, fast_ops
 from ela_hf.models import LayerAttentionResNet
 
 
@@ -127,6 +127,26 @@ SKIPS = [None, [[False, True, False, True], [False, False, True]], [[False, True
 def test_training_forward_and_gradients_match_reference_float64(attn_type, skip_mask):
     model = _tiny(attn_type, skip_mask=skip_mask).double().train()
     _compare(model, torch.randn(3, 3, 12, 12, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("attn_type", ["mrla_b", "mrla_l"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpu_fast_batch_statistics_match_reference(attn_type, dtype, monkeypatch):
+    """fast_ops' one-pass batch-norm statistics (normally only for tensors of several MiB) in a whole
+    network: outputs, gradients and every running statistic match the reference."""
+    monkeypatch.setattr(fast_ops, "FAST_STATS_MIN_BYTES", 0)
+    used = []
+    real = fast_ops._fast_batch_stats
+    monkeypatch.setattr(fast_ops, "_fast_batch_stats", lambda x: used.append(1) or real(x))
+    model = _tiny(attn_type, skip_mask=SKIPS[1]).to(dtype).train()
+    lib, ref = copy.deepcopy(model), copy.deepcopy(model)
+    x = torch.randn(3, 3, 12, 12, dtype=dtype)
+    tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    _assert_same(_run(lib, x), _run(ref, x, fn=lambda inp: _ref_forward(ref, inp)), **tol)
+    assert len(used) == 4  # one per active attention layer (7 blocks, 3 skipped)
+    for (name, got), (_, want) in zip(lib.named_buffers(), ref.named_buffers()):
+        if not name.endswith("num_batches_tracked"):  # the reference's functional BN does not count
+            torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("attn_type", ["mrla_b", "mrla_l"])

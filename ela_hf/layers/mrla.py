@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from timm.layers import DropPath
 
+from .fast_ops import batch_norm, light_tail
+
 __all__ = [
     "eca_kernel_size",
     "MrlaLight",
@@ -455,14 +457,14 @@ class MrlaLight(_LayerAttentionBase):
         q, k = self._query_key(y)
         gate = torch.sigmoid((q * k).sum(-1) * self.scale)  # [B, heads]
         v = self.wv(y)
-        # one fused multiply-add over the large tensors; the per-channel gate is tiny ([B, C, 1, 1]).
-        # lambda and the gate are cast to the values' dtype: under autocast the large tensors stay in
-        # bf16 instead of being promoted to float32 by the float32 parameter.
+        # the per-channel gate is tiny ([B, C, 1, 1]); lambda and the gate are cast to the values' dtype:
+        # under autocast the large tensors stay in bf16 instead of being promoted to float32 by the
+        # float32 parameter. light_tail has a hand-written backward on the CPU (fast_ops.py).
         gate_c = _heads_to_channels(gate, self.channels)[..., None, None].to(v.dtype)
-        o = torch.addcmul(self.lam.to(v.dtype) * sc.to(v.dtype), v, gate_c)
+        o = light_tail(self.bn, v, sc.to(v.dtype), gate_c, self.lam.to(v.dtype))  # BN(gate * V + lam * sc)
         if self._records():
             self._record(gate, state)
-        return y + self.drop_path(self.bn(o))
+        return y + self.drop_path(o)
 
     @torch.no_grad()
     def _record(self, gate: torch.Tensor, state: StageState) -> None:
@@ -500,7 +502,7 @@ class MrlaBase(_LayerAttentionBase):
         if self._records():
             self._record(attn, state)
         # in place: batch norm's backward keeps its input, not its output
-        return y + self.drop_path(F.relu(self.bn(o), inplace=True))
+        return y + self.drop_path(F.relu(batch_norm(self.bn, o), inplace=True))
 
     def _attend(self, attn: torch.Tensor, v: torch.Tensor, state: StageState) -> torch.Tensor:
         """``sum_s attn[:, h, s] * V_{s,h}`` over this layer's and the earlier cached values."""
