@@ -56,11 +56,14 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ela_hf  # noqa: E402,F401  (registers the models with timm)
+from ela_hf.layers import fast_ops  # noqa: E402
 from ela_hf.layers.mrla import clear_value_buffer_pool  # noqa: E402
 from ela_hf.models import set_skip_mask  # noqa: E402
 
-MODEL_KINDS = ("resnet", "mrla_l", "mrla_b", "ela")
-LABELS = {"resnet": "ResNet", "mrla_l": "MRLA-L", "mrla_b": "MRLA-B", "ela": "ELA (half skipped)"}
+MODEL_KINDS = ("resnet", "mrla_l", "mrla_l_plain", "mrla_b", "mrla_b_plain", "ela")
+DEFAULT_KINDS = ("resnet", "mrla_l", "mrla_b", "ela")
+LABELS = {"resnet": "ResNet", "mrla_l": "MRLA-L", "mrla_b": "MRLA-B", "ela": "ELA (half skipped)",
+          "mrla_l_plain": "MRLA-L, CPU fast paths off", "mrla_b_plain": "MRLA-B, CPU fast paths off"}
 
 
 @dataclass
@@ -113,7 +116,8 @@ class Runner:
 
 def build_runner(case: Case, kind: str, args) -> Runner:
     torch.manual_seed(0)
-    model = timm.create_model(case.names[kind], num_classes=case.num_classes)
+    plain = kind.endswith("_plain")  # the same network with ela_hf.layers.fast_ops switched off
+    model = timm.create_model(case.names[kind.removesuffix("_plain")], num_classes=case.num_classes)
     if kind == "ela":
         set_skip_mask(model, alternating_skip_mask(model))
     model.to(args.device).train()
@@ -126,11 +130,16 @@ def build_runner(case: Case, kind: str, args) -> Runner:
     amp = autocast(args)
 
     def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with amp():
-            loss = F.cross_entropy(model(x), target)
-        loss.backward()
-        opt.step()
+        was = fast_ops.FAST_CPU_PATHS
+        fast_ops.FAST_CPU_PATHS = was and not plain
+        try:
+            opt.zero_grad(set_to_none=True)
+            with amp():
+                loss = F.cross_entropy(model(x), target)
+            loss.backward()
+            opt.step()
+        finally:
+            fast_ops.FAST_CPU_PATHS = was
 
     return Runner(kind, model, step)
 
@@ -272,8 +281,9 @@ def render(case: Case, runners: Dict[str, Runner], infer: Optional[Dict[str, Dic
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", nargs="+", choices=("cifar", "imagenet"), default=["cifar", "imagenet"])
-    p.add_argument("--models", nargs="+", choices=MODEL_KINDS, default=list(MODEL_KINDS),
-                   help="model kinds to train (ratios need 'resnet'; the ELA/MRLA-B column needs 'mrla_b')")
+    p.add_argument("--models", nargs="+", choices=MODEL_KINDS, default=list(DEFAULT_KINDS),
+                   help="model kinds to train (ratios need 'resnet'; the ELA/MRLA-B column needs 'mrla_b'); "
+                        "*_plain: the same network with ela_hf.layers.fast_ops switched off (before/after)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per model (default 7, --quick 3)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model before timing")
     p.add_argument("--quick", action="store_true", help="3 rounds, 1 warm-up step, no torch.compile")

@@ -373,9 +373,15 @@ def test_bench_script_prints_ratio_table(capsys, monkeypatch):
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "bench_models", bench)  # dataclasses look their module up
     spec.loader.exec_module(bench)
-    bench.main(["--quick", "--threads", "1", "--cases", "cifar", "--models", "resnet", "mrla_b", "ela",
-                "--batch-size", "2", "--repeats", "1", "--warmup", "0"])
+    light_tails = []
+    real_apply = fast_ops._LightTail.apply
+    monkeypatch.setattr(fast_ops._LightTail, "apply", lambda *a: light_tails.append(1) or real_apply(*a))
+    bench.main(["--quick", "--threads", "1", "--cases", "cifar", "--models", "resnet", "mrla_l_plain", "mrla_b",
+                "ela", "--batch-size", "2", "--repeats", "1", "--warmup", "0"])
     out = capsys.readouterr().out
+    # the *_plain kinds train with the fast paths off, and switch them back on afterwards
+    assert "| MRLA-L, CPU fast paths off |" in out and not light_tails
+    assert fast_ops.FAST_CPU_PATHS
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
     assert rows["ResNet"].split("|")[2].strip() == "1.00"  # its own ratio
     assert float(rows["ELA (half skipped)"].split("|")[3]) > 0  # ratio to MRLA-B
