@@ -132,8 +132,9 @@ def test_training_forward_and_gradients_match_reference_float64(attn_type, skip_
 @pytest.mark.parametrize("attn_type", ["mrla_b", "mrla_l"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_cpu_fast_batch_statistics_match_reference(attn_type, dtype, monkeypatch):
-    """fast_ops' one-pass batch-norm statistics (normally only for tensors of several MiB) in a whole
-    network: outputs, gradients and every running statistic match the reference."""
+    """Without the C++ kernels: fast_ops' one-pass batch-norm statistics (normally only for tensors of
+    several MiB) in a whole network: outputs, gradients and every running statistic match the reference."""
+    monkeypatch.setitem(fast_ops._kernel_state, "lib", None)  # as on a machine without a C++ compiler
     monkeypatch.setattr(fast_ops, "FAST_STATS_MIN_BYTES", 0)
     used = []
     real = fast_ops._fast_batch_stats
@@ -146,6 +147,39 @@ def test_cpu_fast_batch_statistics_match_reference(attn_type, dtype, monkeypatch
     assert len(used) == 4  # one per active attention layer (7 blocks, 3 skipped)
     for (name, got), (_, want) in zip(lib.named_buffers(), ref.named_buffers()):
         if not name.endswith("num_batches_tracked"):  # the reference's functional BN does not count
+            torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{name}: {m}")
+
+
+def _count_kernel_calls(monkeypatch):
+    calls = {"tail": 0, "dw": 0}
+    for key, fn in (("tail", fast_ops._FusedTail), ("dw", fast_ops._DepthwiseConv3x3)):
+        real = fn.apply
+
+        def spy(*a, real=real, key=key):
+            calls[key] += 1
+            return real(*a)
+
+        monkeypatch.setattr(fn, "apply", spy)
+    return calls
+
+
+@pytest.mark.parametrize("attn_type", ["mrla_b", "mrla_l"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("training", [True, False])
+def test_cpu_kernels_match_reference_in_whole_network(attn_type, dtype, training, monkeypatch):
+    """The C++ kernels (fused tail, depthwise conv) in a whole network, training and eval: outputs,
+    gradients of every parameter and of the input, and every running statistic match the reference."""
+    if fast_ops.cpu_kernels() is None:
+        pytest.skip("no C++ compiler: the C++ kernels are unavailable here")
+    calls = _count_kernel_calls(monkeypatch)
+    model = _tiny(attn_type, skip_mask=SKIPS[1]).to(dtype).train(training)
+    lib, ref = copy.deepcopy(model), copy.deepcopy(model)
+    x = torch.randn(3, 3, 12, 12, dtype=dtype)
+    tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    _assert_same(_run(lib, x), _run(ref, x, fn=lambda inp: _ref_forward(ref, inp)), **tol)
+    assert calls == {"tail": 4, "dw": 4}  # one each per active attention layer (7 blocks, 3 skipped)
+    for (name, got), (_, want) in zip(lib.named_buffers(), ref.named_buffers()):
+        if not name.endswith("num_batches_tracked"):
             torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{name}: {m}")
 
 
@@ -373,14 +407,17 @@ def test_bench_script_prints_ratio_table(capsys, monkeypatch):
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "bench_models", bench)  # dataclasses look their module up
     spec.loader.exec_module(bench)
-    light_tails = []
-    real_apply = fast_ops._LightTail.apply
-    monkeypatch.setattr(fast_ops._LightTail, "apply", lambda *a: light_tails.append(1) or real_apply(*a))
-    bench.main(["--quick", "--threads", "1", "--cases", "cifar", "--models", "resnet", "mrla_l_plain", "mrla_b",
+    fast_calls = []
+    for fn in (fast_ops._LightTail, fast_ops._FusedTail, fast_ops._DepthwiseConv3x3):
+        monkeypatch.setattr(fn, "apply", lambda *a, real=fn.apply: fast_calls.append(1) or real(*a))
+    bench.main(["--quick", "--threads", "1", "--cases", "cifar", "--models", "resnet", "mrla_l_plain",
+                "--batch-size", "2", "--repeats", "1", "--warmup", "0", "--no-inference"])
+    # the *_plain kinds train with the fast paths off, and switch them back on afterwards
+    assert "| MRLA-L, CPU fast paths off |" in capsys.readouterr().out and not fast_calls
+    bench.main(["--quick", "--threads", "1", "--cases", "cifar", "--models", "resnet", "mrla_l", "mrla_b",
                 "ela", "--batch-size", "2", "--repeats", "1", "--warmup", "0"])
     out = capsys.readouterr().out
-    # the *_plain kinds train with the fast paths off, and switch them back on afterwards
-    assert "| MRLA-L, CPU fast paths off |" in out and not light_tails
+    assert fast_calls  # ... and the other kinds use them
     assert fast_ops.FAST_CPU_PATHS
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
     assert rows["ResNet"].split("|")[2].strip() == "1.00"  # its own ratio

@@ -1,12 +1,28 @@
-"""CPU fast paths for the batch norm of an attention layer and for MRLA-L's value path.
+"""CPU fast paths for the attention layers: fused C++ kernels, and pure-PyTorch fallbacks.
 
-They compute exactly what ``nn.BatchNorm2d`` and the straightforward formulation compute
-(``tests/test_fast_ops.py`` and ``tests/test_perf_equivalence.py`` check forward, backward and the
+They compute exactly what the plain modules compute (``tests/test_fast_ops.py``,
+``tests/test_cpu_kernels.py`` and ``tests/test_perf_equivalence.py`` check forward, backward and the
 running statistics); they only choose cheaper kernels for NCHW float32/float64 tensors on the CPU in
 eager mode. Everywhere else (CUDA, channels_last, autocast, under ``torch.compile``, SyncBatchNorm) the
 plain modules run.
 
-Why (one thread on the 2-core benchmark machine, inside a training step of CIFAR ResNet-110):
+Two tiers:
+
+1. ``cpu_kernels.cpp``, compiled once per machine with the system C++ compiler (about 2 s, cached under
+   ``~/.cache/ela_hf/kernels``; see :func:`cpu_kernels`) and called through ctypes:
+
+   - :func:`attention_tail`: a layer's whole tail, ``y + act(BN(gate * V + lambda * sc))``, in two passes
+     forward and two backward, where PyTorch needs a product, a batch-norm statistics pass, a
+     normalisation, an activation and a sum forward, and twice as many passes backward. ``gate * V +
+     lambda * sc`` is never stored.
+   - :func:`depthwise_conv3x3`: the value projection. oneDNN's NCHW depthwise convolution takes ~7 ms
+     for ``[64, 16, 32, 32]`` on one thread; a plane-at-a-time kernel takes ~0.5 ms.
+
+2. Without a compiler (or with ``ELA_HF_CPU_KERNELS=0``), pure-PyTorch paths: one-pass batch-norm
+   statistics for large tensors (:func:`batch_norm`) and MRLA-L's value path with one hand-written
+   backward (:func:`light_tail`).
+
+Why tier 2 helps (one thread, inside a training step of CIFAR ResNet-110):
 
 - ``F.batch_norm`` in training mode spends most of its time on the per-channel statistics of a large
   NCHW tensor: about 7.5 ms for ``[64, 64, 32, 32]`` float32, of which the normalisation is ~1.2 ms. A
@@ -19,11 +35,25 @@ Why (one thread on the 2-core benchmark machine, inside a training step of CIFAR
 """
 from __future__ import annotations
 
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["batch_norm", "light_tail", "FAST_CPU_PATHS"]
+__all__ = ["attention_tail", "depthwise_conv3x3", "cpu_kernels", "batch_norm", "light_tail", "FAST_CPU_PATHS"]
+
+logger = logging.getLogger(__name__)
 
 # Set to False to run the plain modules everywhere (for comparisons and debugging).
 FAST_CPU_PATHS = True
@@ -182,3 +212,286 @@ def light_tail(bn: nn.BatchNorm2d, v: torch.Tensor, sc: torch.Tensor, gate_c: to
     ):
         return _LightTail.apply(v, sc, gate_c, lam, bn.weight, bn.bias, bn)
     return bn(torch.addcmul(lam * sc, v, gate_c))
+
+
+# ------------------------------------------------------------------------------------------------
+# tier 1: C++ kernels (cpu_kernels.cpp), compiled once per machine
+
+KERNEL_SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+# tried in order; the first that compiles is used (-march=native: the cache key includes the CPU's flags)
+_FLAG_SETS = (["-march=native", "-fopenmp"], ["-fopenmp"], [])
+_BASE_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC"]
+_P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_SIGNATURES = {
+    "stats": [_P] * 4 + [_I64] * 3 + [_P, _P, _INT],
+    "apply": [_P] * 7 + [_I64] * 3 + [_INT, _INT],
+    "bwd_reduce": [_P] * 10 + [_I64] * 3 + [_P, _P, _INT, _INT],
+    "bwd_apply": [_P] * 17 + [_I64] * 3 + [_INT, _INT],
+    "dw_forward": [_P] * 3 + [_I64] * 4 + [_INT],
+    "dw_backward": [_P] * 5 + [_I64] * 4 + [_INT],
+}
+_kernel_state: dict = {}  # "lib": the loaded library or None once tried
+_kernel_lock = threading.Lock()
+
+
+def kernel_cache_dir() -> Path:
+    """Where compiled kernels are kept: ``$ELA_HF_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/ela_hf/kernels``
+    (``~/.cache/ela_hf/kernels``)."""
+    if os.environ.get("ELA_HF_KERNEL_CACHE"):
+        return Path(os.environ["ELA_HF_KERNEL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ela_hf" / "kernels"
+
+
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.machine() + platform.processor()
+
+
+def _compile_kernels() -> Optional[Path]:
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if not cxx:
+        raise RuntimeError("no C++ compiler found (set CXX)")
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"C++ compiler {cxx!r} does not run: {e}") from e
+    source = KERNEL_SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, version.encode(), _cpu_signature().encode(), cxx.encode()]))
+    cache = kernel_cache_dir()
+    target = cache / f"cpu_kernels-{key.hexdigest()[:20]}.so"
+    if target.exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for flags in _FLAG_SETS:
+        # compile to a private file, then rename: concurrent processes never see a half-written library
+        fd, tmp = tempfile.mkstemp(dir=cache, prefix=".cpu_kernels-", suffix=".so")
+        os.close(fd)
+        try:
+            logger.info("compiling ela_hf CPU kernels (once per machine): %s %s", cxx, " ".join(flags))
+            done = subprocess.run(
+                [cxx, *_BASE_FLAGS, *flags, str(KERNEL_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=600
+            )
+            if done.returncode == 0:
+                os.replace(tmp, target)
+                return target
+            errors.append(f"{' '.join(flags) or 'no extra flags'}: {done.stderr.strip()[-500:]}")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise RuntimeError("compiling cpu_kernels.cpp failed; " + " | ".join(errors))
+
+
+def cpu_kernels() -> Optional[ctypes.CDLL]:
+    """The compiled ``cpu_kernels.cpp``, or None where it cannot be had (then the pure-PyTorch paths run).
+
+    Compiled on first use with ``$CXX`` (else ``c++``/``g++``/``clang++``) and cached (see
+    :func:`kernel_cache_dir`); ``ELA_HF_CPU_KERNELS=0`` switches the kernels off. A failure is reported
+    once as a warning.
+    """
+    with _kernel_lock:
+        if "lib" not in _kernel_state:
+            lib = None
+            if os.environ.get("ELA_HF_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off"):
+                try:
+                    lib = ctypes.CDLL(str(_compile_kernels()))
+                    for name, argtypes in _SIGNATURES.items():
+                        for suffix in ("f32", "f64"):
+                            fn = getattr(lib, f"ela_{name}_{suffix}")
+                            fn.argtypes, fn.restype = argtypes, None
+                except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                    warnings.warn(
+                        f"ela_hf: the C++ CPU kernels are unavailable ({e}); the slower pure-PyTorch paths run "
+                        "instead. Set ELA_HF_CPU_KERNELS=0 to silence this.",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    lib = None
+            _kernel_state["lib"] = lib
+        return _kernel_state["lib"]
+
+
+def _kernel(name: str, dtype: torch.dtype):
+    return getattr(cpu_kernels(), f"ela_{name}_{'f32' if dtype == torch.float32 else 'f64'}")
+
+
+def _ptr(t: Optional[torch.Tensor]):
+    return None if t is None else t.data_ptr()
+
+
+class _FusedTail(torch.autograd.Function):
+    """``y + act(BN(gate * v + lam * sc))`` on the C++ kernels; every argument but ``v`` may be None."""
+
+    @staticmethod
+    def forward(ctx, v, sc, y, gate, lam, weight, bias, bn: nn.BatchNorm2d, relu: bool):
+        n, c, h, w = v.shape
+        hw, dt, nt = h * w, v.dtype, torch.get_num_threads()
+        a = None if gate is None else gate.reshape(n, c).contiguous()
+        l = None if lam is None else lam.reshape(c).contiguous()
+        if bn.training:
+            mean = torch.empty(c, dtype=torch.float64)
+            var = torch.empty(c, dtype=torch.float64)
+            _kernel("stats", dt)(_ptr(v), _ptr(sc), _ptr(a), _ptr(l), n, c, hw, _ptr(mean), _ptr(var), nt)
+            bn.num_batches_tracked.add_(1)
+            momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+            m = n * hw
+            bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
+            bn.running_var.lerp_((var * (m / (m - 1))).to(bn.running_var.dtype), momentum)
+        else:
+            mean, var = bn.running_mean.double(), bn.running_var.double()
+        invstd = torch.rsqrt(var + bn.eps)
+        scale = invstd if weight is None else invstd * weight.detach().double()
+        # the batch norm folded into z = A[n, c] * v + B[c] * sc + S[c]
+        coef_a = (scale.expand(n, c) if a is None else a.double() * scale).to(dt).contiguous()
+        coef_b = None if l is None else (l.double() * scale).to(dt)
+        coef_s = (-mean * scale if bias is None else bias.detach().double() - mean * scale).to(dt)
+        out = torch.empty_like(v)
+        _kernel("apply", dt)(
+            _ptr(v), _ptr(sc), _ptr(y), _ptr(coef_a), _ptr(coef_b), _ptr(coef_s), _ptr(out), n, c, hw, int(relu), nt
+        )
+        ctx.save_for_backward(v, sc, a, l, weight, mean.to(dt), invstd.to(dt), scale.to(dt), coef_a, coef_b, coef_s)
+        ctx.relu, ctx.training = relu, bn.training
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        v, sc, a, l, weight, mean, invstd, scale, coef_a, coef_b, coef_s = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g = grad_out.contiguous()
+        n, c, h, w = v.shape
+        hw, dt, nt = h * w, v.dtype, torch.get_num_threads()
+        sum_g = torch.empty(c, dtype=torch.float64)
+        sum_gx = torch.empty(c, dtype=torch.float64)
+        _kernel("bwd_reduce", dt)(
+            _ptr(g), _ptr(v), _ptr(sc), _ptr(a), _ptr(l), _ptr(mean), _ptr(invstd),
+            _ptr(coef_a), _ptr(coef_b), _ptr(coef_s), n, c, hw, _ptr(sum_g), _ptr(sum_gx), int(ctx.relu), nt,
+        )
+        grad_w = sum_gx.to(dt) if weight is not None and need[5] else None
+        grad_b = sum_g.to(dt) if need[6] else None
+        grad_v = grad_sc = grad_gate = grad_lam = None
+        if need[0] or need[1] or need[3] or need[4]:
+            if ctx.training:  # d mean / d x and d var / d x
+                mg, mgx = (sum_g / (n * hw)).to(dt), (sum_gx / (n * hw)).to(dt)
+            else:  # eval-mode statistics are constants
+                mg = mgx = torch.zeros(c, dtype=dt)
+            grad_v = torch.empty_like(v)
+            grad_sc = None if sc is None else torch.empty_like(v)
+            dot_v = torch.empty(n, c, dtype=torch.float64)
+            dot_sc = None if sc is None else torch.empty(n, c, dtype=torch.float64)
+            _kernel("bwd_apply", dt)(
+                _ptr(g), _ptr(v), _ptr(sc), _ptr(a), _ptr(l), _ptr(mean), _ptr(invstd),
+                _ptr(coef_a), _ptr(coef_b), _ptr(coef_s), _ptr(scale), _ptr(mg), _ptr(mgx),
+                _ptr(grad_v), _ptr(grad_sc), _ptr(dot_v), _ptr(dot_sc), n, c, hw, int(ctx.relu), nt,
+            )
+            grad_gate = dot_v.to(dt).view(n, c, 1, 1) if need[3] else None
+            grad_lam = dot_sc.sum(0).to(dt).view(c, 1, 1) if need[4] else None
+            grad_v = grad_v if need[0] else None
+            grad_sc = grad_sc if need[1] else None
+        return grad_v, grad_sc, grad_out if need[2] else None, grad_gate, grad_lam, grad_w, grad_b, None, None
+
+
+def _same_layout(t: Optional[torch.Tensor], v: torch.Tensor) -> bool:
+    return t is None or (t.shape == v.shape and t.dtype == v.dtype and t.device == v.device and t.is_contiguous())
+
+
+def attention_tail(
+    bn: nn.BatchNorm2d,
+    v: torch.Tensor,
+    y: Optional[torch.Tensor] = None,
+    *,
+    sc: Optional[torch.Tensor] = None,
+    gate: Optional[torch.Tensor] = None,
+    lam: Optional[torch.Tensor] = None,
+    relu: bool = False,
+) -> torch.Tensor:
+    """``y + act(bn(gate * v + lam * sc))``: the tail of an attention layer (``act`` is ReLU if ``relu``).
+
+    MRLA-L: ``attention_tail(bn, V, y, sc=sc, gate=gate_c, lam=lam)``; MRLA-B:
+    ``attention_tail(bn, O, y, relu=True)``. ``gate`` is ``[B, C, 1, 1]``, ``lam`` ``[C, 1, 1]``; ``sc``
+    and ``lam`` come together; ``y`` None leaves out the residual sum. One fused C++ kernel pair for
+    contiguous NCHW float32/float64 CPU tensors in eager mode (see :func:`cpu_kernels`), the plain
+    modules (through :func:`light_tail` / :func:`batch_norm`) everywhere else.
+    """
+    if (sc is None) != (lam is None):
+        raise ValueError("attention_tail: `sc` and `lam` must be given together")
+    if gate is not None and gate.shape != (v.shape[0], v.shape[1], 1, 1):
+        raise ValueError(f"attention_tail: gate must be [B, C, 1, 1] = {[v.shape[0], v.shape[1], 1, 1]}, got {list(gate.shape)}")
+    if lam is not None and lam.numel() != v.shape[1]:
+        raise ValueError(f"attention_tail: lam must have one value per channel ({v.shape[1]}), got {list(lam.shape)}")
+    if (
+        _bn_eligible(bn, v)
+        and _same_layout(sc, v)
+        and _same_layout(y, v)
+        and all(t is None or t.dtype == v.dtype for t in (gate, lam))
+        and cpu_kernels() is not None
+    ):
+        return _FusedTail.apply(v, sc, y, gate, lam, bn.weight, bn.bias, bn, relu)
+    if sc is not None and gate is not None:
+        o = light_tail(bn, v, sc, gate, lam)
+    else:
+        o = v if gate is None else v * gate
+        o = batch_norm(bn, o if sc is None else torch.addcmul(o, sc, lam))
+    if relu:
+        o = F.relu(o, inplace=True)  # batch norm's backward keeps its input, not its output
+    return o if y is None else y + o
+
+
+class _DepthwiseConv3x3(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight):
+        n, c, h, w = x.shape
+        wc = weight.detach().contiguous()
+        out = torch.empty_like(x)
+        _kernel("dw_forward", x.dtype)(_ptr(x), _ptr(wc), _ptr(out), n, c, h, w, torch.get_num_threads())
+        ctx.save_for_backward(x, wc)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, wc = ctx.saved_tensors
+        n, c, h, w = x.shape
+        g = grad_out.contiguous()
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        per_plane = torch.empty(n, c, 9, dtype=torch.float64) if ctx.needs_input_grad[1] else None
+        if grad_x is None and per_plane is None:
+            return None, None
+        _kernel("dw_backward", x.dtype)(
+            _ptr(g), _ptr(x), _ptr(wc), _ptr(grad_x), _ptr(per_plane), n, c, h, w, torch.get_num_threads()
+        )
+        grad_w = None if per_plane is None else per_plane.sum(0).to(wc.dtype).view_as(wc)
+        return grad_x, grad_w
+
+
+def _dw_eligible(conv: nn.Module, x: torch.Tensor) -> bool:
+    return (
+        type(conv) is nn.Conv2d
+        and conv.kernel_size == (3, 3)
+        and conv.stride == (1, 1)
+        and conv.padding == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.padding_mode == "zeros"
+        and conv.bias is None
+        and conv.groups == conv.in_channels == conv.out_channels
+        and _cpu_eager(x)
+        and x.shape[1] == conv.in_channels
+        and x.shape[3] >= 2
+        and conv.weight.dtype == x.dtype
+        and cpu_kernels() is not None
+    )
+
+
+def depthwise_conv3x3(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for a depthwise 3x3 convolution (stride 1, padding 1, no bias), on the C++ kernel for
+    contiguous NCHW float32/float64 CPU tensors in eager mode, through ``conv`` itself everywhere else."""
+    if _dw_eligible(conv, x):
+        return _DepthwiseConv3x3.apply(x, conv.weight)
+    return conv(x)

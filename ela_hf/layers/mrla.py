@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from timm.layers import DropPath
 
-from .fast_ops import batch_norm, light_tail
+from .fast_ops import attention_tail, depthwise_conv3x3
 
 __all__ = [
     "eca_kernel_size",
@@ -456,15 +456,17 @@ class MrlaLight(_LayerAttentionBase):
     def forward(self, y: torch.Tensor, sc: torch.Tensor, state: StageState) -> torch.Tensor:
         q, k = self._query_key(y)
         gate = torch.sigmoid((q * k).sum(-1) * self.scale)  # [B, heads]
-        v = self.wv(y)
+        v = depthwise_conv3x3(self.wv, y)
         # the per-channel gate is tiny ([B, C, 1, 1]); lambda and the gate are cast to the values' dtype:
         # under autocast the large tensors stay in bf16 instead of being promoted to float32 by the
-        # float32 parameter. light_tail has a hand-written backward on the CPU (fast_ops.py).
+        # float32 parameter. On the CPU the whole tail is one fused kernel pair (fast_ops.py).
         gate_c = _heads_to_channels(gate, self.channels)[..., None, None].to(v.dtype)
-        o = light_tail(self.bn, v, sc.to(v.dtype), gate_c, self.lam.to(v.dtype))  # BN(gate * V + lam * sc)
         if self._records():
             self._record(gate, state)
-        return y + self.drop_path(o)
+        tail = dict(sc=sc.to(v.dtype), gate=gate_c, lam=self.lam.to(v.dtype))  # BN(gate * V + lam * sc)
+        if isinstance(self.drop_path, nn.Identity):
+            return attention_tail(self.bn, v, y, **tail)
+        return y + self.drop_path(attention_tail(self.bn, v, **tail))
 
     @torch.no_grad()
     def _record(self, gate: torch.Tensor, state: StageState) -> None:
@@ -494,15 +496,16 @@ class MrlaBase(_LayerAttentionBase):
 
     def forward(self, y: torch.Tensor, state: StageState) -> torch.Tensor:
         q, k = self._query_key(y)
-        v = self.wv(y)
+        v = depthwise_conv3x3(self.wv, y)
         state.keys.append(k)
         keys = torch.stack(state.keys, dim=2)  # [B, heads, t, d]: tiny, unlike the values
         attn = torch.softmax(torch.einsum("bhd,bhtd->bht", q, keys) * self.scale, dim=-1)
         o = self._attend(attn, v, state)
         if self._records():
             self._record(attn, state)
-        # in place: batch norm's backward keeps its input, not its output
-        return y + self.drop_path(F.relu(batch_norm(self.bn, o), inplace=True))
+        if isinstance(self.drop_path, nn.Identity):
+            return attention_tail(self.bn, o, y, relu=True)
+        return y + self.drop_path(attention_tail(self.bn, o, relu=True))
 
     def _attend(self, attn: torch.Tensor, v: torch.Tensor, state: StageState) -> torch.Tensor:
         """``sum_s attn[:, h, s] * V_{s,h}`` over this layer's and the earlier cached values."""

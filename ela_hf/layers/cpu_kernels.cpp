@@ -1,0 +1,321 @@
+// CPU kernels for the attention layers (fast_ops.py compiles this file once per machine and calls it
+// through ctypes; without a C++ compiler the pure-PyTorch paths run instead).
+//
+// 1. The tail of a layer, batch norm fused with what surrounds it.
+// For NCHW-contiguous tensors, plane p = n * C + c holds HW contiguous elements. The layer's pre-norm
+// value is   x = a[p] * v + l[c] * sc   (MRLA-L: a = gate, l = lambda; MRLA-B: a = 1, no sc),
+// its batch norm  z = A[p] * v + B[c] * sc + S[c]  (the affine map folded into per-plane coefficients,
+// as PyTorch's own CPU batch norm does), and the layer's output  out = act(z) + y  (act: identity or
+// ReLU, y: the residual stream, optional). x and z are recomputed from v and sc in every pass instead of
+// being stored, so forward is two passes over the data and backward is two passes.
+//
+// Every reduction is done by one thread per channel or per plane (partial sums over the batch are added
+// by the caller), never split across threads, so results do not depend on the number of threads.
+#include <cmath>
+#include <cstdint>
+
+namespace {
+
+template <typename T, bool HAS_SC>
+inline T pre(const T* v, const T* sc, int64_t i, T a, T l) {
+  if (HAS_SC) return a * v[i] + l * sc[i];
+  return a * v[i];
+}
+
+// Per-channel mean and biased variance of x, shifted by the channel's first element for conditioning.
+template <typename T, bool HAS_SC>
+void stats(const T* v, const T* sc, const T* a, const T* l, int64_t N, int64_t C, int64_t HW, double* mean,
+           double* var, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t c = 0; c < C; ++c) {
+    const T lc = HAS_SC ? l[c] : T(0);
+    const double k = (double)pre<T, HAS_SC>(v + c * HW, sc + (HAS_SC ? c * HW : 0), 0, a ? a[c] : T(1), lc);
+    double s1 = 0, s2 = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t off = (n * C + c) * HW;
+      const T* pv = v + off;
+      const T* ps = HAS_SC ? sc + off : nullptr;
+      const T ac = a ? a[n * C + c] : T(1);
+      double p1 = 0, p2 = 0;
+#pragma omp simd reduction(+ : p1, p2)
+      for (int64_t i = 0; i < HW; ++i) {
+        const double d = (double)pre<T, HAS_SC>(pv, ps, i, ac, lc) - k;
+        p1 += d;
+        p2 += d * d;
+      }
+      s1 += p1;
+      s2 += p2;
+    }
+    const double m = s1 / (double)(N * HW);
+    double vr = s2 / (double)(N * HW) - m * m;
+    mean[c] = m + k;
+    var[c] = vr > 0 ? vr : 0;
+  }
+}
+
+// out = act(A[p] * v + B[c] * sc + S[c]) (+ y)
+template <typename T, bool HAS_SC, bool RELU, bool HAS_Y>
+void apply(const T* v, const T* sc, const T* y, const T* A, const T* B, const T* S, T* out, int64_t N,
+           int64_t C, int64_t HW, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t p = 0; p < N * C; ++p) {
+    const int64_t c = p % C, off = p * HW;
+    const T ap = A[p], bc = HAS_SC ? B[c] : T(0), sc_ = S[c];
+    const T* pv = v + off;
+    const T* ps = HAS_SC ? sc + off : nullptr;
+    const T* py = HAS_Y ? y + off : nullptr;
+    T* po = out + off;
+#pragma omp simd
+    for (int64_t i = 0; i < HW; ++i) {
+      T z = pre<T, HAS_SC>(pv, ps, i, ap, bc) + sc_;
+      if (RELU) z = z > T(0) ? z : T(0);
+      if (HAS_Y) z += py[i];
+      po[i] = z;
+    }
+  }
+}
+
+// Per channel: sum(g') and sum(g' * xhat), g' = g where the ReLU let z through (all of g without ReLU).
+template <typename T, bool HAS_SC, bool RELU>
+void bwd_reduce(const T* g, const T* v, const T* sc, const T* a, const T* l, const T* mean, const T* invstd,
+                const T* A, const T* B, const T* S, int64_t N, int64_t C, int64_t HW, double* sum_g,
+                double* sum_gx, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t c = 0; c < C; ++c) {
+    const T lc = HAS_SC ? l[c] : T(0), m = mean[c], is = invstd[c];
+    const T bc = (RELU && HAS_SC) ? B[c] : T(0), s = RELU ? S[c] : T(0);
+    double s1 = 0, s2 = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t p = n * C + c, off = p * HW;
+      const T* pg = g + off;
+      const T* pv = v + off;
+      const T* ps = HAS_SC ? sc + off : nullptr;
+      const T ac = a ? a[p] : T(1), Ap = RELU ? A[p] : T(0);
+      double p1 = 0, p2 = 0;
+#pragma omp simd reduction(+ : p1, p2)
+      for (int64_t i = 0; i < HW; ++i) {
+        const T xhat = (pre<T, HAS_SC>(pv, ps, i, ac, lc) - m) * is;
+        const T z = RELU ? pre<T, HAS_SC>(pv, ps, i, Ap, bc) + s : T(1);
+        // a product, not a select: gcc keeps this reduction scalar (and branchy) with `z > 0 ? g : 0`.
+        // The one difference: a non-finite gradient where the ReLU was closed gives NaN here, 0 there.
+        const T gi = pg[i] * T(z > T(0));
+        p1 += (double)gi;
+        p2 += (double)gi * (double)xhat;
+      }
+      s1 += p1;
+      s2 += p2;
+    }
+    sum_g[c] = s1;
+    sum_gx[c] = s2;
+  }
+}
+
+// go = k[c] * (g' - mg[c] - xhat * mgx[c]) (the batch norm's input gradient; mg = mgx = 0 in eval mode),
+// gv = a[p] * go, gsc = l[c] * go, dv[p] = sum(go * v), dsc[p] = sum(go * sc). gv and dv are always
+// written, gsc and dsc whenever there is a shortcut term.
+template <typename T, bool HAS_SC, bool RELU>
+void bwd_apply(const T* g, const T* v, const T* sc, const T* a, const T* l, const T* mean, const T* invstd,
+               const T* A, const T* B, const T* S, const T* k, const T* mg, const T* mgx, T* gv, T* gsc,
+               double* dv, double* dsc, int64_t N, int64_t C, int64_t HW, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t p = 0; p < N * C; ++p) {
+    const int64_t c = p % C, off = p * HW;
+    const T lc = HAS_SC ? l[c] : T(0), m = mean[c], is = invstd[c], kc = k[c], mgc = mg[c], mgxc = mgx[c];
+    const T bc = (RELU && HAS_SC) ? B[c] : T(0), s = RELU ? S[c] : T(0);
+    const T ac = a ? a[p] : T(1), Ap = RELU ? A[p] : T(0);
+    const T* pg = g + off;
+    const T* pv = v + off;
+    const T* ps = HAS_SC ? sc + off : nullptr;
+    T* pgv = gv + off;
+    T* pgs = HAS_SC ? gsc + off : nullptr;
+    double d1 = 0, d2 = 0;
+#pragma omp simd reduction(+ : d1, d2)
+    for (int64_t i = 0; i < HW; ++i) {
+      const T xhat = (pre<T, HAS_SC>(pv, ps, i, ac, lc) - m) * is;
+      const T z = RELU ? pre<T, HAS_SC>(pv, ps, i, Ap, bc) + s : T(1);
+      const T gi = pg[i] * T(z > T(0));
+      const T go = kc * (gi - mgc - xhat * mgxc);
+      pgv[i] = ac * go;
+      if (HAS_SC) {
+        pgs[i] = lc * go;
+        d2 += (double)go * (double)ps[i];
+      }
+      d1 += (double)go * (double)pv[i];
+    }
+    dv[p] = d1;
+    if (HAS_SC) dsc[p] = d2;
+  }
+}
+
+// 2. ---- depthwise 3x3 convolution, stride 1, padding 1 (the layers' value projection wv) ----------------
+// out[i, j] = sum_{a, b < 3} w[a, b] * in[i + a - 1, j + b - 1], zero outside the plane. A plane is small
+// (a few KiB in the ResNets here), so each is done by one thread while it sits in L1: it is copied into a
+// zero-bordered buffer of row length Wp = W + 2, and then every tap is one long flat loop over that
+// buffer (rows of 8 or 32 elements alone would leave the vector units mostly idle).
+template <typename T>
+void pad_plane(const T* src, T* dst, int64_t H, int64_t W) {
+  const int64_t Wp = W + 2;
+  for (int64_t k = 0; k < Wp; ++k) dst[k] = dst[(H + 1) * Wp + k] = T(0);
+  for (int64_t i = 0; i < H; ++i) {
+    T* row = dst + (i + 1) * Wp;
+    row[0] = row[W + 1] = T(0);
+    for (int64_t j = 0; j < W; ++j) row[j + 1] = src[i * W + j];
+  }
+  dst[(H + 2) * Wp] = dst[(H + 2) * Wp + 1] = T(0);  // read (and discarded) by the flat loops' last taps
+}
+
+// out = correlation of the padded plane with w, through tmp (H * Wp, the two extra columns discarded)
+template <typename T>
+void dw_plane(const T* pad, const T* w, T* tmp, T* out, int64_t H, int64_t W) {
+  const int64_t Wp = W + 2, n = H * Wp;
+  const T* r0 = pad;
+  const T* r1 = pad + Wp;
+  const T* r2 = pad + 2 * Wp;
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) {
+    tmp[k] = w[0] * r0[k] + w[1] * r0[k + 1] + w[2] * r0[k + 2] + w[3] * r1[k] + w[4] * r1[k + 1] +
+             w[5] * r1[k + 2] + w[6] * r2[k] + w[7] * r2[k + 1] + w[8] * r2[k + 2];
+  }
+  for (int64_t i = 0; i < H; ++i)
+    for (int64_t j = 0; j < W; ++j) out[i * W + j] = tmp[i * Wp + j];
+}
+
+template <typename T>
+void dw_forward(const T* in, const T* weight, T* out, int64_t N, int64_t C, int64_t H, int64_t W, int nt) {
+  const int64_t Wp = W + 2;
+#pragma omp parallel num_threads(nt)
+  {
+    T* pad = new T[(H + 2) * Wp + 2];
+    T* tmp = new T[H * Wp];
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < N * C; ++p) {
+      pad_plane<T>(in + p * H * W, pad, H, W);
+      dw_plane<T>(pad, weight + (p % C) * 9, tmp, out + p * H * W, H, W);
+    }
+    delete[] pad;
+    delete[] tmp;
+  }
+}
+
+// Backward, one pass over (g, in) per plane: the input gradient (the same correlation of g with the
+// kernel rotated by 180 degrees) and the per-plane weight gradient
+//   gw[p, a, b] = sum_{i, j} g[i, j] * in[i + a - 1, j + b - 1],
+// summed over the batch by the caller, so the result does not depend on the number of threads.
+template <typename T>
+void dw_backward(const T* g, const T* in, const T* weight, T* gin, double* gw, int64_t N, int64_t C, int64_t H,
+                 int64_t W, int nt) {
+  const int64_t Wp = W + 2, n = H * Wp;
+#pragma omp parallel num_threads(nt)
+  {
+    T* pg = new T[(H + 2) * Wp + 2];
+    T* px = new T[(H + 2) * Wp + 2];
+    T* tmp = new T[n];
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < N * C; ++p) {
+      const T* wc = weight + (p % C) * 9;
+      pad_plane<T>(g + p * H * W, pg, H, W);
+      if (gin) {
+        T wf[9];
+        for (int k = 0; k < 9; ++k) wf[k] = wc[8 - k];
+        dw_plane<T>(pg, wf, tmp, gin + p * H * W, H, W);
+      }
+      if (gw) {
+        pad_plane<T>(in + p * H * W, px, H, W);
+        // g sits at pg[k + Wp + 1] for k over the H x Wp window (zero in the two extra columns), so
+        // gw[a, b] = sum_k pg[k + Wp + 1] * px[k + a * Wp + b]
+        const T* gg = pg + Wp + 1;
+        const T* r0 = px;
+        const T* r1 = px + Wp;
+        const T* r2 = px + 2 * Wp;
+        T s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0, s8 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7, s8)
+        for (int64_t k = 0; k < n; ++k) {
+          const T gk = gg[k];
+          s0 += gk * r0[k];
+          s1 += gk * r0[k + 1];
+          s2 += gk * r0[k + 2];
+          s3 += gk * r1[k];
+          s4 += gk * r1[k + 1];
+          s5 += gk * r1[k + 2];
+          s6 += gk * r2[k];
+          s7 += gk * r2[k + 1];
+          s8 += gk * r2[k + 2];
+        }
+        double* o = gw + p * 9;
+        o[0] = s0, o[1] = s1, o[2] = s2, o[3] = s3, o[4] = s4, o[5] = s5, o[6] = s6, o[7] = s7, o[8] = s8;
+      }
+    }
+    delete[] pg;
+    delete[] px;
+    delete[] tmp;
+  }
+}
+
+}  // namespace
+
+// C entry points: ela_<kernel>_<f32|f64>. sc == nullptr selects the MRLA-B form (no shortcut term).
+#define ELA_DEFINE(T, SUF)                                                                                     \
+  extern "C" void ela_stats_##SUF(const T* v, const T* sc, const T* a, const T* l, int64_t N, int64_t C,       \
+                                  int64_t HW, double* mean, double* var, int nt) {                           \
+    if (sc) stats<T, true>(v, sc, a, l, N, C, HW, mean, var, nt);                                            \
+    else stats<T, false>(v, sc, a, l, N, C, HW, mean, var, nt);                                              \
+  }                                                                                                           \
+  extern "C" void ela_apply_##SUF(const T* v, const T* sc, const T* y, const T* A, const T* B, const T* S,     \
+                                  T* out, int64_t N, int64_t C, int64_t HW, int relu, int nt) {               \
+    if (sc) {                                                                                                 \
+      if (relu) {                                                                                             \
+        if (y) apply<T, true, true, true>(v, sc, y, A, B, S, out, N, C, HW, nt);                              \
+        else apply<T, true, true, false>(v, sc, y, A, B, S, out, N, C, HW, nt);                               \
+      } else {                                                                                                \
+        if (y) apply<T, true, false, true>(v, sc, y, A, B, S, out, N, C, HW, nt);                             \
+        else apply<T, true, false, false>(v, sc, y, A, B, S, out, N, C, HW, nt);                              \
+      }                                                                                                       \
+    } else {                                                                                                  \
+      if (relu) {                                                                                             \
+        if (y) apply<T, false, true, true>(v, sc, y, A, B, S, out, N, C, HW, nt);                             \
+        else apply<T, false, true, false>(v, sc, y, A, B, S, out, N, C, HW, nt);                              \
+      } else {                                                                                                \
+        if (y) apply<T, false, false, true>(v, sc, y, A, B, S, out, N, C, HW, nt);                            \
+        else apply<T, false, false, false>(v, sc, y, A, B, S, out, N, C, HW, nt);                             \
+      }                                                                                                       \
+    }                                                                                                         \
+  }                                                                                                           \
+  extern "C" void ela_bwd_reduce_##SUF(const T* g, const T* v, const T* sc, const T* a, const T* l,           \
+                                       const T* mean, const T* invstd, const T* A, const T* B, const T* S,     \
+                                       int64_t N, int64_t C, int64_t HW, double* sum_g, double* sum_gx,       \
+                                       int relu, int nt) {                                                    \
+    if (sc) {                                                                                                 \
+      if (relu) bwd_reduce<T, true, true>(g, v, sc, a, l, mean, invstd, A, B, S, N, C, HW, sum_g, sum_gx, nt); \
+      else bwd_reduce<T, true, false>(g, v, sc, a, l, mean, invstd, A, B, S, N, C, HW, sum_g, sum_gx, nt);    \
+    } else {                                                                                                  \
+      if (relu) bwd_reduce<T, false, true>(g, v, sc, a, l, mean, invstd, A, B, S, N, C, HW, sum_g, sum_gx, nt); \
+      else bwd_reduce<T, false, false>(g, v, sc, a, l, mean, invstd, A, B, S, N, C, HW, sum_g, sum_gx, nt);   \
+    }                                                                                                         \
+  }                                                                                                           \
+  extern "C" void ela_bwd_apply_##SUF(const T* g, const T* v, const T* sc, const T* a, const T* l,            \
+                                      const T* mean, const T* invstd, const T* A, const T* B, const T* S,      \
+                                      const T* k, const T* mg, const T* mgx, T* gv, T* gsc, double* dv,        \
+                                      double* dsc, int64_t N, int64_t C, int64_t HW, int relu, int nt) {       \
+    if (sc) {                                                                                                 \
+      if (relu) bwd_apply<T, true, true>(g, v, sc, a, l, mean, invstd, A, B, S, k, mg, mgx, gv, gsc, dv, dsc, N, C, HW, nt); \
+      else bwd_apply<T, true, false>(g, v, sc, a, l, mean, invstd, A, B, S, k, mg, mgx, gv, gsc, dv, dsc, N, C, HW, nt);     \
+    } else {                                                                                                  \
+      if (relu) bwd_apply<T, false, true>(g, v, sc, a, l, mean, invstd, A, B, S, k, mg, mgx, gv, gsc, dv, dsc, N, C, HW, nt); \
+      else bwd_apply<T, false, false>(g, v, sc, a, l, mean, invstd, A, B, S, k, mg, mgx, gv, gsc, dv, dsc, N, C, HW, nt);    \
+    }                                                                                                         \
+  }
+
+#define ELA_DEFINE_DW(T, SUF)                                                                                  \
+  extern "C" void ela_dw_forward_##SUF(const T* in, const T* w, T* out, int64_t N, int64_t C, int64_t H,      \
+                                       int64_t W, int nt) {                                                   \
+    dw_forward<T>(in, w, out, N, C, H, W, nt);                                                                \
+  }                                                                                                           \
+  extern "C" void ela_dw_backward_##SUF(const T* g, const T* in, const T* w, T* gin, double* gw, int64_t N,   \
+                                        int64_t C, int64_t H, int64_t W, int nt) {                            \
+    dw_backward<T>(g, in, w, gin, gw, N, C, H, W, nt);                                                        \
+  }
+
+ELA_DEFINE(float, f32)
+ELA_DEFINE(double, f64)
+ELA_DEFINE_DW(float, f32)
+ELA_DEFINE_DW(double, f64)

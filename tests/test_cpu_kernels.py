@@ -1,0 +1,301 @@
+"""The C++ CPU kernels (``ela_hf/layers/cpu_kernels.cpp``) compute what the plain modules compute, and
+are built and loaded safely.
+
+``attention_tail`` (``y + act(BN(gate * V + lambda * sc))``) and ``depthwise_conv3x3`` are compared with
+``nn.BatchNorm2d`` / ``F.conv2d`` and autograd: outputs, every gradient and the running statistics, in
+float64 (tight) and float32, for every combination of their optional parts. The loader is checked for
+its cache, its fallback without a compiler, its off switch, and two processes compiling at once.
+"""
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ela_hf.layers import fast_ops
+
+needs_kernels = pytest.mark.skipif(
+    fast_ops.cpu_kernels() is None, reason="no C++ compiler: the C++ kernels are unavailable here"
+)
+
+
+def _tol(dtype):
+    return dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+
+
+def _bn(c, dtype, affine=True, momentum=0.1):
+    bn = nn.BatchNorm2d(c, affine=affine, momentum=momentum).to(dtype)
+    with torch.no_grad():
+        if affine:
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+    return bn
+
+
+def _reference_tail(bn, v, y, sc, gate, lam, relu):
+    x = v if gate is None else v * gate
+    if sc is not None:
+        x = x + lam * sc
+    o = bn(x)
+    if relu:
+        o = F.relu(o)
+    return o if y is None else y + o
+
+
+def _spy_tail(monkeypatch):
+    calls = []
+    real = fast_ops._FusedTail.apply
+    monkeypatch.setattr(fast_ops._FusedTail, "apply", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("form", ["mrla_l", "mrla_b", "gate_only", "lam_only"])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+def test_attention_tail_matches_batch_norm_and_autograd(dtype, form, relu, residual, training, monkeypatch):
+    calls = _spy_tail(monkeypatch)
+    torch.manual_seed(0)
+    n, c, h, w = 3, 5, 4, 6
+    v = torch.randn(n, c, h, w, dtype=dtype, requires_grad=True)
+    y = torch.randn(n, c, h, w, dtype=dtype, requires_grad=True) if residual else None
+    with_sc = form in ("mrla_l", "lam_only")
+    # an offset shortcut: the statistics must not lose precision to a large mean
+    sc = (torch.randn(n, c, h, w, dtype=dtype) + 30).requires_grad_() if with_sc else None
+    lam = torch.randn(c, 1, 1, dtype=dtype, requires_grad=True) if with_sc else None
+    gate = torch.rand(n, c, 1, 1, dtype=dtype, requires_grad=True) if form in ("mrla_l", "gate_only") else None
+    bn = _bn(c, dtype).train(training)
+    ref_bn = copy.deepcopy(bn)
+    named = [(k, t) for k, t in (("v", v), ("y", y), ("sc", sc), ("gate", gate), ("lam", lam)) if t is not None]
+    inputs = [t for _, t in named]
+
+    out = fast_ops.attention_tail(bn, v, y, sc=sc, gate=gate, lam=lam, relu=relu)
+    want = _reference_tail(ref_bn, v, y, sc, gate, lam, relu)
+    assert calls == [1]
+    tol = _tol(dtype)
+    torch.testing.assert_close(out, want, **tol)
+    grad = torch.randn_like(out)
+    got_grads = torch.autograd.grad(out, inputs + [bn.weight, bn.bias], grad)
+    want_grads = torch.autograd.grad(want, inputs + [ref_bn.weight, ref_bn.bias], grad)
+    for name, g, r in zip([k for k, _ in named] + ["weight", "bias"], got_grads, want_grads):
+        torch.testing.assert_close(g, r, **tol, msg=lambda m: f"gradient {name}: {m}")
+    for got, ref in zip(bn.buffers(), ref_bn.buffers()):
+        torch.testing.assert_close(got, ref, **tol)
+
+
+@needs_kernels
+def test_attention_tail_without_affine_and_cumulative_momentum(monkeypatch):
+    calls = _spy_tail(monkeypatch)
+    v = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    bn = _bn(3, torch.float64, affine=False, momentum=None).train()
+    ref = copy.deepcopy(bn)
+    for _ in range(3):  # momentum None: running averages over all batches so far
+        out = fast_ops.attention_tail(bn, v, relu=True)
+        want = F.relu(ref(v))
+    torch.testing.assert_close(out, want, **_tol(torch.float64))
+    (g,) = torch.autograd.grad(out, v, torch.ones_like(out))
+    (r,) = torch.autograd.grad(want, v, torch.ones_like(want))
+    torch.testing.assert_close(g, r, **_tol(torch.float64))
+    torch.testing.assert_close(bn.running_var, ref.running_var, **_tol(torch.float64))
+    assert int(bn.num_batches_tracked) == int(ref.num_batches_tracked) == 3 and len(calls) == 3
+
+
+@needs_kernels
+def test_attention_tail_partial_gradients(monkeypatch):
+    """Only some inputs need gradients (frozen BN, a shortcut from a frozen stem)."""
+    calls = _spy_tail(monkeypatch)
+    v = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    sc = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    gate = torch.rand(2, 4, 1, 1, dtype=torch.float64)
+    lam = torch.randn(4, 1, 1, dtype=torch.float64, requires_grad=True)
+    bn = _bn(4, torch.float64).train()
+    bn.requires_grad_(False)
+    ref = copy.deepcopy(bn)
+    out = fast_ops.attention_tail(bn, v, sc=sc, gate=gate, lam=lam)
+    want = ref(v * gate + lam * sc)
+    got = torch.autograd.grad(out.square().sum(), (v, lam))
+    exp = torch.autograd.grad(want.square().sum(), (v, lam))
+    for g, r in zip(got, exp):
+        torch.testing.assert_close(g, r, **_tol(torch.float64))
+    assert calls == [1]
+
+
+@needs_kernels
+def test_attention_tail_does_not_depend_on_the_number_of_threads():
+    torch.manual_seed(1)
+    v = torch.randn(4, 8, 16, 16, requires_grad=True)
+    sc = torch.randn(4, 8, 16, 16, requires_grad=True)
+    gate = torch.rand(4, 8, 1, 1, requires_grad=True)
+    lam = torch.randn(8, 1, 1, requires_grad=True)
+    conv = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            torch.manual_seed(2)
+            bn = _bn(8, torch.float32).train()
+            conv.weight.data.normal_()
+            out = fast_ops.attention_tail(bn, fast_ops.depthwise_conv3x3(conv, v), v, sc=sc, gate=gate, lam=lam)
+            grads = torch.autograd.grad(out.square().sum(), (v, sc, gate, lam, conv.weight))
+            results.append((out, *grads, bn.running_mean, bn.running_var))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)  # bitwise: no reduction is split across threads
+
+
+def test_attention_tail_rejects_inconsistent_arguments():
+    bn = _bn(3, torch.float32)
+    v = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="`sc` and `lam`"):
+        fast_ops.attention_tail(bn, v, sc=v)
+    with pytest.raises(ValueError, match=r"gate must be \[B, C, 1, 1\]"):
+        fast_ops.attention_tail(bn, v, gate=torch.rand(2, 3))
+    with pytest.raises(ValueError, match="one value per channel"):
+        fast_ops.attention_tail(bn, v, sc=v, lam=torch.ones(4, 1, 1))
+
+
+def test_attention_tail_falls_back_outside_its_domain(monkeypatch):
+    """channels_last, autocast and the off switch take the plain modules, with the same result."""
+    calls = _spy_tail(monkeypatch)
+    bn = _bn(3, torch.float32).eval()
+    v = torch.randn(2, 3, 4, 4)
+    sc, gate, lam = torch.randn(2, 3, 4, 4), torch.rand(2, 3, 1, 1), torch.randn(3, 1, 1)
+    want = _reference_tail(bn, v, v, sc, gate, lam, False)
+    got = fast_ops.attention_tail(bn, v.to(memory_format=torch.channels_last), v, sc=sc, gate=gate, lam=lam)
+    torch.testing.assert_close(got, want)
+    monkeypatch.setattr(fast_ops, "FAST_CPU_PATHS", False)
+    torch.testing.assert_close(fast_ops.attention_tail(bn, v, v, sc=sc, gate=gate, lam=lam), want)
+    assert not calls
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (3, 4, 32, 32), (2, 2, 7, 2), (1, 2, 1, 3), (2, 5, 4, 4)])
+def test_depthwise_conv3x3_matches_conv2d(dtype, shape, monkeypatch):
+    calls = []
+    real = fast_ops._DepthwiseConv3x3.apply
+    monkeypatch.setattr(fast_ops._DepthwiseConv3x3, "apply", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    conv = nn.Conv2d(shape[1], shape[1], 3, padding=1, groups=shape[1], bias=False).to(dtype)
+    x = torch.randn(*shape, dtype=dtype, requires_grad=True)
+    out = fast_ops.depthwise_conv3x3(conv, x)
+    want = F.conv2d(x, conv.weight, padding=1, groups=shape[1])
+    assert calls == [1]
+    tol = _tol(dtype)
+    torch.testing.assert_close(out, want, **tol)
+    grad = torch.randn_like(out)
+    for g, r in zip(torch.autograd.grad(out, (x, conv.weight), grad), torch.autograd.grad(want, (x, conv.weight), grad, retain_graph=True)):
+        torch.testing.assert_close(g, r, **tol)
+    # weight only (a frozen input)
+    (gw,) = torch.autograd.grad(fast_ops.depthwise_conv3x3(conv, x.detach()), conv.weight, grad)
+    torch.testing.assert_close(gw, torch.autograd.grad(want, conv.weight, grad)[0], **tol)
+
+
+def test_depthwise_conv3x3_leaves_other_convolutions_to_pytorch(monkeypatch):
+    calls = []
+    real = fast_ops._DepthwiseConv3x3.apply
+    monkeypatch.setattr(fast_ops._DepthwiseConv3x3, "apply", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(2, 4, 6, 6)
+    for conv in (
+        nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=True),  # bias
+        nn.Conv2d(4, 4, 3, padding=1, stride=2, groups=4, bias=False),  # stride
+        nn.Conv2d(4, 4, 3, padding=1, groups=2, bias=False),  # not depthwise
+        nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False, padding_mode="reflect"),
+    ):
+        torch.testing.assert_close(fast_ops.depthwise_conv3x3(conv, x), conv(x))
+    conv = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
+    torch.testing.assert_close(fast_ops.depthwise_conv3x3(conv, x[..., :1]), conv(x[..., :1]))  # width 1
+    torch.testing.assert_close(fast_ops.depthwise_conv3x3(conv, x.transpose(2, 3)), conv(x.transpose(2, 3)))
+    assert not calls
+
+
+# ------------------------------------------------------------------------------------------------
+# building and loading
+
+
+def _fresh_loader(monkeypatch, tmp_path, **env):
+    monkeypatch.setenv("ELA_HF_KERNEL_CACHE", str(tmp_path))
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(fast_ops, "_kernel_state", {})
+
+
+@needs_kernels
+def test_kernels_are_compiled_once_into_the_cache(monkeypatch, tmp_path):
+    _fresh_loader(monkeypatch, tmp_path)
+    assert fast_ops.cpu_kernels() is not None
+    built = list(tmp_path.glob("cpu_kernels-*.so"))
+    assert len(built) == 1 and not list(tmp_path.glob(".cpu_kernels-*"))  # no temporary file left
+    stamp = built[0].stat().st_mtime_ns
+    compiled = []
+    real_run = subprocess.run
+    monkeypatch.setattr(fast_ops.subprocess, "run", lambda cmd, **kw: compiled.append(cmd) or real_run(cmd, **kw))
+    monkeypatch.setattr(fast_ops, "_kernel_state", {})
+    assert fast_ops.cpu_kernels() is not None
+    assert built[0].stat().st_mtime_ns == stamp
+    assert all("-o" not in cmd for cmd in compiled)  # at most `--version`, no compilation
+
+
+def test_without_a_compiler_the_pure_pytorch_paths_run(monkeypatch, tmp_path):
+    _fresh_loader(monkeypatch, tmp_path, CXX=str(tmp_path / "no-such-compiler"))
+    with pytest.warns(RuntimeWarning, match="C\\+\\+ CPU kernels are unavailable"):
+        assert fast_ops.cpu_kernels() is None
+    assert not list(tmp_path.glob("*.so"))
+    bn = _bn(3, torch.float64).train()
+    ref = copy.deepcopy(bn)
+    v = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    sc, gate, lam = torch.randn_like(v), torch.rand(2, 3, 1, 1, dtype=torch.float64), torch.randn(3, 1, 1, dtype=torch.float64)
+    out = fast_ops.attention_tail(bn, v, v, sc=sc, gate=gate, lam=lam)
+    torch.testing.assert_close(out, _reference_tail(ref, v, v, sc, gate, lam, False), **_tol(torch.float64))
+
+
+def test_a_compile_error_is_reported_and_falls_back(monkeypatch, tmp_path):
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    _fresh_loader(monkeypatch, tmp_path)
+    monkeypatch.setattr(fast_ops, "KERNEL_SOURCE", broken)
+    with pytest.warns(RuntimeWarning, match="compiling cpu_kernels.cpp failed"):
+        assert fast_ops.cpu_kernels() is None
+    assert not list(tmp_path.glob("*.so")) and not list(tmp_path.glob(".cpu_kernels-*"))
+
+
+def test_kernels_can_be_switched_off(monkeypatch, tmp_path):
+    _fresh_loader(monkeypatch, tmp_path, ELA_HF_CPU_KERNELS="0")
+    assert fast_ops.cpu_kernels() is None
+    assert not list(tmp_path.iterdir())  # nothing compiled
+
+
+@needs_kernels
+@pytest.mark.slow
+def test_two_processes_compiling_at_once_both_load_the_kernels(tmp_path):
+    """Two processes start on an empty cache together (as the ranks of `accelerate launch` do): each
+    compiles into a private file and renames it, so both load a complete library."""
+    script = textwrap.dedent(
+        """
+        import sys
+        from ela_hf.layers import fast_ops
+        lib = fast_ops.cpu_kernels()
+        assert lib is not None, "kernels unavailable"
+        print("loaded", lib._name)
+        """
+    )
+    env = dict(os.environ, ELA_HF_KERNEL_CACHE=str(tmp_path))
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+        assert "loaded" in out
+    assert len(list(tmp_path.glob("cpu_kernels-*.so"))) == 1
+    assert not list(tmp_path.glob(".cpu_kernels-*"))
