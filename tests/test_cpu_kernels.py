@@ -202,6 +202,33 @@ def test_depthwise_conv3x3_matches_conv2d(dtype, shape, monkeypatch):
     torch.testing.assert_close(gw, torch.autograd.grad(want, conv.weight, grad)[0], **tol)
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("use", ["both", "values", "mean"])
+def test_depthwise_conv3x3_with_mean_matches_conv2d_and_mean(dtype, use, monkeypatch):
+    """The pooled descriptor comes from the conv's read of x; its gradient joins x's in the same write."""
+    calls = []
+    real = fast_ops._DepthwiseConv3x3.apply
+    monkeypatch.setattr(fast_ops._DepthwiseConv3x3, "apply", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False).to(dtype)
+    x = (torch.randn(3, 4, 6, 5, dtype=dtype) + 2).requires_grad_()
+    out, mean = fast_ops.depthwise_conv3x3(conv, x, with_mean=True)
+    want_out, want_mean = F.conv2d(x, conv.weight, padding=1, groups=4), x.mean((2, 3))
+    assert calls == [1] and mean.shape == (3, 4) and mean.dtype == dtype
+    tol = _tol(dtype)
+    torch.testing.assert_close(out, want_out, **tol)
+    torch.testing.assert_close(mean, want_mean, **tol)
+    go, gm = torch.randn_like(out), torch.randn_like(mean)
+
+    def loss(o, m):
+        return {"both": (o * go).sum() + (m * gm).sum(), "values": (o * go).sum(), "mean": (m * gm).sum()}[use]
+
+    wrt = (x, conv.weight) if use != "mean" else (x,)
+    for g, r in zip(torch.autograd.grad(loss(out, mean), wrt), torch.autograd.grad(loss(want_out, want_mean), wrt)):
+        torch.testing.assert_close(g, r, **tol)
+
+
 def test_depthwise_conv3x3_leaves_other_convolutions_to_pytorch(monkeypatch):
     calls = []
     real = fast_ops._DepthwiseConv3x3.apply

@@ -152,21 +152,30 @@ void bwd_apply(const T* g, const T* v, const T* sc, const T* a, const T* l, cons
 // (a few KiB in the ResNets here), so each is done by one thread while it sits in L1: it is copied into a
 // zero-bordered buffer of row length Wp = W + 2, and then every tap is one long flat loop over that
 // buffer (rows of 8 or 32 elements alone would leave the vector units mostly idle).
+// copies the plane into the zero-bordered buffer; returns the plane's sum
 template <typename T>
-void pad_plane(const T* src, T* dst, int64_t H, int64_t W) {
+double pad_plane(const T* src, T* dst, int64_t H, int64_t W) {
   const int64_t Wp = W + 2;
   for (int64_t k = 0; k < Wp; ++k) dst[k] = dst[(H + 1) * Wp + k] = T(0);
+  double total = 0;
   for (int64_t i = 0; i < H; ++i) {
     T* row = dst + (i + 1) * Wp;
     row[0] = row[W + 1] = T(0);
-    for (int64_t j = 0; j < W; ++j) row[j + 1] = src[i * W + j];
+    double s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < W; ++j) {
+      row[j + 1] = src[i * W + j];
+      s += (double)src[i * W + j];
+    }
+    total += s;
   }
   dst[(H + 2) * Wp] = dst[(H + 2) * Wp + 1] = T(0);  // read (and discarded) by the flat loops' last taps
+  return total;
 }
 
-// out = correlation of the padded plane with w, through tmp (H * Wp, the two extra columns discarded)
+// out = correlation of the padded plane with w (+ add), through tmp (H * Wp, two columns discarded)
 template <typename T>
-void dw_plane(const T* pad, const T* w, T* tmp, T* out, int64_t H, int64_t W) {
+void dw_plane(const T* pad, const T* w, T* tmp, T* out, int64_t H, int64_t W, T add = T(0)) {
   const int64_t Wp = W + 2, n = H * Wp;
   const T* r0 = pad;
   const T* r1 = pad + Wp;
@@ -177,11 +186,13 @@ void dw_plane(const T* pad, const T* w, T* tmp, T* out, int64_t H, int64_t W) {
              w[5] * r1[k + 2] + w[6] * r2[k] + w[7] * r2[k + 1] + w[8] * r2[k + 2];
   }
   for (int64_t i = 0; i < H; ++i)
-    for (int64_t j = 0; j < W; ++j) out[i * W + j] = tmp[i * Wp + j];
+    for (int64_t j = 0; j < W; ++j) out[i * W + j] = tmp[i * Wp + j] + add;
 }
 
+// plane_mean (optional): the mean of each input plane, the layer's pooled descriptor, in the same read
 template <typename T>
-void dw_forward(const T* in, const T* weight, T* out, int64_t N, int64_t C, int64_t H, int64_t W, int nt) {
+void dw_forward(const T* in, const T* weight, T* out, double* plane_mean, int64_t N, int64_t C, int64_t H,
+                int64_t W, int nt) {
   const int64_t Wp = W + 2;
 #pragma omp parallel num_threads(nt)
   {
@@ -189,7 +200,8 @@ void dw_forward(const T* in, const T* weight, T* out, int64_t N, int64_t C, int6
     T* tmp = new T[H * Wp];
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < N * C; ++p) {
-      pad_plane<T>(in + p * H * W, pad, H, W);
+      const double total = pad_plane<T>(in + p * H * W, pad, H, W);
+      if (plane_mean) plane_mean[p] = total / (double)(H * W);
       dw_plane<T>(pad, weight + (p % C) * 9, tmp, out + p * H * W, H, W);
     }
     delete[] pad;
@@ -201,9 +213,10 @@ void dw_forward(const T* in, const T* weight, T* out, int64_t N, int64_t C, int6
 // kernel rotated by 180 degrees) and the per-plane weight gradient
 //   gw[p, a, b] = sum_{i, j} g[i, j] * in[i + a - 1, j + b - 1],
 // summed over the batch by the caller, so the result does not depend on the number of threads.
+// gin_add (optional): a constant per plane added to the input gradient (the pooled mean's gradient / HW).
 template <typename T>
-void dw_backward(const T* g, const T* in, const T* weight, T* gin, double* gw, int64_t N, int64_t C, int64_t H,
-                 int64_t W, int nt) {
+void dw_backward(const T* g, const T* in, const T* weight, const T* gin_add, T* gin, double* gw, int64_t N,
+                 int64_t C, int64_t H, int64_t W, int nt) {
   const int64_t Wp = W + 2, n = H * Wp;
 #pragma omp parallel num_threads(nt)
   {
@@ -217,7 +230,7 @@ void dw_backward(const T* g, const T* in, const T* weight, T* gin, double* gw, i
       if (gin) {
         T wf[9];
         for (int k = 0; k < 9; ++k) wf[k] = wc[8 - k];
-        dw_plane<T>(pg, wf, tmp, gin + p * H * W, H, W);
+        dw_plane<T>(pg, wf, tmp, gin + p * H * W, H, W, gin_add ? gin_add[p] : T(0));
       }
       if (gw) {
         pad_plane<T>(in + p * H * W, px, H, W);
@@ -306,13 +319,13 @@ void dw_backward(const T* g, const T* in, const T* weight, T* gin, double* gw, i
   }
 
 #define ELA_DEFINE_DW(T, SUF)                                                                                  \
-  extern "C" void ela_dw_forward_##SUF(const T* in, const T* w, T* out, int64_t N, int64_t C, int64_t H,      \
-                                       int64_t W, int nt) {                                                   \
-    dw_forward<T>(in, w, out, N, C, H, W, nt);                                                                \
+  extern "C" void ela_dw_forward_##SUF(const T* in, const T* w, T* out, double* plane_mean, int64_t N,       \
+                                       int64_t C, int64_t H, int64_t W, int nt) {                             \
+    dw_forward<T>(in, w, out, plane_mean, N, C, H, W, nt);                                                    \
   }                                                                                                           \
-  extern "C" void ela_dw_backward_##SUF(const T* g, const T* in, const T* w, T* gin, double* gw, int64_t N,   \
-                                        int64_t C, int64_t H, int64_t W, int nt) {                            \
-    dw_backward<T>(g, in, w, gin, gw, N, C, H, W, nt);                                                        \
+  extern "C" void ela_dw_backward_##SUF(const T* g, const T* in, const T* w, const T* gin_add, T* gin,         \
+                                        double* gw, int64_t N, int64_t C, int64_t H, int64_t W, int nt) {      \
+    dw_backward<T>(g, in, w, gin_add, gin, gw, N, C, H, W, nt);                                               \
   }
 
 ELA_DEFINE(float, f32)

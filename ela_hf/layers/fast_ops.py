@@ -227,8 +227,8 @@ _SIGNATURES = {
     "apply": [_P] * 7 + [_I64] * 3 + [_INT, _INT],
     "bwd_reduce": [_P] * 10 + [_I64] * 3 + [_P, _P, _INT, _INT],
     "bwd_apply": [_P] * 17 + [_I64] * 3 + [_INT, _INT],
-    "dw_forward": [_P] * 3 + [_I64] * 4 + [_INT],
-    "dw_backward": [_P] * 5 + [_I64] * 4 + [_INT],
+    "dw_forward": [_P] * 4 + [_I64] * 4 + [_INT],
+    "dw_backward": [_P] * 6 + [_I64] * 4 + [_INT],
 }
 _kernel_state: dict = {}  # "lib": the loaded library or None once tried
 _kernel_lock = threading.Lock()
@@ -446,29 +446,37 @@ def attention_tail(
 
 
 class _DepthwiseConv3x3(torch.autograd.Function):
+    """The depthwise conv, and (``with_mean``) the per-channel mean of its input from the same read; the
+    mean's gradient is added to the input gradient in the same write."""
+
     @staticmethod
-    def forward(ctx, x, weight):
+    def forward(ctx, x, weight, with_mean: bool):
         n, c, h, w = x.shape
         wc = weight.detach().contiguous()
         out = torch.empty_like(x)
-        _kernel("dw_forward", x.dtype)(_ptr(x), _ptr(wc), _ptr(out), n, c, h, w, torch.get_num_threads())
+        mean = torch.empty(n, c, dtype=torch.float64) if with_mean else None
+        _kernel("dw_forward", x.dtype)(_ptr(x), _ptr(wc), _ptr(out), _ptr(mean), n, c, h, w, torch.get_num_threads())
         ctx.save_for_backward(x, wc)
-        return out
+        return (out, mean.to(x.dtype)) if with_mean else out
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, grad_mean=None):
         x, wc = ctx.saved_tensors
         n, c, h, w = x.shape
+        need_x, need_w = ctx.needs_input_grad[:2]
+        if grad_out is None:  # only the mean was used
+            grad_out = torch.zeros_like(x)
         g = grad_out.contiguous()
-        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        per_plane = torch.empty(n, c, 9, dtype=torch.float64) if ctx.needs_input_grad[1] else None
+        grad_x = torch.empty_like(x) if need_x else None
+        per_plane = torch.empty(n, c, 9, dtype=torch.float64) if need_w else None
+        add = None if grad_mean is None or not need_x else (grad_mean * (1.0 / (h * w))).to(x.dtype).contiguous()
         if grad_x is None and per_plane is None:
-            return None, None
+            return None, None, None
         _kernel("dw_backward", x.dtype)(
-            _ptr(g), _ptr(x), _ptr(wc), _ptr(grad_x), _ptr(per_plane), n, c, h, w, torch.get_num_threads()
+            _ptr(g), _ptr(x), _ptr(wc), _ptr(add), _ptr(grad_x), _ptr(per_plane), n, c, h, w, torch.get_num_threads()
         )
         grad_w = None if per_plane is None else per_plane.sum(0).to(wc.dtype).view_as(wc)
-        return grad_x, grad_w
+        return grad_x, grad_w, None
 
 
 def _dw_eligible(conv: nn.Module, x: torch.Tensor) -> bool:
@@ -489,9 +497,15 @@ def _dw_eligible(conv: nn.Module, x: torch.Tensor) -> bool:
     )
 
 
-def depthwise_conv3x3(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)`` for a depthwise 3x3 convolution (stride 1, padding 1, no bias), on the C++ kernel for
-    contiguous NCHW float32/float64 CPU tensors in eager mode, through ``conv`` itself everywhere else."""
+def depthwise_conv3x3(conv: nn.Conv2d, x: torch.Tensor, *, with_mean: bool = False):
+    """``conv(x)`` for a depthwise 3x3 convolution (stride 1, padding 1, no bias); with ``with_mean`` also
+    the per-channel mean of ``x`` (``[B, C]``), ``(conv(x), x.mean((2, 3)))``. On the C++ kernel for
+    contiguous NCHW float32/float64 CPU tensors in eager mode (one read of ``x`` for both), through
+    ``conv`` itself everywhere else."""
     if _dw_eligible(conv, x):
-        return _DepthwiseConv3x3.apply(x, conv.weight)
-    return conv(x)
+        return _DepthwiseConv3x3.apply(x, conv.weight, with_mean)
+    if not with_mean:
+        return conv(x)
+    # sum * 1/HW rather than mean: mean's backward materialises a full-size gradient before it is
+    # accumulated into x's; sum's is an expanded view
+    return conv(x), x.sum(dim=(2, 3)) * (1.0 / (x.shape[2] * x.shape[3]))

@@ -401,17 +401,17 @@ class _LayerAttentionBase(nn.Module):
         self.recording = False
         self.kl_eps = DEFAULT_KL_EPS
 
-    def _query_key(self, y: torch.Tensor):
-        """Q and K (``[B, heads, d]``) from the pooled descriptor ``g = GAP(y)``.
+    def _values_query_key(self, y: torch.Tensor):
+        """V = wv(y) and Q, K (``[B, heads, d]``) from the pooled descriptor ``g = GAP(y)``.
+
+        On the CPU the depthwise conv and the pooling share one read of ``y`` (fast_ops.py).
 
         ``wq`` and ``wk`` are Conv1d(1, 1, k) over the channel axis; they are applied here as one
         ``[B, C, k] x [k, 2]`` product over the unfolded windows of ``g``: nn.Conv1d on a ``[B, 1, C]``
         input costs milliseconds per call on CPU (oneDNN primitive setup), more than the rest of the
         layer, and a backward through two of them is slower still.
         """
-        # sum * 1/HW rather than mean: mean's backward materialises a full-size gradient before it is
-        # accumulated into y's; sum's is an expanded view
-        g = y.sum(dim=(2, 3)) * (1.0 / (y.shape[2] * y.shape[3]))  # [B, C]
+        v, g = depthwise_conv3x3(self.wv, y, with_mean=True)  # g: [B, C]
         pad = (self.k_size - 1) // 2
         windows = F.pad(g, (pad, pad)).unfold(1, self.k_size, 1)  # [B, C, k]: windows[c, j] = g[c + j - pad]
         w = torch.cat([self.wq.weight.view(1, -1), self.wk.weight.view(1, -1)], dim=0)  # [2, k]
@@ -419,7 +419,7 @@ class _LayerAttentionBase(nn.Module):
         b = g.shape[0]
         q = qk[..., 0].view(b, self.heads, self.dim_per_head)
         k = qk[..., 1].view(b, self.heads, self.dim_per_head)
-        return q, k
+        return v, q, k
 
     def _per_channel(self, per_head: torch.Tensor) -> torch.Tensor:
         """[B, heads, ...] -> [B, C, ...]: head h covers the contiguous channels h*d .. (h+1)*d - 1."""
@@ -454,9 +454,8 @@ class MrlaLight(_LayerAttentionBase):
         self.lam = nn.Parameter(torch.randn(channels, 1, 1))
 
     def forward(self, y: torch.Tensor, sc: torch.Tensor, state: StageState) -> torch.Tensor:
-        q, k = self._query_key(y)
+        v, q, k = self._values_query_key(y)
         gate = torch.sigmoid((q * k).sum(-1) * self.scale)  # [B, heads]
-        v = depthwise_conv3x3(self.wv, y)
         # the per-channel gate is tiny ([B, C, 1, 1]); lambda and the gate are cast to the values' dtype:
         # under autocast the large tensors stay in bf16 instead of being promoted to float32 by the
         # float32 parameter. On the CPU the whole tail is one fused kernel pair (fast_ops.py).
@@ -495,8 +494,7 @@ class MrlaBase(_LayerAttentionBase):
         super().__init__(channels, dim_per_head, k_size, drop_path)
 
     def forward(self, y: torch.Tensor, state: StageState) -> torch.Tensor:
-        q, k = self._query_key(y)
-        v = depthwise_conv3x3(self.wv, y)
+        v, q, k = self._values_query_key(y)
         state.keys.append(k)
         keys = torch.stack(state.keys, dim=2)  # [B, heads, t, d]: tiny, unlike the values
         attn = torch.softmax(torch.einsum("bhd,bhtd->bht", q, keys) * self.scale, dim=-1)
