@@ -13,6 +13,7 @@
 // by the caller), never split across threads, so results do not depend on the number of threads.
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 namespace {
 
@@ -21,6 +22,37 @@ inline T pre(const T* v, const T* sc, int64_t i, T a, T l) {
   if (HAS_SC) return a * v[i] + l * sc[i];
   return a * v[i];
 }
+
+// Backward, at one element of plane p: xhat = (x - mean) * invstd and g' = g where the ReLU let z
+// through (all of g without ReLU), both recomputed from v and sc.
+template <typename T, bool HAS_SC, bool RELU>
+struct TailPoint {
+  const T *g, *v, *sc;
+  T a, l, m, is, A, b, s;
+
+  TailPoint(const T* g_, const T* v_, const T* sc_, const T* a_, const T* l_, const T* mean, const T* invstd,
+            const T* A_, const T* B_, const T* S_, int64_t C, int64_t HW, int64_t p) {
+    const int64_t c = p % C, off = p * HW;
+    g = g_ + off;
+    v = v_ + off;
+    sc = HAS_SC ? sc_ + off : nullptr;
+    a = a_ ? a_[p] : T(1);
+    l = HAS_SC ? l_[c] : T(0);
+    m = mean[c];
+    is = invstd[c];
+    A = RELU ? A_[p] : T(0);
+    b = (RELU && HAS_SC) ? B_[c] : T(0);
+    s = RELU ? S_[c] : T(0);
+  }
+
+  inline void at(int64_t i, T& xhat, T& gi) const {
+    xhat = (pre<T, HAS_SC>(v, sc, i, a, l) - m) * is;
+    const T z = RELU ? pre<T, HAS_SC>(v, sc, i, A, b) + s : T(1);
+    // a product, not a select: gcc keeps the reductions scalar (and branchy) with `z > 0 ? g : 0`.
+    // The one difference: a non-finite gradient where the ReLU was closed gives NaN here, 0 there.
+    gi = g[i] * T(z > T(0));
+  }
+};
 
 // Per-channel mean and biased variance of x, shifted by the channel's first element for conditioning.
 template <typename T, bool HAS_SC>
@@ -82,23 +114,14 @@ void bwd_reduce(const T* g, const T* v, const T* sc, const T* a, const T* l, con
                 double* sum_gx, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t c = 0; c < C; ++c) {
-    const T lc = HAS_SC ? l[c] : T(0), m = mean[c], is = invstd[c];
-    const T bc = (RELU && HAS_SC) ? B[c] : T(0), s = RELU ? S[c] : T(0);
     double s1 = 0, s2 = 0;
     for (int64_t n = 0; n < N; ++n) {
-      const int64_t p = n * C + c, off = p * HW;
-      const T* pg = g + off;
-      const T* pv = v + off;
-      const T* ps = HAS_SC ? sc + off : nullptr;
-      const T ac = a ? a[p] : T(1), Ap = RELU ? A[p] : T(0);
+      const TailPoint<T, HAS_SC, RELU> pt(g, v, sc, a, l, mean, invstd, A, B, S, C, HW, n * C + c);
       double p1 = 0, p2 = 0;
 #pragma omp simd reduction(+ : p1, p2)
       for (int64_t i = 0; i < HW; ++i) {
-        const T xhat = (pre<T, HAS_SC>(pv, ps, i, ac, lc) - m) * is;
-        const T z = RELU ? pre<T, HAS_SC>(pv, ps, i, Ap, bc) + s : T(1);
-        // a product, not a select: gcc keeps this reduction scalar (and branchy) with `z > 0 ? g : 0`.
-        // The one difference: a non-finite gradient where the ReLU was closed gives NaN here, 0 there.
-        const T gi = pg[i] * T(z > T(0));
+        T xhat, gi;
+        pt.at(i, xhat, gi);
         p1 += (double)gi;
         p2 += (double)gi * (double)xhat;
       }
@@ -119,28 +142,23 @@ void bwd_apply(const T* g, const T* v, const T* sc, const T* a, const T* l, cons
                double* dv, double* dsc, int64_t N, int64_t C, int64_t HW, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t p = 0; p < N * C; ++p) {
+    const TailPoint<T, HAS_SC, RELU> pt(g, v, sc, a, l, mean, invstd, A, B, S, C, HW, p);
     const int64_t c = p % C, off = p * HW;
-    const T lc = HAS_SC ? l[c] : T(0), m = mean[c], is = invstd[c], kc = k[c], mgc = mg[c], mgxc = mgx[c];
-    const T bc = (RELU && HAS_SC) ? B[c] : T(0), s = RELU ? S[c] : T(0);
-    const T ac = a ? a[p] : T(1), Ap = RELU ? A[p] : T(0);
-    const T* pg = g + off;
-    const T* pv = v + off;
-    const T* ps = HAS_SC ? sc + off : nullptr;
+    const T kc = k[c], mgc = mg[c], mgxc = mgx[c];
     T* pgv = gv + off;
     T* pgs = HAS_SC ? gsc + off : nullptr;
     double d1 = 0, d2 = 0;
 #pragma omp simd reduction(+ : d1, d2)
     for (int64_t i = 0; i < HW; ++i) {
-      const T xhat = (pre<T, HAS_SC>(pv, ps, i, ac, lc) - m) * is;
-      const T z = RELU ? pre<T, HAS_SC>(pv, ps, i, Ap, bc) + s : T(1);
-      const T gi = pg[i] * T(z > T(0));
+      T xhat, gi;
+      pt.at(i, xhat, gi);
       const T go = kc * (gi - mgc - xhat * mgxc);
-      pgv[i] = ac * go;
+      pgv[i] = pt.a * go;
       if (HAS_SC) {
-        pgs[i] = lc * go;
-        d2 += (double)go * (double)ps[i];
+        pgs[i] = pt.l * go;
+        d2 += (double)go * (double)pt.sc[i];
       }
-      d1 += (double)go * (double)pv[i];
+      d1 += (double)go * (double)pt.v[i];
     }
     dv[p] = d1;
     if (HAS_SC) dsc[p] = d2;
@@ -266,56 +284,51 @@ void dw_backward(const T* g, const T* in, const T* weight, const T* gin_add, T* 
 
 }  // namespace
 
+// Calls f(std::true_type) or f(std::false_type): runtime flags to template parameters.
+template <typename F>
+void with_flag(bool flag, F&& f) {
+  if (flag) f(std::true_type{});
+  else f(std::false_type{});
+}
+#define ELA_FLAG(x) decltype(x)::value
+
 // C entry points: ela_<kernel>_<f32|f64>. sc == nullptr selects the MRLA-B form (no shortcut term).
 #define ELA_DEFINE(T, SUF)                                                                                     \
   extern "C" void ela_stats_##SUF(const T* v, const T* sc, const T* a, const T* l, int64_t N, int64_t C,       \
                                   int64_t HW, double* mean, double* var, int nt) {                           \
-    if (sc) stats<T, true>(v, sc, a, l, N, C, HW, mean, var, nt);                                            \
-    else stats<T, false>(v, sc, a, l, N, C, HW, mean, var, nt);                                              \
+    with_flag(sc, [&](auto hs) { stats<T, ELA_FLAG(hs)>(v, sc, a, l, N, C, HW, mean, var, nt); });            \
   }                                                                                                           \
   extern "C" void ela_apply_##SUF(const T* v, const T* sc, const T* y, const T* A, const T* B, const T* S,     \
                                   T* out, int64_t N, int64_t C, int64_t HW, int relu, int nt) {               \
-    if (sc) {                                                                                                 \
-      if (relu) {                                                                                             \
-        if (y) apply<T, true, true, true>(v, sc, y, A, B, S, out, N, C, HW, nt);                              \
-        else apply<T, true, true, false>(v, sc, y, A, B, S, out, N, C, HW, nt);                               \
-      } else {                                                                                                \
-        if (y) apply<T, true, false, true>(v, sc, y, A, B, S, out, N, C, HW, nt);                             \
-        else apply<T, true, false, false>(v, sc, y, A, B, S, out, N, C, HW, nt);                              \
-      }                                                                                                       \
-    } else {                                                                                                  \
-      if (relu) {                                                                                             \
-        if (y) apply<T, false, true, true>(v, sc, y, A, B, S, out, N, C, HW, nt);                             \
-        else apply<T, false, true, false>(v, sc, y, A, B, S, out, N, C, HW, nt);                              \
-      } else {                                                                                                \
-        if (y) apply<T, false, false, true>(v, sc, y, A, B, S, out, N, C, HW, nt);                            \
-        else apply<T, false, false, false>(v, sc, y, A, B, S, out, N, C, HW, nt);                             \
-      }                                                                                                       \
-    }                                                                                                         \
+    with_flag(sc, [&](auto hs) {                                                                              \
+      with_flag(relu, [&](auto r) {                                                                           \
+        with_flag(y, [&](auto hy) {                                                                           \
+          apply<T, ELA_FLAG(hs), ELA_FLAG(r), ELA_FLAG(hy)>(v, sc, y, A, B, S, out, N, C, HW, nt);            \
+        });                                                                                                   \
+      });                                                                                                     \
+    });                                                                                                       \
   }                                                                                                           \
   extern "C" void ela_bwd_reduce_##SUF(const T* g, const T* v, const T* sc, const T* a, const T* l,           \
                                        const T* mean, const T* invstd, const T* A, const T* B, const T* S,     \
                                        int64_t N, int64_t C, int64_t HW, double* sum_g, double* sum_gx,       \
                                        int relu, int nt) {                                                    \
-    if (sc) {                                                                                                 \
-      if (relu) bwd_reduce<T, true, true>(g, v, sc, a, l, mean, invstd, A, B, S, N, C, HW, sum_g, sum_gx, nt); \
-      else bwd_reduce<T, true, false>(g, v, sc, a, l, mean, invstd, A, B, S, N, C, HW, sum_g, sum_gx, nt);    \
-    } else {                                                                                                  \
-      if (relu) bwd_reduce<T, false, true>(g, v, sc, a, l, mean, invstd, A, B, S, N, C, HW, sum_g, sum_gx, nt); \
-      else bwd_reduce<T, false, false>(g, v, sc, a, l, mean, invstd, A, B, S, N, C, HW, sum_g, sum_gx, nt);   \
-    }                                                                                                         \
+    with_flag(sc, [&](auto hs) {                                                                              \
+      with_flag(relu, [&](auto r) {                                                                           \
+        bwd_reduce<T, ELA_FLAG(hs), ELA_FLAG(r)>(g, v, sc, a, l, mean, invstd, A, B, S, N, C, HW, sum_g,      \
+                                                 sum_gx, nt);                                                 \
+      });                                                                                                     \
+    });                                                                                                       \
   }                                                                                                           \
   extern "C" void ela_bwd_apply_##SUF(const T* g, const T* v, const T* sc, const T* a, const T* l,            \
                                       const T* mean, const T* invstd, const T* A, const T* B, const T* S,      \
                                       const T* k, const T* mg, const T* mgx, T* gv, T* gsc, double* dv,        \
                                       double* dsc, int64_t N, int64_t C, int64_t HW, int relu, int nt) {       \
-    if (sc) {                                                                                                 \
-      if (relu) bwd_apply<T, true, true>(g, v, sc, a, l, mean, invstd, A, B, S, k, mg, mgx, gv, gsc, dv, dsc, N, C, HW, nt); \
-      else bwd_apply<T, true, false>(g, v, sc, a, l, mean, invstd, A, B, S, k, mg, mgx, gv, gsc, dv, dsc, N, C, HW, nt);     \
-    } else {                                                                                                  \
-      if (relu) bwd_apply<T, false, true>(g, v, sc, a, l, mean, invstd, A, B, S, k, mg, mgx, gv, gsc, dv, dsc, N, C, HW, nt); \
-      else bwd_apply<T, false, false>(g, v, sc, a, l, mean, invstd, A, B, S, k, mg, mgx, gv, gsc, dv, dsc, N, C, HW, nt);    \
-    }                                                                                                         \
+    with_flag(sc, [&](auto hs) {                                                                              \
+      with_flag(relu, [&](auto r) {                                                                           \
+        bwd_apply<T, ELA_FLAG(hs), ELA_FLAG(r)>(g, v, sc, a, l, mean, invstd, A, B, S, k, mg, mgx, gv, gsc,   \
+                                                dv, dsc, N, C, HW, nt);                                       \
+      });                                                                                                     \
+    });                                                                                                       \
   }
 
 #define ELA_DEFINE_DW(T, SUF)                                                                                  \
