@@ -319,10 +319,12 @@ def main(argv=None) -> None:
     load_before = os.getloadavg()[0]
     cases = make_cases(args.device)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()} CPU"
+    # which CPU path the attention layers take (compiles the kernels now, outside any timed step)
+    kernels = "" if args.device == "cuda" else f", C++ kernels {'on' if fast_ops.cpu_kernels() is not None else 'unavailable'}"
     out = [
         f"ela_hf benchmark, {datetime.date.today().isoformat()}: torch {torch.__version__}, timm {timm.__version__}, "
-        f"{device_name}, threads={torch.get_num_threads()}, amp={args.amp}, channels_last={args.channels_last}, "
-        f"medians of {args.repeats} interleaved rounds",
+        f"{device_name}, threads={torch.get_num_threads()}, amp={args.amp}, channels_last={args.channels_last}"
+        f"{kernels}, medians of {args.repeats} interleaved rounds",
         "",
         "command: `python " + " ".join(["bench/bench_models.py"] + (argv if argv is not None else sys.argv[1:])) + "`",
         "",

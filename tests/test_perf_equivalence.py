@@ -418,6 +418,7 @@ def test_bench_script_prints_ratio_table(capsys, monkeypatch):
                 "ela", "--batch-size", "2", "--repeats", "1", "--warmup", "0"])
     out = capsys.readouterr().out
     assert fast_calls  # ... and the other kinds use them
+    assert ("C++ kernels on" in out) == (fast_ops.cpu_kernels() is not None)  # the header says which path ran
     assert fast_ops.FAST_CPU_PATHS
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
     assert rows["ResNet"].split("|")[2].strip() == "1.00"  # its own ratio
