@@ -345,6 +345,24 @@ def test_torch_compile_matches_reference():
     _assert_same(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("attn_type", ["mrla_b", "mrla_l"])
+@pytest.mark.parametrize("capture", ["jit_trace", "export"])
+def test_traced_and_exported_models_match_eager(attn_type, capture):
+    """A trace records tensor ops only: the C++ kernels and MRLA-B's in-place stage buffer step aside,
+    so the captured graph computes what eager mode computes on an input it has not seen."""
+    import warnings
+
+    model = _tiny(attn_type, skip_mask=SKIPS[1]).eval()
+    x, x_new = torch.randn(2, 3, 12, 12), torch.randn(2, 3, 12, 12)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace is deprecated, still used
+        if capture == "jit_trace":
+            captured = torch.jit.trace(model, x, check_trace=False)
+        else:
+            captured = torch.export.export(model, (x,)).module()
+        torch.testing.assert_close(captured(x_new), model(x_new), rtol=1e-5, atol=1e-5)
+
+
 def test_mrla_b_cpu_buffers_are_reused_between_steps():
     """Large CPU stage buffers (values and their gradients) go back to a pool: a steady loop allocates none.
 

@@ -74,6 +74,8 @@ def _cpu_eager(x: torch.Tensor) -> bool:
         and x.is_contiguous()
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
+        # a trace records tensor ops, and the C++ kernels write through pointers it cannot see
+        and not torch.jit.is_tracing()
     )
 
 

@@ -508,9 +508,10 @@ class MrlaBase(_LayerAttentionBase):
     def _attend(self, attn: torch.Tensor, v: torch.Tensor, state: StageState) -> torch.Tensor:
         """``sum_s attn[:, h, s] * V_{s,h}`` over this layer's and the earlier cached values."""
         cache = state.value_buffer
-        if torch.compiler.is_compiling() or (cache is None and state.values):
-            # graph capture: the plain formulation; the compiler fuses the sum into one pass over the
-            # values (the eager buffer below relies on in-place slot writes it cannot trace)
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or (cache is None and state.values):
+            # graph capture (compile, export, jit.trace): the plain formulation; the compiler fuses the
+            # sum into one pass over the values (the eager buffer below relies on in-place slot writes
+            # that a trace cannot record)
             if cache is not None and torch.is_grad_enabled():
                 raise RuntimeError(
                     "an MRLA-B stage ran partly eagerly and partly under torch.compile; compile the whole "
