@@ -24,6 +24,14 @@ needs_kernels = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True)
+def kernels_at_every_size(monkeypatch):
+    """The layers leave small planes to PyTorch; these tests use small tensors, so lift the limits
+    (``test_small_planes_take_the_pytorch_paths`` checks them)."""
+    monkeypatch.setattr(fast_ops, "DEPTHWISE_MIN_PLANE", 0)
+    monkeypatch.setattr(fast_ops, "TAIL_MIN_PLANE", 0)
+
+
 def _tol(dtype):
     return dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
 
@@ -245,6 +253,28 @@ def test_depthwise_conv3x3_leaves_other_convolutions_to_pytorch(monkeypatch):
     torch.testing.assert_close(fast_ops.depthwise_conv3x3(conv, x[..., :1]), conv(x[..., :1]))  # width 1
     torch.testing.assert_close(fast_ops.depthwise_conv3x3(conv, x.transpose(2, 3)), conv(x.transpose(2, 3)))
     assert not calls
+
+
+@needs_kernels
+def test_small_planes_take_the_pytorch_paths(monkeypatch):
+    """Below DEPTHWISE_MIN_PLANE / TAIL_MIN_PLANE elements per plane the kernels' fixed costs win
+    (bench/bench_kernels.py): those planes go to PyTorch, larger ones to the kernels, same results."""
+    monkeypatch.setattr(fast_ops, "DEPTHWISE_MIN_PLANE", 256)
+    monkeypatch.setattr(fast_ops, "TAIL_MIN_PLANE", 64)
+    tails, convs = _spy_tail(monkeypatch), []
+    real = fast_ops._DepthwiseConv3x3.apply
+    monkeypatch.setattr(fast_ops._DepthwiseConv3x3, "apply", lambda *a: convs.append(1) or real(*a))
+    conv = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
+    bn = _bn(4, torch.float32).eval()
+    for side, kernel_conv, kernel_tail in ((4, False, False), (8, False, True), (16, True, True)):
+        tails.clear(), convs.clear()
+        x = torch.randn(2, 4, side, side)
+        v, mean = fast_ops.depthwise_conv3x3(conv, x, with_mean=True)
+        torch.testing.assert_close(v, conv(x))
+        torch.testing.assert_close(mean, x.mean((2, 3)))
+        out = fast_ops.attention_tail(bn, v, x, relu=True)
+        torch.testing.assert_close(out, x + F.relu(bn(v)))
+        assert (convs == [1], tails == [1]) == (kernel_conv, kernel_tail), side
 
 
 # ------------------------------------------------------------------------------------------------

@@ -171,6 +171,8 @@ def test_cpu_kernels_match_reference_in_whole_network(attn_type, dtype, training
     gradients of every parameter and of the input, and every running statistic match the reference."""
     if fast_ops.cpu_kernels() is None:
         pytest.skip("no C++ compiler: the C++ kernels are unavailable here")
+    monkeypatch.setattr(fast_ops, "DEPTHWISE_MIN_PLANE", 0)  # the tiny net's planes are 12x12 .. 3x3
+    monkeypatch.setattr(fast_ops, "TAIL_MIN_PLANE", 0)
     calls = _count_kernel_calls(monkeypatch)
     model = _tiny(attn_type, skip_mask=SKIPS[1]).to(dtype).train(training)
     lib, ref = copy.deepcopy(model), copy.deepcopy(model)
@@ -412,6 +414,30 @@ def test_torch_compile_inductor_training_step_matches_reference():
     got = _run(lib, x, fn=torch.compile(lib))
     want = _run(ref, x, fn=lambda inp: _ref_forward(ref, inp))
     _assert_same(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_kernel_bench_prints_ratios_and_restores_the_size_limits(capsys):
+    """bench/bench_kernels.py times every op at every size against PyTorch and puts the limits back."""
+    import importlib.util
+    import pathlib
+
+    if fast_ops.cpu_kernels() is None:
+        pytest.skip("no C++ compiler: the C++ kernels are unavailable here")
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "bench_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    limits = (fast_ops.DEPTHWISE_MIN_PLANE, fast_ops.TAIL_MIN_PLANE)
+    bench.SHAPES["cifar"] = [(2, 4, 16, 16), (2, 4, 4, 4)]
+    bench.main(["--cases", "cifar", "--repeats", "1", "--threads", "1"])
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| cifar")]
+    assert len(rows) == 6 and all(float(r[6]) > 0 for r in rows)
+    used = {(r[2].strip(), r[3].strip()): r[7].strip() for r in rows}
+    assert used[("[2, 4, 16, 16]", "depthwise conv + pooling")] == "kernel"
+    assert used[("[2, 4, 4, 4]", "MRLA-B tail")] == "PyTorch"
+    assert (fast_ops.DEPTHWISE_MIN_PLANE, fast_ops.TAIL_MIN_PLANE) == limits
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--repeats", "0"])
 
 
 def test_bench_script_prints_ratio_table(capsys, monkeypatch):

@@ -63,6 +63,12 @@ FAST_STATS_MIN_BYTES = 6 << 20
 # E[x^2] to the variance (float32 then keeps ~3 significant digits of the variance) the native
 # two-pass kernel runs instead.
 VARIANCE_CONDITION_LIMIT = 1e4
+# The C++ kernels work plane by plane (one sample, one channel); on small planes their fixed costs win
+# over the saved passes. Measured with bench/bench_kernels.py (cold cache, one thread): the depthwise
+# conv is 0.5-0.75 of PyTorch's time on 32x32 and 16x16 planes, about even on 8x8, 1.7x on 4x4; the
+# tails 0.3-0.96 down to 8x8 (MRLA-L), 1.2-1.3x on 4x4. Smaller planes take the PyTorch paths.
+DEPTHWISE_MIN_PLANE = 256
+TAIL_MIN_PLANE = 64
 
 
 def _cpu_eager(x: torch.Tensor) -> bool:
@@ -434,6 +440,7 @@ def attention_tail(
         and _same_layout(sc, v)
         and _same_layout(y, v)
         and all(t is None or t.dtype == v.dtype for t in (gate, lam))
+        and v.shape[2] * v.shape[3] >= TAIL_MIN_PLANE
         and cpu_kernels() is not None
     ):
         return _FusedTail.apply(v, sc, y, gate, lam, bn.weight, bn.bias, bn, relu)
@@ -494,6 +501,7 @@ def _dw_eligible(conv: nn.Module, x: torch.Tensor) -> bool:
         and _cpu_eager(x)
         and x.shape[1] == conv.in_channels
         and x.shape[3] >= 2
+        and x.shape[2] * x.shape[3] >= DEPTHWISE_MIN_PLANE
         and conv.weight.dtype == x.dtype
         and cpu_kernels() is not None
     )

@@ -1,0 +1,147 @@
+"""Op-level benchmark of the CPU fast paths against PyTorch's own ops, in one process.
+
+For the attention tensors of the two benchmark networks (CIFAR ResNet-110 at batch 64, ResNet-50 at
+128x128 and batch 8, one shape per stage), times forward + backward of:
+
+- the depthwise 3x3 value conv: ``fast_ops.depthwise_conv3x3(conv, x, with_mean=True)`` against
+  ``conv(x)`` plus the pooling, as the layers computed them before;
+- MRLA-L's tail ``y + BN(gate * V + lambda * sc)`` and MRLA-B's ``y + relu(BN(O))``:
+  ``fast_ops.attention_tail`` against the same expressions in PyTorch ops.
+
+The kernels run at every plane size here (the layers hand planes smaller than
+``fast_ops.DEPTHWISE_MIN_PLANE`` / ``TAIL_MIN_PLANE`` elements to PyTorch; the last column says which
+path the layers take). Medians over interleaved rounds (the PyTorch and fast versions alternate), with a large buffer
+rewritten before every call so that the data is not in cache, as inside a training step. Prints times
+and the ratio fast / PyTorch (below 1: faster).
+
+    python bench/bench_kernels.py --threads 1
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ela_hf.layers import fast_ops  # noqa: E402
+
+SHAPES = {
+    "cifar": [(64, 16, 32, 32), (64, 32, 16, 16), (64, 64, 8, 8)],
+    "imagenet": [(8, 256, 32, 32), (8, 512, 16, 16), (8, 1024, 8, 8), (8, 2048, 4, 4)],
+}
+
+
+def _ops(shape):
+    """name -> (pytorch_fn, fast_fn): each runs forward and backward once."""
+    n, c, h, w = shape
+    torch.manual_seed(0)
+    x = torch.randn(shape, requires_grad=True)
+    sc = torch.randn(shape, requires_grad=True)
+    grad = torch.randn(shape)
+    gate = torch.rand(n, c, 1, 1, requires_grad=True)
+    lam = torch.randn(c, 1, 1, requires_grad=True)
+    conv = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False)
+    bn = nn.BatchNorm2d(c)
+    g_mean = torch.randn(n, c)
+
+    def conv_torch():
+        v, m = conv(x), x.sum(dim=(2, 3)) * (1.0 / (h * w))
+        torch.autograd.grad((v, m), (x, conv.weight), (grad, g_mean))
+
+    def conv_fast():
+        v, m = fast_ops.depthwise_conv3x3(conv, x, with_mean=True)
+        torch.autograd.grad((v, m), (x, conv.weight), (grad, g_mean))
+
+    light_inputs = (x, sc, gate, lam, bn.weight, bn.bias)
+
+    def light_torch():
+        out = x + bn(torch.addcmul(lam * sc, x, gate))
+        torch.autograd.grad(out, light_inputs, grad)
+
+    def light_fast():
+        out = fast_ops.attention_tail(bn, x, x, sc=sc, gate=gate, lam=lam)
+        torch.autograd.grad(out, light_inputs, grad)
+
+    def base_torch():
+        out = sc + F.relu(bn(x))
+        torch.autograd.grad(out, (x, sc, bn.weight, bn.bias), grad)
+
+    def base_fast():
+        out = fast_ops.attention_tail(bn, x, sc, relu=True)
+        torch.autograd.grad(out, (x, sc, bn.weight, bn.bias), grad)
+
+    return {
+        "depthwise conv + pooling": (conv_torch, conv_fast),
+        "MRLA-L tail": (light_torch, light_fast),
+        "MRLA-B tail": (base_torch, base_fast),
+    }
+
+
+def run(args) -> str:
+    if fast_ops.cpu_kernels() is None:
+        raise SystemExit("the C++ kernels are unavailable here (no C++ compiler?): nothing to compare")
+    flush = torch.empty(64 << 20, dtype=torch.uint8)  # 64 MiB, more than the last-level cache
+    lines = [
+        f"ela_hf kernel benchmark: torch {torch.__version__}, threads={torch.get_num_threads()}, "
+        f"medians of {args.repeats} interleaved rounds, cold cache",
+        "",
+        "command: `python bench/bench_kernels.py " + " ".join(args.argv) + "`",
+        "",
+        "| case | tensor | op | PyTorch (ms) | fast (ms) | fast / PyTorch | the layers use |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    limits = {"depthwise conv + pooling": fast_ops.DEPTHWISE_MIN_PLANE, "MRLA-L tail": fast_ops.TAIL_MIN_PLANE,
+              "MRLA-B tail": fast_ops.TAIL_MIN_PLANE}
+    fast_ops.DEPTHWISE_MIN_PLANE = fast_ops.TAIL_MIN_PLANE = 0  # time the kernels at every size
+    try:
+        for case in args.cases:
+            for shape in SHAPES[case]:
+                for name, (slow, fast) in _ops(shape).items():
+                    times = {"slow": [], "fast": []}
+                    for fn in (slow, fast):  # warm-up
+                        fn()
+                    for _ in range(args.repeats):
+                        for key, fn in (("slow", slow), ("fast", fast)):
+                            flush.add_(1)
+                            t = time.perf_counter()
+                            fn()
+                            times[key].append(time.perf_counter() - t)
+                    slow_ms = statistics.median(times["slow"]) * 1e3
+                    fast_ms = statistics.median(times["fast"]) * 1e3
+                    used = "kernel" if shape[2] * shape[3] >= limits[name] else "PyTorch"
+                    lines.append(
+                        f"| {case} | {list(shape)} | {name} | {slow_ms:.2f} | {fast_ms:.2f} | {fast_ms / slow_ms:.2f} "
+                        f"| {used} |"
+                    )
+    finally:
+        fast_ops.DEPTHWISE_MIN_PLANE, fast_ops.TAIL_MIN_PLANE = limits["depthwise conv + pooling"], limits["MRLA-L tail"]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", nargs="+", choices=sorted(SHAPES), default=["cifar", "imagenet"])
+    p.add_argument("--repeats", type=int, default=15, help="interleaved rounds per op (default 15)")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: leave as is)")
+    args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
+    args.argv = list(argv if argv is not None else sys.argv[1:])
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(run(args))
+
+
+if __name__ == "__main__":
+    main()
