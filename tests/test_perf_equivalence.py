@@ -358,6 +358,7 @@ def test_traced_and_exported_models_match_eager(attn_type, capture):
     x, x_new = torch.randn(2, 3, 12, 12), torch.randn(2, 3, 12, 12)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace is deprecated, still used
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # input-shape checks become constants
         if capture == "jit_trace":
             captured = torch.jit.trace(model, x, check_trace=False)
         else:
