@@ -260,6 +260,35 @@ def test_custom_selectors_register_by_name():
     assert EveryOther().select([1, 2, 3]) == [False, True, False]
 
 
+def test_config_is_read_back_from_the_constructor_arguments():
+    """Every selector's config() (hence to_dict, repr and resume) is its __init__ arguments in order."""
+
+    class Stride(LayerSelector):
+        name = "test_stride"
+
+        def __init__(self, step: int = 2, offset: int = 1):
+            self.step, self.offset = step, offset
+
+        def explain(self, d):
+            skip = [i % self.step == self.offset for i in range(len(d))]
+            return Selection(skip=skip, candidate=[True] * len(d), mapped=[None] * len(d))
+
+    sel = Stride(step=3, offset=0)
+    assert sel.to_dict() == {"name": "test_stride", "step": 3, "offset": 0}
+    assert selector_from_dict(sel.to_dict()) == sel and repr(sel) == "Stride(step=3, offset=0)"
+    assert list(GammaQuantileSelector(shape=3.0).config()) == ["tau", "shape", "scale", "q"]
+    assert EbqmSelector(q=0.4, alpha=5, beta=1, tau=0.3).config() == {"q": 0.4, "alpha": 5.0, "beta": 1.0, "tau": 0.3}
+
+    class Hidden(Stride):
+        name = "test_hidden"
+
+        def __init__(self, every: int = 2):
+            super().__init__(step=every)
+
+    with pytest.raises(NotImplementedError, match=r"\['every'\].*override config"):
+        Hidden().config()
+
+
 # ------------------------------------------------------------------------------------------------
 # invalid parameters raise at construction
 @pytest.mark.parametrize(

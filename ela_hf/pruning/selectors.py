@@ -32,6 +32,7 @@ Degenerate inputs, for every quantile-based selector (EBQM included):
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from numbers import Integral, Real
@@ -111,7 +112,8 @@ _REGISTRY: Dict[str, Type["LayerSelector"]] = {}
 
 
 class LayerSelector:
-    """Base class: subclasses implement :meth:`explain` and :meth:`config`, and set a unique ``name``.
+    """Base class: subclasses implement :meth:`explain`, set a unique ``name``, and keep each constructor
+    argument in the attribute of the same name (or override :meth:`config`).
 
     Subclasses register themselves under ``name`` so that a selector stored in a checkpoint's
     ``trainer_state.json`` (as :meth:`to_dict`) can be rebuilt on resume by :func:`selector_from_dict`.
@@ -132,8 +134,21 @@ class LayerSelector:
         return self.explain(d).skip
 
     def config(self) -> Dict[str, Any]:
-        """Constructor keyword arguments (JSON-serialisable) that rebuild this selector."""
-        raise NotImplementedError
+        """Constructor keyword arguments (JSON-serialisable) that rebuild this selector.
+
+        By default every named argument of the subclass's ``__init__``, in signature order, read back
+        from the attribute of the same name (what the built-in selectors store, validated). A subclass
+        that stores its arguments otherwise overrides this.
+        """
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        names = [p.name for p in inspect.signature(type(self).__init__).parameters.values() if p.kind in kinds]
+        missing = [n for n in names[1:] if not hasattr(self, n)]
+        if missing:
+            raise NotImplementedError(
+                f"{type(self).__name__} does not store its constructor arguments {missing} as attributes of the "
+                "same name: override config()"
+            )
+        return {n: getattr(self, n) for n in names[1:]}  # names[0] is self
 
     def to_dict(self) -> Dict[str, Any]:
         return {"name": self.name, **self.config()}
@@ -223,8 +238,6 @@ class EbqmSelector(_QuantileMappingSelector):
     def _map(self, x: np.ndarray) -> np.ndarray:
         return stats.beta.cdf(x, self.alpha, self.beta)
 
-    def config(self) -> Dict[str, Any]:
-        return {"q": self.q, "alpha": self.alpha, "beta": self.beta, "tau": self.tau}
 
 
 class FixedCountSelector(LayerSelector):
@@ -249,8 +262,6 @@ class FixedCountSelector(LayerSelector):
         skip[order] = True
         return Selection(skip=skip.tolist(), candidate=finite.tolist(), mapped=[None] * d.shape[0])
 
-    def config(self) -> Dict[str, Any]:
-        return {"k": self.k}
 
 
 class ThresholdSelector(_QuantileMappingSelector):
@@ -264,8 +275,6 @@ class ThresholdSelector(_QuantileMappingSelector):
     def _map(self, x: np.ndarray) -> np.ndarray:
         return x
 
-    def config(self) -> Dict[str, Any]:
-        return {"tau": self.tau, "q": self.q}
 
 
 # The paper does not give the parameters of its other target distributions. The defaults below match
@@ -286,8 +295,6 @@ class GammaQuantileSelector(_QuantileMappingSelector):
     def _map(self, x: np.ndarray) -> np.ndarray:
         return stats.gamma.cdf(x, self.shape, scale=self.scale)
 
-    def config(self) -> Dict[str, Any]:
-        return {"tau": self.tau, "shape": self.shape, "scale": self.scale, "q": self.q}
 
 
 class ExponentialQuantileSelector(_QuantileMappingSelector):
@@ -302,8 +309,6 @@ class ExponentialQuantileSelector(_QuantileMappingSelector):
     def _map(self, x: np.ndarray) -> np.ndarray:
         return stats.expon.cdf(x, scale=1.0 / self.rate)
 
-    def config(self) -> Dict[str, Any]:
-        return {"tau": self.tau, "rate": self.rate, "q": self.q}
 
 
 class NormalQuantileSelector(_QuantileMappingSelector):
@@ -319,8 +324,6 @@ class NormalQuantileSelector(_QuantileMappingSelector):
     def _map(self, x: np.ndarray) -> np.ndarray:
         return stats.norm.cdf(x, loc=self.mean, scale=self.std)
 
-    def config(self) -> Dict[str, Any]:
-        return {"tau": self.tau, "mean": self.mean, "std": self.std, "q": self.q}
 
 
 class SigmoidSelector(_QuantileMappingSelector):
@@ -336,8 +339,6 @@ class SigmoidSelector(_QuantileMappingSelector):
     def _map(self, x: np.ndarray) -> np.ndarray:
         return special.expit(self.steepness * (x - self.center))
 
-    def config(self) -> Dict[str, Any]:
-        return {"tau": self.tau, "center": self.center, "steepness": self.steepness, "q": self.q}
 
 
 class SoftmaxSelector(_QuantileMappingSelector):
@@ -356,5 +357,3 @@ class SoftmaxSelector(_QuantileMappingSelector):
     def _map(self, x: np.ndarray) -> np.ndarray:
         return special.softmax(x / self.temperature)
 
-    def config(self) -> Dict[str, Any]:
-        return {"tau": self.tau, "temperature": self.temperature, "q": self.q}
