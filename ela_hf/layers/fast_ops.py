@@ -96,6 +96,10 @@ def _bn_eligible(bn: nn.Module, x: torch.Tensor) -> bool:
     )
 
 
+def _same_layout(t: Optional[torch.Tensor], v: torch.Tensor) -> bool:
+    return t is None or (t.shape == v.shape and t.dtype == v.dtype and t.device == v.device and t.is_contiguous())
+
+
 def _fast_batch_stats(x: torch.Tensor):
     """Per-channel mean and biased variance of an NCHW tensor, or None where one pass is ill-conditioned."""
     b, c = x.shape[:2]
@@ -110,20 +114,29 @@ def _fast_batch_stats(x: torch.Tensor):
     return mean.to(x.dtype), var.to(x.dtype)
 
 
+def _count_batch(bn: nn.BatchNorm2d) -> float:
+    """Counts a training batch as ``nn.BatchNorm2d`` does; returns its momentum (cumulative if None)."""
+    bn.num_batches_tracked.add_(1)
+    return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+
+
+def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, n: int, momentum: float):
+    """``nn.BatchNorm2d``'s running averages from a batch's mean and biased variance over ``n`` values."""
+    bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
+    bn.running_var.lerp_((var * (n / (n - 1))).to(bn.running_var.dtype), momentum)
+
+
 def _train_forward(bn: nn.BatchNorm2d, x: torch.Tensor):
     """``bn(x)`` in training mode without autograd, with ``nn.BatchNorm2d``'s running-statistics update.
 
     Returns ``(out, mean, invstd)``, what ``native_batch_norm_backward`` needs.
     """
-    bn.num_batches_tracked.add_(1)
-    momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    momentum = _count_batch(bn)
     stats = _fast_batch_stats(x) if x.numel() * x.element_size() >= FAST_STATS_MIN_BYTES else None
     if stats is None:
         return torch.native_batch_norm(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, True, momentum, bn.eps)
     mean, var = stats
-    n = x.numel() // x.shape[1]
-    bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
-    bn.running_var.lerp_((var * (n / (n - 1))).to(bn.running_var.dtype), momentum)
+    _update_running_stats(bn, mean, var, x.numel() // x.shape[1], momentum)
     out = F.batch_norm(x, mean, var, bn.weight, bn.bias, False, 0.0, bn.eps)
     return out, mean, torch.rsqrt(var + bn.eps)
 
@@ -212,9 +225,7 @@ def light_tail(bn: nn.BatchNorm2d, v: torch.Tensor, sc: torch.Tensor, gate_c: to
     """``bn(gate_c * v + lam * sc)`` (MRLA-L's value path), ``gate_c`` ``[B, C, 1, 1]``, ``lam`` ``[C, 1, 1]``."""
     if (
         _bn_eligible(bn, v)
-        and sc.shape == v.shape
-        and sc.is_contiguous()
-        and sc.dtype == v.dtype
+        and _same_layout(sc, v)
         and gate_c.dtype == v.dtype
         and lam.dtype == v.dtype
     ):
@@ -306,6 +317,8 @@ def cpu_kernels() -> Optional[ctypes.CDLL]:
     :func:`kernel_cache_dir`); ``ELA_HF_CPU_KERNELS=0`` switches the kernels off. A failure is reported
     once as a warning.
     """
+    if "lib" in _kernel_state:  # the hot path: every eligible call asks
+        return _kernel_state["lib"]
     with _kernel_lock:
         if "lib" not in _kernel_state:
             lib = None
@@ -349,11 +362,7 @@ class _FusedTail(torch.autograd.Function):
             mean = torch.empty(c, dtype=torch.float64)
             var = torch.empty(c, dtype=torch.float64)
             _kernel("stats", dt)(_ptr(v), _ptr(sc), _ptr(a), _ptr(l), n, c, hw, _ptr(mean), _ptr(var), nt)
-            bn.num_batches_tracked.add_(1)
-            momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-            m = n * hw
-            bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
-            bn.running_var.lerp_((var * (m / (m - 1))).to(bn.running_var.dtype), momentum)
+            _update_running_stats(bn, mean, var, n * hw, _count_batch(bn))
         else:
             mean, var = bn.running_mean.double(), bn.running_var.double()
         invstd = torch.rsqrt(var + bn.eps)
@@ -405,10 +414,6 @@ class _FusedTail(torch.autograd.Function):
             grad_v = grad_v if need[0] else None
             grad_sc = grad_sc if need[1] else None
         return grad_v, grad_sc, grad_out if need[2] else None, grad_gate, grad_lam, grad_w, grad_b, None, None
-
-
-def _same_layout(t: Optional[torch.Tensor], v: torch.Tensor) -> bool:
-    return t is None or (t.shape == v.shape and t.dtype == v.dtype and t.device == v.device and t.is_contiguous())
 
 
 def attention_tail(
@@ -473,9 +478,7 @@ class _DepthwiseConv3x3(torch.autograd.Function):
         x, wc = ctx.saved_tensors
         n, c, h, w = x.shape
         need_x, need_w = ctx.needs_input_grad[:2]
-        if grad_out is None:  # only the mean was used
-            grad_out = torch.zeros_like(x)
-        g = grad_out.contiguous()
+        g = grad_out.contiguous()  # zeros if only the mean was used (autograd materialises it)
         grad_x = torch.empty_like(x) if need_x else None
         per_plane = torch.empty(n, c, 9, dtype=torch.float64) if need_w else None
         add = None if grad_mean is None or not need_x else (grad_mean * (1.0 / (h * w))).to(x.dtype).contiguous()
