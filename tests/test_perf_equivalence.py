@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import ela_hf  # noqa: F401
-from ela_hf.layers import StageState, fast_ops
+from ela_hf.layers import MrlaBase, MrlaLight, StageState, fast_ops
 from ela_hf.models import LayerAttentionResNet
 
 
@@ -183,6 +183,30 @@ def test_cpu_kernels_match_reference_in_whole_network(attn_type, dtype, training
     for (name, got), (_, want) in zip(lib.named_buffers(), ref.named_buffers()):
         if not name.endswith("num_batches_tracked"):
             torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("cls", [MrlaBase, MrlaLight])
+def test_an_active_drop_path_acts_on_the_attention_branch_only(cls):
+    """With DropPath (any module but nn.Identity) the residual sum leaves the fused tail:
+    out = y + drop_path(tail), where without it out = y + tail."""
+
+    class Half(torch.nn.Module):
+        def forward(self, x):
+            return 0.5 * x
+
+    torch.manual_seed(0)
+    layer = cls(32).double().eval()
+    y, sc = torch.randn(2, 32, 16, 16, dtype=torch.float64), torch.randn(2, 32, 16, 16, dtype=torch.float64)
+
+    def run():
+        state = StageState(capacity=1)
+        out = layer(y, sc, state) if cls is MrlaLight else layer(y, state)
+        state.close()
+        return out
+
+    plain = run()
+    layer.drop_path = Half()
+    torch.testing.assert_close(run() - y, 0.5 * (plain - y), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("attn_type", ["mrla_b", "mrla_l"])

@@ -421,6 +421,13 @@ class _LayerAttentionBase(nn.Module):
         k = qk[..., 1].view(b, self.heads, self.dim_per_head)
         return v, q, k
 
+    def _residual_tail(self, y: torch.Tensor, v: torch.Tensor, **tail) -> torch.Tensor:
+        """``y + DropPath(act(BN(...)))`` (see ``fast_ops.attention_tail``); without an active DropPath the
+        residual sum is part of the fused tail."""
+        if isinstance(self.drop_path, nn.Identity):
+            return attention_tail(self.bn, v, y, **tail)
+        return y + self.drop_path(attention_tail(self.bn, v, **tail))
+
     def _per_channel(self, per_head: torch.Tensor) -> torch.Tensor:
         """[B, heads, ...] -> [B, C, ...]: head h covers the contiguous channels h*d .. (h+1)*d - 1."""
         return per_head.repeat_interleave(self.dim_per_head, dim=1)
@@ -462,10 +469,7 @@ class MrlaLight(_LayerAttentionBase):
         gate_c = _heads_to_channels(gate, self.channels)[..., None, None].to(v.dtype)
         if self._records():
             self._record(gate, state)
-        tail = dict(sc=sc.to(v.dtype), gate=gate_c, lam=self.lam.to(v.dtype))  # BN(gate * V + lam * sc)
-        if isinstance(self.drop_path, nn.Identity):
-            return attention_tail(self.bn, v, y, **tail)
-        return y + self.drop_path(attention_tail(self.bn, v, **tail))
+        return self._residual_tail(y, v, sc=sc.to(v.dtype), gate=gate_c, lam=self.lam.to(v.dtype))  # BN(gate*V + lam*sc)
 
     @torch.no_grad()
     def _record(self, gate: torch.Tensor, state: StageState) -> None:
@@ -501,9 +505,7 @@ class MrlaBase(_LayerAttentionBase):
         o = self._attend(attn, v, state)
         if self._records():
             self._record(attn, state)
-        if isinstance(self.drop_path, nn.Identity):
-            return attention_tail(self.bn, o, y, relu=True)
-        return y + self.drop_path(attention_tail(self.bn, o, relu=True))
+        return self._residual_tail(y, o, relu=True)
 
     def _attend(self, attn: torch.Tensor, v: torch.Tensor, state: StageState) -> torch.Tensor:
         """``sum_s attn[:, h, s] * V_{s,h}`` over this layer's and the earlier cached values."""
