@@ -327,6 +327,17 @@ def test_a_compile_error_is_reported_and_falls_back(monkeypatch, tmp_path):
     assert not list(tmp_path.glob("*.so")) and not list(tmp_path.glob(".cpu_kernels-*"))
 
 
+def test_kernel_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("ELA_HF_KERNEL_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert fast_ops.kernel_cache_dir() == tmp_path / "home" / ".cache" / "ela_hf" / "kernels"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert fast_ops.kernel_cache_dir() == tmp_path / "xdg" / "ela_hf" / "kernels"
+    monkeypatch.setenv("ELA_HF_KERNEL_CACHE", str(tmp_path / "explicit"))
+    assert fast_ops.kernel_cache_dir() == tmp_path / "explicit"
+
+
 def test_kernels_can_be_switched_off(monkeypatch, tmp_path):
     _fresh_loader(monkeypatch, tmp_path, ELA_HF_CPU_KERNELS="0")
     assert fast_ops.cpu_kernels() is None
