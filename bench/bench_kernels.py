@@ -1,7 +1,8 @@
 """Op-level benchmark of the CPU fast paths against PyTorch's own ops, in one process.
 
-For the attention tensors of the two benchmark networks (CIFAR ResNet-110 at batch 64, ResNet-50 at
-128x128 and batch 8, one shape per stage), times forward + backward of:
+For the attention tensors of the two benchmark networks (CIFAR ResNet-110 at 32x32 and batch 64,
+ResNet-50 at 128x128 and batch 8, one shape per stage, read off the MRLA-L models themselves), times
+forward + backward of:
 
 - the depthwise 3x3 value conv: ``fast_ops.depthwise_conv3x3(conv, x, with_mean=True)`` against
   ``conv(x)`` plus the pooling, as the layers computed them before;
@@ -24,17 +25,43 @@ import sys
 import time
 from pathlib import Path
 
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import ela_hf  # noqa: E402,F401  (registers the models with timm)
 from ela_hf.layers import fast_ops  # noqa: E402
+from ela_hf.layers.mrla import MrlaLight  # noqa: E402
 
-SHAPES = {
-    "cifar": [(64, 16, 32, 32), (64, 32, 16, 16), (64, 64, 8, 8)],
-    "imagenet": [(8, 256, 32, 32), (8, 512, 16, 16), (8, 1024, 8, 8), (8, 2048, 4, 4)],
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_models import make_cases  # noqa: E402  (the same networks, batch and image sizes)
+
+CASES = make_cases("cpu")
+SHAPES = {}  # case -> [(n, c, h, w), ...]; filled by attention_shapes(), or set by hand
+
+
+def attention_shapes(case: str):
+    """The distinct shapes of the tensors the attention layers of ``case``'s network see, in order."""
+    if case not in SHAPES:
+        case_ = CASES[case]
+        batch, size = case_.batch_size, case_.image_size
+        model = timm.create_model(case_.names["mrla_l"], num_classes=case_.num_classes).eval()
+        seen = []
+
+        def hook(module, args):
+            shape = (batch, *args[0].shape[1:])
+            if shape not in seen:
+                seen.append(shape)
+
+        handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, MrlaLight)]
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size))
+        for h in handles:
+            h.remove()
+        SHAPES[case] = seen
+    return SHAPES[case]
 
 
 def _ops(shape):
@@ -101,7 +128,7 @@ def run(args) -> str:
     fast_ops.DEPTHWISE_MIN_PLANE = fast_ops.TAIL_MIN_PLANE = 0  # time the kernels at every size
     try:
         for case in args.cases:
-            for shape in SHAPES[case]:
+            for shape in attention_shapes(case):
                 for name, (slow, fast) in _ops(shape).items():
                     times = {"slow": [], "fast": []}
                     for fn in (slow, fast):  # warm-up
@@ -126,7 +153,7 @@ def run(args) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cases", nargs="+", choices=sorted(SHAPES), default=["cifar", "imagenet"])
+    p.add_argument("--cases", nargs="+", choices=sorted(CASES), default=["cifar", "imagenet"])
     p.add_argument("--repeats", type=int, default=15, help="interleaved rounds per op (default 15)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: leave as is)")
     args = p.parse_args(argv)

@@ -465,6 +465,24 @@ def test_kernel_bench_prints_ratios_and_restores_the_size_limits(capsys):
         bench.parse_args(["--repeats", "0"])
 
 
+def test_kernel_bench_times_the_shapes_the_networks_use():
+    """The kernel bench reads its shapes off the CIFAR network: the bottleneck blocks' 4x-expanded
+    channels at batch 64, one shape per stage, not the stage widths."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "bench_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels_shapes", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = timm.create_model("mrla_l_resnet110_cifar", num_classes=100)
+    layers = [m for m in model.modules() if isinstance(m, MrlaLight)]
+    channels = sorted({m.channels for m in layers})
+    shapes = bench.attention_shapes("cifar")
+    assert [s[1] for s in shapes] == channels and len(shapes) == len(model.stage_sizes)
+    assert all(s[0] == 64 for s in shapes) and [s[2] for s in shapes] == [32, 16, 8]
+
+
 def test_bench_script_prints_ratio_table(capsys, monkeypatch):
     """bench/bench_models.py runs end to end (tiny batch) and prints ratios to the plain ResNet."""
     import importlib.util
