@@ -24,6 +24,9 @@ needs_kernels = pytest.mark.skipif(
 )
 
 
+SHIPPED_LIMITS = (fast_ops.DEPTHWISE_MIN_PLANE, fast_ops.TAIL_MIN_PLANE)  # before any test patches them
+
+
 @pytest.fixture(autouse=True)
 def kernels_at_every_size(monkeypatch):
     """The layers leave small planes to PyTorch; these tests use small tensors, so lift the limits
@@ -259,14 +262,16 @@ def test_depthwise_conv3x3_leaves_other_convolutions_to_pytorch(monkeypatch):
 def test_small_planes_take_the_pytorch_paths(monkeypatch):
     """Below DEPTHWISE_MIN_PLANE / TAIL_MIN_PLANE elements per plane the kernels' fixed costs win
     (bench/bench_kernels.py): those planes go to PyTorch, larger ones to the kernels, same results."""
-    monkeypatch.setattr(fast_ops, "DEPTHWISE_MIN_PLANE", 256)
-    monkeypatch.setattr(fast_ops, "TAIL_MIN_PLANE", 64)
+    conv_limit, tail_limit = SHIPPED_LIMITS
+    assert 16 < conv_limit <= 64 and 16 < tail_limit <= 64  # 4x4 planes to PyTorch, 8x8 to the kernels
+    monkeypatch.setattr(fast_ops, "DEPTHWISE_MIN_PLANE", conv_limit)
+    monkeypatch.setattr(fast_ops, "TAIL_MIN_PLANE", tail_limit)
     tails, convs = _spy_tail(monkeypatch), []
     real = fast_ops._DepthwiseConv3x3.apply
     monkeypatch.setattr(fast_ops._DepthwiseConv3x3, "apply", lambda *a: convs.append(1) or real(*a))
     conv = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
     bn = _bn(4, torch.float32).eval()
-    for side, kernel_conv, kernel_tail in ((4, False, False), (8, False, True), (16, True, True)):
+    for side, kernel_conv, kernel_tail in ((4, False, False), (8, True, True), (16, True, True)):
         tails.clear(), convs.clear()
         x = torch.randn(2, 4, side, side)
         v, mean = fast_ops.depthwise_conv3x3(conv, x, with_mean=True)

@@ -54,6 +54,30 @@ struct TailPoint {
   }
 };
 
+// Reductions over a channel keep LANES partial sums per quantity for all of the channel's planes and
+// add the lanes once at the end: a horizontal sum at the end of every plane of 16 to 256 elements cost
+// about as much as the plane's own work. The order of the additions depends only on the shape, never
+// on the number of threads.
+constexpr int LANES = 8;
+
+template <int K>
+inline double lane_total(const double (&s)[K]) {
+  double t = 0;
+  for (int k = 0; k < K; ++k) t += s[k];
+  return t;
+}
+
+// Calls f(i, lane) for every element i of a plane: the lane is i % LANES over the full blocks, 0 after.
+template <typename F>
+inline void for_lanes(int64_t HW, F&& f) {
+  int64_t i = 0;
+  for (; i + LANES <= HW; i += LANES) {
+#pragma omp simd
+    for (int k = 0; k < LANES; ++k) f(i + k, k);
+  }
+  for (; i < HW; ++i) f(i, 0);
+}
+
 // Per-channel mean and biased variance of x, shifted by the channel's first element for conditioning.
 template <typename T, bool HAS_SC>
 void stats(const T* v, const T* sc, const T* a, const T* l, int64_t N, int64_t C, int64_t HW, double* mean,
@@ -62,24 +86,20 @@ void stats(const T* v, const T* sc, const T* a, const T* l, int64_t N, int64_t C
   for (int64_t c = 0; c < C; ++c) {
     const T lc = HAS_SC ? l[c] : T(0);
     const double k = (double)pre<T, HAS_SC>(v + c * HW, sc + (HAS_SC ? c * HW : 0), 0, a ? a[c] : T(1), lc);
-    double s1 = 0, s2 = 0;
+    double s1[LANES] = {}, s2[LANES] = {};
     for (int64_t n = 0; n < N; ++n) {
       const int64_t off = (n * C + c) * HW;
       const T* pv = v + off;
       const T* ps = HAS_SC ? sc + off : nullptr;
       const T ac = a ? a[n * C + c] : T(1);
-      double p1 = 0, p2 = 0;
-#pragma omp simd reduction(+ : p1, p2)
-      for (int64_t i = 0; i < HW; ++i) {
+      for_lanes(HW, [&](int64_t i, int j) {
         const double d = (double)pre<T, HAS_SC>(pv, ps, i, ac, lc) - k;
-        p1 += d;
-        p2 += d * d;
-      }
-      s1 += p1;
-      s2 += p2;
+        s1[j] += d;
+        s2[j] += d * d;
+      });
     }
-    const double m = s1 / (double)(N * HW);
-    double vr = s2 / (double)(N * HW) - m * m;
+    const double m = lane_total(s1) / (double)(N * HW);
+    double vr = lane_total(s2) / (double)(N * HW) - m * m;
     mean[c] = m + k;
     var[c] = vr > 0 ? vr : 0;
   }
@@ -114,22 +134,18 @@ void bwd_reduce(const T* g, const T* v, const T* sc, const T* a, const T* l, con
                 double* sum_gx, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t c = 0; c < C; ++c) {
-    double s1 = 0, s2 = 0;
+    double s1[LANES] = {}, s2[LANES] = {};
     for (int64_t n = 0; n < N; ++n) {
       const TailPoint<T, HAS_SC, RELU> pt(g, v, sc, a, l, mean, invstd, A, B, S, C, HW, n * C + c);
-      double p1 = 0, p2 = 0;
-#pragma omp simd reduction(+ : p1, p2)
-      for (int64_t i = 0; i < HW; ++i) {
+      for_lanes(HW, [&](int64_t i, int j) {
         T xhat, gi;
         pt.at(i, xhat, gi);
-        p1 += (double)gi;
-        p2 += (double)gi * (double)xhat;
-      }
-      s1 += p1;
-      s2 += p2;
+        s1[j] += (double)gi;
+        s2[j] += (double)gi * (double)xhat;
+      });
     }
-    sum_g[c] = s1;
-    sum_gx[c] = s2;
+    sum_g[c] = lane_total(s1);
+    sum_gx[c] = lane_total(s2);
   }
 }
 
@@ -170,24 +186,25 @@ void bwd_apply(const T* g, const T* v, const T* sc, const T* a, const T* l, cons
 // (a few KiB in the ResNets here), so each is done by one thread while it sits in L1: it is copied into a
 // zero-bordered buffer of row length Wp = W + 2, and then every tap is one long flat loop over that
 // buffer (rows of 8 or 32 elements alone would leave the vector units mostly idle).
-// copies the plane into the zero-bordered buffer; returns the plane's sum
-template <typename T>
+// copies the plane into the zero-bordered buffer; with SUM, returns the plane's sum (else 0), taken in
+// one flat loop over the buffer once it is in L1 (its borders are zero): a sum per row would end every
+// row of 8 to 32 elements in a chain of scalar adds, which cost as much as the copy itself
+template <typename T, bool SUM>
 double pad_plane(const T* src, T* dst, int64_t H, int64_t W) {
-  const int64_t Wp = W + 2;
+  const int64_t Wp = W + 2, n = (H + 2) * Wp;
   for (int64_t k = 0; k < Wp; ++k) dst[k] = dst[(H + 1) * Wp + k] = T(0);
-  double total = 0;
   for (int64_t i = 0; i < H; ++i) {
     T* row = dst + (i + 1) * Wp;
     row[0] = row[W + 1] = T(0);
-    double s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t j = 0; j < W; ++j) {
-      row[j + 1] = src[i * W + j];
-      s += (double)src[i * W + j];
-    }
-    total += s;
+#pragma omp simd
+    for (int64_t j = 0; j < W; ++j) row[j + 1] = src[i * W + j];
   }
-  dst[(H + 2) * Wp] = dst[(H + 2) * Wp + 1] = T(0);  // read (and discarded) by the flat loops' last taps
+  dst[n] = dst[n + 1] = T(0);  // read (and discarded) by the flat loops' last taps
+  double total = 0;
+  if (SUM) {
+#pragma omp simd reduction(+ : total)
+    for (int64_t k = 0; k < n; ++k) total += (double)dst[k];
+  }
   return total;
 }
 
@@ -218,8 +235,8 @@ void dw_forward(const T* in, const T* weight, T* out, double* plane_mean, int64_
     T* tmp = new T[H * Wp];
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < N * C; ++p) {
-      const double total = pad_plane<T>(in + p * H * W, pad, H, W);
-      if (plane_mean) plane_mean[p] = total / (double)(H * W);
+      if (plane_mean) plane_mean[p] = pad_plane<T, true>(in + p * H * W, pad, H, W) / (double)(H * W);
+      else pad_plane<T, false>(in + p * H * W, pad, H, W);
       dw_plane<T>(pad, weight + (p % C) * 9, tmp, out + p * H * W, H, W);
     }
     delete[] pad;
@@ -244,14 +261,14 @@ void dw_backward(const T* g, const T* in, const T* weight, const T* gin_add, T* 
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < N * C; ++p) {
       const T* wc = weight + (p % C) * 9;
-      pad_plane<T>(g + p * H * W, pg, H, W);
+      pad_plane<T, false>(g + p * H * W, pg, H, W);
       if (gin) {
         T wf[9];
         for (int k = 0; k < 9; ++k) wf[k] = wc[8 - k];
         dw_plane<T>(pg, wf, tmp, gin + p * H * W, H, W, gin_add ? gin_add[p] : T(0));
       }
       if (gw) {
-        pad_plane<T>(in + p * H * W, px, H, W);
+        pad_plane<T, false>(in + p * H * W, px, H, W);
         // g sits at pg[k + Wp + 1] for k over the H x Wp window (zero in the two extra columns), so
         // gw[a, b] = sum_k pg[k + Wp + 1] * px[k + a * Wp + b]
         const T* gg = pg + Wp + 1;

@@ -64,10 +64,11 @@ FAST_STATS_MIN_BYTES = 6 << 20
 # two-pass kernel runs instead.
 VARIANCE_CONDITION_LIMIT = 1e4
 # The C++ kernels work plane by plane (one sample, one channel); on small planes their fixed costs win
-# over the saved passes. Measured with bench/bench_kernels.py (cold cache, one thread): the depthwise
-# conv is 0.5-0.75 of PyTorch's time on 32x32 and 16x16 planes, about even on 8x8, 1.7x on 4x4; the
-# tails 0.3-0.96 down to 8x8 (MRLA-L), 1.2-1.3x on 4x4. Smaller planes take the PyTorch paths.
-DEPTHWISE_MIN_PLANE = 256
+# over the saved passes. Measured with bench/bench_kernels.py (cold cache, one thread, the benchmark
+# networks' shapes): the depthwise conv is 0.3-0.5 of PyTorch's time on 32x32 and 16x16 planes,
+# 0.75-0.8 on 8x8, 1.5-1.6x on 4x4; the tails 0.3-0.97 down to 8x8 (but MRLA-B's 1.4x on CIFAR's
+# 8x8), 0.9-1.0 on 4x4. Smaller planes take the PyTorch paths.
+DEPTHWISE_MIN_PLANE = 64
 TAIL_MIN_PLANE = 64
 
 
