@@ -441,17 +441,25 @@ def test_torch_compile_inductor_training_step_matches_reference():
     _assert_same(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_kernel_bench_prints_ratios_and_restores_the_size_limits(capsys):
-    """bench/bench_kernels.py times every op at every size against PyTorch and puts the limits back."""
+def _load_bench(name: str, monkeypatch):
+    """bench/<name>.py as a module, registered under its name for the test (its dataclasses look it up)."""
     import importlib.util
     import pathlib
+    import sys
 
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, bench)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_kernel_bench_prints_ratios_and_restores_the_size_limits(capsys, monkeypatch):
+    """bench/bench_kernels.py times every op at every size against PyTorch and puts the limits back."""
     if fast_ops.cpu_kernels() is None:
         pytest.skip("no C++ compiler: the C++ kernels are unavailable here")
-    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "bench_kernels.py"
-    spec = importlib.util.spec_from_file_location("bench_kernels", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_bench("bench_kernels", monkeypatch)
     limits = (fast_ops.DEPTHWISE_MIN_PLANE, fast_ops.TAIL_MIN_PLANE)
     bench.SHAPES["cifar"] = [(2, 4, 16, 16), (2, 4, 4, 4)]
     bench.main(["--cases", "cifar", "--repeats", "1", "--threads", "1"])
@@ -465,16 +473,10 @@ def test_kernel_bench_prints_ratios_and_restores_the_size_limits(capsys):
         bench.parse_args(["--repeats", "0"])
 
 
-def test_kernel_bench_times_the_shapes_the_networks_use():
+def test_kernel_bench_times_the_shapes_the_networks_use(monkeypatch):
     """The kernel bench reads its shapes off the CIFAR network: the bottleneck blocks' 4x-expanded
     channels at batch 64, one shape per stage, not the stage widths."""
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "bench_kernels.py"
-    spec = importlib.util.spec_from_file_location("bench_kernels_shapes", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_bench("bench_kernels", monkeypatch)
     model = timm.create_model("mrla_l_resnet110_cifar", num_classes=100)
     layers = [m for m in model.modules() if isinstance(m, MrlaLight)]
     channels = sorted({m.channels for m in layers})
@@ -485,15 +487,7 @@ def test_kernel_bench_times_the_shapes_the_networks_use():
 
 def test_bench_script_prints_ratio_table(capsys, monkeypatch):
     """bench/bench_models.py runs end to end (tiny batch) and prints ratios to the plain ResNet."""
-    import importlib.util
-    import pathlib
-    import sys
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "bench_models.py"
-    spec = importlib.util.spec_from_file_location("bench_models", path)
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_models", bench)  # dataclasses look their module up
-    spec.loader.exec_module(bench)
+    bench = _load_bench("bench_models", monkeypatch)
     fast_calls = []
     for fn in (fast_ops._LightTail, fast_ops._FusedTail, fast_ops._DepthwiseConv3x3):
         monkeypatch.setattr(fn, "apply", lambda *a, real=fn.apply: fast_calls.append(1) or real(*a))
