@@ -186,7 +186,8 @@ void bwd_apply(const T* g, const T* v, const T* sc, const T* a, const T* l, cons
 // (a few KiB in the ResNets here), so each is done by one thread while it sits in L1: it is copied into a
 // zero-bordered buffer of row length Wp = W + 2, and then every tap is one long flat loop over that
 // buffer (rows of 8 or 32 elements alone would leave the vector units mostly idle).
-// copies the plane into the zero-bordered buffer; with SUM, returns the plane's sum (else 0), taken in
+
+// Copies the plane into the zero-bordered buffer; with SUM, returns the plane's sum (else 0), taken in
 // one flat loop over the buffer once it is in L1 (its borders are zero): a sum per row would end every
 // row of 8 to 32 elements in a chain of scalar adds, which cost as much as the copy itself
 template <typename T, bool SUM>

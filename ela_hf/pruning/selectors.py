@@ -239,7 +239,6 @@ class EbqmSelector(_QuantileMappingSelector):
         return stats.beta.cdf(x, self.alpha, self.beta)
 
 
-
 class FixedCountSelector(LayerSelector):
     """Ablation baseline: skip the ``k`` layers with the smallest finite ``d_t`` (ties: earlier layer first).
 
@@ -261,7 +260,6 @@ class FixedCountSelector(LayerSelector):
         skip = np.zeros(d.shape[0], dtype=bool)
         skip[order] = True
         return Selection(skip=skip.tolist(), candidate=finite.tolist(), mapped=[None] * d.shape[0])
-
 
 
 class ThresholdSelector(_QuantileMappingSelector):
@@ -296,7 +294,6 @@ class GammaQuantileSelector(_QuantileMappingSelector):
         return stats.gamma.cdf(x, self.shape, scale=self.scale)
 
 
-
 class ExponentialQuantileSelector(_QuantileMappingSelector):
     """Ablation "EQM": the normalised candidates mapped through an Exponential CDF, ``1 - exp(-rate x)``."""
 
@@ -308,7 +305,6 @@ class ExponentialQuantileSelector(_QuantileMappingSelector):
 
     def _map(self, x: np.ndarray) -> np.ndarray:
         return stats.expon.cdf(x, scale=1.0 / self.rate)
-
 
 
 class NormalQuantileSelector(_QuantileMappingSelector):
@@ -325,7 +321,6 @@ class NormalQuantileSelector(_QuantileMappingSelector):
         return stats.norm.cdf(x, loc=self.mean, scale=self.std)
 
 
-
 class SigmoidSelector(_QuantileMappingSelector):
     """Ablation: the normalised candidates mapped through ``sigmoid(steepness * (x - center))``."""
 
@@ -338,7 +333,6 @@ class SigmoidSelector(_QuantileMappingSelector):
 
     def _map(self, x: np.ndarray) -> np.ndarray:
         return special.expit(self.steepness * (x - self.center))
-
 
 
 class SoftmaxSelector(_QuantileMappingSelector):
@@ -356,4 +350,3 @@ class SoftmaxSelector(_QuantileMappingSelector):
 
     def _map(self, x: np.ndarray) -> np.ndarray:
         return special.softmax(x / self.temperature)
-
