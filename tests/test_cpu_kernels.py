@@ -24,7 +24,7 @@ needs_kernels = pytest.mark.skipif(
 )
 
 
-SHIPPED_LIMITS = (fast_ops.DEPTHWISE_MIN_PLANE, fast_ops.TAIL_MIN_PLANE)  # before any test patches them
+SHIPPED_LIMITS = (fast_ops.DEPTHWISE_MIN_PLANE, fast_ops.TAIL_MIN_PLANE, fast_ops.LIGHT_MIN_PLANE)  # before any test patches them
 
 
 @pytest.fixture(autouse=True)
@@ -33,6 +33,7 @@ def kernels_at_every_size(monkeypatch):
     (``test_small_planes_take_the_pytorch_paths`` checks them)."""
     monkeypatch.setattr(fast_ops, "DEPTHWISE_MIN_PLANE", 0)
     monkeypatch.setattr(fast_ops, "TAIL_MIN_PLANE", 0)
+    monkeypatch.setattr(fast_ops, "LIGHT_MIN_PLANE", 0)
 
 
 def _tol(dtype):
@@ -192,7 +193,10 @@ def test_attention_tail_falls_back_outside_its_domain(monkeypatch):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (3, 4, 32, 32), (2, 2, 7, 2), (1, 2, 1, 3), (2, 5, 4, 4)])
+@pytest.mark.parametrize(
+    "shape",  # widths 8, 16 and 32 run on kernels compiled for them, the others on the generic one
+    [(2, 3, 5, 7), (3, 4, 32, 32), (2, 3, 8, 8), (2, 3, 3, 16), (2, 2, 7, 2), (1, 2, 1, 3), (2, 5, 4, 4)],
+)
 def test_depthwise_conv3x3_matches_conv2d(dtype, shape, monkeypatch):
     calls = []
     real = fast_ops._DepthwiseConv3x3.apply
@@ -262,7 +266,7 @@ def test_depthwise_conv3x3_leaves_other_convolutions_to_pytorch(monkeypatch):
 def test_small_planes_take_the_pytorch_paths(monkeypatch):
     """Below DEPTHWISE_MIN_PLANE / TAIL_MIN_PLANE elements per plane the kernels' fixed costs win
     (bench/bench_kernels.py): those planes go to PyTorch, larger ones to the kernels, same results."""
-    conv_limit, tail_limit = SHIPPED_LIMITS
+    conv_limit, tail_limit, _ = SHIPPED_LIMITS
     assert 16 < conv_limit <= 64 and 16 < tail_limit <= 64  # 4x4 planes to PyTorch, 8x8 to the kernels
     monkeypatch.setattr(fast_ops, "DEPTHWISE_MIN_PLANE", conv_limit)
     monkeypatch.setattr(fast_ops, "TAIL_MIN_PLANE", tail_limit)
@@ -280,6 +284,211 @@ def test_small_planes_take_the_pytorch_paths(monkeypatch):
         out = fast_ops.attention_tail(bn, v, x, relu=True)
         torch.testing.assert_close(out, x + F.relu(bn(v)))
         assert (convs == [1], tails == [1]) == (kernel_conv, kernel_tail), side
+
+
+# ------------------------------------------------------------------------------------------------
+# MRLA-L's fused layer (light_layer): the conv, the pooling, the gate and the tail together
+
+
+def _light_module(c, dtype, dim_per_head=4, drop_path=0.0):
+    from ela_hf.layers import MrlaLight
+
+    torch.manual_seed(0)
+    m = MrlaLight(c, dim_per_head=dim_per_head, drop_path=drop_path).to(dtype)
+    with torch.no_grad():
+        m.bn.weight.uniform_(0.5, 1.5)
+        m.bn.bias.normal_()
+        m.bn.running_mean.normal_()
+        m.bn.running_var.uniform_(0.5, 2)
+        m.wq.weight.normal_()
+        m.wk.weight.normal_()
+    return m
+
+
+def _reference_light(m, y, sc):
+    """SPEC section 1, MRLA-L, with plain ops: y + BN(sigmoid(<Q, K> / sqrt d) * wv(y) + lambda * sc)."""
+    b, c = y.shape[:2]
+    g = y.mean((2, 3)).unsqueeze(1)  # [B, 1, C]
+    pad = (m.k_size - 1) // 2
+    q = F.conv1d(g, m.wq.weight, padding=pad).view(b, m.heads, m.dim_per_head)
+    k = F.conv1d(g, m.wk.weight, padding=pad).view(b, m.heads, m.dim_per_head)
+    gate = torch.sigmoid((q * k).sum(-1) / m.dim_per_head ** 0.5).repeat_interleave(m.dim_per_head, dim=1)
+    v = F.conv2d(y, m.wv.weight, padding=1, groups=c)
+    x = v * gate[:, :, None, None] + m.lam * sc
+    return y + F.batch_norm(x, m.bn.running_mean, m.bn.running_var, m.bn.weight, m.bn.bias, m.bn.training,
+                            m.bn.momentum, m.bn.eps)
+
+
+def _spy_light(monkeypatch):
+    calls = []
+    real = fast_ops._FusedLight.apply
+    monkeypatch.setattr(fast_ops._FusedLight, "apply", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def _light_run(m, y, sc, grad, fn=None):
+    """Output, gradients of y, sc and every parameter, and the buffers after one forward/backward."""
+    from ela_hf.layers import StageState
+
+    y = y.detach().clone().requires_grad_()
+    sc = sc.detach().clone().requires_grad_()
+    out = m(y, sc, StageState()) if fn is None else fn(m, y, sc)
+    out.backward(grad)
+    grads = {"y": y.grad, "sc": sc.grad, **{n: p.grad for n, p in m.named_parameters()}}
+    return out.detach(), grads, {n: b.clone() for n, b in m.named_buffers()}
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("hw", [(5, 7), (8, 8), (3, 16), (32, 32)])  # generic width, 8, 16, 32
+def test_light_layer_matches_the_spec(dtype, training, hw, monkeypatch):
+    """MRLA-L on the fused kernels (V never stored, statistics from per-plane moments): output, the
+    gradients of y, sc and every parameter (wv, wq, wk, lambda, BN), and the running statistics."""
+    calls = _spy_light(monkeypatch)
+    m = _light_module(8, dtype).train(training)
+    ref = copy.deepcopy(m)
+    y = torch.randn(3, 8, *hw, dtype=dtype)
+    sc = torch.randn(3, 8, *hw, dtype=dtype)
+    grad = torch.randn(3, 8, *hw, dtype=dtype)
+    got = _light_run(m, y, sc, grad)
+    want = _light_run(ref, y, sc, grad, fn=_reference_light)
+    assert calls == [1]
+    tol = _tol(dtype) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[0], want[0], **tol)
+    assert got[1].keys() == want[1].keys()
+    for name in want[1]:
+        torch.testing.assert_close(got[1][name], want[1][name], **tol, msg=lambda msg: f"gradient {name}: {msg}")
+    for name in want[2]:
+        if not name.endswith("num_batches_tracked"):  # the functional reference does not count
+            torch.testing.assert_close(got[2][name], want[2][name], **tol, msg=lambda msg: f"{name}: {msg}")
+    assert int(m.bn.num_batches_tracked) == int(training)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_light_layer_statistics_survive_a_dominant_mean(dtype, monkeypatch):
+    """One-pass moments lose the variance when the mean dominates it; there the layer computes the
+    statistics again exactly (from V written out) and matches a float64 reference."""
+    calls = _spy_light(monkeypatch)
+    exact = []
+    real = fast_ops._kernel
+    monkeypatch.setattr(fast_ops, "_kernel", lambda name, dt: (exact.append(name) if name == "stats" else None) or real(name, dt))
+    m = _light_module(4, dtype).train()
+    ref = copy.deepcopy(m).double()
+    with torch.no_grad():
+        m.lam.fill_(1.0), ref.lam.fill_(1.0)
+    y = torch.randn(2, 4, 8, 8, dtype=dtype)
+    sc = torch.randn(2, 4, 8, 8, dtype=dtype) * 1e-2 + 1e3  # E[x^2] / var ~ 1e10
+    grad = torch.randn(2, 4, 8, 8, dtype=dtype)
+    got = _light_run(m, y, sc, grad)
+    want = _light_run(ref, y.double(), sc.double(), grad.double(), fn=_reference_light)
+    assert calls == [1] and exact == ["stats"]
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float64 else dict(rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(got[0].double(), want[0], **tol)
+    torch.testing.assert_close(got[2]["bn.running_var"].double(), want[2]["bn.running_var"], **tol)
+    torch.testing.assert_close(got[1]["y"].double(), want[1]["y"], **tol)
+
+
+@needs_kernels
+def test_light_layer_partial_gradients(monkeypatch):
+    """Frozen parts: only what needs a gradient gets one, and it is the right one."""
+    calls = _spy_light(monkeypatch)
+    m = _light_module(8, torch.float64).train()
+    ref = copy.deepcopy(m)
+    for mod in (m, ref):
+        mod.bn.requires_grad_(False)
+        mod.wq.requires_grad_(False)
+    y = torch.randn(2, 8, 6, 6, dtype=torch.float64, requires_grad=True)
+    sc = torch.randn(2, 8, 6, 6, dtype=torch.float64)  # from a frozen stem: no gradient
+    from ela_hf.layers import StageState
+
+    out = m(y, sc, StageState())
+    want = _reference_light(ref, y, sc)
+    got = torch.autograd.grad(out.square().sum(), (y, m.wv.weight, m.wk.weight, m.lam))
+    exp = torch.autograd.grad(want.square().sum(), (y, ref.wv.weight, ref.wk.weight, ref.lam))
+    for g, r in zip(got, exp):
+        torch.testing.assert_close(g, r, **_tol(torch.float64))
+    assert calls == [1]
+    # the shortcut alone needs a gradient (y from a frozen part)
+    out = m(y.detach(), sc.requires_grad_(), StageState())
+    (g_sc,) = torch.autograd.grad(out.sum(), sc)
+    (r_sc,) = torch.autograd.grad(_reference_light(ref, y.detach(), sc).sum(), sc)
+    torch.testing.assert_close(g_sc, r_sc, **_tol(torch.float64))
+
+
+@needs_kernels
+def test_light_layer_does_not_depend_on_the_number_of_threads(monkeypatch):
+    results = []
+    threads = torch.get_num_threads()
+    torch.manual_seed(1)
+    y, sc = torch.randn(4, 8, 16, 16), torch.randn(4, 8, 16, 16)
+    grad = torch.randn(4, 8, 16, 16)
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            m = _light_module(8, torch.float32).train()
+            out, grads, buffers = _light_run(m, y, sc, grad)
+            results.append([out, *grads.values(), *buffers.values()])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)  # bitwise: no reduction is split across threads
+
+
+@needs_kernels
+def test_light_layer_records_the_same_kl_as_the_separate_kernels(monkeypatch):
+    """The gate the fused layer hands back drives the KL recording exactly as the unfused path's."""
+    from ela_hf.layers import StageState
+
+    calls = _spy_light(monkeypatch)
+    sums = []
+    for fused in (True, False):
+        monkeypatch.setattr(fast_ops, "FUSED_LIGHT_LAYER", fused)
+        first, second = _light_module(8, torch.float64).train(), _light_module(8, torch.float64).train()
+        with torch.no_grad():
+            second.wq.weight.normal_()
+        first.recording = second.recording = True
+        torch.manual_seed(3)
+        x, sc = torch.randn(2, 8, 6, 6, dtype=torch.float64), torch.randn(2, 8, 6, 6, dtype=torch.float64)
+        state = StageState()
+        second(first(x, sc, state), x, state)
+        sums.append((second.kl_sum.clone(), second.kl_count.clone()))
+    assert calls == [1, 1]
+    assert float(sums[0][1]) == 2.0 and float(sums[0][0]) > 0
+    torch.testing.assert_close(sums[0], sums[1], rtol=1e-12, atol=1e-14)
+
+
+@needs_kernels
+def test_light_layer_leaves_what_it_cannot_do_to_the_separate_paths(monkeypatch):
+    """An active DropPath (training), planes below LIGHT_MIN_PLANE, channels_last and the switch take
+    the conv + tail paths; the results are the same."""
+    calls = _spy_light(monkeypatch)
+    y, sc = torch.randn(2, 8, 8, 8, dtype=torch.float64), torch.randn(2, 8, 8, 8, dtype=torch.float64)
+    grad = torch.randn(2, 8, 8, 8, dtype=torch.float64)
+    m = _light_module(8, torch.float64, drop_path=0.5).eval()  # eval: DropPath is the identity
+    torch.testing.assert_close(_light_run(m, y, sc, grad)[0], _light_run(m, y, sc, grad, fn=_reference_light)[0])
+    assert calls == [1]
+    calls.clear()
+    m.train()
+    torch.manual_seed(0)
+    _light_run(m, y, sc, grad)
+    assert not calls  # DropPath acts on the attention branch only, outside the fused kernels
+    m = _light_module(8, torch.float64).train()
+    ref = copy.deepcopy(m)
+    for setup in (
+        lambda: monkeypatch.setattr(fast_ops, "LIGHT_MIN_PLANE", 65),
+        lambda: monkeypatch.setattr(fast_ops, "FUSED_LIGHT_LAYER", False),
+    ):
+        setup()
+        got, want = _light_run(m, y, sc, grad), _light_run(ref, y, sc, grad, fn=_reference_light)
+        torch.testing.assert_close(got[0], want[0], **_tol(torch.float64))
+        torch.testing.assert_close(got[1]["wv.weight"], want[1]["wv.weight"], **_tol(torch.float64))
+        m.zero_grad(), ref.zero_grad()
+    got = _light_run(m, y.to(memory_format=torch.channels_last), sc, grad)
+    want = _light_run(ref, y, sc, grad, fn=_reference_light)
+    torch.testing.assert_close(got[0], want[0], **_tol(torch.float64))
+    assert not calls
 
 
 # ------------------------------------------------------------------------------------------------

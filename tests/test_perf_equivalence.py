@@ -151,8 +151,8 @@ def test_cpu_fast_batch_statistics_match_reference(attn_type, dtype, monkeypatch
 
 
 def _count_kernel_calls(monkeypatch):
-    calls = {"tail": 0, "dw": 0}
-    for key, fn in (("tail", fast_ops._FusedTail), ("dw", fast_ops._DepthwiseConv3x3)):
+    calls = {"tail": 0, "dw": 0, "light": 0}
+    for key, fn in (("tail", fast_ops._FusedTail), ("dw", fast_ops._DepthwiseConv3x3), ("light", fast_ops._FusedLight)):
         real = fn.apply
 
         def spy(*a, real=real, key=key):
@@ -163,23 +163,30 @@ def _count_kernel_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("attn_type", ["mrla_b", "mrla_l"])
+@pytest.mark.parametrize("attn_type", ["mrla_b", "mrla_l", "mrla_l_separate"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("training", [True, False])
 def test_cpu_kernels_match_reference_in_whole_network(attn_type, dtype, training, monkeypatch):
-    """The C++ kernels (fused tail, depthwise conv) in a whole network, training and eval: outputs,
-    gradients of every parameter and of the input, and every running statistic match the reference."""
+    """The C++ kernels (MRLA-L's fused layer; the fused tail and depthwise conv, which MRLA-B and MRLA-L
+    with ``FUSED_LIGHT_LAYER`` off use) in a whole network, training and eval: outputs, gradients of
+    every parameter and of the input, and every running statistic match the reference."""
     if fast_ops.cpu_kernels() is None:
         pytest.skip("no C++ compiler: the C++ kernels are unavailable here")
     monkeypatch.setattr(fast_ops, "DEPTHWISE_MIN_PLANE", 0)  # the tiny net's planes are 12x12 .. 3x3
     monkeypatch.setattr(fast_ops, "TAIL_MIN_PLANE", 0)
+    monkeypatch.setattr(fast_ops, "LIGHT_MIN_PLANE", 0)
+    if attn_type == "mrla_l_separate":
+        attn_type = "mrla_l"
+        monkeypatch.setattr(fast_ops, "FUSED_LIGHT_LAYER", False)
     calls = _count_kernel_calls(monkeypatch)
     model = _tiny(attn_type, skip_mask=SKIPS[1]).to(dtype).train(training)
     lib, ref = copy.deepcopy(model), copy.deepcopy(model)
     x = torch.randn(3, 3, 12, 12, dtype=dtype)
     tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
     _assert_same(_run(lib, x), _run(ref, x, fn=lambda inp: _ref_forward(ref, inp)), **tol)
-    assert calls == {"tail": 4, "dw": 4}  # one each per active attention layer (7 blocks, 3 skipped)
+    # one per active attention layer (7 blocks, 3 skipped)
+    fused = attn_type == "mrla_l" and fast_ops.FUSED_LIGHT_LAYER
+    assert calls == ({"tail": 0, "dw": 0, "light": 4} if fused else {"tail": 4, "dw": 4, "light": 0})
     for (name, got), (_, want) in zip(lib.named_buffers(), ref.named_buffers()):
         if not name.endswith("num_batches_tracked"):
             torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{name}: {m}")

@@ -190,8 +190,9 @@ void bwd_apply(const T* g, const T* v, const T* sc, const T* a, const T* l, cons
 // Copies the plane into the zero-bordered buffer; with SUM, returns the plane's sum (else 0), taken in
 // one flat loop over the buffer once it is in L1 (its borders are zero): a sum per row would end every
 // row of 8 to 32 elements in a chain of scalar adds, which cost as much as the copy itself
-template <typename T, bool SUM>
-double pad_plane(const T* src, T* dst, int64_t H, int64_t W) {
+template <typename T, bool SUM, int WC = 0>
+double pad_plane(const T* src, T* dst, int64_t H, int64_t W_) {
+  const int64_t W = WC ? WC : W_;
   const int64_t Wp = W + 2, n = (H + 2) * Wp;
   for (int64_t k = 0; k < Wp; ++k) dst[k] = dst[(H + 1) * Wp + k] = T(0);
   for (int64_t i = 0; i < H; ++i) {
@@ -209,9 +210,12 @@ double pad_plane(const T* src, T* dst, int64_t H, int64_t W) {
   return total;
 }
 
-// out = correlation of the padded plane with w (+ add), through tmp (H * Wp, two columns discarded)
-template <typename T>
-void dw_plane(const T* pad, const T* w, T* tmp, T* out, int64_t H, int64_t W, T add = T(0)) {
+// out = correlation of the padded plane with w (+ add, + plus[i, j] where given), through tmp (H * Wp,
+// two columns discarded)
+template <typename T, int WC = 0>
+void dw_plane(const T* pad, const T* w, T* tmp, T* out, int64_t H, int64_t W_, T add = T(0),
+              const T* plus = nullptr) {
+  const int64_t W = WC ? WC : W_;
   const int64_t Wp = W + 2, n = H * Wp;
   const T* r0 = pad;
   const T* r1 = pad + Wp;
@@ -221,14 +225,48 @@ void dw_plane(const T* pad, const T* w, T* tmp, T* out, int64_t H, int64_t W, T 
     tmp[k] = w[0] * r0[k] + w[1] * r0[k + 1] + w[2] * r0[k + 2] + w[3] * r1[k] + w[4] * r1[k + 1] +
              w[5] * r1[k + 2] + w[6] * r2[k] + w[7] * r2[k + 1] + w[8] * r2[k + 2];
   }
-  for (int64_t i = 0; i < H; ++i)
-    for (int64_t j = 0; j < W; ++j) out[i * W + j] = tmp[i * Wp + j] + add;
+  if (plus) {
+    for (int64_t i = 0; i < H; ++i)
+      for (int64_t j = 0; j < W; ++j) out[i * W + j] = tmp[i * Wp + j] + add + plus[i * W + j];
+  } else {
+    for (int64_t i = 0; i < H; ++i)
+      for (int64_t j = 0; j < W; ++j) out[i * W + j] = tmp[i * Wp + j] + add;
+  }
+}
+
+// Per-plane weight gradient gw[a, b] = sum_{i, j} g[i, j] * in[i + a - 1, j + b - 1] from the padded
+// planes: g sits at pg[k + Wp + 1] for k over the H x Wp window (zero in the two extra columns), so
+// gw[a, b] = sum_k pg[k + Wp + 1] * px[k + a * Wp + b]
+template <typename T, int WC = 0>
+void dw_weight_grad(const T* pg, const T* px, double* o, int64_t H, int64_t W_) {
+  const int64_t W = WC ? WC : W_;
+  const int64_t Wp = W + 2, n = H * Wp;
+  const T* gg = pg + Wp + 1;
+  const T* r0 = px;
+  const T* r1 = px + Wp;
+  const T* r2 = px + 2 * Wp;
+  T s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0, s8 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7, s8)
+  for (int64_t k = 0; k < n; ++k) {
+    const T gk = gg[k];
+    s0 += gk * r0[k];
+    s1 += gk * r0[k + 1];
+    s2 += gk * r0[k + 2];
+    s3 += gk * r1[k];
+    s4 += gk * r1[k + 1];
+    s5 += gk * r1[k + 2];
+    s6 += gk * r2[k];
+    s7 += gk * r2[k + 1];
+    s8 += gk * r2[k + 2];
+  }
+  o[0] = s0, o[1] = s1, o[2] = s2, o[3] = s3, o[4] = s4, o[5] = s5, o[6] = s6, o[7] = s7, o[8] = s8;
 }
 
 // plane_mean (optional): the mean of each input plane, the layer's pooled descriptor, in the same read
-template <typename T>
+template <typename T, int WC>
 void dw_forward(const T* in, const T* weight, T* out, double* plane_mean, int64_t N, int64_t C, int64_t H,
-                int64_t W, int nt) {
+                int64_t W_, int nt) {
+  const int64_t W = WC ? WC : W_;
   const int64_t Wp = W + 2;
 #pragma omp parallel num_threads(nt)
   {
@@ -236,9 +274,9 @@ void dw_forward(const T* in, const T* weight, T* out, double* plane_mean, int64_
     T* tmp = new T[H * Wp];
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < N * C; ++p) {
-      if (plane_mean) plane_mean[p] = pad_plane<T, true>(in + p * H * W, pad, H, W) / (double)(H * W);
-      else pad_plane<T, false>(in + p * H * W, pad, H, W);
-      dw_plane<T>(pad, weight + (p % C) * 9, tmp, out + p * H * W, H, W);
+      if (plane_mean) plane_mean[p] = pad_plane<T, true, WC>(in + p * H * W, pad, H, W) / (double)(H * W);
+      else pad_plane<T, false, WC>(in + p * H * W, pad, H, W);
+      dw_plane<T, WC>(pad, weight + (p % C) * 9, tmp, out + p * H * W, H, W);
     }
     delete[] pad;
     delete[] tmp;
@@ -250,9 +288,10 @@ void dw_forward(const T* in, const T* weight, T* out, double* plane_mean, int64_
 //   gw[p, a, b] = sum_{i, j} g[i, j] * in[i + a - 1, j + b - 1],
 // summed over the batch by the caller, so the result does not depend on the number of threads.
 // gin_add (optional): a constant per plane added to the input gradient (the pooled mean's gradient / HW).
-template <typename T>
+template <typename T, int WC>
 void dw_backward(const T* g, const T* in, const T* weight, const T* gin_add, T* gin, double* gw, int64_t N,
-                 int64_t C, int64_t H, int64_t W, int nt) {
+                 int64_t C, int64_t H, int64_t W_, int nt) {
+  const int64_t W = WC ? WC : W_;
   const int64_t Wp = W + 2, n = H * Wp;
 #pragma omp parallel num_threads(nt)
   {
@@ -262,41 +301,191 @@ void dw_backward(const T* g, const T* in, const T* weight, const T* gin_add, T* 
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < N * C; ++p) {
       const T* wc = weight + (p % C) * 9;
-      pad_plane<T, false>(g + p * H * W, pg, H, W);
+      pad_plane<T, false, WC>(g + p * H * W, pg, H, W);
       if (gin) {
         T wf[9];
         for (int k = 0; k < 9; ++k) wf[k] = wc[8 - k];
-        dw_plane<T>(pg, wf, tmp, gin + p * H * W, H, W, gin_add ? gin_add[p] : T(0));
+        dw_plane<T, WC>(pg, wf, tmp, gin + p * H * W, H, W, gin_add ? gin_add[p] : T(0));
       }
       if (gw) {
-        pad_plane<T, false>(in + p * H * W, px, H, W);
-        // g sits at pg[k + Wp + 1] for k over the H x Wp window (zero in the two extra columns), so
-        // gw[a, b] = sum_k pg[k + Wp + 1] * px[k + a * Wp + b]
-        const T* gg = pg + Wp + 1;
-        const T* r0 = px;
-        const T* r1 = px + Wp;
-        const T* r2 = px + 2 * Wp;
-        T s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0, s8 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7, s8)
-        for (int64_t k = 0; k < n; ++k) {
-          const T gk = gg[k];
-          s0 += gk * r0[k];
-          s1 += gk * r0[k + 1];
-          s2 += gk * r0[k + 2];
-          s3 += gk * r1[k];
-          s4 += gk * r1[k + 1];
-          s5 += gk * r1[k + 2];
-          s6 += gk * r2[k];
-          s7 += gk * r2[k + 1];
-          s8 += gk * r2[k + 2];
-        }
-        double* o = gw + p * 9;
-        o[0] = s0, o[1] = s1, o[2] = s2, o[3] = s3, o[4] = s4, o[5] = s5, o[6] = s6, o[7] = s7, o[8] = s8;
+        pad_plane<T, false, WC>(in + p * H * W, px, H, W);
+        dw_weight_grad<T, WC>(pg, px, gw + p * 9, H, W);
       }
     }
     delete[] pg;
     delete[] px;
     delete[] tmp;
+  }
+}
+
+
+// 3. ---- MRLA-L's whole value path, the depthwise conv folded in --------------------------------------
+// out = y + BN(a[p] * V + l[c] * sc) with V = wv(y) the depthwise conv. V is never stored: each pass
+// recomputes a plane of it from y while the plane is in L1 (9 multiply-adds per element, cheaper than
+// writing V and reading it back twice forward and twice backward). The batch-norm statistics and every
+// reduction the backward needs come from per-plane moments; the caller combines them.
+
+// Thread-private plane buffers: y zero-bordered, the conv's H x Wp result, V and a scratch plane.
+template <typename T>
+struct LightPlanes {
+  T *py, *tmp, *v, *x, *pd;
+  LightPlanes(int64_t H, int64_t W) {
+    const int64_t Wp = W + 2;
+    py = new T[(H + 2) * Wp + 2];
+    pd = new T[(H + 2) * Wp + 2];
+    tmp = new T[H * Wp];
+    v = new T[H * W];
+    x = new T[H * W];
+  }
+  ~LightPlanes() {
+    delete[] py;
+    delete[] pd;
+    delete[] tmp;
+    delete[] v;
+    delete[] x;
+  }
+  // pads plane p of y and computes V; returns the plane's sum of y when SUM
+  template <bool SUM, int WC>
+  double value(const T* y, const T* w, int64_t H, int64_t W) {
+    const double total = pad_plane<T, SUM>(y, py, H, W);
+    dw_plane<T, WC>(py, w, tmp, v, H, W);
+    return total;
+  }
+};
+
+// Forward moments per plane p (mom[p * 6 + ...]): sum y, sum V, sum V^2, sum V sc, sum sc, sum sc^2;
+// with full == false only sum y (eval mode: the running statistics are used).
+template <typename T, int WC>
+void light_fwd_moments(const T* y, const T* sc, const T* weight, double* mom, int64_t N, int64_t C, int64_t H,
+                       int64_t W_, bool full, int nt) {
+  const int64_t W = WC ? WC : W_;
+  const int64_t HW = H * W;
+#pragma omp parallel num_threads(nt)
+  {
+    LightPlanes<T> b(H, W);
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < N * C; ++p) {
+      double* m = mom + p * 6;
+      if (!full) {
+        m[0] = pad_plane<T, true, WC>(y + p * HW, b.py, H, W);
+        continue;
+      }
+      m[0] = b.template value<true, WC>(y + p * HW, weight + (p % C) * 9, H, W);
+      const T* ps = sc + p * HW;
+      const T* v = b.v;
+      double s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0;
+#pragma omp simd reduction(+ : s1, s2, s3, s4, s5)
+      for (int64_t i = 0; i < HW; ++i) {
+        const double vi = v[i], si = ps[i];
+        s1 += vi;
+        s2 += vi * vi;
+        s3 += vi * si;
+        s4 += si;
+        s5 += si * si;
+      }
+      m[1] = s1, m[2] = s2, m[3] = s3, m[4] = s4, m[5] = s5;
+    }
+  }
+}
+
+// out = y + A[p] * V + B[c] * sc + S[c]
+template <typename T, int WC>
+void light_fwd_apply(const T* y, const T* sc, const T* weight, const T* A, const T* B, const T* S, T* out,
+                     int64_t N, int64_t C, int64_t H, int64_t W_, int nt) {
+  const int64_t W = WC ? WC : W_;
+  const int64_t HW = H * W;
+#pragma omp parallel num_threads(nt)
+  {
+    LightPlanes<T> b(H, W);
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < N * C; ++p) {
+      const int64_t c = p % C, off = p * HW;
+      b.template value<false, WC>(y + off, weight + c * 9, H, W);
+      const T ap = A[p], bc = B[c], sc_ = S[c];
+      const T* py = y + off;
+      const T* ps = sc + off;
+      const T* v = b.v;
+      T* po = out + off;
+#pragma omp simd
+      for (int64_t i = 0; i < HW; ++i) po[i] = py[i] + ap * v[i] + bc * ps[i] + sc_;
+    }
+  }
+}
+
+// Backward moments per plane p (red[p * 3 + ...]): sum g, sum g V, sum g sc
+template <typename T, int WC>
+void light_bwd_reduce(const T* g, const T* y, const T* sc, const T* weight, double* red, int64_t N, int64_t C,
+                      int64_t H, int64_t W_, int nt) {
+  const int64_t W = WC ? WC : W_;
+  const int64_t HW = H * W;
+#pragma omp parallel num_threads(nt)
+  {
+    LightPlanes<T> b(H, W);
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < N * C; ++p) {
+      const int64_t off = p * HW;
+      b.template value<false, WC>(y + off, weight + (p % C) * 9, H, W);
+      const T* pg = g + off;
+      const T* ps = sc + off;
+      const T* v = b.v;
+      double s0 = 0, s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2)
+      for (int64_t i = 0; i < HW; ++i) {
+        const double gi = pg[i];
+        s0 += gi;
+        s1 += gi * (double)v[i];
+        s2 += gi * (double)ps[i];
+      }
+      double* r = red + p * 3;
+      r[0] = s0, r[1] = s1, r[2] = s2;
+    }
+  }
+}
+
+// The batch norm's input gradient gx = al[c] * g + be[p] * V + de[c] * sc + ep[c] (the caller folds
+// the statistics' gradients into these coefficients), then
+//   gsc = l[c] * gx (optional),
+//   gy  = g + wv^T(a[p] * gx) + gy_add[p] (optional; g: the residual, gy_add: the pooled mean's gradient / HW),
+//   gw[p] = the conv's per-plane weight gradient (optional), as in dw_backward.
+template <typename T, int WC>
+void light_bwd_apply(const T* g, const T* y, const T* sc, const T* weight, const T* al, const T* be, const T* de,
+                     const T* ep, const T* a, const T* l, const T* gy_add, T* gy, T* gsc, double* gw, int64_t N,
+                     int64_t C, int64_t H, int64_t W_, int nt) {
+  const int64_t W = WC ? WC : W_;
+  const int64_t HW = H * W;
+#pragma omp parallel num_threads(nt)
+  {
+    LightPlanes<T> b(H, W);
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < N * C; ++p) {
+      const int64_t c = p % C, off = p * HW;
+      const T* wc = weight + c * 9;
+      b.template value<false, WC>(y + off, wc, H, W);
+      const T alc = al[c], bep = be[p], dec = de[c], epc = ep[c], ap = a[p], lc = l[c];
+      const T* pg = g + off;
+      const T* ps = sc + off;
+      const T* v = b.v;
+      T* dv = b.x;
+      if (gsc) {
+        T* pgs = gsc + off;
+#pragma omp simd
+        for (int64_t i = 0; i < HW; ++i) {
+          const T gx = alc * pg[i] + bep * v[i] + dec * ps[i] + epc;
+          pgs[i] = lc * gx;
+          dv[i] = ap * gx;
+        }
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < HW; ++i) dv[i] = ap * (alc * pg[i] + bep * v[i] + dec * ps[i] + epc);
+      }
+      pad_plane<T, false, WC>(dv, b.pd, H, W);
+      if (gy) {
+        T wf[9];
+        for (int k = 0; k < 9; ++k) wf[k] = wc[8 - k];
+        dw_plane<T, WC>(b.pd, wf, b.tmp, gy + off, H, W, gy_add ? gy_add[p] : T(0), pg);
+      }
+      if (gw) dw_weight_grad<T, WC>(b.pd, b.py, gw + p * 9, H, W);
+    }
   }
 }
 
@@ -309,6 +498,18 @@ void with_flag(bool flag, F&& f) {
   else f(std::false_type{});
 }
 #define ELA_FLAG(x) decltype(x)::value
+
+// Calls f with the plane width as a compile-time constant for the common widths (the plane loops then
+// have known trip counts and no remainders), 0 (read at run time) for the rest.
+template <typename F>
+void with_width(int64_t W, F&& f) {
+  switch (W) {
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    case 16: f(std::integral_constant<int, 16>{}); break;
+    case 32: f(std::integral_constant<int, 32>{}); break;
+    default: f(std::integral_constant<int, 0>{});
+  }
+}
 
 // C entry points: ela_<kernel>_<f32|f64>. sc == nullptr selects the MRLA-B form (no shortcut term).
 #define ELA_DEFINE(T, SUF)                                                                                     \
@@ -352,14 +553,37 @@ void with_flag(bool flag, F&& f) {
 #define ELA_DEFINE_DW(T, SUF)                                                                                  \
   extern "C" void ela_dw_forward_##SUF(const T* in, const T* w, T* out, double* plane_mean, int64_t N,       \
                                        int64_t C, int64_t H, int64_t W, int nt) {                             \
-    dw_forward<T>(in, w, out, plane_mean, N, C, H, W, nt);                                                    \
+    with_width(W, [&](auto wc) { dw_forward<T, ELA_FLAG(wc)>(in, w, out, plane_mean, N, C, H, W, nt); });     \
   }                                                                                                           \
   extern "C" void ela_dw_backward_##SUF(const T* g, const T* in, const T* w, const T* gin_add, T* gin,         \
                                         double* gw, int64_t N, int64_t C, int64_t H, int64_t W, int nt) {      \
-    dw_backward<T>(g, in, w, gin_add, gin, gw, N, C, H, W, nt);                                               \
+    with_width(W, [&](auto wc) { dw_backward<T, ELA_FLAG(wc)>(g, in, w, gin_add, gin, gw, N, C, H, W, nt); }); \
+  }
+
+#define ELA_DEFINE_LIGHT(T, SUF)                                                                               \
+  extern "C" void ela_light_fwd_moments_##SUF(const T* y, const T* sc, const T* w, double* mom, int64_t N,    \
+                                              int64_t C, int64_t H, int64_t W, int full, int nt) {            \
+    with_width(W, [&](auto wc) { light_fwd_moments<T, ELA_FLAG(wc)>(y, sc, w, mom, N, C, H, W, full != 0, nt); }); \
+  }                                                                                                           \
+  extern "C" void ela_light_fwd_apply_##SUF(const T* y, const T* sc, const T* w, const T* A, const T* B,       \
+                                            const T* S, T* out, int64_t N, int64_t C, int64_t H, int64_t W,    \
+                                            int nt) {                                                         \
+    with_width(W, [&](auto wc) { light_fwd_apply<T, ELA_FLAG(wc)>(y, sc, w, A, B, S, out, N, C, H, W, nt); }); \
+  }                                                                                                           \
+  extern "C" void ela_light_bwd_reduce_##SUF(const T* g, const T* y, const T* sc, const T* w, double* red,     \
+                                             int64_t N, int64_t C, int64_t H, int64_t W, int nt) {            \
+    with_width(W, [&](auto wc) { light_bwd_reduce<T, ELA_FLAG(wc)>(g, y, sc, w, red, N, C, H, W, nt); });     \
+  }                                                                                                           \
+  extern "C" void ela_light_bwd_apply_##SUF(const T* g, const T* y, const T* sc, const T* w, const T* al,      \
+                                            const T* be, const T* de, const T* ep, const T* a, const T* l,     \
+                                            const T* gy_add, T* gy, T* gsc, double* gw, int64_t N, int64_t C,  \
+                                            int64_t H, int64_t W, int nt) {                                   \
+    with_width(W, [&](auto wc) { light_bwd_apply<T, ELA_FLAG(wc)>(g, y, sc, w, al, be, de, ep, a, l, gy_add, gy, gsc, gw, N, C, H, W, nt); }); \
   }
 
 ELA_DEFINE(float, f32)
 ELA_DEFINE(double, f64)
 ELA_DEFINE_DW(float, f32)
 ELA_DEFINE_DW(double, f64)
+ELA_DEFINE_LIGHT(float, f32)
+ELA_DEFINE_LIGHT(double, f64)

@@ -52,7 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
-    "attention_tail", "depthwise_conv3x3", "cpu_kernels", "kernel_cache_dir", "batch_norm", "light_tail",
+    "attention_tail", "depthwise_conv3x3", "light_layer", "cpu_kernels", "kernel_cache_dir", "batch_norm", "light_tail",
     "FAST_CPU_PATHS",
 ]
 
@@ -60,6 +60,9 @@ logger = logging.getLogger(__name__)
 
 # Set to False to run the plain modules everywhere (for comparisons and debugging).
 FAST_CPU_PATHS = True
+# Set to False to run MRLA-L's value convolution and tail as two kernels (depthwise_conv3x3, then
+# attention_tail) instead of the one fused layer (light_layer); for comparisons.
+FUSED_LIGHT_LAYER = True
 # Below this size the native batch-norm statistics are as fast as the one-pass ones.
 FAST_STATS_MIN_BYTES = 6 << 20
 # The one-pass variance E[x^2] - E[x]^2 loses precision when the mean dominates; beyond this ratio of
@@ -73,6 +76,9 @@ VARIANCE_CONDITION_LIMIT = 1e4
 # 8x8), 0.9-1.0 on 4x4. Smaller planes take the PyTorch paths.
 DEPTHWISE_MIN_PLANE = 64
 TAIL_MIN_PLANE = 64
+# MRLA-L's fused layer (light_layer) recomputes the value conv in each of its four passes: it saves
+# memory traffic and allocations on large planes and costs arithmetic on small ones.
+LIGHT_MIN_PLANE = 64
 
 
 def _cpu_eager(x: torch.Tensor) -> bool:
@@ -252,6 +258,10 @@ _SIGNATURES = {
     "bwd_apply": [_P] * 17 + [_I64] * 3 + [_INT, _INT],
     "dw_forward": [_P] * 4 + [_I64] * 4 + [_INT],
     "dw_backward": [_P] * 6 + [_I64] * 4 + [_INT],
+    "light_fwd_moments": [_P] * 4 + [_I64] * 4 + [_INT, _INT],
+    "light_fwd_apply": [_P] * 7 + [_I64] * 4 + [_INT],
+    "light_bwd_reduce": [_P] * 5 + [_I64] * 4 + [_INT],
+    "light_bwd_apply": [_P] * 14 + [_I64] * 4 + [_INT],
 }
 _kernel_state: dict = {}  # "lib": the loaded library or None once tried
 _kernel_lock = threading.Lock()
@@ -526,3 +536,169 @@ def depthwise_conv3x3(conv: nn.Conv2d, x: torch.Tensor, *, with_mean: bool = Fal
     # sum * 1/HW rather than mean: mean's backward materialises a full-size gradient before it is
     # accumulated into x's; sum's is an expanded view
     return conv(x), x.sum(dim=(2, 3)) * (1.0 / (x.shape[2] * x.shape[3]))
+
+
+
+# ------------------------------------------------------------------------------------------------
+# MRLA-L's whole value path in one C++ kernel set: y + BN(gate * wv(y) + lambda * sc)
+
+
+class _FusedLight(torch.autograd.Function):
+    """MRLA-L from its block output ``y`` and shortcut ``sc``: the pooled descriptor, the gate (through
+    ``gate_fn``, a few small PyTorch ops), and ``y + BN(gate * wv(y) + lam * sc)``.
+
+    ``V = wv(y)`` is never stored: the kernels recompute it plane by plane from ``y``, and every
+    statistic comes from per-(sample, channel) moments (cpu_kernels.cpp, section 3). Forward is two
+    passes (moments; output), backward two (moments; gradients of y and sc, the conv's weight gradient),
+    where the conv and the tail as separate kernels take four and four, plus autograd's sum of y's two
+    gradients, and keep V alive until backward.
+
+    Returns ``(out, gate)``; ``gate`` (``[B, heads]``) is for the KL recording and carries no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, y, sc, wv, lam, weight, bias, bn: nn.BatchNorm2d, gate_fn, heads: int, *gate_params):
+        n, c, h, w = y.shape
+        hw, m, dt, nt = h * w, y.shape[0] * h * w, y.dtype, torch.get_num_threads()
+        wc = wv.detach().contiguous()
+        training = bn.training
+        mom = torch.empty(n, c, 6, dtype=torch.float64)
+        _kernel("light_fwd_moments", dt)(_ptr(y), _ptr(sc), _ptr(wc), _ptr(mom), n, c, h, w, int(training), nt)
+        g = (mom[..., 0] * (1.0 / hw)).to(dt)
+        with torch.no_grad():
+            gate = gate_fn(g, *(t.detach() for t in gate_params))  # [B, heads]
+        a = _heads_to_channels(gate, c).to(dt).contiguous()  # [B, C]
+        l = lam.detach().reshape(c).to(dt).contiguous()
+        ad, ld = a.double(), l.double()
+        if training:
+            mean, var = _light_batch_stats(y, sc, wc, a, l, mom, m)
+            _update_running_stats(bn, mean, var, m, _count_batch(bn))
+        else:
+            mean, var = bn.running_mean.double(), bn.running_var.double()
+        invstd = torch.rsqrt(var + bn.eps)
+        scale = invstd if weight is None else invstd * weight.detach().double()
+        # the batch norm folded into out = y + A[n, c] * V + B[c] * sc + S[c]
+        coef_a = (ad * scale).to(dt).contiguous()
+        coef_b = (ld * scale).to(dt)
+        coef_s = (-mean * scale if bias is None else bias.detach().double() - mean * scale).to(dt)
+        out = torch.empty_like(y)
+        _kernel("light_fwd_apply", dt)(
+            _ptr(y), _ptr(sc), _ptr(wc), _ptr(coef_a), _ptr(coef_b), _ptr(coef_s), _ptr(out), n, c, h, w, nt
+        )
+        ctx.save_for_backward(y, sc, wc, g, a, l, mean, invstd, scale, mom, *gate_params)
+        ctx.gate_fn, ctx.heads, ctx.training, ctx.n_gate = gate_fn, heads, training, len(gate_params)
+        ctx.mark_non_differentiable(gate)
+        return out, gate
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_gate):
+        y, sc, wc, g, a, l, mean, invstd, scale, mom, *gate_params = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        n, c, h, w = y.shape
+        hw, m, dt, nt = h * w, y.shape[0] * h * w, y.dtype, torch.get_num_threads()
+        if grad_out is None:
+            grad_out = torch.zeros_like(y)
+        gout = grad_out.contiguous()
+        red = torch.empty(n, c, 3, dtype=torch.float64)
+        _kernel("light_bwd_reduce", dt)(_ptr(gout), _ptr(y), _ptr(sc), _ptr(wc), _ptr(red), n, c, h, w, nt)
+        if not ctx.training:  # eval mode kept only the pooled sums: the V / sc moments now
+            mom = torch.empty(n, c, 6, dtype=torch.float64)
+            _kernel("light_fwd_moments", dt)(_ptr(y), _ptr(sc), _ptr(wc), _ptr(mom), n, c, h, w, 1, nt)
+        s_d, s_dv, s_dsc = red.unbind(-1)
+        _, s_v, s_vv, s_vsc, s_sc, s_scsc = mom.unbind(-1)
+        ad, ld = a.double(), l.double()
+        # sum over (n, h, w) of g and of g * xhat, xhat = (a V + l sc - mean) * invstd
+        sum_g = s_d.sum(0)
+        sum_gx = invstd * (ad * s_dv + ld * s_dsc - mean * s_d).sum(0)
+        grad_weight = sum_gx.to(dt) if need[4] else None
+        grad_bias = sum_g.to(dt) if need[5] else None
+        # the batch norm's input gradient gx = scale * (g - mg - xhat * mgx) as
+        # al[c] * g + be[n, c] * V + de[c] * sc + ep[c]
+        if ctx.training:
+            mg, mgx = sum_g / m, sum_gx / m
+        else:
+            mg = mgx = torch.zeros_like(sum_g)
+        al = scale
+        be = -(scale * mgx * invstd) * ad
+        de = -(scale * mgx * invstd) * ld
+        ep = scale * (mgx * invstd * mean - mg)
+        # sum over (h, w) of gx * V and gx * sc, from the moments
+        grad_a = al * s_dv + be * s_vv + de * s_vsc + ep * s_v  # [B, C]
+        grad_lam = (al * s_dsc + be * s_vsc + de * s_scsc + ep * s_sc).sum(0).to(dt).view(c, 1, 1) if need[3] else None
+        # the gate's small graph, recomputed with autograd: its gradients and the pooled mean's
+        grad_params = [None] * ctx.n_gate
+        gy_add = None
+        if need[0] or any(need[9:]):
+            with torch.enable_grad():
+                g_in = g.detach().requires_grad_(need[0])
+                params = [t.detach().requires_grad_(nd) for t, nd in zip(gate_params, need[9:])]
+                gate = ctx.gate_fn(g_in, *params)
+                grad_gate = grad_a.view(n, ctx.heads, c // ctx.heads).sum(-1).to(gate.dtype)
+                wanted = [t for t in (g_in, *params) if t.requires_grad]
+                got = iter(torch.autograd.grad(gate, wanted, grad_gate, allow_unused=True)) if wanted else iter(())
+            if need[0]:
+                grad_g = next(got)
+                gy_add = (grad_g * (1.0 / hw)).to(dt).contiguous() if grad_g is not None else None
+            grad_params = [next(got) if nd else None for nd in need[9:]]
+        grad_y = torch.empty_like(y) if need[0] else None
+        grad_sc = torch.empty_like(y) if need[1] else None
+        per_plane = torch.empty(n, c, 9, dtype=torch.float64) if need[2] else None
+        if grad_y is not None or grad_sc is not None or per_plane is not None:
+            # kept in names until the call returns: the kernel gets raw pointers
+            coefs = [t.to(dt).contiguous() for t in (al, be, de, ep)]
+            _kernel("light_bwd_apply", dt)(
+                _ptr(gout), _ptr(y), _ptr(sc), _ptr(wc), *map(_ptr, coefs),
+                _ptr(a), _ptr(l), _ptr(gy_add), _ptr(grad_y), _ptr(grad_sc), _ptr(per_plane), n, c, h, w, nt,
+            )
+        grad_wv = None if per_plane is None else per_plane.sum(0).to(wc.dtype).view_as(wc)
+        return (grad_y, grad_sc, grad_wv, grad_lam, grad_weight, grad_bias, None, None, None, *grad_params)
+
+
+def _light_batch_stats(y, sc, wc, a, l, mom, m):
+    """Per-channel mean and biased variance of ``a * wv(y) + l * sc`` from the per-plane moments; an exact
+    second pass (V written out, then the tail's shifted statistics) where one pass is ill-conditioned."""
+    ad, ld = a.double(), l.double()
+    _, s_v, s_vv, s_vsc, s_sc, s_scsc = mom.unbind(-1)
+    mean = (ad * s_v + ld * s_sc).sum(0) / m
+    second = (ad * ad * s_vv + 2 * ad * ld * s_vsc + ld * ld * s_scsc).sum(0) / m
+    var = (second - mean * mean).clamp_min(0)
+    if not bool((second > VARIANCE_CONDITION_LIMIT * var).any()):
+        return mean, var
+    n, c, h, w = y.shape
+    v = torch.empty_like(y)
+    _kernel("dw_forward", y.dtype)(_ptr(y), _ptr(wc), _ptr(v), None, n, c, h, w, torch.get_num_threads())
+    mean = torch.empty(c, dtype=torch.float64)
+    var = torch.empty(c, dtype=torch.float64)
+    _kernel("stats", y.dtype)(_ptr(v), _ptr(sc), _ptr(a), _ptr(l), n, c, h * w, _ptr(mean), _ptr(var), torch.get_num_threads())
+    return mean, var
+
+
+def _heads_to_channels(per_head: torch.Tensor, channels: int) -> torch.Tensor:
+    """``[B, heads]`` -> ``[B, C]``: head h covers the contiguous channels h*d .. (h+1)*d - 1."""
+    heads = per_head.shape[-1]
+    return per_head.unsqueeze(-1).expand(*per_head.shape, channels // heads).reshape(*per_head.shape[:-1], channels)
+
+
+def light_layer(bn: nn.BatchNorm2d, wv: nn.Conv2d, y: torch.Tensor, sc: torch.Tensor, lam: torch.Tensor,
+                gate_fn, heads: int, *gate_params: torch.Tensor):
+    """MRLA-L's ``(y + BN(gate * wv(y) + lam * sc), gate)`` in one fused kernel set, or None where it does
+    not apply (then the caller runs :func:`depthwise_conv3x3` and :func:`attention_tail`).
+
+    ``gate_fn(g, *gate_params)`` maps the pooled descriptor ``g = y.mean((2, 3))`` (``[B, C]``) to the
+    per-head gate ``[B, heads]``; it must be made of differentiable PyTorch ops (its backward is
+    recomputed with autograd). Applies to contiguous NCHW float32/float64 CPU tensors in eager mode, with
+    the kernels available, planes of at least ``DEPTHWISE_MIN_PLANE`` and ``TAIL_MIN_PLANE`` elements,
+    and ``FUSED_LIGHT_LAYER`` on.
+    """
+    if not (
+        FUSED_LIGHT_LAYER
+        and _dw_eligible(wv, y)
+        and _bn_eligible(bn, y)
+        and _same_layout(sc, y)
+        and y.shape[2] * y.shape[3] >= max(TAIL_MIN_PLANE, LIGHT_MIN_PLANE)
+        and y.shape[1] % heads == 0
+        and lam.numel() == y.shape[1]
+        and all(t.dtype == y.dtype for t in (lam, *gate_params))
+    ):
+        return None
+    return _FusedLight.apply(y, sc, wv.weight, lam, bn.weight, bn.bias, bn, gate_fn, heads, *gate_params)

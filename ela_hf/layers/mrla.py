@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from timm.layers import DropPath
 
-from .fast_ops import attention_tail, depthwise_conv3x3
+from .fast_ops import attention_tail, depthwise_conv3x3, light_layer
 
 __all__ = [
     "eca_kernel_size",
@@ -412,14 +412,19 @@ class _LayerAttentionBase(nn.Module):
         layer, and a backward through two of them is slower still.
         """
         v, g = depthwise_conv3x3(self.wv, y, with_mean=True)  # g: [B, C]
+        q, k = self._query_key(g, self.wq.weight, self.wk.weight)
+        return v, q, k
+
+    def _query_key(self, g: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor):
+        """Q and K (``[B, heads, d]``) from the pooled descriptor ``g`` (``[B, C]``) and the Conv1d weights."""
         pad = (self.k_size - 1) // 2
         windows = F.pad(g, (pad, pad)).unfold(1, self.k_size, 1)  # [B, C, k]: windows[c, j] = g[c + j - pad]
-        w = torch.cat([self.wq.weight.view(1, -1), self.wk.weight.view(1, -1)], dim=0)  # [2, k]
+        w = torch.cat([wq.view(1, -1), wk.view(1, -1)], dim=0)  # [2, k]
         qk = torch.matmul(windows, w.t())  # [B, C, 2]
         b = g.shape[0]
         q = qk[..., 0].view(b, self.heads, self.dim_per_head)
         k = qk[..., 1].view(b, self.heads, self.dim_per_head)
-        return v, q, k
+        return q, k
 
     def _residual_tail(self, y: torch.Tensor, v: torch.Tensor, **tail) -> torch.Tensor:
         """``y + DropPath(act(BN(...)))`` (see ``fast_ops.attention_tail``); without an active DropPath the
@@ -461,6 +466,15 @@ class MrlaLight(_LayerAttentionBase):
         self.lam = nn.Parameter(torch.randn(channels, 1, 1))
 
     def forward(self, y: torch.Tensor, sc: torch.Tensor, state: StageState) -> torch.Tensor:
+        if isinstance(self.drop_path, nn.Identity) or (type(self.drop_path) is DropPath and not self.drop_path.training):
+            # on the CPU: the conv, the pooling and the tail in one kernel set that never stores V
+            # (timm's DropPath is the identity in eval mode)
+            fused = light_layer(self.bn, self.wv, y, sc, self.lam, self._gate, self.heads, self.wq.weight, self.wk.weight)
+            if fused is not None:
+                out, gate = fused
+                if self._records():
+                    self._record(gate, state)
+                return out
         v, q, k = self._values_query_key(y)
         gate = torch.sigmoid((q * k).sum(-1) * self.scale)  # [B, heads]
         # the per-channel gate is tiny ([B, C, 1, 1]); lambda and the gate are cast to the values' dtype:
@@ -470,6 +484,11 @@ class MrlaLight(_LayerAttentionBase):
         if self._records():
             self._record(gate, state)
         return self._residual_tail(y, v, sc=sc.to(v.dtype), gate=gate_c, lam=self.lam.to(v.dtype))  # BN(gate*V + lam*sc)
+
+    def _gate(self, g: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor) -> torch.Tensor:
+        """The per-head gate ``sigmoid(<Q_h, K_h> / sqrt d)`` (``[B, heads]``) from the pooled descriptor."""
+        q, k = self._query_key(g, wq, wk)
+        return torch.sigmoid((q * k).sum(-1) * self.scale)
 
     @torch.no_grad()
     def _record(self, gate: torch.Tensor, state: StageState) -> None:
