@@ -7,11 +7,14 @@ forward + backward of:
 - the depthwise 3x3 value conv: ``fast_ops.depthwise_conv3x3(conv, x, with_mean=True)`` against
   ``conv(x)`` plus the pooling, as the layers computed them before;
 - MRLA-L's tail ``y + BN(gate * V + lambda * sc)`` and MRLA-B's ``y + relu(BN(O))``:
-  ``fast_ops.attention_tail`` against the same expressions in PyTorch ops.
+  ``fast_ops.attention_tail`` against the same expressions in PyTorch ops;
+- the whole MRLA-L layer on its fused kernels (``fast_ops.light_layer``: the conv, the pooling and the
+  tail, V never stored) against the same layer on the conv and tail kernels
+  (``fast_ops.FUSED_LIGHT_LAYER = False``). Its baseline is the kernels, not PyTorch.
 
 The kernels run at every plane size here (the layers hand planes smaller than
-``fast_ops.DEPTHWISE_MIN_PLANE`` / ``TAIL_MIN_PLANE`` elements to PyTorch; the last column says which
-path the layers take). Medians over interleaved rounds (the PyTorch and fast versions alternate), with a large buffer
+``fast_ops.DEPTHWISE_MIN_PLANE`` / ``TAIL_MIN_PLANE`` elements to PyTorch, and planes below
+``LIGHT_MIN_PLANE`` to the separate kernels; the last column says which path the layers take). Medians over interleaved rounds (the PyTorch and fast versions alternate), with a large buffer
 rewritten before every call so that the data is not in cache, as inside a training step. Prints times
 and the ratio fast / PyTorch (below 1: faster).
 
@@ -33,12 +36,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ela_hf  # noqa: E402,F401  (registers the models with timm)
 from ela_hf.layers import fast_ops  # noqa: E402
-from ela_hf.layers.mrla import MrlaLight  # noqa: E402
+from ela_hf.layers.mrla import MrlaLight, StageState  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_models import make_cases  # noqa: E402  (the same networks, batch and image sizes)
 
 CASES = make_cases("cpu")
+FUSED_ROW = "MRLA-L layer, fused (baseline: conv + tail kernels)"
 SHAPES = {}  # case -> [(n, c, h, w), ...]; filled by attention_shapes(), or set by hand
 
 
@@ -76,6 +80,8 @@ def _ops(shape):
     conv = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False)
     bn = nn.BatchNorm2d(c)
     g_mean = torch.randn(n, c)
+    layer = MrlaLight(c).train()
+    layer_inputs = (x, sc, *layer.parameters())
 
     def conv_torch():
         v, m = conv(x), x.sum(dim=(2, 3)) * (1.0 / (h * w))
@@ -103,10 +109,23 @@ def _ops(shape):
         out = fast_ops.attention_tail(bn, x, sc, relu=True)
         torch.autograd.grad(out, (x, sc, bn.weight, bn.bias), grad)
 
+    def layer_run(fused):
+        def run():
+            was = fast_ops.FUSED_LIGHT_LAYER
+            fast_ops.FUSED_LIGHT_LAYER = fused
+            try:
+                out = layer(x, sc, StageState())
+                torch.autograd.grad(out, layer_inputs, grad)
+            finally:
+                fast_ops.FUSED_LIGHT_LAYER = was
+
+        return run
+
     return {
         "depthwise conv + pooling": (conv_torch, conv_fast),
         "MRLA-L tail": (light_torch, light_fast),
         "MRLA-B tail": (base_torch, base_fast),
+        FUSED_ROW: (layer_run(False), layer_run(True)),
     }
 
 
@@ -123,9 +142,12 @@ def run(args) -> str:
         "| case | tensor | op | PyTorch (ms) | fast (ms) | fast / PyTorch | the layers use |",
         "|---|---|---|---|---|---|---|",
     ]
-    limits = {"depthwise conv + pooling": fast_ops.DEPTHWISE_MIN_PLANE, "MRLA-L tail": fast_ops.TAIL_MIN_PLANE,
-              "MRLA-B tail": fast_ops.TAIL_MIN_PLANE}
-    fast_ops.DEPTHWISE_MIN_PLANE = fast_ops.TAIL_MIN_PLANE = 0  # time the kernels at every size
+    saved = (fast_ops.DEPTHWISE_MIN_PLANE, fast_ops.TAIL_MIN_PLANE, fast_ops.LIGHT_MIN_PLANE)
+    limits = {"depthwise conv + pooling": saved[0], "MRLA-L tail": saved[1], "MRLA-B tail": saved[1],
+              FUSED_ROW: max(saved)}
+    labels = {FUSED_ROW: ("fused", "not fused")}
+    # time the kernels at every size
+    fast_ops.DEPTHWISE_MIN_PLANE = fast_ops.TAIL_MIN_PLANE = fast_ops.LIGHT_MIN_PLANE = 0
     try:
         for case in args.cases:
             for shape in attention_shapes(case):
@@ -141,13 +163,14 @@ def run(args) -> str:
                             times[key].append(time.perf_counter() - t)
                     slow_ms = statistics.median(times["slow"]) * 1e3
                     fast_ms = statistics.median(times["fast"]) * 1e3
-                    used = "kernel" if shape[2] * shape[3] >= limits[name] else "PyTorch"
+                    yes, no = labels.get(name, ("kernel", "PyTorch"))
+                    used = yes if shape[2] * shape[3] >= limits[name] else no
                     lines.append(
                         f"| {case} | {list(shape)} | {name} | {slow_ms:.2f} | {fast_ms:.2f} | {fast_ms / slow_ms:.2f} "
                         f"| {used} |"
                     )
     finally:
-        fast_ops.DEPTHWISE_MIN_PLANE, fast_ops.TAIL_MIN_PLANE = limits["depthwise conv + pooling"], limits["MRLA-L tail"]
+        fast_ops.DEPTHWISE_MIN_PLANE, fast_ops.TAIL_MIN_PLANE, fast_ops.LIGHT_MIN_PLANE = saved
     return "\n".join(lines)
 
 

@@ -286,6 +286,28 @@ def test_small_planes_take_the_pytorch_paths(monkeypatch):
         assert (convs == [1], tails == [1]) == (kernel_conv, kernel_tail), side
 
 
+@needs_kernels
+def test_mrla_l_fuses_planes_from_light_min_plane(monkeypatch):
+    """MRLA-L takes its fused kernels from LIGHT_MIN_PLANE elements per plane (16x16 with the shipped
+    limit, where bench/bench_kernels.py shows them faster), the separate conv and tail below."""
+    _, _, light_limit = SHIPPED_LIMITS
+    assert 64 < light_limit <= 256  # 8x8 planes separate, 16x16 fused
+    for name, limit in zip(("DEPTHWISE_MIN_PLANE", "TAIL_MIN_PLANE", "LIGHT_MIN_PLANE"), SHIPPED_LIMITS):
+        monkeypatch.setattr(fast_ops, name, limit)
+    calls, tails = _spy_light(monkeypatch), _spy_tail(monkeypatch)
+    m = _light_module(8, torch.float64).train()
+    ref = copy.deepcopy(m)
+    for side, fused in ((8, False), (16, True)):
+        calls.clear(), tails.clear()
+        y, sc = torch.randn(2, 8, side, side, dtype=torch.float64), torch.randn(2, 8, side, side, dtype=torch.float64)
+        grad = torch.randn(2, 8, side, side, dtype=torch.float64)
+        got, want = _light_run(m, y, sc, grad), _light_run(ref, y, sc, grad, fn=_reference_light)
+        torch.testing.assert_close(got[0], want[0], **_tol(torch.float64))
+        torch.testing.assert_close(got[1]["y"], want[1]["y"], **_tol(torch.float64))
+        assert (calls == [1], tails == [1]) == (fused, not fused), side
+        m.zero_grad(), ref.zero_grad()
+
+
 # ------------------------------------------------------------------------------------------------
 # MRLA-L's fused layer (light_layer): the conv, the pooling, the gate and the tail together
 

@@ -467,15 +467,18 @@ def test_kernel_bench_prints_ratios_and_restores_the_size_limits(capsys, monkeyp
     if fast_ops.cpu_kernels() is None:
         pytest.skip("no C++ compiler: the C++ kernels are unavailable here")
     bench = _load_bench("bench_kernels", monkeypatch)
-    limits = (fast_ops.DEPTHWISE_MIN_PLANE, fast_ops.TAIL_MIN_PLANE)
-    bench.SHAPES["cifar"] = [(2, 4, 16, 16), (2, 4, 4, 4)]
+    monkeypatch.setattr(fast_ops, "LIGHT_MIN_PLANE", 100)  # 16x16 fused, 4x4 not
+    limits = (fast_ops.DEPTHWISE_MIN_PLANE, fast_ops.TAIL_MIN_PLANE, fast_ops.LIGHT_MIN_PLANE)
+    bench.SHAPES["cifar"] = [(2, 64, 16, 16), (2, 64, 4, 4)]
     bench.main(["--cases", "cifar", "--repeats", "1", "--threads", "1"])
     rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| cifar")]
-    assert len(rows) == 6 and all(float(r[6]) > 0 for r in rows)
+    assert len(rows) == 8 and all(float(r[6]) > 0 for r in rows)
     used = {(r[2].strip(), r[3].strip()): r[7].strip() for r in rows}
-    assert used[("[2, 4, 16, 16]", "depthwise conv + pooling")] == "kernel"
-    assert used[("[2, 4, 4, 4]", "MRLA-B tail")] == "PyTorch"
-    assert (fast_ops.DEPTHWISE_MIN_PLANE, fast_ops.TAIL_MIN_PLANE) == limits
+    assert used[("[2, 64, 16, 16]", "depthwise conv + pooling")] == "kernel"
+    assert used[("[2, 64, 4, 4]", "MRLA-B tail")] == "PyTorch"
+    fused_row = "MRLA-L layer, fused (baseline: conv + tail kernels)"
+    assert used[("[2, 64, 16, 16]", fused_row)] == "fused" and used[("[2, 64, 4, 4]", fused_row)] == "not fused"
+    assert (fast_ops.DEPTHWISE_MIN_PLANE, fast_ops.TAIL_MIN_PLANE, fast_ops.LIGHT_MIN_PLANE) == limits
     with pytest.raises(SystemExit):
         bench.parse_args(["--repeats", "0"])
 

@@ -77,8 +77,10 @@ VARIANCE_CONDITION_LIMIT = 1e4
 DEPTHWISE_MIN_PLANE = 64
 TAIL_MIN_PLANE = 64
 # MRLA-L's fused layer (light_layer) recomputes the value conv in each of its four passes: it saves
-# memory traffic and allocations on large planes and costs arithmetic on small ones.
-LIGHT_MIN_PLANE = 64
+# memory traffic and allocations on large planes and costs arithmetic on small ones. bench_kernels.py
+# against the conv and tail kernels: 0.64-0.73 on CIFAR's 32x32 and 16x16 planes, about even on
+# ImageNet's (batch 8), 1.07-1.24 on 8x8.
+LIGHT_MIN_PLANE = 256
 
 
 def _cpu_eager(x: torch.Tensor) -> bool:
