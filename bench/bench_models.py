@@ -60,10 +60,13 @@ from ela_hf.layers import fast_ops  # noqa: E402
 from ela_hf.layers.mrla import clear_value_buffer_pool  # noqa: E402
 from ela_hf.models import set_skip_mask  # noqa: E402
 
-MODEL_KINDS = ("resnet", "mrla_l", "mrla_l_plain", "mrla_b", "mrla_b_plain", "ela")
+MODEL_KINDS = ("resnet", "mrla_l", "mrla_l_plain", "mrla_l_unfused", "mrla_b", "mrla_b_plain", "ela")
 DEFAULT_KINDS = ("resnet", "mrla_l", "mrla_b", "ela")
 LABELS = {"resnet": "ResNet", "mrla_l": "MRLA-L", "mrla_b": "MRLA-B", "ela": "ELA (half skipped)",
-          "mrla_l_plain": "MRLA-L, CPU fast paths off", "mrla_b_plain": "MRLA-B, CPU fast paths off"}
+          "mrla_l_plain": "MRLA-L, CPU fast paths off", "mrla_b_plain": "MRLA-B, CPU fast paths off",
+          "mrla_l_unfused": "MRLA-L, conv and tail kernels separate"}
+# kind suffix -> the fast_ops switch that is off during that kind's steps (before/after comparisons)
+SWITCHES = {"_plain": "FAST_CPU_PATHS", "_unfused": "FUSED_LIGHT_LAYER"}
 
 
 @dataclass
@@ -116,8 +119,12 @@ class Runner:
 
 def build_runner(case: Case, kind: str, args) -> Runner:
     torch.manual_seed(0)
-    plain = kind.endswith("_plain")  # the same network with ela_hf.layers.fast_ops switched off
-    model = timm.create_model(case.names[kind.removesuffix("_plain")], num_classes=case.num_classes)
+    # the same network with a part of ela_hf.layers.fast_ops switched off
+    base, switch = kind, None
+    for suffix, name in SWITCHES.items():
+        if kind.endswith(suffix):
+            base, switch = kind.removesuffix(suffix), name
+    model = timm.create_model(case.names[base], num_classes=case.num_classes)
     if kind == "ela":
         set_skip_mask(model, alternating_skip_mask(model))
     model.to(args.device).train()
@@ -130,8 +137,9 @@ def build_runner(case: Case, kind: str, args) -> Runner:
     amp = autocast(args)
 
     def step() -> None:
-        was = fast_ops.FAST_CPU_PATHS
-        fast_ops.FAST_CPU_PATHS = was and not plain
+        was = getattr(fast_ops, switch) if switch else None
+        if switch:
+            setattr(fast_ops, switch, False)
         try:
             opt.zero_grad(set_to_none=True)
             with amp():
@@ -139,7 +147,8 @@ def build_runner(case: Case, kind: str, args) -> Runner:
             loss.backward()
             opt.step()
         finally:
-            fast_ops.FAST_CPU_PATHS = was
+            if switch:
+                setattr(fast_ops, switch, was)
 
     return Runner(kind, model, step)
 
@@ -283,7 +292,8 @@ def parse_args(argv=None):
     p.add_argument("--cases", nargs="+", choices=("cifar", "imagenet"), default=["cifar", "imagenet"])
     p.add_argument("--models", nargs="+", choices=MODEL_KINDS, default=list(DEFAULT_KINDS),
                    help="model kinds to train (ratios need 'resnet'; the ELA/MRLA-B column needs 'mrla_b'); "
-                        "*_plain: the same network with ela_hf.layers.fast_ops switched off (before/after)")
+                        "*_plain: the same network with ela_hf.layers.fast_ops switched off; mrla_l_unfused: "
+                        "MRLA-L without its fused layer (before/after)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per model (default 7, --quick 3)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model before timing")
     p.add_argument("--quick", action="store_true", help="3 rounds, 1 warm-up step, no torch.compile")

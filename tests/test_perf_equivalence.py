@@ -511,6 +511,17 @@ def test_bench_script_prints_ratio_table(capsys, monkeypatch):
     assert fast_calls  # ... and the other kinds use them
     assert ("C++ kernels on" in out) == (fast_ops.cpu_kernels() is not None)  # the header says which path ran
     assert fast_ops.FAST_CPU_PATHS
+    if fast_ops.cpu_kernels() is not None:  # mrla_l_unfused: MRLA-L on the separate conv and tail kernels
+        fused = []
+        monkeypatch.setattr(fast_ops._FusedLight, "apply", lambda *a, real=fast_ops._FusedLight.apply: fused.append(1) or real(*a))
+        fast_calls.clear()
+        bench.main(["--quick", "--threads", "1", "--cases", "cifar", "--models", "resnet", "mrla_l_unfused",
+                    "--batch-size", "2", "--repeats", "1", "--warmup", "0", "--no-inference", "--no-memory"])
+        assert "| MRLA-L, conv and tail kernels separate |" in capsys.readouterr().out
+        assert fast_calls and not fused and fast_ops.FUSED_LIGHT_LAYER
+        bench.main(["--quick", "--threads", "1", "--cases", "cifar", "--models", "resnet", "mrla_l",
+                    "--batch-size", "2", "--repeats", "1", "--warmup", "0", "--no-inference", "--no-memory"])
+        assert fused
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
     assert rows["ResNet"].split("|")[2].strip() == "1.00"  # its own ratio
     assert float(rows["ELA (half skipped)"].split("|")[3]) > 0  # ratio to MRLA-B
