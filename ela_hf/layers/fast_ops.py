@@ -17,6 +17,11 @@ Two tiers:
      lambda * sc`` is never stored.
    - :func:`depthwise_conv3x3`: the value projection. oneDNN's NCHW depthwise convolution takes ~20 ms
      forward for ``[64, 64, 32, 32]`` on one thread; a plane-at-a-time kernel takes ~2.5 ms.
+   - :func:`light_layer`: MRLA-L's whole layer, ``y + BN(gate * wv(y) + lambda * sc)`` with the pooled
+     descriptor and the gate, where V is never stored: each of its two forward and two backward passes
+     recomputes V plane by plane from y, and the statistics come from per-(sample, channel) moments.
+     It keeps less memory than the conv and the tail as two kernels (V is not saved for backward) and
+     takes planes of ``LIGHT_MIN_PLANE`` elements and more.
 
 2. Without a compiler (or with ``ELA_HF_CPU_KERNELS=0``), pure-PyTorch paths: one-pass batch-norm
    statistics for large tensors (:func:`batch_norm`) and MRLA-L's value path with one hand-written
