@@ -347,11 +347,23 @@ struct LightPlanes {
   // pads plane p of y and computes V; returns the plane's sum of y when SUM
   template <bool SUM, int WC>
   double value(const T* y, const T* w, int64_t H, int64_t W) {
-    const double total = pad_plane<T, SUM>(y, py, H, W);
+    const double total = pad_plane<T, SUM, WC>(y, py, H, W);
     dw_plane<T, WC>(py, w, tmp, v, H, W);
     return total;
   }
 };
+
+// Runs f(planes, p, c, offset) for every plane p = n * C + c, one thread per plane, each thread with its
+// own plane buffers.
+template <typename T, typename F>
+void for_planes(int64_t N, int64_t C, int64_t H, int64_t W, int nt, F&& f) {
+#pragma omp parallel num_threads(nt)
+  {
+    LightPlanes<T> b(H, W);
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < N * C; ++p) f(b, p, p % C, p * H * W);
+  }
+}
 
 // Forward moments per plane p (mom[p * 6 + ...]): sum y, sum V, sum V^2, sum V sc, sum sc, sum sc^2;
 // with full == false only sum y (eval mode: the running statistics are used).
@@ -360,32 +372,27 @@ void light_fwd_moments(const T* y, const T* sc, const T* weight, double* mom, in
                        int64_t W_, bool full, int nt) {
   const int64_t W = WC ? WC : W_;
   const int64_t HW = H * W;
-#pragma omp parallel num_threads(nt)
-  {
-    LightPlanes<T> b(H, W);
-#pragma omp for schedule(static)
-    for (int64_t p = 0; p < N * C; ++p) {
-      double* m = mom + p * 6;
-      if (!full) {
-        m[0] = pad_plane<T, true, WC>(y + p * HW, b.py, H, W);
-        continue;
-      }
-      m[0] = b.template value<true, WC>(y + p * HW, weight + (p % C) * 9, H, W);
-      const T* ps = sc + p * HW;
-      const T* v = b.v;
-      double s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0;
-#pragma omp simd reduction(+ : s1, s2, s3, s4, s5)
-      for (int64_t i = 0; i < HW; ++i) {
-        const double vi = v[i], si = ps[i];
-        s1 += vi;
-        s2 += vi * vi;
-        s3 += vi * si;
-        s4 += si;
-        s5 += si * si;
-      }
-      m[1] = s1, m[2] = s2, m[3] = s3, m[4] = s4, m[5] = s5;
+  for_planes<T>(N, C, H, W, nt, [&](LightPlanes<T>& b, int64_t p, int64_t c, int64_t off) {
+    double* m = mom + p * 6;
+    if (!full) {
+      m[0] = pad_plane<T, true, WC>(y + off, b.py, H, W);
+      return;
     }
-  }
+    m[0] = b.template value<true, WC>(y + off, weight + c * 9, H, W);
+    const T* ps = sc + off;
+    const T* v = b.v;
+    double s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0;
+#pragma omp simd reduction(+ : s1, s2, s3, s4, s5)
+    for (int64_t i = 0; i < HW; ++i) {
+      const double vi = v[i], si = ps[i];
+      s1 += vi;
+      s2 += vi * vi;
+      s3 += vi * si;
+      s4 += si;
+      s5 += si * si;
+    }
+    m[1] = s1, m[2] = s2, m[3] = s3, m[4] = s4, m[5] = s5;
+  });
 }
 
 // out = y + A[p] * V + B[c] * sc + S[c]
@@ -394,22 +401,16 @@ void light_fwd_apply(const T* y, const T* sc, const T* weight, const T* A, const
                      int64_t N, int64_t C, int64_t H, int64_t W_, int nt) {
   const int64_t W = WC ? WC : W_;
   const int64_t HW = H * W;
-#pragma omp parallel num_threads(nt)
-  {
-    LightPlanes<T> b(H, W);
-#pragma omp for schedule(static)
-    for (int64_t p = 0; p < N * C; ++p) {
-      const int64_t c = p % C, off = p * HW;
-      b.template value<false, WC>(y + off, weight + c * 9, H, W);
-      const T ap = A[p], bc = B[c], sc_ = S[c];
-      const T* py = y + off;
-      const T* ps = sc + off;
-      const T* v = b.v;
-      T* po = out + off;
+  for_planes<T>(N, C, H, W, nt, [&](LightPlanes<T>& b, int64_t p, int64_t c, int64_t off) {
+    b.template value<false, WC>(y + off, weight + c * 9, H, W);
+    const T ap = A[p], bc = B[c], sc_ = S[c];
+    const T* py = y + off;
+    const T* ps = sc + off;
+    const T* v = b.v;
+    T* po = out + off;
 #pragma omp simd
-      for (int64_t i = 0; i < HW; ++i) po[i] = py[i] + ap * v[i] + bc * ps[i] + sc_;
-    }
-  }
+    for (int64_t i = 0; i < HW; ++i) po[i] = py[i] + ap * v[i] + bc * ps[i] + sc_;
+  });
 }
 
 // Backward moments per plane p (red[p * 3 + ...]): sum g, sum g V, sum g sc
@@ -418,28 +419,22 @@ void light_bwd_reduce(const T* g, const T* y, const T* sc, const T* weight, doub
                       int64_t H, int64_t W_, int nt) {
   const int64_t W = WC ? WC : W_;
   const int64_t HW = H * W;
-#pragma omp parallel num_threads(nt)
-  {
-    LightPlanes<T> b(H, W);
-#pragma omp for schedule(static)
-    for (int64_t p = 0; p < N * C; ++p) {
-      const int64_t off = p * HW;
-      b.template value<false, WC>(y + off, weight + (p % C) * 9, H, W);
-      const T* pg = g + off;
-      const T* ps = sc + off;
-      const T* v = b.v;
-      double s0 = 0, s1 = 0, s2 = 0;
+  for_planes<T>(N, C, H, W, nt, [&](LightPlanes<T>& b, int64_t p, int64_t c, int64_t off) {
+    b.template value<false, WC>(y + off, weight + c * 9, H, W);
+    const T* pg = g + off;
+    const T* ps = sc + off;
+    const T* v = b.v;
+    double s0 = 0, s1 = 0, s2 = 0;
 #pragma omp simd reduction(+ : s0, s1, s2)
-      for (int64_t i = 0; i < HW; ++i) {
-        const double gi = pg[i];
-        s0 += gi;
-        s1 += gi * (double)v[i];
-        s2 += gi * (double)ps[i];
-      }
-      double* r = red + p * 3;
-      r[0] = s0, r[1] = s1, r[2] = s2;
+    for (int64_t i = 0; i < HW; ++i) {
+      const double gi = pg[i];
+      s0 += gi;
+      s1 += gi * (double)v[i];
+      s2 += gi * (double)ps[i];
     }
-  }
+    double* r = red + p * 3;
+    r[0] = s0, r[1] = s1, r[2] = s2;
+  });
 }
 
 // The batch norm's input gradient gx = al[c] * g + be[p] * V + de[c] * sc + ep[c] (the caller folds
@@ -453,40 +448,34 @@ void light_bwd_apply(const T* g, const T* y, const T* sc, const T* weight, const
                      int64_t C, int64_t H, int64_t W_, int nt) {
   const int64_t W = WC ? WC : W_;
   const int64_t HW = H * W;
-#pragma omp parallel num_threads(nt)
-  {
-    LightPlanes<T> b(H, W);
-#pragma omp for schedule(static)
-    for (int64_t p = 0; p < N * C; ++p) {
-      const int64_t c = p % C, off = p * HW;
-      const T* wc = weight + c * 9;
-      b.template value<false, WC>(y + off, wc, H, W);
-      const T alc = al[c], bep = be[p], dec = de[c], epc = ep[c], ap = a[p], lc = l[c];
-      const T* pg = g + off;
-      const T* ps = sc + off;
-      const T* v = b.v;
-      T* dv = b.x;
-      if (gsc) {
-        T* pgs = gsc + off;
+  for_planes<T>(N, C, H, W, nt, [&](LightPlanes<T>& b, int64_t p, int64_t c, int64_t off) {
+    const T* wc = weight + c * 9;
+    b.template value<false, WC>(y + off, wc, H, W);
+    const T alc = al[c], bep = be[p], dec = de[c], epc = ep[c], ap = a[p], lc = l[c];
+    const T* pg = g + off;
+    const T* ps = sc + off;
+    const T* v = b.v;
+    T* dv = b.x;
+    if (gsc) {
+      T* pgs = gsc + off;
 #pragma omp simd
-        for (int64_t i = 0; i < HW; ++i) {
-          const T gx = alc * pg[i] + bep * v[i] + dec * ps[i] + epc;
-          pgs[i] = lc * gx;
-          dv[i] = ap * gx;
-        }
-      } else {
+      for (int64_t i = 0; i < HW; ++i) {
+        const T gx = alc * pg[i] + bep * v[i] + dec * ps[i] + epc;
+        pgs[i] = lc * gx;
+        dv[i] = ap * gx;
+      }
+    } else {
 #pragma omp simd
-        for (int64_t i = 0; i < HW; ++i) dv[i] = ap * (alc * pg[i] + bep * v[i] + dec * ps[i] + epc);
-      }
-      pad_plane<T, false, WC>(dv, b.pd, H, W);
-      if (gy) {
-        T wf[9];
-        for (int k = 0; k < 9; ++k) wf[k] = wc[8 - k];
-        dw_plane<T, WC>(b.pd, wf, b.tmp, gy + off, H, W, gy_add ? gy_add[p] : T(0), pg);
-      }
-      if (gw) dw_weight_grad<T, WC>(b.pd, b.py, gw + p * 9, H, W);
+      for (int64_t i = 0; i < HW; ++i) dv[i] = ap * (alc * pg[i] + bep * v[i] + dec * ps[i] + epc);
     }
-  }
+    pad_plane<T, false, WC>(dv, b.pd, H, W);
+    if (gy) {
+      T wf[9];
+      for (int k = 0; k < 9; ++k) wf[k] = wc[8 - k];
+      dw_plane<T, WC>(b.pd, wf, b.tmp, gy + off, H, W, gy_add ? gy_add[p] : T(0), pg);
+    }
+    if (gw) dw_weight_grad<T, WC>(b.pd, b.py, gw + p * 9, H, W);
+  });
 }
 
 }  // namespace
