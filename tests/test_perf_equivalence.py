@@ -331,7 +331,15 @@ def test_mrla_b_value_buffer_grows_when_capacity_is_underestimated():
 
 
 @pytest.mark.parametrize("attn_type", ["mrla_b", "mrla_l"])
-def test_activation_checkpointing_matches_reference(attn_type):
+@pytest.mark.parametrize("kernels_everywhere", [False, True])
+def test_activation_checkpointing_matches_reference(attn_type, kernels_everywhere, monkeypatch):
+    """Checkpointed blocks recompute their forward in backward; with ``kernels_everywhere`` the tiny
+    net's small planes take the C++ kernels (MRLA-L's fused layer included) as large ones would."""
+    if kernels_everywhere:
+        if fast_ops.cpu_kernels() is None:
+            pytest.skip("no C++ compiler: the C++ kernels are unavailable here")
+        for name in ("DEPTHWISE_MIN_PLANE", "TAIL_MIN_PLANE", "LIGHT_MIN_PLANE"):
+            monkeypatch.setattr(fast_ops, name, 0)
     model = _tiny(attn_type, skip_mask=SKIPS[1]).double().train()
 
     def checkpointed(m, x):
