@@ -603,9 +603,7 @@ class _FusedLight(torch.autograd.Function):
         need = ctx.needs_input_grad
         n, c, h, w = y.shape
         hw, m, dt, nt = h * w, y.shape[0] * h * w, y.dtype, torch.get_num_threads()
-        if grad_out is None:
-            grad_out = torch.zeros_like(y)
-        gout = grad_out.contiguous()
+        gout = grad_out.contiguous()  # zeros if only the gate was used (autograd materialises them)
         red = torch.empty(n, c, 3, dtype=torch.float64)
         _kernel("light_bwd_reduce", dt)(_ptr(gout), _ptr(y), _ptr(sc), _ptr(wc), _ptr(red), n, c, h, w, nt)
         if not ctx.training:  # eval mode kept only the pooled sums: the V / sc moments now
@@ -681,7 +679,10 @@ def _light_batch_stats(y, sc, wc, a, l, mom, m):
 
 
 def _heads_to_channels(per_head: torch.Tensor, channels: int) -> torch.Tensor:
-    """``[B, heads]`` -> ``[B, C]``: head h covers the contiguous channels h*d .. (h+1)*d - 1."""
+    """``[B, ..., heads]`` -> ``[B, ..., C]``: head h covers the contiguous channels h*d .. (h+1)*d - 1.
+
+    The expanded tensor is tiny (no spatial dims); the large tensors are then scaled per channel.
+    """
     heads = per_head.shape[-1]
     return per_head.unsqueeze(-1).expand(*per_head.shape, channels // heads).reshape(*per_head.shape[:-1], channels)
 

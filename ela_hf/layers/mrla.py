@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from timm.layers import DropPath
 
-from .fast_ops import attention_tail, depthwise_conv3x3, light_layer
+from .fast_ops import _heads_to_channels, attention_tail, depthwise_conv3x3, light_layer
 
 __all__ = [
     "eca_kernel_size",
@@ -304,15 +304,6 @@ def _current_graph_task_id() -> Optional[int]:
     """Id of the running backward pass (autograd's graph task), so a new pass starts a fresh gradient buffer."""
     get = getattr(torch._C, "_current_graph_task_id", None)
     return None if get is None else get()
-
-
-def _heads_to_channels(per_head: torch.Tensor, channels: int) -> torch.Tensor:
-    """``[B, ..., heads]`` -> ``[B, ..., C]``: head h covers the contiguous channels h*d .. (h+1)*d - 1.
-
-    The expanded tensor is tiny (no spatial dims); the large tensors are then scaled per channel.
-    """
-    heads = per_head.shape[-1]
-    return per_head.unsqueeze(-1).expand(*per_head.shape, channels // heads).reshape(*per_head.shape[:-1], channels)
 
 
 class _AttendOverStageValues(torch.autograd.Function):
