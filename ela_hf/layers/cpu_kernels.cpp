@@ -262,74 +262,12 @@ void dw_weight_grad(const T* pg, const T* px, double* o, int64_t H, int64_t W_) 
   o[0] = s0, o[1] = s1, o[2] = s2, o[3] = s3, o[4] = s4, o[5] = s5, o[6] = s6, o[7] = s7, o[8] = s8;
 }
 
-// plane_mean (optional): the mean of each input plane, the layer's pooled descriptor, in the same read
-template <typename T, int WC>
-void dw_forward(const T* in, const T* weight, T* out, double* plane_mean, int64_t N, int64_t C, int64_t H,
-                int64_t W_, int nt) {
-  const int64_t W = WC ? WC : W_;
-  const int64_t Wp = W + 2;
-#pragma omp parallel num_threads(nt)
-  {
-    T* pad = new T[(H + 2) * Wp + 2];
-    T* tmp = new T[H * Wp];
-#pragma omp for schedule(static)
-    for (int64_t p = 0; p < N * C; ++p) {
-      if (plane_mean) plane_mean[p] = pad_plane<T, true, WC>(in + p * H * W, pad, H, W) / (double)(H * W);
-      else pad_plane<T, false, WC>(in + p * H * W, pad, H, W);
-      dw_plane<T, WC>(pad, weight + (p % C) * 9, tmp, out + p * H * W, H, W);
-    }
-    delete[] pad;
-    delete[] tmp;
-  }
-}
-
-// Backward, one pass over (g, in) per plane: the input gradient (the same correlation of g with the
-// kernel rotated by 180 degrees) and the per-plane weight gradient
-//   gw[p, a, b] = sum_{i, j} g[i, j] * in[i + a - 1, j + b - 1],
-// summed over the batch by the caller, so the result does not depend on the number of threads.
-// gin_add (optional): a constant per plane added to the input gradient (the pooled mean's gradient / HW).
-template <typename T, int WC>
-void dw_backward(const T* g, const T* in, const T* weight, const T* gin_add, T* gin, double* gw, int64_t N,
-                 int64_t C, int64_t H, int64_t W_, int nt) {
-  const int64_t W = WC ? WC : W_;
-  const int64_t Wp = W + 2, n = H * Wp;
-#pragma omp parallel num_threads(nt)
-  {
-    T* pg = new T[(H + 2) * Wp + 2];
-    T* px = new T[(H + 2) * Wp + 2];
-    T* tmp = new T[n];
-#pragma omp for schedule(static)
-    for (int64_t p = 0; p < N * C; ++p) {
-      const T* wc = weight + (p % C) * 9;
-      pad_plane<T, false, WC>(g + p * H * W, pg, H, W);
-      if (gin) {
-        T wf[9];
-        for (int k = 0; k < 9; ++k) wf[k] = wc[8 - k];
-        dw_plane<T, WC>(pg, wf, tmp, gin + p * H * W, H, W, gin_add ? gin_add[p] : T(0));
-      }
-      if (gw) {
-        pad_plane<T, false, WC>(in + p * H * W, px, H, W);
-        dw_weight_grad<T, WC>(pg, px, gw + p * 9, H, W);
-      }
-    }
-    delete[] pg;
-    delete[] px;
-    delete[] tmp;
-  }
-}
-
-
-// 3. ---- MRLA-L's whole value path, the depthwise conv folded in --------------------------------------
-// out = y + BN(a[p] * V + l[c] * sc) with V = wv(y) the depthwise conv. V is never stored: each pass
-// recomputes a plane of it from y while the plane is in L1 (9 multiply-adds per element, cheaper than
-// writing V and reading it back twice forward and twice backward). The batch-norm statistics and every
-// reduction the backward needs come from per-plane moments; the caller combines them.
-
-// Thread-private plane buffers: y zero-bordered, the conv's H x Wp result, V and a scratch plane.
+// Thread-private plane buffers: two zero-bordered planes (py, pd), the conv's H x Wp result, V and a
+// scratch plane.
 template <typename T>
-struct LightPlanes {
+struct PlaneBuffers {
   T *py, *tmp, *v, *x, *pd;
-  LightPlanes(int64_t H, int64_t W) {
+  PlaneBuffers(int64_t H, int64_t W) {
     const int64_t Wp = W + 2;
     py = new T[(H + 2) * Wp + 2];
     pd = new T[(H + 2) * Wp + 2];
@@ -337,7 +275,7 @@ struct LightPlanes {
     v = new T[H * W];
     x = new T[H * W];
   }
-  ~LightPlanes() {
+  ~PlaneBuffers() {
     delete[] py;
     delete[] pd;
     delete[] tmp;
@@ -359,11 +297,53 @@ template <typename T, typename F>
 void for_planes(int64_t N, int64_t C, int64_t H, int64_t W, int nt, F&& f) {
 #pragma omp parallel num_threads(nt)
   {
-    LightPlanes<T> b(H, W);
+    PlaneBuffers<T> b(H, W);
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < N * C; ++p) f(b, p, p % C, p * H * W);
   }
 }
+
+// plane_mean (optional): the mean of each input plane, the layer's pooled descriptor, in the same read
+template <typename T, int WC>
+void dw_forward(const T* in, const T* weight, T* out, double* plane_mean, int64_t N, int64_t C, int64_t H,
+                int64_t W_, int nt) {
+  const int64_t W = WC ? WC : W_;
+  for_planes<T>(N, C, H, W, nt, [&](PlaneBuffers<T>& b, int64_t p, int64_t c, int64_t off) {
+    if (plane_mean) plane_mean[p] = pad_plane<T, true, WC>(in + off, b.py, H, W) / (double)(H * W);
+    else pad_plane<T, false, WC>(in + off, b.py, H, W);
+    dw_plane<T, WC>(b.py, weight + c * 9, b.tmp, out + off, H, W);
+  });
+}
+
+// Backward, one pass over (g, in) per plane: the input gradient (the same correlation of g with the
+// kernel rotated by 180 degrees) and the per-plane weight gradient
+//   gw[p, a, b] = sum_{i, j} g[i, j] * in[i + a - 1, j + b - 1],
+// summed over the batch by the caller, so the result does not depend on the number of threads.
+// gin_add (optional): a constant per plane added to the input gradient (the pooled mean's gradient / HW).
+template <typename T, int WC>
+void dw_backward(const T* g, const T* in, const T* weight, const T* gin_add, T* gin, double* gw, int64_t N,
+                 int64_t C, int64_t H, int64_t W_, int nt) {
+  const int64_t W = WC ? WC : W_;
+  for_planes<T>(N, C, H, W, nt, [&](PlaneBuffers<T>& b, int64_t p, int64_t c, int64_t off) {
+    const T* wc = weight + c * 9;
+    pad_plane<T, false, WC>(g + off, b.pd, H, W);
+    if (gin) {
+      T wf[9];
+      for (int k = 0; k < 9; ++k) wf[k] = wc[8 - k];
+      dw_plane<T, WC>(b.pd, wf, b.tmp, gin + off, H, W, gin_add ? gin_add[p] : T(0));
+    }
+    if (gw) {
+      pad_plane<T, false, WC>(in + off, b.py, H, W);
+      dw_weight_grad<T, WC>(b.pd, b.py, gw + p * 9, H, W);
+    }
+  });
+}
+
+// 3. ---- MRLA-L's whole value path, the depthwise conv folded in --------------------------------------
+// out = y + BN(a[p] * V + l[c] * sc) with V = wv(y) the depthwise conv. V is never stored: each pass
+// recomputes a plane of it from y while the plane is in L1 (9 multiply-adds per element, cheaper than
+// writing V and reading it back twice forward and twice backward). The batch-norm statistics and every
+// reduction the backward needs come from per-plane moments; the caller combines them.
 
 // Forward moments per plane p (mom[p * 6 + ...]): sum y, sum V, sum V^2, sum V sc, sum sc, sum sc^2;
 // with full == false only sum y (eval mode: the running statistics are used).
@@ -372,7 +352,7 @@ void light_fwd_moments(const T* y, const T* sc, const T* weight, double* mom, in
                        int64_t W_, bool full, int nt) {
   const int64_t W = WC ? WC : W_;
   const int64_t HW = H * W;
-  for_planes<T>(N, C, H, W, nt, [&](LightPlanes<T>& b, int64_t p, int64_t c, int64_t off) {
+  for_planes<T>(N, C, H, W, nt, [&](PlaneBuffers<T>& b, int64_t p, int64_t c, int64_t off) {
     double* m = mom + p * 6;
     if (!full) {
       m[0] = pad_plane<T, true, WC>(y + off, b.py, H, W);
@@ -401,7 +381,7 @@ void light_fwd_apply(const T* y, const T* sc, const T* weight, const T* A, const
                      int64_t N, int64_t C, int64_t H, int64_t W_, int nt) {
   const int64_t W = WC ? WC : W_;
   const int64_t HW = H * W;
-  for_planes<T>(N, C, H, W, nt, [&](LightPlanes<T>& b, int64_t p, int64_t c, int64_t off) {
+  for_planes<T>(N, C, H, W, nt, [&](PlaneBuffers<T>& b, int64_t p, int64_t c, int64_t off) {
     b.template value<false, WC>(y + off, weight + c * 9, H, W);
     const T ap = A[p], bc = B[c], sc_ = S[c];
     const T* py = y + off;
@@ -419,7 +399,7 @@ void light_bwd_reduce(const T* g, const T* y, const T* sc, const T* weight, doub
                       int64_t H, int64_t W_, int nt) {
   const int64_t W = WC ? WC : W_;
   const int64_t HW = H * W;
-  for_planes<T>(N, C, H, W, nt, [&](LightPlanes<T>& b, int64_t p, int64_t c, int64_t off) {
+  for_planes<T>(N, C, H, W, nt, [&](PlaneBuffers<T>& b, int64_t p, int64_t c, int64_t off) {
     b.template value<false, WC>(y + off, weight + c * 9, H, W);
     const T* pg = g + off;
     const T* ps = sc + off;
@@ -448,7 +428,7 @@ void light_bwd_apply(const T* g, const T* y, const T* sc, const T* weight, const
                      int64_t C, int64_t H, int64_t W_, int nt) {
   const int64_t W = WC ? WC : W_;
   const int64_t HW = H * W;
-  for_planes<T>(N, C, H, W, nt, [&](LightPlanes<T>& b, int64_t p, int64_t c, int64_t off) {
+  for_planes<T>(N, C, H, W, nt, [&](PlaneBuffers<T>& b, int64_t p, int64_t c, int64_t off) {
     const T* wc = weight + c * 9;
     b.template value<false, WC>(y + off, wc, H, W);
     const T alc = al[c], bep = be[p], dec = de[c], epc = ep[c], ap = a[p], lc = l[c];
