@@ -143,6 +143,15 @@ def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Ten
     bn.running_var.lerp_((var * (n / (n - 1))).to(bn.running_var.dtype), momentum)
 
 
+def _fold_batch_norm(bn: nn.BatchNorm2d, weight, bias, mean: torch.Tensor, var: torch.Tensor):
+    """``(invstd, scale, shift)`` in float64, with ``bn(x) = scale * x + shift`` per channel for the
+    statistics ``mean`` and ``var`` (the batch's in training, the running ones in eval)."""
+    invstd = torch.rsqrt(var + bn.eps)
+    scale = invstd if weight is None else invstd * weight.detach().double()
+    shift = -mean * scale if bias is None else bias.detach().double() - mean * scale
+    return invstd, scale, shift
+
+
 def _train_forward(bn: nn.BatchNorm2d, x: torch.Tensor):
     """``bn(x)`` in training mode without autograd, with ``nn.BatchNorm2d``'s running-statistics update.
 
@@ -386,12 +395,11 @@ class _FusedTail(torch.autograd.Function):
             _update_running_stats(bn, mean, var, n * hw, _count_batch(bn))
         else:
             mean, var = bn.running_mean.double(), bn.running_var.double()
-        invstd = torch.rsqrt(var + bn.eps)
-        scale = invstd if weight is None else invstd * weight.detach().double()
+        invstd, scale, shift = _fold_batch_norm(bn, weight, bias, mean, var)
         # the batch norm folded into z = A[n, c] * v + B[c] * sc + S[c]
         coef_a = (scale.expand(n, c) if a is None else a.double() * scale).to(dt).contiguous()
         coef_b = None if l is None else (l.double() * scale).to(dt)
-        coef_s = (-mean * scale if bias is None else bias.detach().double() - mean * scale).to(dt)
+        coef_s = shift.to(dt)
         out = torch.empty_like(v)
         _kernel("apply", dt)(
             _ptr(v), _ptr(sc), _ptr(y), _ptr(coef_a), _ptr(coef_b), _ptr(coef_s), _ptr(out), n, c, hw, int(relu), nt
@@ -545,7 +553,6 @@ def depthwise_conv3x3(conv: nn.Conv2d, x: torch.Tensor, *, with_mean: bool = Fal
     return conv(x), x.sum(dim=(2, 3)) * (1.0 / (x.shape[2] * x.shape[3]))
 
 
-
 # ------------------------------------------------------------------------------------------------
 # MRLA-L's whole value path in one C++ kernel set: y + BN(gate * wv(y) + lambda * sc)
 
@@ -557,7 +564,7 @@ class _FusedLight(torch.autograd.Function):
     ``V = wv(y)`` is never stored: the kernels recompute it plane by plane from ``y``, and every
     statistic comes from per-(sample, channel) moments (cpu_kernels.cpp, section 3). Forward is two
     passes (moments; output), backward two (moments; gradients of y and sc, the conv's weight gradient),
-    where the conv and the tail as separate kernels take four and four, plus autograd's sum of y's two
+    where the conv and the tail as separate kernels take three each way, plus autograd's sum of y's two
     gradients, and keep V alive until backward.
 
     Returns ``(out, gate)``; ``gate`` (``[B, heads]``) is for the KL recording and carries no gradient.
@@ -582,12 +589,11 @@ class _FusedLight(torch.autograd.Function):
             _update_running_stats(bn, mean, var, m, _count_batch(bn))
         else:
             mean, var = bn.running_mean.double(), bn.running_var.double()
-        invstd = torch.rsqrt(var + bn.eps)
-        scale = invstd if weight is None else invstd * weight.detach().double()
+        invstd, scale, shift = _fold_batch_norm(bn, weight, bias, mean, var)
         # the batch norm folded into out = y + A[n, c] * V + B[c] * sc + S[c]
         coef_a = (ad * scale).to(dt).contiguous()
         coef_b = (ld * scale).to(dt)
-        coef_s = (-mean * scale if bias is None else bias.detach().double() - mean * scale).to(dt)
+        coef_s = shift.to(dt)
         out = torch.empty_like(y)
         _kernel("light_fwd_apply", dt)(
             _ptr(y), _ptr(sc), _ptr(wc), _ptr(coef_a), _ptr(coef_b), _ptr(coef_s), _ptr(out), n, c, h, w, nt
@@ -695,8 +701,8 @@ def light_layer(bn: nn.BatchNorm2d, wv: nn.Conv2d, y: torch.Tensor, sc: torch.Te
     ``gate_fn(g, *gate_params)`` maps the pooled descriptor ``g = y.mean((2, 3))`` (``[B, C]``) to the
     per-head gate ``[B, heads]``; it must be made of differentiable PyTorch ops (its backward is
     recomputed with autograd). Applies to contiguous NCHW float32/float64 CPU tensors in eager mode, with
-    the kernels available, planes of at least ``DEPTHWISE_MIN_PLANE`` and ``TAIL_MIN_PLANE`` elements,
-    and ``FUSED_LIGHT_LAYER`` on.
+    the kernels available, planes of at least ``LIGHT_MIN_PLANE`` elements (and the conv's and tails'
+    limits), and ``FUSED_LIGHT_LAYER`` on.
     """
     if not (
         FUSED_LIGHT_LAYER

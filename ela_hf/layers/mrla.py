@@ -466,8 +466,8 @@ class MrlaLight(_LayerAttentionBase):
                 if self._records():
                     self._record(gate, state)
                 return out
-        v, q, k = self._values_query_key(y)
-        gate = torch.sigmoid((q * k).sum(-1) * self.scale)  # [B, heads]
+        v, g = depthwise_conv3x3(self.wv, y, with_mean=True)
+        gate = self._gate(g, self.wq.weight, self.wk.weight)  # [B, heads]
         # the per-channel gate is tiny ([B, C, 1, 1]); lambda and the gate are cast to the values' dtype:
         # under autocast the large tensors stay in bf16 instead of being promoted to float32 by the
         # float32 parameter. On the CPU the whole tail is one fused kernel pair (fast_ops.py).
