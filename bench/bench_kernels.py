@@ -39,7 +39,7 @@ from ela_hf.layers import fast_ops  # noqa: E402
 from ela_hf.layers.mrla import MrlaLight, StageState  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_models import make_cases  # noqa: E402  (the same networks, batch and image sizes)
+from bench_models import make_cases, switched_off  # noqa: E402  (the same networks, batch and image sizes)
 
 CASES = make_cases("cpu")
 FUSED_ROW = "MRLA-L layer, fused (baseline: conv + tail kernels)"
@@ -111,13 +111,9 @@ def _ops(shape):
 
     def layer_run(fused):
         def run():
-            was = fast_ops.FUSED_LIGHT_LAYER
-            fast_ops.FUSED_LIGHT_LAYER = fused
-            try:
+            with switched_off(None if fused else "FUSED_LIGHT_LAYER"):
                 out = layer(x, sc, StageState())
                 torch.autograd.grad(out, layer_inputs, grad)
-            finally:
-                fast_ops.FUSED_LIGHT_LAYER = was
 
         return run
 

@@ -69,6 +69,20 @@ LABELS = {"resnet": "ResNet", "mrla_l": "MRLA-L", "mrla_b": "MRLA-B", "ela": "EL
 SWITCHES = {"_plain": "FAST_CPU_PATHS", "_unfused": "FUSED_LIGHT_LAYER"}
 
 
+@contextlib.contextmanager
+def switched_off(switch: Optional[str]):
+    """Sets the ``fast_ops`` flag named ``switch`` to False for the block (nothing for None), then back."""
+    if switch is None:
+        yield
+        return
+    was = getattr(fast_ops, switch)
+    setattr(fast_ops, switch, False)
+    try:
+        yield
+    finally:
+        setattr(fast_ops, switch, was)
+
+
 @dataclass
 class Case:
     name: str
@@ -137,18 +151,12 @@ def build_runner(case: Case, kind: str, args) -> Runner:
     amp = autocast(args)
 
     def step() -> None:
-        was = getattr(fast_ops, switch) if switch else None
-        if switch:
-            setattr(fast_ops, switch, False)
-        try:
+        with switched_off(switch):
             opt.zero_grad(set_to_none=True)
             with amp():
                 loss = F.cross_entropy(model(x), target)
             loss.backward()
             opt.step()
-        finally:
-            if switch:
-                setattr(fast_ops, switch, was)
 
     return Runner(kind, model, step)
 

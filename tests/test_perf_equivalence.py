@@ -487,6 +487,14 @@ def test_kernel_bench_prints_ratios_and_restores_the_size_limits(capsys, monkeyp
     fused_row = "MRLA-L layer, fused (baseline: conv + tail kernels)"
     assert used[("[2, 64, 16, 16]", fused_row)] == "fused" and used[("[2, 64, 4, 4]", fused_row)] == "not fused"
     assert (fast_ops.DEPTHWISE_MIN_PLANE, fast_ops.TAIL_MIN_PLANE, fast_ops.LIGHT_MIN_PLANE) == limits
+    # the fused row times the fused layer against the same layer with FUSED_LIGHT_LAYER off
+    fused = []
+    monkeypatch.setattr(fast_ops._FusedLight, "apply", lambda *a, real=fast_ops._FusedLight.apply: fused.append(1) or real(*a))
+    baseline, fast = bench._ops((2, 64, 16, 16))[fused_row]
+    baseline()
+    assert not fused and fast_ops.FUSED_LIGHT_LAYER
+    fast()
+    assert fused == [1]
     with pytest.raises(SystemExit):
         bench.parse_args(["--repeats", "0"])
 
