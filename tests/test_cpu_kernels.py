@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ela_hf.layers import fast_ops
+from ela_hf.layers import MrlaLight, StageState, fast_ops
 
 needs_kernels = pytest.mark.skipif(
     fast_ops.cpu_kernels() is None, reason="no C++ compiler: the C++ kernels are unavailable here"
@@ -313,8 +313,6 @@ def test_mrla_l_fuses_planes_from_light_min_plane(monkeypatch):
 
 
 def _light_module(c, dtype, dim_per_head=4, drop_path=0.0):
-    from ela_hf.layers import MrlaLight
-
     torch.manual_seed(0)
     m = MrlaLight(c, dim_per_head=dim_per_head, drop_path=drop_path).to(dtype)
     with torch.no_grad():
@@ -350,8 +348,6 @@ def _spy_light(monkeypatch):
 
 def _light_run(m, y, sc, grad, fn=None):
     """Output, gradients of y, sc and every parameter, and the buffers after one forward/backward."""
-    from ela_hf.layers import StageState
-
     y = y.detach().clone().requires_grad_()
     sc = sc.detach().clone().requires_grad_()
     out = m(y, sc, StageState()) if fn is None else fn(m, y, sc)
@@ -423,8 +419,6 @@ def test_light_layer_partial_gradients(monkeypatch):
         mod.wq.requires_grad_(False)
     y = torch.randn(2, 8, 6, 6, dtype=torch.float64, requires_grad=True)
     sc = torch.randn(2, 8, 6, 6, dtype=torch.float64)  # from a frozen stem: no gradient
-    from ela_hf.layers import StageState
-
     out = m(y, sc, StageState())
     want = _reference_light(ref, y, sc)
     got = torch.autograd.grad(out.square().sum(), (y, m.wv.weight, m.wk.weight, m.lam))
@@ -461,8 +455,6 @@ def test_light_layer_does_not_depend_on_the_number_of_threads(monkeypatch):
 @needs_kernels
 def test_light_layer_records_the_same_kl_as_the_separate_kernels(monkeypatch):
     """The gate the fused layer hands back drives the KL recording exactly as the unfused path's."""
-    from ela_hf.layers import StageState
-
     calls = _spy_light(monkeypatch)
     sums = []
     for fused in (True, False):
