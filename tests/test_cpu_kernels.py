@@ -142,6 +142,40 @@ def test_attention_tail_partial_gradients(monkeypatch):
 
 
 @needs_kernels
+@pytest.mark.parametrize("form", ["mrla_b", "mrla_l"])
+def test_attention_tail_float32_sums_stay_accurate_on_large_planes(form, monkeypatch):
+    """The kernels sum float32 planes in float32 vector lanes (up to 64 terms a lane on 32x32 planes)
+    before adding them in double: the statistics and gradients must stay at float32 accuracy against a
+    float64 reference, also for inputs with a large mean."""
+    calls = _spy_tail(monkeypatch)
+    torch.manual_seed(3)
+    n, c, h, w = 16, 3, 32, 32
+    v = (torch.randn(n, c, h, w) * 0.05 + 30).requires_grad_()  # mean^2 / variance ~ 4e5
+    y = torch.randn(n, c, h, w)
+    sc = (torch.randn(n, c, h, w) + 30).requires_grad_() if form == "mrla_l" else None
+    gate = torch.rand(n, c, 1, 1, requires_grad=True) if form == "mrla_l" else None
+    lam = torch.randn(c, 1, 1, requires_grad=True) if form == "mrla_l" else None
+    relu = form == "mrla_b"
+    bn = _bn(c, torch.float32).train()
+    ref_bn = copy.deepcopy(bn).double()
+    out = fast_ops.attention_tail(bn, v, y, sc=sc, gate=gate, lam=lam, relu=relu)
+    d = lambda t: None if t is None else t.detach().double().requires_grad_()
+    v64, sc64, gate64, lam64 = d(v), d(sc), d(gate), d(lam)
+    want = _reference_tail(ref_bn, v64, y.double(), sc64, gate64, lam64, relu)
+    assert calls == [1]
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bn.running_var.double(), ref_bn.running_var, rtol=1e-5, atol=1e-6)
+    grad = torch.randn(n, c, h, w)
+    inputs = [t for t in (v, sc, gate, lam) if t is not None]
+    inputs64 = [t for t in (v64, sc64, gate64, lam64) if t is not None]
+    got = torch.autograd.grad(out, inputs, grad)
+    exp = torch.autograd.grad(want, inputs64, grad.double())
+    for g, r in zip(got, exp):
+        # the gate's and lambda's gradients are sums over whole planes and channels
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-4 * r.abs().max().item())
+
+
+@needs_kernels
 def test_attention_tail_does_not_depend_on_the_number_of_threads():
     torch.manual_seed(1)
     v = torch.randn(4, 8, 16, 16, requires_grad=True)

@@ -431,7 +431,7 @@ class _FusedTail(torch.autograd.Function):
                 mg = mgx = torch.zeros(c, dtype=dt)
             grad_v = torch.empty_like(v)
             grad_sc = None if sc is None else torch.empty_like(v)
-            dot_v = torch.empty(n, c, dtype=torch.float64)
+            dot_v = torch.empty(n, c, dtype=torch.float64) if need[3] else None
             dot_sc = None if sc is None else torch.empty(n, c, dtype=torch.float64)
             _kernel("bwd_apply", dt)(
                 _ptr(g), _ptr(v), _ptr(sc), _ptr(a), _ptr(l), _ptr(mean), _ptr(invstd),
