@@ -9,8 +9,9 @@
 // ReLU, y: the residual stream, optional). x and z are recomputed from v and sc in every pass instead of
 // being stored, so forward is two passes over the data and backward is two passes.
 //
-// Every reduction is done by one thread per channel or per plane (partial sums over the batch are added
-// by the caller), never split across threads, so results do not depend on the number of threads.
+// Every plane's part of a reduction is done by one thread, and the planes' parts are added in a fixed
+// order (per channel in sample order, here or by the caller), so results do not depend on the number
+// of threads.
 #include <cmath>
 #include <cstdint>
 #include <algorithm>

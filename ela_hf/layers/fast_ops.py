@@ -77,14 +77,15 @@ VARIANCE_CONDITION_LIMIT = 1e4
 # The C++ kernels work plane by plane (one sample, one channel); on small planes their fixed costs win
 # over the saved passes. Measured with bench/bench_kernels.py (cold cache, one thread, the benchmark
 # networks' shapes): the depthwise conv is 0.3-0.5 of PyTorch's time on 32x32 and 16x16 planes,
-# 0.75-0.8 on 8x8, 1.5-1.6x on 4x4; the tails 0.3-0.97 down to 8x8 (but MRLA-B's 1.4x on CIFAR's
-# 8x8), 0.9-1.0 on 4x4. Smaller planes take the PyTorch paths.
+# 0.65-0.8 on 8x8, 1.5-1.9x on 4x4; the tails 0.2-0.99 down to 8x8, 1.0-1.5 on 4x4. Smaller planes
+# take the PyTorch paths.
 DEPTHWISE_MIN_PLANE = 64
 TAIL_MIN_PLANE = 64
 # MRLA-L's fused layer (light_layer) recomputes the value conv in each of its four passes: it saves
 # memory traffic and allocations on large planes and costs arithmetic on small ones. bench_kernels.py
-# against the conv and tail kernels: 0.64-0.73 on CIFAR's 32x32 and 16x16 planes, about even on
-# ImageNet's (batch 8), 1.07-1.24 on 8x8.
+# against the conv and tail kernels: 0.49-0.73 on CIFAR's 32x32 and 16x16 planes, 1.0-1.24 on
+# ImageNet's (batch 8), 1.07-1.24 on 8x8 (noisy; even within the noise in whole training steps, and it
+# keeps less memory).
 LIGHT_MIN_PLANE = 256
 
 
