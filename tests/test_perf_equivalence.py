@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import ela_hf  # noqa: F401
 from ela_hf.layers import MrlaBase, MrlaLight, StageState, fast_ops
+from ela_hf.layers.mrla import _StageValueBuffer
 from ela_hf.models import LayerAttentionResNet
 
 
@@ -328,6 +329,37 @@ def test_mrla_b_value_buffer_grows_when_capacity_is_underestimated():
     torch.testing.assert_close(h_l, h_r, rtol=1e-10, atol=1e-10)
     h_l.sum().backward(), h_r.sum().backward()
     torch.testing.assert_close(inp_l.grad, inp_r.grad, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("capacity", [4, 1])
+@pytest.mark.parametrize("kernel", [True, False])
+def test_mrla_b_conv_writes_values_straight_into_the_stage_buffer(capacity, kernel, monkeypatch):
+    """On the C++ conv, V is written into its stage slot by the conv itself: no copy of the values in
+    forward, also when the buffer has to grow; without the kernel each value is copied in. Outputs and
+    gradients match the reference either way."""
+    if kernel and fast_ops.cpu_kernels() is None:
+        pytest.skip("no C++ compiler: the C++ kernels are unavailable here")
+    monkeypatch.setattr(fast_ops, "DEPTHWISE_MIN_PLANE", 0)
+    monkeypatch.setattr(fast_ops, "TAIL_MIN_PLANE", 0)
+    monkeypatch.setattr(fast_ops, "FAST_CPU_PATHS", kernel)
+    copies = []
+    real = _StageValueBuffer.to_slot
+    monkeypatch.setattr(_StageValueBuffer, "to_slot", lambda self, slot, x: copies.append(1) or real(self, slot, x))
+    model = _tiny("mrla_b", layers=(4,)).double().train()
+    x = torch.randn(2, 16, 6, 6, dtype=torch.float64)
+    lib, ref = copy.deepcopy(model.layer1), copy.deepcopy(model.layer1)
+    inp_l, inp_r = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    state, cache, h_l, h_r = StageState(capacity=capacity), [], inp_l, inp_r
+    for bl, br in zip(lib, ref):
+        h_l, h_r = bl(h_l, state), _ref_block(br, h_r, cache)
+    assert len(copies) == (0 if kernel else 4)
+    assert state.value_buffer.buffer.shape[0] >= 4
+    torch.testing.assert_close(h_l, h_r, rtol=1e-10, atol=1e-10)
+    w = torch.randn_like(h_l)
+    (h_l * w).sum().backward(), (h_r * w).sum().backward()
+    torch.testing.assert_close(inp_l.grad, inp_r.grad, rtol=1e-10, atol=1e-10)
+    for (name, p_l), p_r in zip(lib.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p_l.grad, p_r.grad, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("attn_type", ["mrla_b", "mrla_l"])

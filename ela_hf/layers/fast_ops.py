@@ -494,10 +494,12 @@ class _DepthwiseConv3x3(torch.autograd.Function):
     mean's gradient is added to the input gradient in the same write."""
 
     @staticmethod
-    def forward(ctx, x, weight, with_mean: bool):
+    def forward(ctx, x, weight, with_mean: bool, into: Optional[tuple] = None):
         n, c, h, w = x.shape
         wc = weight.detach().contiguous()
-        out = torch.empty_like(x)
+        # into: (a contiguous tensor like x,) to write the result into, passed in a tuple so that autograd
+        # does not take it for an input
+        out = torch.empty_like(x) if into is None else into[0]
         mean = torch.empty(n, c, dtype=torch.float64) if with_mean else None
         _kernel("dw_forward", x.dtype)(_ptr(x), _ptr(wc), _ptr(out), _ptr(mean), n, c, h, w, torch.get_num_threads())
         ctx.save_for_backward(x, wc)
@@ -513,12 +515,12 @@ class _DepthwiseConv3x3(torch.autograd.Function):
         per_plane = torch.empty(n, c, 9, dtype=torch.float64) if need_w else None
         add = None if grad_mean is None or not need_x else (grad_mean * (1.0 / (h * w))).to(x.dtype).contiguous()
         if grad_x is None and per_plane is None:
-            return None, None, None
+            return None, None, None, None
         _kernel("dw_backward", x.dtype)(
             _ptr(g), _ptr(x), _ptr(wc), _ptr(add), _ptr(grad_x), _ptr(per_plane), n, c, h, w, torch.get_num_threads()
         )
         grad_w = None if per_plane is None else per_plane.sum(0).to(wc.dtype).view_as(wc)
-        return grad_x, grad_w, None
+        return grad_x, grad_w, None, None
 
 
 def _dw_eligible(conv: nn.Module, x: torch.Tensor) -> bool:
@@ -540,13 +542,32 @@ def _dw_eligible(conv: nn.Module, x: torch.Tensor) -> bool:
     )
 
 
-def depthwise_conv3x3(conv: nn.Conv2d, x: torch.Tensor, *, with_mean: bool = False):
+def depthwise_kernel_runs(conv: nn.Module, x: torch.Tensor) -> bool:
+    """Whether :func:`depthwise_conv3x3` runs ``conv`` on ``x`` on the C++ kernel (and so honours ``out``)."""
+    return _dw_eligible(conv, x)
+
+
+def depthwise_conv3x3(conv: nn.Conv2d, x: torch.Tensor, *, with_mean: bool = False, out: Optional[torch.Tensor] = None):
     """``conv(x)`` for a depthwise 3x3 convolution (stride 1, padding 1, no bias); with ``with_mean`` also
     the per-channel mean of ``x`` (``[B, C]``), ``(conv(x), x.mean((2, 3)))``. On the C++ kernel for
     contiguous NCHW float32/float64 CPU tensors in eager mode (one read of ``x`` for both), through
-    ``conv`` itself everywhere else."""
+    ``conv`` itself everywhere else.
+
+    ``out``: where the kernel writes the result (MRLA-B's stage slot, which saves a copy), a contiguous
+    tensor of ``x``'s shape and dtype that nothing else reads during the call; the returned tensor is
+    then ``out`` itself. Where the kernel does not run (:func:`depthwise_kernel_runs`), ``out`` is left
+    alone and a new tensor is returned.
+    """
     if _dw_eligible(conv, x):
-        return _DepthwiseConv3x3.apply(x, conv.weight, with_mean)
+        into = None
+        if out is not None:
+            if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
+                raise ValueError(
+                    f"depthwise_conv3x3: out must be a contiguous {x.dtype} tensor of shape {tuple(x.shape)}, "
+                    f"got {out.dtype} {tuple(out.shape)} (contiguous: {out.is_contiguous()})"
+                )
+            into = (out,)
+        return _DepthwiseConv3x3.apply(x, conv.weight, with_mean, into)
     if not with_mean:
         return conv(x)
     # sum * 1/HW rather than mean: mean's backward materialises a full-size gradient before it is

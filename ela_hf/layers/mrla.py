@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from timm.layers import DropPath
 
-from .fast_ops import _heads_to_channels, attention_tail, depthwise_conv3x3, light_layer
+from .fast_ops import _heads_to_channels, attention_tail, depthwise_conv3x3, depthwise_kernel_runs, light_layer
 
 __all__ = [
     "eca_kernel_size",
@@ -118,7 +118,27 @@ class _StageValueBuffer:
         self.grad_filled: List[bool] = []
 
     def append(self, v: torch.Tensor) -> int:
-        """Copy ``v`` into the next slot; returns its index."""
+        """Copy ``v`` into the next slot (unless it was written there, see :meth:`next_slot`); returns its index."""
+        t = self._reserve(v)
+        slot = self.buffer.data[t]
+        if not (v.data_ptr() == slot.data_ptr() and v.is_contiguous() and not self.channels_last):
+            self.to_slot(slot, v)
+        self.count += 1
+        return t
+
+    def next_slot(self, like: torch.Tensor) -> Optional[torch.Tensor]:
+        """The next slot as a ``[B, C, H, W]`` tensor for a kernel to write V into, for values shaped and
+        typed like ``like``; :meth:`append` then finds V in place and copies nothing. None where the
+        slot is not an NCHW-contiguous block (values stored channels_last)."""
+        if not like.is_contiguous():
+            return None
+        t = self._reserve(like)
+        if self.channels_last:
+            return None
+        return self.buffer.data[t].view(self.shape)
+
+    def _reserve(self, v: torch.Tensor) -> int:
+        """Make sure slot ``count`` exists for values like ``v`` (allocating or growing the buffer)."""
         if self.buffer is None:
             if v.dim() != 4 or v.shape[1] % self.heads:
                 raise ValueError(f"MRLA-B values must be [B, C, H, W] with C divisible by {self.heads} heads, got {tuple(v.shape)}")
@@ -138,10 +158,7 @@ class _StageValueBuffer:
             grown[: self.count].copy_(self.buffer)
             self.buffer = grown
             self._pooled.append(grown)
-        t = self.count
-        self.to_slot(self.buffer.data[t], v)
-        self.count += 1
-        return t
+        return self.count
 
     def per_head(self, slot: torch.Tensor) -> torch.Tensor:
         """``[B*heads, d*H*W]`` slot -> ``[B, heads, d, H, W]`` view (the values, head by head)."""
@@ -392,17 +409,18 @@ class _LayerAttentionBase(nn.Module):
         self.recording = False
         self.kl_eps = DEFAULT_KL_EPS
 
-    def _values_query_key(self, y: torch.Tensor):
+    def _values_query_key(self, y: torch.Tensor, out: Optional[torch.Tensor] = None):
         """V = wv(y) and Q, K (``[B, heads, d]``) from the pooled descriptor ``g = GAP(y)``.
 
-        On the CPU the depthwise conv and the pooling share one read of ``y`` (fast_ops.py).
+        On the CPU the depthwise conv and the pooling share one read of ``y`` (fast_ops.py), and the conv
+        writes V into ``out`` where given (MRLA-B's stage slot).
 
         ``wq`` and ``wk`` are Conv1d(1, 1, k) over the channel axis; they are applied here as one
         ``[B, C, k] x [k, 2]`` product over the unfolded windows of ``g``: nn.Conv1d on a ``[B, 1, C]``
         input costs milliseconds per call on CPU (oneDNN primitive setup), more than the rest of the
         layer, and a backward through two of them is slower still.
         """
-        v, g = depthwise_conv3x3(self.wv, y, with_mean=True)  # g: [B, C]
+        v, g = depthwise_conv3x3(self.wv, y, with_mean=True, out=out)  # g: [B, C]
         q, k = self._query_key(g, self.wq.weight, self.wk.weight)
         return v, q, k
 
@@ -508,7 +526,11 @@ class MrlaBase(_LayerAttentionBase):
         super().__init__(channels, dim_per_head, k_size, drop_path)
 
     def forward(self, y: torch.Tensor, state: StageState) -> torch.Tensor:
-        v, q, k = self._values_query_key(y)
+        # on the CPU kernel the conv writes V straight into the stage buffer's next slot (no copy)
+        slot = None
+        if depthwise_kernel_runs(self.wv, y) and (state.value_buffer is not None or not state.values):
+            slot = self._value_cache(state).next_slot(y)
+        v, q, k = self._values_query_key(y, out=slot)
         state.keys.append(k)
         keys = torch.stack(state.keys, dim=2)  # [B, heads, t, d]: tiny, unlike the values
         attn = torch.softmax(torch.einsum("bhd,bhtd->bht", q, keys) * self.scale, dim=-1)
@@ -535,10 +557,7 @@ class MrlaBase(_LayerAttentionBase):
             for s in range(1, len(state.values)):
                 o = o + state.values[s] * weights[:, s]
             return o
-        if cache is None:
-            cache = state.value_buffer = _StageValueBuffer(state.capacity, self.heads)
-        elif cache.heads != self.heads:
-            raise ValueError(f"MRLA-B layers of one stage must share their heads ({cache.heads} vs {self.heads})")
+        cache = self._value_cache(state)
         if torch.is_grad_enabled() and (attn.requires_grad or v.requires_grad):
             o = _AttendOverStageValues.apply(attn, v, cache)
         else:
@@ -546,6 +565,15 @@ class MrlaBase(_LayerAttentionBase):
             o = cache.from_slot(_weighted_slot_sum(attn.to(v.dtype).flatten(0, 1), cache.buffer[: t + 1]))
         state.values.append(cache.per_head(cache.buffer[cache.count - 1]))
         return o
+
+    def _value_cache(self, state: StageState) -> _StageValueBuffer:
+        """The stage's value buffer (made by the stage's first layer)."""
+        cache = state.value_buffer
+        if cache is None:
+            cache = state.value_buffer = _StageValueBuffer(state.capacity, self.heads)
+        elif cache.heads != self.heads:
+            raise ValueError(f"MRLA-B layers of one stage must share their heads ({cache.heads} vs {self.heads})")
+        return cache
 
     @torch.no_grad()
     def _record(self, attn: torch.Tensor, state: StageState) -> None:
