@@ -333,10 +333,10 @@ def test_mrla_b_value_buffer_grows_when_capacity_is_underestimated():
 
 @pytest.mark.parametrize("capacity", [4, 1])
 @pytest.mark.parametrize("kernel", [True, False])
-def test_mrla_b_conv_writes_values_straight_into_the_stage_buffer(capacity, kernel, monkeypatch):
-    """On the C++ conv, V is written into its stage slot by the conv itself: no copy of the values in
-    forward, also when the buffer has to grow; without the kernel each value is copied in. Outputs and
-    gradients match the reference either way."""
+def test_mrla_b_kernels_write_values_and_gradients_straight_into_the_stage_buffers(capacity, kernel, monkeypatch):
+    """On the C++ kernels, V is written into its stage slot by the conv, and dL/dO into its gradient slot
+    by the tail's backward: no copies, also when the buffer has to grow; without the kernels each is
+    copied in. Outputs and gradients match the reference either way."""
     if kernel and fast_ops.cpu_kernels() is None:
         pytest.skip("no C++ compiler: the C++ kernels are unavailable here")
     monkeypatch.setattr(fast_ops, "DEPTHWISE_MIN_PLANE", 0)
@@ -356,7 +356,10 @@ def test_mrla_b_conv_writes_values_straight_into_the_stage_buffer(capacity, kern
     assert state.value_buffer.buffer.shape[0] >= 4
     torch.testing.assert_close(h_l, h_r, rtol=1e-10, atol=1e-10)
     w = torch.randn_like(h_l)
+    copies.clear()
     (h_l * w).sum().backward(), (h_r * w).sum().backward()
+    # backward: the fused tail writes each layer's output gradient into its gradient slot
+    assert len(copies) == (0 if kernel else 4)
     torch.testing.assert_close(inp_l.grad, inp_r.grad, rtol=1e-10, atol=1e-10)
     for (name, p_l), p_r in zip(lib.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p_l.grad, p_r.grad, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
@@ -437,13 +440,20 @@ def test_traced_and_exported_models_match_eager(attn_type, capture):
         torch.testing.assert_close(captured(x_new), model(x_new), rtol=1e-5, atol=1e-5)
 
 
-def test_mrla_b_cpu_buffers_are_reused_between_steps():
+@pytest.mark.parametrize("kernels_everywhere", [False, True])
+def test_mrla_b_cpu_buffers_are_reused_between_steps(kernels_everywhere, monkeypatch):
     """Large CPU stage buffers (values and their gradients) go back to a pool: a steady loop allocates none.
 
     Fresh blocks above 32 MiB page-fault on every step, which costs more than the attention itself.
+    The loop keeps each step's loss (and so its graph's nodes) alive into the next forward, as training
+    loops do: no node may hold a view of a buffer after its backward (with the kernels everywhere, the
+    conv writes into the value slots and the tails into the gradient slots).
     """
     from ela_hf.layers import mrla
 
+    if kernels_everywhere:
+        monkeypatch.setattr(fast_ops, "DEPTHWISE_MIN_PLANE", 0)
+        monkeypatch.setattr(fast_ops, "TAIL_MIN_PLANE", 0)
     mrla.clear_value_buffer_pool()
     model = _tiny("mrla_b", layers=(4, 3)).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -451,11 +461,12 @@ def test_mrla_b_cpu_buffers_are_reused_between_steps():
     start, counts = mrla._SLOT_POOL.allocations, []
     for _ in range(4):
         opt.zero_grad()
-        model(x).sum().backward()
+        loss = model(x).sum()
+        loss.backward()
         opt.step()
         counts.append(mrla._SLOT_POOL.allocations - start)
     assert counts[0] == 4, "first step: a value and a gradient buffer per stage"
-    assert counts[-1] == counts[1], "later steps reuse them"
+    assert counts == [4, 4, 4, 4], "later steps reuse them, while the previous step's graph is still referenced"
     with torch.no_grad():
         model.eval()(x)
     assert mrla._SLOT_POOL.allocations - start == counts[-1]

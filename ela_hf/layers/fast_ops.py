@@ -50,7 +50,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -384,7 +384,7 @@ class _FusedTail(torch.autograd.Function):
     """``y + act(BN(gate * v + lam * sc))`` on the C++ kernels; every argument but ``v`` may be None."""
 
     @staticmethod
-    def forward(ctx, v, sc, y, gate, lam, weight, bias, bn: nn.BatchNorm2d, relu: bool):
+    def forward(ctx, v, sc, y, gate, lam, weight, bias, bn: nn.BatchNorm2d, relu: bool, grad_into=None):
         n, c, h, w = v.shape
         hw, dt, nt = h * w, v.dtype, torch.get_num_threads()
         a = None if gate is None else gate.reshape(n, c).contiguous()
@@ -406,7 +406,7 @@ class _FusedTail(torch.autograd.Function):
             _ptr(v), _ptr(sc), _ptr(y), _ptr(coef_a), _ptr(coef_b), _ptr(coef_s), _ptr(out), n, c, hw, int(relu), nt
         )
         ctx.save_for_backward(v, sc, a, l, weight, mean.to(dt), invstd.to(dt), scale.to(dt), coef_a, coef_b, coef_s)
-        ctx.relu, ctx.training = relu, bn.training
+        ctx.relu, ctx.training, ctx.grad_into = relu, bn.training, grad_into
         return out
 
     @staticmethod
@@ -430,7 +430,9 @@ class _FusedTail(torch.autograd.Function):
                 mg, mgx = (sum_g / (n * hw)).to(dt), (sum_gx / (n * hw)).to(dt)
             else:  # eval-mode statistics are constants
                 mg = mgx = torch.zeros(c, dtype=dt)
-            grad_v = torch.empty_like(v)
+            grad_v = ctx.grad_into() if ctx.grad_into is not None and need[0] else None
+            if grad_v is None or grad_v.shape != v.shape or grad_v.dtype != v.dtype or not grad_v.is_contiguous():
+                grad_v = torch.empty_like(v)
             grad_sc = None if sc is None else torch.empty_like(v)
             dot_v = torch.empty(n, c, dtype=torch.float64) if need[3] else None
             dot_sc = None if sc is None else torch.empty(n, c, dtype=torch.float64)
@@ -443,7 +445,7 @@ class _FusedTail(torch.autograd.Function):
             grad_lam = dot_sc.sum(0).to(dt).view(c, 1, 1) if need[4] else None
             grad_v = grad_v if need[0] else None
             grad_sc = grad_sc if need[1] else None
-        return grad_v, grad_sc, grad_out if need[2] else None, grad_gate, grad_lam, grad_w, grad_b, None, None
+        return grad_v, grad_sc, grad_out if need[2] else None, grad_gate, grad_lam, grad_w, grad_b, None, None, None
 
 
 def attention_tail(
@@ -455,6 +457,7 @@ def attention_tail(
     gate: Optional[torch.Tensor] = None,
     lam: Optional[torch.Tensor] = None,
     relu: bool = False,
+    grad_into: Optional[Callable[[], Optional[torch.Tensor]]] = None,
 ) -> torch.Tensor:
     """``y + act(bn(gate * v + lam * sc))``: the tail of an attention layer (``act`` is ReLU if ``relu``).
 
@@ -463,6 +466,10 @@ def attention_tail(
     and ``lam`` come together; ``y`` None leaves out the residual sum. One fused C++ kernel pair for
     contiguous NCHW float32/float64 CPU tensors in eager mode (see :func:`cpu_kernels`), the plain
     modules (through :func:`light_tail` / :func:`batch_norm`) everywhere else.
+
+    ``grad_into`` (kernel path only): called in backward for a contiguous tensor like ``v`` to write
+    ``v``'s gradient into (MRLA-B's gradient slot, which saves a copy); a fresh tensor where it returns
+    None or something else.
     """
     if (sc is None) != (lam is None):
         raise ValueError("attention_tail: `sc` and `lam` must be given together")
@@ -478,7 +485,7 @@ def attention_tail(
         and v.shape[2] * v.shape[3] >= TAIL_MIN_PLANE
         and cpu_kernels() is not None
     ):
-        return _FusedTail.apply(v, sc, y, gate, lam, bn.weight, bn.bias, bn, relu)
+        return _FusedTail.apply(v, sc, y, gate, lam, bn.weight, bn.bias, bn, relu, grad_into)
     if sc is not None and gate is not None:
         o = light_tail(bn, v, sc, gate, lam)
     else:

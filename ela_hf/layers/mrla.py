@@ -107,7 +107,9 @@ class _StageValueBuffer:
         self.heads = heads
         self.buffer: Optional[torch.Tensor] = None
         self.channels_last = False
-        self.shape = ()  # [B, C, H, W] of the values
+        self.shape = ()  # [B, C, H, W] of the values, their dtype and device
+        self.dtype: Optional[torch.dtype] = None
+        self.device: Optional[torch.device] = None
         self.count = 0
         self.attn: List[torch.Tensor] = []  # detached A_t, [B, heads, t+1] (for dL/dV of earlier layers)
         self.has_graph = False  # an autograd node saved the buffer
@@ -143,6 +145,7 @@ class _StageValueBuffer:
             if v.dim() != 4 or v.shape[1] % self.heads:
                 raise ValueError(f"MRLA-B values must be [B, C, H, W] with C divisible by {self.heads} heads, got {tuple(v.shape)}")
             self.shape = tuple(v.shape)
+            self.dtype, self.device = v.dtype, v.device
             self.channels_last = not v.is_contiguous() and v.is_contiguous(memory_format=torch.channels_last)
             self.buffer = _SLOT_POOL.take(self.capacity, v, self.heads)
             self._pooled.append(self.buffer)
@@ -187,10 +190,26 @@ class _StageValueBuffer:
         if not self.has_graph:
             self._give_back()
 
-    def start_backward(self, task: Optional[int], like: torch.Tensor) -> None:
-        self.grad_task = task
-        self.grad_out = _SLOT_POOL.take_like(self.count, like)
-        self.grad_filled = [False] * self.count
+    def grad_slot(self, t: int) -> torch.Tensor:
+        """Layer t's output-gradient slot in the running backward pass; the first node of a pass that
+        asks starts the pass's gradient buffer (``[count, B*heads, d*H*W]``, like the value buffer)."""
+        task = _current_graph_task_id()
+        if self.grad_task != task or self.grad_out is None:
+            self.grad_task = task
+            b, c, h, w = self.shape
+            like = torch.empty(0, dtype=self.dtype, device=self.device)
+            self.grad_out = _SLOT_POOL._take((self.count, b * self.heads, (c // self.heads) * h * w), like)
+            self.grad_filled = [False] * self.count
+        return self.grad_out[t]
+
+    def grad_destination(self, t: int):
+        """For layer t's tail: a function that, in backward, returns the layer's output-gradient slot as
+        a ``[B, C, H, W]`` tensor to write dL/dO_t into (then :class:`_AttendOverStageValues` copies
+        nothing); None where the slot is not NCHW-contiguous. It holds no tensor: a view of the value
+        buffer kept by the tail's autograd node would keep the pool from reusing the buffer."""
+        if self.channels_last:
+            return None
+        return lambda: self.grad_slot(t).view(self.shape)
 
     def end_backward(self) -> None:
         """After the stage's first layer's node: every node of this backward pass has run.
@@ -236,9 +255,6 @@ class _SlotBufferPool:
         """A ``[n, B*heads, d*H*W]`` buffer for values like ``v``."""
         b, c, h, w = v.shape
         return self._take((n, b * heads, (c // heads) * h * w), v)
-
-    def take_like(self, n: int, slot: torch.Tensor) -> torch.Tensor:
-        return self._take((n,) + tuple(slot.shape), slot)
 
     def _take(self, shape: tuple, like: torch.Tensor) -> torch.Tensor:
         # inference tensors (made under torch.inference_mode) only serve inference-mode passes
@@ -353,16 +369,14 @@ class _AttendOverStageValues(torch.autograd.Function):
     def backward(ctx, grad_out: Optional[torch.Tensor]):
         (buffer,) = ctx.saved_tensors
         cache, t = ctx.cache, ctx.t
-        task = _current_graph_task_id()
-        if cache.grad_task != task or cache.grad_out is None:
-            cache.start_backward(task, buffer[0])
         grad_attn = grad_v = None
         with torch.autocast(buffer.device.type, enabled=False):
-            slot = cache.grad_out[t]
+            slot = cache.grad_slot(t)
             if grad_out is None:
                 slot.zero_()
             else:
-                cache.to_slot(slot, grad_out.to(buffer.dtype))
+                if not (grad_out.data_ptr() == slot.data_ptr() and grad_out.is_contiguous() and not cache.channels_last):
+                    cache.to_slot(slot, grad_out.to(buffer.dtype))  # else the tail wrote it there
                 if ctx.needs_input_grad[0]:
                     dots = _slot_dots(slot, buffer[: t + 1])  # [B*heads, t+1]
                     grad_attn = dots.view(-1, cache.heads, t + 1).to(ctx.attn_dtype)
@@ -534,13 +548,15 @@ class MrlaBase(_LayerAttentionBase):
         state.keys.append(k)
         keys = torch.stack(state.keys, dim=2)  # [B, heads, t, d]: tiny, unlike the values
         attn = torch.softmax(torch.einsum("bhd,bhtd->bht", q, keys) * self.scale, dim=-1)
-        o = self._attend(attn, v, state)
+        o, grad_into = self._attend(attn, v, state)
         if self._records():
             self._record(attn, state)
-        return self._residual_tail(y, o, relu=True)
+        return self._residual_tail(y, o, relu=True, grad_into=grad_into)
 
-    def _attend(self, attn: torch.Tensor, v: torch.Tensor, state: StageState) -> torch.Tensor:
-        """``sum_s attn[:, h, s] * V_{s,h}`` over this layer's and the earlier cached values."""
+    def _attend(self, attn: torch.Tensor, v: torch.Tensor, state: StageState):
+        """``sum_s attn[:, h, s] * V_{s,h}`` over this layer's and the earlier cached values, and where the
+        tail may write this output's gradient (see :meth:`_StageValueBuffer.grad_destination`; None
+        where nothing is gained)."""
         cache = state.value_buffer
         if torch.compiler.is_compiling() or torch.jit.is_tracing() or (cache is None and state.values):
             # graph capture (compile, export, jit.trace): the plain formulation; the compiler fuses the
@@ -556,15 +572,17 @@ class MrlaBase(_LayerAttentionBase):
             o = state.values[0] * weights[:, 0]
             for s in range(1, len(state.values)):
                 o = o + state.values[s] * weights[:, s]
-            return o
+            return o, None
         cache = self._value_cache(state)
+        grad_into = None
         if torch.is_grad_enabled() and (attn.requires_grad or v.requires_grad):
             o = _AttendOverStageValues.apply(attn, v, cache)
+            grad_into = cache.grad_destination(cache.count - 1)
         else:
             t = cache.append(v)
             o = cache.from_slot(_weighted_slot_sum(attn.to(v.dtype).flatten(0, 1), cache.buffer[: t + 1]))
         state.values.append(cache.per_head(cache.buffer[cache.count - 1]))
-        return o
+        return o, grad_into
 
     def _value_cache(self, state: StageState) -> _StageValueBuffer:
         """The stage's value buffer (made by the stage's first layer)."""
