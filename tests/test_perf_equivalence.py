@@ -292,8 +292,12 @@ def test_mrla_b_repeated_backward_with_retain_graph_accumulates_exactly():
             torch.testing.assert_close(p.grad, 2 * once[name], rtol=1e-10, atol=1e-10)
 
 
-def test_mrla_b_gradient_when_later_layers_reach_no_loss():
+@pytest.mark.parametrize("kernels_everywhere", [False, True])
+def test_mrla_b_gradient_when_later_layers_reach_no_loss(kernels_everywhere, monkeypatch):
     """Loss from block 1 of a 4-block stage: blocks 2 and 3 run but their backward never does."""
+    if kernels_everywhere:
+        monkeypatch.setattr(fast_ops, "DEPTHWISE_MIN_PLANE", 0)
+        monkeypatch.setattr(fast_ops, "TAIL_MIN_PLANE", 0)
     model = _tiny("mrla_b", layers=(4,)).double().train()
     stage = model.layer1
     x = torch.randn(2, 16, 6, 6, dtype=torch.float64)
