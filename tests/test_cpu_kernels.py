@@ -278,6 +278,35 @@ def test_depthwise_conv3x3_with_mean_matches_conv2d_and_mean(dtype, use, monkeyp
         torch.testing.assert_close(g, r, **tol)
 
 
+@needs_kernels
+def test_depthwise_conv3x3_writes_into_out_and_rejects_a_wrong_one():
+    """``out=`` (MRLA-B's stage slot): the kernel writes the result there and returns it; an ``out`` of the
+    wrong shape, dtype or layout is a clear error, never a silent partial write."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    buf = torch.zeros(3, 2, 4, 8, 8)
+    out = fast_ops.depthwise_conv3x3(conv, x, out=buf.data[1])
+    assert out.data_ptr() == buf[1].data_ptr()
+    want = F.conv2d(x, conv.weight, padding=1, groups=4)
+    torch.testing.assert_close(buf[1], want.detach(), **_tol(torch.float32))
+    assert not buf[0].any() and not buf[2].any()
+    grad = torch.randn_like(want)
+    for g, r in zip(torch.autograd.grad(out, (x, conv.weight), grad), torch.autograd.grad(want, (x, conv.weight), grad)):
+        torch.testing.assert_close(g, r, **_tol(torch.float32))
+    for bad in (
+        torch.empty(2, 4, 8, 7),  # shape
+        torch.empty(2, 4, 8, 8, dtype=torch.float64),  # dtype
+        torch.empty(2, 8, 8, 4).permute(0, 3, 1, 2),  # layout
+    ):
+        with pytest.raises(ValueError, match="out must be a contiguous"):
+            fast_ops.depthwise_conv3x3(conv, x, out=bad)
+    # where the kernel does not run, out is left alone and a new tensor comes back
+    slot = torch.zeros(2, 4, 8, 8)
+    plain = fast_ops.depthwise_conv3x3(nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=True), x, out=slot)
+    assert plain.data_ptr() != slot.data_ptr() and not slot.any()
+
+
 def test_depthwise_conv3x3_leaves_other_convolutions_to_pytorch(monkeypatch):
     calls = []
     real = fast_ops._DepthwiseConv3x3.apply
