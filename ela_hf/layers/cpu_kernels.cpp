@@ -14,7 +14,6 @@
 // of threads.
 #include <cmath>
 #include <cstdint>
-#include <algorithm>
 #include <type_traits>
 #include <vector>
 
@@ -57,27 +56,14 @@ struct TailPoint {
   }
 };
 
-// Reductions keep LANES partial sums per quantity and add the lanes once at the end: a horizontal sum
-// at the end of every plane of 16 to 256 elements cost about as much as the plane's own work. The
+// Reductions keep one vector of lane sums per quantity and add the lanes once at the end: a horizontal
+// sum at the end of every plane of 16 to 256 elements cost about as much as the plane's own work. The
 // order of the additions depends only on the shape, never on the number of threads.
-constexpr int LANES = 8;
-
-template <int K>
-inline double lane_total(const double (&s)[K]) {
+template <typename T, int K>
+inline double lane_total(const T (&s)[K]) {
   double t = 0;
-  for (int k = 0; k < K; ++k) t += s[k];
+  for (int k = 0; k < K; ++k) t += (double)s[k];
   return t;
-}
-
-// Calls f(i, lane) for every element i of a plane: the lane is i % LANES over the full blocks, 0 after.
-template <typename F>
-inline void for_lanes(int64_t HW, F&& f) {
-  int64_t i = 0;
-  for (; i + LANES <= HW; i += LANES) {
-#pragma omp simd
-    for (int k = 0; k < LANES; ++k) f(i + k, k);
-  }
-  for (; i < HW; ++i) f(i, 0);
 }
 
 // Per-channel sums of two quantities over all planes of a channel. The planes are visited in memory
@@ -116,13 +102,6 @@ void channel_sums(int64_t N, int64_t C, int nt, double* out1, double* out2, F&& 
     out1[c] = lane_total(s1);
     out2[c] = lane_total(s2);
   }
-}
-
-template <typename T, int K>
-inline double lane_total_of(const T (&s)[K]) {
-  double t = 0;
-  for (int k = 0; k < K; ++k) t += (double)s[k];
-  return t;
 }
 
 // Calls f(i, lane) for every element i of a plane: the lane is i % VL<T> over the full blocks, 0 after.
@@ -232,7 +211,7 @@ void bwd_apply(const T* g, const T* v, const T* sc, const T* a, const T* l, cons
       }
       if (HAS_DV) d1[j] += go * pt.v[i];
     });
-    if (HAS_DV) dv[p] = lane_total_of(d1);
+    if (HAS_DV) dv[p] = lane_total(d1);
     if (HAS_SC) dsc[p] = lane_total(d2);
   }
 }
