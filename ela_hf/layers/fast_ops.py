@@ -549,11 +549,6 @@ def _dw_eligible(conv: nn.Module, x: torch.Tensor) -> bool:
     )
 
 
-def depthwise_kernel_runs(conv: nn.Module, x: torch.Tensor) -> bool:
-    """Whether :func:`depthwise_conv3x3` runs ``conv`` on ``x`` on the C++ kernel (and so honours ``out``)."""
-    return _dw_eligible(conv, x)
-
-
 def depthwise_conv3x3(conv: nn.Conv2d, x: torch.Tensor, *, with_mean: bool = False, out: Optional[torch.Tensor] = None):
     """``conv(x)`` for a depthwise 3x3 convolution (stride 1, padding 1, no bias); with ``with_mean`` also
     the per-channel mean of ``x`` (``[B, C]``), ``(conv(x), x.mean((2, 3)))``. On the C++ kernel for
@@ -562,7 +557,7 @@ def depthwise_conv3x3(conv: nn.Conv2d, x: torch.Tensor, *, with_mean: bool = Fal
 
     ``out``: where the kernel writes the result (MRLA-B's stage slot, which saves a copy), a contiguous
     tensor of ``x``'s shape and dtype that nothing else reads during the call; the returned tensor is
-    then ``out`` itself. Where the kernel does not run (:func:`depthwise_kernel_runs`), ``out`` is left
+    then ``out`` itself. Where the kernel does not run (``_dw_eligible``), ``out`` is left
     alone and a new tensor is returned.
     """
     if _dw_eligible(conv, x):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from timm.layers import DropPath
 
-from .fast_ops import _heads_to_channels, attention_tail, depthwise_conv3x3, depthwise_kernel_runs, light_layer
+from .fast_ops import _dw_eligible, _heads_to_channels, attention_tail, depthwise_conv3x3, light_layer
 
 __all__ = [
     "eca_kernel_size",
@@ -107,9 +107,9 @@ class _StageValueBuffer:
         self.heads = heads
         self.buffer: Optional[torch.Tensor] = None
         self.channels_last = False
-        self.shape = ()  # [B, C, H, W] of the values, their dtype and device
-        self.dtype: Optional[torch.dtype] = None
-        self.device: Optional[torch.device] = None
+        self.shape = ()  # [B, C, H, W] of the values
+        self.slot_shape = ()  # [B*heads, d*H*W]
+        self._like: Optional[torch.Tensor] = None  # an empty tensor of the values' dtype and device
         self.count = 0
         self.attn: List[torch.Tensor] = []  # detached A_t, [B, heads, t+1] (for dL/dV of earlier layers)
         self.has_graph = False  # an autograd node saved the buffer
@@ -123,10 +123,14 @@ class _StageValueBuffer:
         """Copy ``v`` into the next slot (unless it was written there, see :meth:`next_slot`); returns its index."""
         t = self._reserve(v)
         slot = self.buffer.data[t]
-        if not (v.data_ptr() == slot.data_ptr() and v.is_contiguous() and not self.channels_last):
+        if not self.in_slot(v, slot):
             self.to_slot(slot, v)
         self.count += 1
         return t
+
+    def in_slot(self, x: torch.Tensor, slot: torch.Tensor) -> bool:
+        """Whether the ``[B, C, H, W]`` tensor ``x`` is ``slot`` itself (a kernel wrote it there)."""
+        return x.data_ptr() == slot.data_ptr() and x.is_contiguous() and not self.channels_last
 
     def next_slot(self, like: torch.Tensor) -> Optional[torch.Tensor]:
         """The next slot as a ``[B, C, H, W]`` tensor for a kernel to write V into, for values shaped and
@@ -145,9 +149,9 @@ class _StageValueBuffer:
             if v.dim() != 4 or v.shape[1] % self.heads:
                 raise ValueError(f"MRLA-B values must be [B, C, H, W] with C divisible by {self.heads} heads, got {tuple(v.shape)}")
             self.shape = tuple(v.shape)
-            self.dtype, self.device = v.dtype, v.device
             self.channels_last = not v.is_contiguous() and v.is_contiguous(memory_format=torch.channels_last)
             self.buffer = _SLOT_POOL.take(self.capacity, v, self.heads)
+            self.slot_shape, self._like = tuple(self.buffer.shape[1:]), v.new_empty(0)
             self._pooled.append(self.buffer)
         elif tuple(v.shape) != self.shape or self.buffer.dtype != v.dtype:
             raise ValueError(
@@ -196,9 +200,7 @@ class _StageValueBuffer:
         task = _current_graph_task_id()
         if self.grad_task != task or self.grad_out is None:
             self.grad_task = task
-            b, c, h, w = self.shape
-            like = torch.empty(0, dtype=self.dtype, device=self.device)
-            self.grad_out = _SLOT_POOL._take((self.count, b * self.heads, (c // self.heads) * h * w), like)
+            self.grad_out = _SLOT_POOL._take((self.count, *self.slot_shape), self._like)
             self.grad_filled = [False] * self.count
         return self.grad_out[t]
 
@@ -375,8 +377,8 @@ class _AttendOverStageValues(torch.autograd.Function):
             if grad_out is None:
                 slot.zero_()
             else:
-                if not (grad_out.data_ptr() == slot.data_ptr() and grad_out.is_contiguous() and not cache.channels_last):
-                    cache.to_slot(slot, grad_out.to(buffer.dtype))  # else the tail wrote it there
+                if not cache.in_slot(grad_out, slot):  # else the tail wrote it there
+                    cache.to_slot(slot, grad_out.to(buffer.dtype))
                 if ctx.needs_input_grad[0]:
                     dots = _slot_dots(slot, buffer[: t + 1])  # [B*heads, t+1]
                     grad_attn = dots.view(-1, cache.heads, t + 1).to(ctx.attn_dtype)
@@ -542,7 +544,7 @@ class MrlaBase(_LayerAttentionBase):
     def forward(self, y: torch.Tensor, state: StageState) -> torch.Tensor:
         # on the CPU kernel the conv writes V straight into the stage buffer's next slot (no copy)
         slot = None
-        if depthwise_kernel_runs(self.wv, y) and (state.value_buffer is not None or not state.values):
+        if _dw_eligible(self.wv, y) and not self._plain_attention(state):
             slot = self._value_cache(state).next_slot(y)
         v, q, k = self._values_query_key(y, out=slot)
         state.keys.append(k)
@@ -558,10 +560,7 @@ class MrlaBase(_LayerAttentionBase):
         tail may write this output's gradient (see :meth:`_StageValueBuffer.grad_destination`; None
         where nothing is gained)."""
         cache = state.value_buffer
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() or (cache is None and state.values):
-            # graph capture (compile, export, jit.trace): the plain formulation; the compiler fuses the
-            # sum into one pass over the values (the eager buffer below relies on in-place slot writes
-            # that a trace cannot record)
+        if self._plain_attention(state):
             if cache is not None and torch.is_grad_enabled():
                 raise RuntimeError(
                     "an MRLA-B stage ran partly eagerly and partly under torch.compile; compile the whole "
@@ -583,6 +582,13 @@ class MrlaBase(_LayerAttentionBase):
             o = cache.from_slot(_weighted_slot_sum(attn.to(v.dtype).flatten(0, 1), cache.buffer[: t + 1]))
         state.values.append(cache.per_head(cache.buffer[cache.count - 1]))
         return o, grad_into
+
+    @staticmethod
+    def _plain_attention(state: StageState) -> bool:
+        """Graph capture (compile, export, jit.trace), or a stage begun that way: the plain formulation
+        over ``state.values``; the compiler fuses the sum into one pass over the values (the eager stage
+        buffer relies on in-place slot writes that a trace cannot record)."""
+        return torch.compiler.is_compiling() or torch.jit.is_tracing() or (state.value_buffer is None and bool(state.values))
 
     def _value_cache(self, state: StageState) -> _StageValueBuffer:
         """The stage's value buffer (made by the stage's first layer)."""
