@@ -496,6 +496,89 @@ def test_light_layer_partial_gradients(monkeypatch):
     torch.testing.assert_close(g_sc, r_sc, **_tol(torch.float64))
 
 
+def _relu_spy(monkeypatch):
+    """Counts the PyTorch ReLU modules that actually run."""
+    ran = []
+    real = nn.ReLU.forward
+    monkeypatch.setattr(nn.ReLU, "forward", lambda self, x: ran.append(1) or real(self, x))
+    return ran
+
+
+def _pre_inputs(shape, dtype, seed=0):
+    """The block's conv branch and shortcut; a few positions sum to exactly 0 (the ReLU's edge)."""
+    torch.manual_seed(seed)
+    pre, sc = torch.randn(*shape, dtype=dtype), torch.randn(*shape, dtype=dtype)
+    pre.view(-1)[::7] = -sc.view(-1)[::7]
+    return pre, sc
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("hw", [(5, 7), (8, 8), (32, 32)])
+def test_light_layer_folds_the_blocks_residual_sum_and_relu(dtype, training, hw, monkeypatch):
+    """Given the block's conv branch and ``pre_act=nn.ReLU()``, the fused kernels form
+    ``y = relu(pre + sc)`` themselves (no PyTorch ReLU runs) and return the gradients of the conv branch
+    and the shortcut through that sum and ReLU: the same output, gradients and running statistics as
+    the spec's layer on ``relu(pre + sc)``."""
+    calls = _spy_light(monkeypatch)
+    ran = _relu_spy(monkeypatch)
+    m = _light_module(8, dtype).train(training)
+    ref = copy.deepcopy(m)
+    pre, sc = _pre_inputs((3, 8, *hw), dtype)
+    assert int(((pre + sc) == 0).sum()) > 0
+    grad = torch.randn(3, 8, *hw, dtype=dtype)
+    got = _light_run(m, pre, sc, grad, fn=lambda mod, p, s: mod(p, s, StageState(), pre_act=nn.ReLU()))
+    assert calls == [1] and ran == []
+    want = _light_run(ref, pre, sc, grad, fn=lambda mod, p, s: _reference_light(mod, torch.relu(p + s), s))
+    tol = _tol(dtype) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[0], want[0], **tol)
+    for name in want[1]:
+        torch.testing.assert_close(got[1][name], want[1][name], **tol, msg=lambda msg: f"gradient {name}: {msg}")
+    for name in want[2]:
+        if not name.endswith("num_batches_tracked"):
+            torch.testing.assert_close(got[2][name], want[2][name], **tol, msg=lambda msg: f"{name}: {msg}")
+    # where the ReLU is closed, the conv branch gets no gradient, exactly
+    assert torch.all(got[1]["y"][(pre + sc) <= 0] == 0)
+
+
+@needs_kernels
+def test_light_layer_with_the_relu_folded_in_gives_partial_gradients(monkeypatch):
+    """Folded ReLU, frozen parts: the shortcut alone (its gradient then comes through the ReLU too, with
+    the conv branch's gradient formed in scratch), or the conv branch alone."""
+    calls = _spy_light(monkeypatch)
+    m = _light_module(8, torch.float64).train()
+    ref = copy.deepcopy(m)
+    pre, sc = _pre_inputs((2, 8, 6, 6), torch.float64, seed=1)
+    for wanted in ("sc", "pre"):
+        p, s = pre.clone().requires_grad_(wanted == "pre"), sc.clone().requires_grad_(wanted == "sc")
+        out = m(p, s, StageState(), pre_act=nn.ReLU())
+        want = _reference_light(ref, torch.relu(p + s), s)
+        x = p if wanted == "pre" else s
+        (got,) = torch.autograd.grad(out.square().sum(), x)
+        (exp,) = torch.autograd.grad(want.square().sum(), x)
+        torch.testing.assert_close(got, exp, **_tol(torch.float64), msg=lambda msg: f"{wanted}: {msg}")
+    assert calls == [1, 1]
+
+
+@needs_kernels
+def test_light_layer_leaves_other_activations_to_pytorch(monkeypatch):
+    """Only a plain ``nn.ReLU`` without hooks is folded: another activation, or a ReLU with a forward
+    hook (which must see its call), runs as a module and the fused layer takes its output."""
+    calls = _spy_light(monkeypatch)
+    m = _light_module(8, torch.float64).train()
+    ref = copy.deepcopy(m)
+    pre, sc = _pre_inputs((2, 8, 6, 6), torch.float64)
+    seen = []
+    hooked = nn.ReLU()
+    hooked.register_forward_hook(lambda mod, i, o: seen.append(o.shape))
+    for act, fn in ((nn.GELU(), F.gelu), (hooked, torch.relu)):
+        out = m(pre, sc, StageState(), pre_act=act)
+        torch.testing.assert_close(out, _reference_light(ref, fn(pre + sc), sc), **_tol(torch.float64))
+    assert seen == [pre.shape]
+    assert calls == [1, 1]  # both still fused, on the activation's output
+
+
 @needs_kernels
 def test_light_layer_does_not_depend_on_the_number_of_threads(monkeypatch):
     results = []

@@ -20,11 +20,19 @@ def _tiny(attn_type, skip_mask=None):
 
 
 def _capture_attention_inputs(model):
-    """y (and sc) entering each attention layer, per block index."""
+    """y (and sc) entering each attention layer, per block index. MRLA-L is handed the block's conv
+    branch and its final activation (``pre_act``) instead of y: y = pre_act(branch + sc)."""
     seen = {}
+
+    def hook(m, inp, kwargs, j):
+        tensors = [t.detach().double() for t in inp[:-1]]
+        if kwargs.get("pre_act") is not None:
+            tensors[0] = kwargs["pre_act"](tensors[0] + tensors[1])
+        seen[j] = tensors
+
     for j, blk in enumerate(model.layer1):
         if blk.attn is not None:
-            blk.attn.register_forward_pre_hook(lambda m, inp, j=j: seen.__setitem__(j, [t.detach().double() for t in inp[:-1]]))
+            blk.attn.register_forward_pre_hook(lambda m, inp, kw, j=j: hook(m, inp, kw, j), with_kwargs=True)
     return seen
 
 

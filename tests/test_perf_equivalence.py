@@ -152,12 +152,14 @@ def test_cpu_fast_batch_statistics_match_reference(attn_type, dtype, monkeypatch
 
 
 def _count_kernel_calls(monkeypatch):
-    calls = {"tail": 0, "dw": 0, "light": 0}
+    calls = {"tail": 0, "dw": 0, "light": 0, "light_relu": 0}
     for key, fn in (("tail", fast_ops._FusedTail), ("dw", fast_ops._DepthwiseConv3x3), ("light", fast_ops._FusedLight)):
         real = fn.apply
 
         def spy(*a, real=real, key=key):
             calls[key] += 1
+            if key == "light" and a[9]:  # pre_relu: the block's residual sum and ReLU folded in
+                calls["light_relu"] += 1
             return real(*a)
 
         monkeypatch.setattr(fn, "apply", spy)
@@ -187,7 +189,9 @@ def test_cpu_kernels_match_reference_in_whole_network(attn_type, dtype, training
     _assert_same(_run(lib, x), _run(ref, x, fn=lambda inp: _ref_forward(ref, inp)), **tol)
     # one per active attention layer (7 blocks, 3 skipped)
     fused = attn_type == "mrla_l" and fast_ops.FUSED_LIGHT_LAYER
-    assert calls == ({"tail": 0, "dw": 0, "light": 4} if fused else {"tail": 4, "dw": 4, "light": 0})
+    assert calls == (
+        {"tail": 0, "dw": 0, "light": 4, "light_relu": 4} if fused else {"tail": 4, "dw": 4, "light": 0, "light_relu": 0}
+    )
     for (name, got), (_, want) in zip(lib.named_buffers(), ref.named_buffers()):
         if not name.endswith("num_batches_tracked"):
             torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{name}: {m}")

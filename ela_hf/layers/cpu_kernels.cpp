@@ -245,6 +245,32 @@ double pad_plane(const T* src, T* dst, int64_t H, int64_t W_) {
   return total;
 }
 
+// The block's output y = relu(pre + sc) (the residual sum and ReLU that precede MRLA-L), written to y
+// and into the zero-bordered buffer in the same loop; returns the plane's sum of y. relu keeps NaN, as
+// PyTorch's does.
+template <typename T, int WC = 0>
+double pad_relu_plane(const T* pre, const T* sc, T* y, T* dst, int64_t H, int64_t W_) {
+  const int64_t W = WC ? WC : W_;
+  const int64_t Wp = W + 2, n = (H + 2) * Wp;
+  for (int64_t k = 0; k < Wp; ++k) dst[k] = dst[(H + 1) * Wp + k] = T(0);
+  for (int64_t i = 0; i < H; ++i) {
+    T* row = dst + (i + 1) * Wp;
+    row[0] = row[W + 1] = T(0);
+#pragma omp simd
+    for (int64_t j = 0; j < W; ++j) {
+      const T s = pre[i * W + j] + sc[i * W + j];
+      const T r = s < T(0) ? T(0) : s;
+      y[i * W + j] = r;
+      row[j + 1] = r;
+    }
+  }
+  dst[n] = dst[n + 1] = T(0);
+  double total = 0;
+#pragma omp simd reduction(+ : total)
+  for (int64_t k = 0; k < n; ++k) total += (double)dst[k];
+  return total;
+}
+
 // out = correlation of the padded plane with w (+ add, + plus[i, j] where given), through tmp (H * Wp,
 // two columns discarded)
 template <typename T, int WC = 0>
@@ -297,11 +323,11 @@ void dw_weight_grad(const T* pg, const T* px, double* o, int64_t H, int64_t W_) 
   o[0] = s0, o[1] = s1, o[2] = s2, o[3] = s3, o[4] = s4, o[5] = s5, o[6] = s6, o[7] = s7, o[8] = s8;
 }
 
-// Thread-private plane buffers: two zero-bordered planes (py, pd), the conv's H x Wp result, V and a
-// scratch plane.
+// Thread-private plane buffers: two zero-bordered planes (py, pd), the conv's H x Wp result, V and two
+// scratch planes.
 template <typename T>
 struct PlaneBuffers {
-  T *py, *tmp, *v, *x, *pd;
+  T *py, *tmp, *v, *x, *s, *pd;
   PlaneBuffers(int64_t H, int64_t W) {
     const int64_t Wp = W + 2;
     py = new T[(H + 2) * Wp + 2];
@@ -309,6 +335,7 @@ struct PlaneBuffers {
     tmp = new T[H * Wp];
     v = new T[H * W];
     x = new T[H * W];
+    s = new T[H * W];
   }
   ~PlaneBuffers() {
     delete[] py;
@@ -316,13 +343,13 @@ struct PlaneBuffers {
     delete[] tmp;
     delete[] v;
     delete[] x;
+    delete[] s;
   }
-  // pads plane p of y and computes V; returns the plane's sum of y when SUM
-  template <bool SUM, int WC>
-  double value(const T* y, const T* w, int64_t H, int64_t W) {
-    const double total = pad_plane<T, SUM, WC>(y, py, H, W);
+  // pads plane p of y into py and computes V
+  template <int WC>
+  void value(const T* y, const T* w, int64_t H, int64_t W) {
+    pad_plane<T, false, WC>(y, py, H, W);
     dw_plane<T, WC>(py, w, tmp, v, H, W);
-    return total;
   }
 };
 
@@ -382,18 +409,19 @@ void dw_backward(const T* g, const T* in, const T* weight, const T* gin_add, T* 
 
 // Forward moments per plane p (mom[p * 6 + ...]): sum y, sum V, sum V^2, sum V sc, sum sc, sum sc^2;
 // with full == false only sum y (eval mode: the running statistics are used).
+// pre (optional): the block's conv branch before its residual sum and ReLU; y = relu(pre + sc) is then
+// formed here and written to y (the PyTorch add and ReLU, and their backward, are not run).
 template <typename T, int WC>
-void light_fwd_moments(const T* y, const T* sc, const T* weight, double* mom, int64_t N, int64_t C, int64_t H,
-                       int64_t W_, bool full, int nt) {
+void light_fwd_moments(const T* pre, T* y, const T* sc, const T* weight, double* mom, int64_t N, int64_t C,
+                       int64_t H, int64_t W_, bool full, int nt) {
   const int64_t W = WC ? WC : W_;
   const int64_t HW = H * W;
   for_planes<T>(N, C, H, W, nt, [&](PlaneBuffers<T>& b, int64_t p, int64_t c, int64_t off) {
     double* m = mom + p * 6;
-    if (!full) {
-      m[0] = pad_plane<T, true, WC>(y + off, b.py, H, W);
-      return;
-    }
-    m[0] = b.template value<true, WC>(y + off, weight + c * 9, H, W);
+    m[0] = pre ? pad_relu_plane<T, WC>(pre + off, sc + off, y + off, b.py, H, W)
+               : pad_plane<T, true, WC>(y + off, b.py, H, W);
+    if (!full) return;
+    dw_plane<T, WC>(b.py, weight + c * 9, b.tmp, b.v, H, W);
     const T* ps = sc + off;
     const T* v = b.v;
     double s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0;
@@ -417,7 +445,7 @@ void light_fwd_apply(const T* y, const T* sc, const T* weight, const T* A, const
   const int64_t W = WC ? WC : W_;
   const int64_t HW = H * W;
   for_planes<T>(N, C, H, W, nt, [&](PlaneBuffers<T>& b, int64_t p, int64_t c, int64_t off) {
-    b.template value<false, WC>(y + off, weight + c * 9, H, W);
+    b.template value<WC>(y + off, weight + c * 9, H, W);
     const T ap = A[p], bc = B[c], sc_ = S[c];
     const T* py = y + off;
     const T* ps = sc + off;
@@ -435,7 +463,7 @@ void light_bwd_reduce(const T* g, const T* y, const T* sc, const T* weight, doub
   const int64_t W = WC ? WC : W_;
   const int64_t HW = H * W;
   for_planes<T>(N, C, H, W, nt, [&](PlaneBuffers<T>& b, int64_t p, int64_t c, int64_t off) {
-    b.template value<false, WC>(y + off, weight + c * 9, H, W);
+    b.template value<WC>(y + off, weight + c * 9, H, W);
     const T* pg = g + off;
     const T* ps = sc + off;
     const T* v = b.v;
@@ -457,7 +485,10 @@ void light_bwd_reduce(const T* g, const T* y, const T* sc, const T* weight, doub
 //   gsc = l[c] * gx (optional),
 //   gy  = g + wv^T(a[p] * gx) + gy_add[p] (optional; g: the residual, gy_add: the pooled mean's gradient / HW),
 //   gw[p] = the conv's per-plane weight gradient (optional), as in dw_backward.
-template <typename T, int WC>
+// PRE (y = relu(pre + sc) formed by light_fwd_moments): gy is then the gradient of pre,
+// gy = [y > 0] * (g + wv^T(a[p] * gx) + gy_add[p]) (a select, as PyTorch's ReLU backward), and gsc gets
+// it added (the residual sum's shortcut branch).
+template <typename T, int WC, bool PRE>
 void light_bwd_apply(const T* g, const T* y, const T* sc, const T* weight, const T* al, const T* be, const T* de,
                      const T* ep, const T* a, const T* l, const T* gy_add, T* gy, T* gsc, double* gw, int64_t N,
                      int64_t C, int64_t H, int64_t W_, int nt) {
@@ -465,7 +496,7 @@ void light_bwd_apply(const T* g, const T* y, const T* sc, const T* weight, const
   const int64_t HW = H * W;
   for_planes<T>(N, C, H, W, nt, [&](PlaneBuffers<T>& b, int64_t p, int64_t c, int64_t off) {
     const T* wc = weight + c * 9;
-    b.template value<false, WC>(y + off, wc, H, W);
+    b.template value<WC>(y + off, wc, H, W);
     const T alc = al[c], bep = be[p], dec = de[c], epc = ep[c], ap = a[p], lc = l[c];
     const T* pg = g + off;
     const T* ps = sc + off;
@@ -484,10 +515,26 @@ void light_bwd_apply(const T* g, const T* y, const T* sc, const T* weight, const
       for (int64_t i = 0; i < HW; ++i) dv[i] = ap * (alc * pg[i] + bep * v[i] + dec * ps[i] + epc);
     }
     pad_plane<T, false, WC>(dv, b.pd, H, W);
-    if (gy) {
+    if (gy || (PRE && gsc)) {
       T wf[9];
       for (int k = 0; k < 9; ++k) wf[k] = wc[8 - k];
-      dw_plane<T, WC>(b.pd, wf, b.tmp, gy + off, H, W, gy_add ? gy_add[p] : T(0), pg);
+      T* t = gy ? gy + off : b.s;
+      dw_plane<T, WC>(b.pd, wf, b.tmp, t, H, W, gy_add ? gy_add[p] : T(0), pg);
+      if (PRE) {
+        const T* py = y + off;
+        if (gsc) {
+          T* pgs = gsc + off;
+#pragma omp simd
+          for (int64_t i = 0; i < HW; ++i) {
+            const T m = py[i] > T(0) ? t[i] : T(0);
+            t[i] = m;
+            pgs[i] += m;
+          }
+        } else {
+#pragma omp simd
+          for (int64_t i = 0; i < HW; ++i) t[i] = py[i] > T(0) ? t[i] : T(0);
+        }
+      }
     }
     if (gw) dw_weight_grad<T, WC>(b.pd, b.py, gw + p * 9, H, W);
   });
@@ -567,9 +614,11 @@ void with_width(int64_t W, F&& f) {
   }
 
 #define ELA_DEFINE_LIGHT(T, SUF)                                                                               \
-  extern "C" void ela_light_fwd_moments_##SUF(const T* y, const T* sc, const T* w, double* mom, int64_t N,    \
-                                              int64_t C, int64_t H, int64_t W, int full, int nt) {            \
-    with_width(W, [&](auto wc) { light_fwd_moments<T, ELA_FLAG(wc)>(y, sc, w, mom, N, C, H, W, full != 0, nt); }); \
+  extern "C" void ela_light_fwd_moments_##SUF(const T* pre, T* y, const T* sc, const T* w, double* mom,       \
+                                              int64_t N, int64_t C, int64_t H, int64_t W, int full, int nt) { \
+    with_width(W, [&](auto wc) {                                                                              \
+      light_fwd_moments<T, ELA_FLAG(wc)>(pre, y, sc, w, mom, N, C, H, W, full != 0, nt);                      \
+    });                                                                                                       \
   }                                                                                                           \
   extern "C" void ela_light_fwd_apply_##SUF(const T* y, const T* sc, const T* w, const T* A, const T* B,       \
                                             const T* S, T* out, int64_t N, int64_t C, int64_t H, int64_t W,    \
@@ -583,8 +632,13 @@ void with_width(int64_t W, F&& f) {
   extern "C" void ela_light_bwd_apply_##SUF(const T* g, const T* y, const T* sc, const T* w, const T* al,      \
                                             const T* be, const T* de, const T* ep, const T* a, const T* l,     \
                                             const T* gy_add, T* gy, T* gsc, double* gw, int64_t N, int64_t C,  \
-                                            int64_t H, int64_t W, int nt) {                                   \
-    with_width(W, [&](auto wc) { light_bwd_apply<T, ELA_FLAG(wc)>(g, y, sc, w, al, be, de, ep, a, l, gy_add, gy, gsc, gw, N, C, H, W, nt); }); \
+                                            int64_t H, int64_t W, int pre, int nt) {                          \
+    with_width(W, [&](auto wc) {                                                                              \
+      with_flag(pre, [&](auto pr) {                                                                           \
+        light_bwd_apply<T, ELA_FLAG(wc), ELA_FLAG(pr)>(g, y, sc, w, al, be, de, ep, a, l, gy_add, gy, gsc, gw, \
+                                                      N, C, H, W, nt);                                        \
+      });                                                                                                     \
+    });                                                                                                       \
   }
 
 ELA_DEFINE(float, f32)

@@ -275,10 +275,10 @@ _SIGNATURES = {
     "bwd_apply": [_P] * 17 + [_I64] * 3 + [_INT, _INT],
     "dw_forward": [_P] * 4 + [_I64] * 4 + [_INT],
     "dw_backward": [_P] * 6 + [_I64] * 4 + [_INT],
-    "light_fwd_moments": [_P] * 4 + [_I64] * 4 + [_INT, _INT],
+    "light_fwd_moments": [_P] * 5 + [_I64] * 4 + [_INT, _INT],
     "light_fwd_apply": [_P] * 7 + [_I64] * 4 + [_INT],
     "light_bwd_reduce": [_P] * 5 + [_I64] * 4 + [_INT],
-    "light_bwd_apply": [_P] * 14 + [_I64] * 4 + [_INT],
+    "light_bwd_apply": [_P] * 14 + [_I64] * 4 + [_INT, _INT],
 }
 _kernel_state: dict = {}  # "lib": the loaded library or None once tried
 _kernel_lock = threading.Lock()
@@ -591,17 +591,28 @@ class _FusedLight(torch.autograd.Function):
     where the conv and the tail as separate kernels take three each way, plus autograd's sum of y's two
     gradients, and keep V alive until backward.
 
+    With ``pre_relu`` the first input is the block's conv branch before its residual sum and ReLU:
+    the first pass forms ``y = relu(pre + sc)`` itself, and backward returns the gradients of ``pre`` and
+    ``sc`` through that sum and ReLU, so neither runs as PyTorch ops (two passes forward, two backward,
+    and one gradient sum fewer).
+
     Returns ``(out, gate)``; ``gate`` (``[B, heads]``) is for the KL recording and carries no gradient.
     """
 
     @staticmethod
-    def forward(ctx, y, sc, wv, lam, weight, bias, bn: nn.BatchNorm2d, gate_fn, heads: int, *gate_params):
+    def forward(ctx, y, sc, wv, lam, weight, bias, bn: nn.BatchNorm2d, gate_fn, heads: int, pre_relu: bool,
+                *gate_params):
         n, c, h, w = y.shape
         hw, m, dt, nt = h * w, y.shape[0] * h * w, y.dtype, torch.get_num_threads()
         wc = wv.detach().contiguous()
         training = bn.training
         mom = torch.empty(n, c, 6, dtype=torch.float64)
-        _kernel("light_fwd_moments", dt)(_ptr(y), _ptr(sc), _ptr(wc), _ptr(mom), n, c, h, w, int(training), nt)
+        pre = None
+        if pre_relu:
+            pre, y = y, torch.empty_like(y)  # y = relu(pre + sc), written by the first pass
+        _kernel("light_fwd_moments", dt)(
+            _ptr(pre), _ptr(y), _ptr(sc), _ptr(wc), _ptr(mom), n, c, h, w, int(training), nt
+        )
         g = (mom[..., 0] * (1.0 / hw)).to(dt)
         with torch.no_grad():
             gate = gate_fn(g, *(t.detach() for t in gate_params))  # [B, heads]
@@ -624,6 +635,7 @@ class _FusedLight(torch.autograd.Function):
         )
         ctx.save_for_backward(y, sc, wc, g, a, l, mean, invstd, scale, mom, *gate_params)
         ctx.gate_fn, ctx.heads, ctx.training, ctx.n_gate = gate_fn, heads, training, len(gate_params)
+        ctx.pre_relu = pre_relu
         ctx.mark_non_differentiable(gate)
         return out, gate
 
@@ -638,7 +650,7 @@ class _FusedLight(torch.autograd.Function):
         _kernel("light_bwd_reduce", dt)(_ptr(gout), _ptr(y), _ptr(sc), _ptr(wc), _ptr(red), n, c, h, w, nt)
         if not ctx.training:  # eval mode kept only the pooled sums: the V / sc moments now
             mom = torch.empty(n, c, 6, dtype=torch.float64)
-            _kernel("light_fwd_moments", dt)(_ptr(y), _ptr(sc), _ptr(wc), _ptr(mom), n, c, h, w, 1, nt)
+            _kernel("light_fwd_moments", dt)(None, _ptr(y), _ptr(sc), _ptr(wc), _ptr(mom), n, c, h, w, 1, nt)
         s_d, s_dv, s_dsc = red.unbind(-1)
         _, s_v, s_vv, s_vsc, s_sc, s_scsc = mom.unbind(-1)
         ad, ld = a.double(), l.double()
@@ -660,21 +672,23 @@ class _FusedLight(torch.autograd.Function):
         # sum over (h, w) of gx * V and gx * sc, from the moments
         grad_a = al * s_dv + be * s_vv + de * s_vsc + ep * s_v  # [B, C]
         grad_lam = (al * s_dsc + be * s_vsc + de * s_scsc + ep * s_sc).sum(0).to(dt).view(c, 1, 1) if need[3] else None
+        # y's gradient is needed for the first input's, and with pre_relu for sc's as well (y = relu(pre + sc))
+        need_y = need[0] or (ctx.pre_relu and need[1])
         # the gate's small graph, recomputed with autograd: its gradients and the pooled mean's
         grad_params = [None] * ctx.n_gate
         gy_add = None
-        if need[0] or any(need[9:]):
+        if need_y or any(need[10:]):
             with torch.enable_grad():
-                g_in = g.detach().requires_grad_(need[0])
-                params = [t.detach().requires_grad_(nd) for t, nd in zip(gate_params, need[9:])]
+                g_in = g.detach().requires_grad_(need_y)
+                params = [t.detach().requires_grad_(nd) for t, nd in zip(gate_params, need[10:])]
                 gate = ctx.gate_fn(g_in, *params)
                 grad_gate = grad_a.view(n, ctx.heads, c // ctx.heads).sum(-1).to(gate.dtype)
                 wanted = [t for t in (g_in, *params) if t.requires_grad]
                 got = iter(torch.autograd.grad(gate, wanted, grad_gate, allow_unused=True)) if wanted else iter(())
-            if need[0]:
+            if need_y:
                 grad_g = next(got)
                 gy_add = (grad_g * (1.0 / hw)).to(dt).contiguous() if grad_g is not None else None
-            grad_params = [next(got) if nd else None for nd in need[9:]]
+            grad_params = [next(got) if nd else None for nd in need[10:]]
         grad_y = torch.empty_like(y) if need[0] else None
         grad_sc = torch.empty_like(y) if need[1] else None
         per_plane = torch.empty(n, c, 9, dtype=torch.float64) if need[2] else None
@@ -683,10 +697,11 @@ class _FusedLight(torch.autograd.Function):
             coefs = [t.to(dt).contiguous() for t in (al, be, de, ep)]
             _kernel("light_bwd_apply", dt)(
                 _ptr(gout), _ptr(y), _ptr(sc), _ptr(wc), *map(_ptr, coefs),
-                _ptr(a), _ptr(l), _ptr(gy_add), _ptr(grad_y), _ptr(grad_sc), _ptr(per_plane), n, c, h, w, nt,
+                _ptr(a), _ptr(l), _ptr(gy_add), _ptr(grad_y), _ptr(grad_sc), _ptr(per_plane), n, c, h, w,
+                int(ctx.pre_relu), nt,
             )
         grad_wv = None if per_plane is None else per_plane.sum(0).to(wc.dtype).view_as(wc)
-        return (grad_y, grad_sc, grad_wv, grad_lam, grad_weight, grad_bias, None, None, None, *grad_params)
+        return (grad_y, grad_sc, grad_wv, grad_lam, grad_weight, grad_bias, None, None, None, None, *grad_params)
 
 
 def _light_batch_stats(y, sc, wc, a, l, mom, m):
@@ -718,9 +733,12 @@ def _heads_to_channels(per_head: torch.Tensor, channels: int) -> torch.Tensor:
 
 
 def light_layer(bn: nn.BatchNorm2d, wv: nn.Conv2d, y: torch.Tensor, sc: torch.Tensor, lam: torch.Tensor,
-                gate_fn, heads: int, *gate_params: torch.Tensor):
+                gate_fn, heads: int, *gate_params: torch.Tensor, pre_relu: bool = False):
     """MRLA-L's ``(y + BN(gate * wv(y) + lam * sc), gate)`` in one fused kernel set, or None where it does
     not apply (then the caller runs :func:`depthwise_conv3x3` and :func:`attention_tail`).
+
+    With ``pre_relu``, ``y`` is the block's conv branch before its residual sum and ReLU, and the layer
+    runs on ``relu(y + sc)``, formed inside the kernels (see :class:`_FusedLight`).
 
     ``gate_fn(g, *gate_params)`` maps the pooled descriptor ``g = y.mean((2, 3))`` (``[B, C]``) to the
     per-head gate ``[B, heads]``; it must be made of differentiable PyTorch ops (its backward is
@@ -739,4 +757,4 @@ def light_layer(bn: nn.BatchNorm2d, wv: nn.Conv2d, y: torch.Tensor, sc: torch.Te
         and all(t.dtype == y.dtype for t in (lam, *gate_params))
     ):
         return None
-    return _FusedLight.apply(y, sc, wv.weight, lam, bn.weight, bn.bias, bn, gate_fn, heads, *gate_params)
+    return _FusedLight.apply(y, sc, wv.weight, lam, bn.weight, bn.bias, bn, gate_fn, heads, pre_relu, *gate_params)

@@ -479,6 +479,11 @@ class _LayerAttentionBase(nn.Module):
         return f"channels={self.channels}, heads={self.heads}, k_size={self.k_size}"
 
 
+def _plain_relu(act: nn.Module) -> bool:
+    """``act`` is exactly ``nn.ReLU`` with no hooks of its own: the fused kernels may apply it instead."""
+    return type(act) is nn.ReLU and not (act._forward_hooks or act._forward_pre_hooks)
+
+
 class MrlaLight(_LayerAttentionBase):
     """MRLA-L: ``out = y + DropPath(BN(sigmoid(<Q_h,K_h>/sqrt d) * V_h + lambda * sc))``.
 
@@ -490,16 +495,29 @@ class MrlaLight(_LayerAttentionBase):
         super().__init__(channels, dim_per_head, k_size, drop_path)
         self.lam = nn.Parameter(torch.randn(channels, 1, 1))
 
-    def forward(self, y: torch.Tensor, sc: torch.Tensor, state: StageState) -> torch.Tensor:
-        if isinstance(self.drop_path, nn.Identity) or (type(self.drop_path) is DropPath and not self.drop_path.training):
-            # on the CPU: the conv, the pooling and the tail in one kernel set that never stores V
-            # (timm's DropPath is the identity in eval mode)
-            fused = light_layer(self.bn, self.wv, y, sc, self.lam, self._gate, self.heads, self.wq.weight, self.wk.weight)
+    def forward(
+        self, y: torch.Tensor, sc: torch.Tensor, state: StageState, pre_act: Optional[nn.Module] = None
+    ) -> torch.Tensor:
+        """``y``: the block's output; or, with ``pre_act`` (the block's final activation), its conv branch
+        before the residual sum, the layer's input then being ``pre_act(y + sc)``. A plain ``nn.ReLU``
+        there (without hooks) is folded into the fused CPU kernels."""
+        # on the CPU: the conv, the pooling and the tail in one kernel set that never stores V
+        # (timm's DropPath is the identity in eval mode)
+        fusable = isinstance(self.drop_path, nn.Identity) or (
+            type(self.drop_path) is DropPath and not self.drop_path.training
+        )
+        if pre_act is not None and not (fusable and _plain_relu(pre_act)):
+            y, pre_act = pre_act(y + sc), None
+        if fusable:
+            fused = light_layer(self.bn, self.wv, y, sc, self.lam, self._gate, self.heads, self.wq.weight,
+                                self.wk.weight, pre_relu=pre_act is not None)
             if fused is not None:
                 out, gate = fused
                 if self._records():
                     self._record(gate, state)
                 return out
+        if pre_act is not None:
+            y = pre_act(y + sc)
         v, g = depthwise_conv3x3(self.wv, y, with_mean=True)
         gate = self._gate(g, self.wq.weight, self.wk.weight)  # [B, heads]
         # the per-channel gate is tiny ([B, C, 1, 1]); lambda and the gate are cast to the values' dtype:

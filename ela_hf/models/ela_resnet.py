@@ -74,6 +74,9 @@ class _LayerAttentionBlockMixin:
     def _conv_path(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _final_act_module(self) -> nn.Module:
+        raise NotImplementedError
+
     @property
     def is_skipped(self) -> bool:
         return self._skip
@@ -88,14 +91,15 @@ class _LayerAttentionBlockMixin:
         y = self._conv_path(x)
         if self.drop_path is not None:
             y = self.drop_path(y)
-        y = self._final_act(y + sc)
         if self._skip:
-            return y
+            return self._final_act(y + sc)
         if state is None:
             state = StageState()
         if self.attn_type == "mrla_l":
-            return self.attn(y, sc, state)
-        return self.attn(y, state)
+            # the residual sum and the final activation go in with the layer: its fused CPU kernels
+            # apply a ReLU themselves (MrlaLight.forward)
+            return self.attn(y, sc, state, pre_act=self._final_act_module())
+        return self.attn(self._final_act(y + sc), state)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
@@ -118,6 +122,9 @@ class ElaBasicBlock(_LayerAttentionBlockMixin, BasicBlock):
     def _out_channels(self) -> int:
         return self.conv2.out_channels
 
+    def _final_act_module(self) -> nn.Module:
+        return self.act2
+
     def _final_act(self, x: torch.Tensor) -> torch.Tensor:
         return self.act2(x)
 
@@ -135,6 +142,9 @@ class ElaBottleneck(_LayerAttentionBlockMixin, Bottleneck):
 
     def _out_channels(self) -> int:
         return self.conv3.out_channels
+
+    def _final_act_module(self) -> nn.Module:
+        return self.act3
 
     def _final_act(self, x: torch.Tensor) -> torch.Tensor:
         return self.act3(x)
