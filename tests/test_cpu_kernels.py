@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ela_hf.layers import MrlaLight, StageState, fast_ops
+from ela_hf.layers import MrlaBase, MrlaLight, StageState, fast_ops
 
 needs_kernels = pytest.mark.skipif(
     fast_ops.cpu_kernels() is None, reason="no C++ compiler: the C++ kernels are unavailable here"
@@ -305,6 +305,116 @@ def test_depthwise_conv3x3_writes_into_out_and_rejects_a_wrong_one():
     slot = torch.zeros(2, 4, 8, 8)
     plain = fast_ops.depthwise_conv3x3(nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=True), x, out=slot)
     assert plain.data_ptr() != slot.data_ptr() and not slot.any()
+
+
+def _pre_and_shortcut(shape, dtype, seed=0):
+    """A block's conv branch and shortcut; every 7th position sums to exactly 0 (the ReLU's edge)."""
+    torch.manual_seed(seed)
+    pre, sc = torch.randn(*shape, dtype=dtype), torch.randn(*shape, dtype=dtype)
+    pre.view(-1)[::7] = -sc.view(-1)[::7]
+    return pre, sc
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (2, 4, 8, 8), (2, 3, 32, 32)])
+def test_relu_sum_depthwise_conv3x3_matches_autograd(dtype, shape):
+    """``y = relu(pre + sc)``, ``conv(y)`` and ``y``'s mean in one kernel pass: the three outputs, and the
+    gradients of pre, sc and the weight for a loss that uses all three (y as MRLA-B's residual), the
+    ReLU's mask included (zero gradient where pre + sc is exactly 0, as PyTorch's)."""
+    c = shape[1]
+    conv = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False).to(dtype)
+    pre, sc = _pre_and_shortcut(shape, dtype)
+    assert int(((pre + sc) == 0).sum()) > 0
+    weights = [torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype), torch.randn(shape[:2], dtype=dtype)]
+
+    def run(fn):
+        p, s = pre.clone().requires_grad_(), sc.clone().requires_grad_()
+        outs = fn(p, s)
+        loss = sum((o * w).sum() for o, w in zip(outs, weights))
+        return [o.detach() for o in outs] + list(torch.autograd.grad(loss, (p, s, conv.weight)))
+
+    def reference(p, s):
+        y = torch.relu(p + s)
+        return y, F.conv2d(y, conv.weight, padding=1, groups=c), y.mean((2, 3))
+
+    got = run(lambda p, s: fast_ops.relu_sum_depthwise_conv3x3(conv, p, s))
+    want = run(reference)
+    for name, g, w in zip(["y", "v", "mean", "grad pre", "grad sc", "grad weight"], got, want):
+        torch.testing.assert_close(g, w, **_tol(dtype), msg=lambda m: f"{name}: {m}")
+    assert torch.all(got[3][(pre + sc) <= 0] == 0)
+
+
+@needs_kernels
+def test_relu_sum_depthwise_conv3x3_partial_gradients_slot_and_domain():
+    """Only what needs a gradient gets one; ``out=`` takes the values as for depthwise_conv3x3 and is
+    checked the same way; outside the kernel's domain the function declines (None)."""
+    conv = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False).double()
+    pre, sc = _pre_and_shortcut((2, 4, 8, 8), torch.float64, seed=2)
+    ref_y = torch.relu(pre + sc)
+    for wanted in ("pre", "sc"):
+        p, s = pre.clone().requires_grad_(wanted == "pre"), sc.clone().requires_grad_(wanted == "sc")
+        y, v, g = fast_ops.relu_sum_depthwise_conv3x3(conv, p, s)
+        (got,) = torch.autograd.grad((y.square().sum() + v.sum() + g.sum()), p if wanted == "pre" else s)
+        p2, s2 = pre.clone().requires_grad_(), sc.clone().requires_grad_()
+        y2 = torch.relu(p2 + s2)
+        loss = y2.square().sum() + F.conv2d(y2, conv.weight, padding=1, groups=4).sum() + y2.mean((2, 3)).sum()
+        (exp,) = torch.autograd.grad(loss, p2 if wanted == "pre" else s2)
+        torch.testing.assert_close(got, exp, **_tol(torch.float64), msg=lambda m: f"{wanted}: {m}")
+    buf = torch.zeros(3, 2, 4, 8, 8, dtype=torch.float64)
+    y, v, _ = fast_ops.relu_sum_depthwise_conv3x3(conv, pre, sc, out=buf[1])
+    assert v.data_ptr() == buf[1].data_ptr() and not buf[0].any() and not buf[2].any()
+    torch.testing.assert_close(v, F.conv2d(ref_y, conv.weight, padding=1, groups=4), **_tol(torch.float64))
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        fast_ops.relu_sum_depthwise_conv3x3(conv, pre, sc, out=torch.empty(2, 4, 8, 8))
+    assert fast_ops.relu_sum_depthwise_conv3x3(conv, pre, sc.to(memory_format=torch.channels_last)) is None
+    assert fast_ops.relu_sum_depthwise_conv3x3(conv, pre, sc.float()) is None
+
+
+@needs_kernels
+@pytest.mark.parametrize("act", ["relu", "gelu", "hooked_relu"])
+def test_mrla_b_folds_a_plain_relu_of_the_block_and_nothing_else(act, monkeypatch):
+    """MRLA-B given the block's conv branch, shortcut and final activation: an exact ``nn.ReLU`` goes into
+    the conv's kernel (no PyTorch ReLU runs), another activation or a hooked ReLU runs as a module; a
+    whole stage of three layers gives the output and gradients of the layers run on ``act(pre + sc)``."""
+    folded = []
+    real = fast_ops._ReluSumDepthwise3x3.apply
+    monkeypatch.setattr(fast_ops._ReluSumDepthwise3x3, "apply", lambda *a: folded.append(1) or real(*a))
+    module = {"relu": nn.ReLU(), "gelu": nn.GELU(), "hooked_relu": nn.ReLU()}[act]
+    seen = []
+    if act == "hooked_relu":
+        module.register_forward_hook(lambda m, i, o: seen.append(1))
+    ran = []
+    real_relu = nn.ReLU.forward
+    monkeypatch.setattr(nn.ReLU, "forward", lambda self, x: ran.append(1) or real_relu(self, x))
+    torch.manual_seed(0)
+    layers = [MrlaBase(8, dim_per_head=4).double().train() for _ in range(3)]
+    refs = copy.deepcopy(layers)
+    inputs = [_pre_and_shortcut((2, 8, 8, 8), torch.float64, seed=j) for j in range(3)]
+
+    def stage(mods, fold):
+        state = StageState(capacity=3)
+        ps = [p.clone().requires_grad_() for p, _ in inputs]
+        ss = [s.clone().requires_grad_() for _, s in inputs]
+        outs = [
+            m(p, state, sc=s, pre_act=module) if fold else m(module(p + s), state)
+            for m, p, s in zip(mods, ps, ss)
+        ]
+        state.close()
+        loss = sum((o * (j + 1)).square().sum() for j, o in enumerate(outs))
+        params = [q for m in mods for q in m.parameters()]
+        return [o.detach() for o in outs] + list(torch.autograd.grad(loss, ps + ss + params))
+
+    got = stage(layers, fold=True)
+    n_ran = len(ran)
+    want = stage(refs, fold=False)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **_tol(torch.float64))
+    assert folded == ([1, 1, 1] if act == "relu" else [])
+    assert n_ran == (0 if act == "relu" else 3 if act == "hooked_relu" else 0)
+    assert len(seen) == (6 if act == "hooked_relu" else 0)  # its hook saw every call, both runs
+    with pytest.raises(ValueError, match="pre_act needs the block's shortcut"):
+        layers[0](inputs[0][0], StageState(capacity=1), pre_act=module)
 
 
 def test_depthwise_conv3x3_leaves_other_convolutions_to_pytorch(monkeypatch):

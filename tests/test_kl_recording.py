@@ -20,14 +20,15 @@ def _tiny(attn_type, skip_mask=None):
 
 
 def _capture_attention_inputs(model):
-    """y (and sc) entering each attention layer, per block index. MRLA-L is handed the block's conv
-    branch and its final activation (``pre_act``) instead of y: y = pre_act(branch + sc)."""
+    """y (and sc) entering each attention layer, per block index. The blocks hand the layers their conv
+    branch, shortcut and final activation (``pre_act``) instead of y: y = pre_act(branch + sc)."""
     seen = {}
 
     def hook(m, inp, kwargs, j):
-        tensors = [t.detach().double() for t in inp[:-1]]
+        tensors = [t.detach().double() for t in inp[:-1]]  # MRLA-L: (branch, sc); MRLA-B: (branch,)
         if kwargs.get("pre_act") is not None:
-            tensors[0] = kwargs["pre_act"](tensors[0] + tensors[1])
+            sc = kwargs["sc"].detach().double() if "sc" in kwargs else tensors[1]
+            tensors[0] = kwargs["pre_act"](tensors[0] + sc)
         seen[j] = tensors
 
     for j, blk in enumerate(model.layer1):

@@ -152,8 +152,13 @@ def test_cpu_fast_batch_statistics_match_reference(attn_type, dtype, monkeypatch
 
 
 def _count_kernel_calls(monkeypatch):
-    calls = {"tail": 0, "dw": 0, "light": 0, "light_relu": 0}
-    for key, fn in (("tail", fast_ops._FusedTail), ("dw", fast_ops._DepthwiseConv3x3), ("light", fast_ops._FusedLight)):
+    calls = {"tail": 0, "dw": 0, "dw_relu": 0, "light": 0, "light_relu": 0}
+    for key, fn in (
+        ("tail", fast_ops._FusedTail),
+        ("dw", fast_ops._DepthwiseConv3x3),
+        ("dw_relu", fast_ops._ReluSumDepthwise3x3),  # MRLA-B's conv with the block's sum and ReLU folded in
+        ("light", fast_ops._FusedLight),
+    ):
         real = fn.apply
 
         def spy(*a, real=real, key=key):
@@ -189,9 +194,12 @@ def test_cpu_kernels_match_reference_in_whole_network(attn_type, dtype, training
     _assert_same(_run(lib, x), _run(ref, x, fn=lambda inp: _ref_forward(ref, inp)), **tol)
     # one per active attention layer (7 blocks, 3 skipped)
     fused = attn_type == "mrla_l" and fast_ops.FUSED_LIGHT_LAYER
-    assert calls == (
-        {"tail": 0, "dw": 0, "light": 4, "light_relu": 4} if fused else {"tail": 4, "dw": 4, "light": 0, "light_relu": 0}
-    )
+    if fused:
+        assert calls == {"tail": 0, "dw": 0, "dw_relu": 0, "light": 4, "light_relu": 4}
+    elif attn_type == "mrla_b":
+        assert calls == {"tail": 4, "dw": 0, "dw_relu": 4, "light": 0, "light_relu": 0}
+    else:
+        assert calls == {"tail": 4, "dw": 4, "dw_relu": 0, "light": 0, "light_relu": 0}
     for (name, got), (_, want) in zip(lib.named_buffers(), ref.named_buffers()):
         if not name.endswith("num_batches_tracked"):
             torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{name}: {m}")

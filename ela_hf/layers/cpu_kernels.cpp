@@ -365,14 +365,22 @@ void for_planes(int64_t N, int64_t C, int64_t H, int64_t W, int nt, F&& f) {
   }
 }
 
-// plane_mean (optional): the mean of each input plane, the layer's pooled descriptor, in the same read
+// plane_mean (optional): the mean of each input plane, the layer's pooled descriptor, in the same read.
+// pre (optional, with sc): the block's conv branch before its residual sum and ReLU; the input
+// in = relu(pre + sc) is then formed here and written to in.
 template <typename T, int WC>
-void dw_forward(const T* in, const T* weight, T* out, double* plane_mean, int64_t N, int64_t C, int64_t H,
-                int64_t W_, int nt) {
+void dw_forward(const T* pre, const T* sc, T* in, const T* weight, T* out, double* plane_mean, int64_t N,
+                int64_t C, int64_t H, int64_t W_, int nt) {
   const int64_t W = WC ? WC : W_;
   for_planes<T>(N, C, H, W, nt, [&](PlaneBuffers<T>& b, int64_t p, int64_t c, int64_t off) {
-    if (plane_mean) plane_mean[p] = pad_plane<T, true, WC>(in + off, b.py, H, W) / (double)(H * W);
-    else pad_plane<T, false, WC>(in + off, b.py, H, W);
+    if (pre) {
+      const double total = pad_relu_plane<T, WC>(pre + off, sc + off, in + off, b.py, H, W);
+      if (plane_mean) plane_mean[p] = total / (double)(H * W);
+    } else if (plane_mean) {
+      plane_mean[p] = pad_plane<T, true, WC>(in + off, b.py, H, W) / (double)(H * W);
+    } else {
+      pad_plane<T, false, WC>(in + off, b.py, H, W);
+    }
     dw_plane<T, WC>(b.py, weight + c * 9, b.tmp, out + off, H, W);
   });
 }
@@ -382,17 +390,27 @@ void dw_forward(const T* in, const T* weight, T* out, double* plane_mean, int64_
 //   gw[p, a, b] = sum_{i, j} g[i, j] * in[i + a - 1, j + b - 1],
 // summed over the batch by the caller, so the result does not depend on the number of threads.
 // gin_add (optional): a constant per plane added to the input gradient (the pooled mean's gradient / HW).
-template <typename T, int WC>
-void dw_backward(const T* g, const T* in, const T* weight, const T* gin_add, T* gin, double* gw, int64_t N,
-                 int64_t C, int64_t H, int64_t W_, int nt) {
+// gin_res (optional): the input's gradient from its other uses (MRLA-B's residual), added in the same write.
+// PRE (the input formed as relu(pre + sc) by dw_forward): gin is then the gradient of pre (and of sc),
+// masked by [in > 0] with a select, as PyTorch's ReLU backward.
+template <typename T, int WC, bool PRE>
+void dw_backward(const T* g, const T* in, const T* weight, const T* gin_add, const T* gin_res, T* gin, double* gw,
+                 int64_t N, int64_t C, int64_t H, int64_t W_, int nt) {
   const int64_t W = WC ? WC : W_;
+  const int64_t HW = H * W;
   for_planes<T>(N, C, H, W, nt, [&](PlaneBuffers<T>& b, int64_t p, int64_t c, int64_t off) {
     const T* wc = weight + c * 9;
     pad_plane<T, false, WC>(g + off, b.pd, H, W);
     if (gin) {
       T wf[9];
       for (int k = 0; k < 9; ++k) wf[k] = wc[8 - k];
-      dw_plane<T, WC>(b.pd, wf, b.tmp, gin + off, H, W, gin_add ? gin_add[p] : T(0));
+      T* t = gin + off;
+      dw_plane<T, WC>(b.pd, wf, b.tmp, t, H, W, gin_add ? gin_add[p] : T(0), gin_res ? gin_res + off : nullptr);
+      if (PRE) {
+        const T* pin = in + off;
+#pragma omp simd
+        for (int64_t i = 0; i < HW; ++i) t[i] = pin[i] > T(0) ? t[i] : T(0);
+      }
     }
     if (gw) {
       pad_plane<T, false, WC>(in + off, b.py, H, W);
@@ -604,13 +622,18 @@ void with_width(int64_t W, F&& f) {
   }
 
 #define ELA_DEFINE_DW(T, SUF)                                                                                  \
-  extern "C" void ela_dw_forward_##SUF(const T* in, const T* w, T* out, double* plane_mean, int64_t N,       \
-                                       int64_t C, int64_t H, int64_t W, int nt) {                             \
-    with_width(W, [&](auto wc) { dw_forward<T, ELA_FLAG(wc)>(in, w, out, plane_mean, N, C, H, W, nt); });     \
+  extern "C" void ela_dw_forward_##SUF(const T* pre, const T* sc, T* in, const T* w, T* out, double* plane_mean, \
+                                       int64_t N, int64_t C, int64_t H, int64_t W, int nt) {                  \
+    with_width(W, [&](auto wc) { dw_forward<T, ELA_FLAG(wc)>(pre, sc, in, w, out, plane_mean, N, C, H, W, nt); }); \
   }                                                                                                           \
-  extern "C" void ela_dw_backward_##SUF(const T* g, const T* in, const T* w, const T* gin_add, T* gin,         \
-                                        double* gw, int64_t N, int64_t C, int64_t H, int64_t W, int nt) {      \
-    with_width(W, [&](auto wc) { dw_backward<T, ELA_FLAG(wc)>(g, in, w, gin_add, gin, gw, N, C, H, W, nt); }); \
+  extern "C" void ela_dw_backward_##SUF(const T* g, const T* in, const T* w, const T* gin_add,                 \
+                                        const T* gin_res, T* gin, double* gw, int64_t N, int64_t C, int64_t H, \
+                                        int64_t W, int pre, int nt) {                                         \
+    with_width(W, [&](auto wc) {                                                                              \
+      with_flag(pre, [&](auto pr) {                                                                           \
+        dw_backward<T, ELA_FLAG(wc), ELA_FLAG(pr)>(g, in, w, gin_add, gin_res, gin, gw, N, C, H, W, nt);      \
+      });                                                                                                     \
+    });                                                                                                       \
   }
 
 #define ELA_DEFINE_LIGHT(T, SUF)                                                                               \

@@ -273,8 +273,8 @@ _SIGNATURES = {
     "apply": [_P] * 7 + [_I64] * 3 + [_INT, _INT],
     "bwd_reduce": [_P] * 10 + [_I64] * 3 + [_P, _P, _INT, _INT],
     "bwd_apply": [_P] * 17 + [_I64] * 3 + [_INT, _INT],
-    "dw_forward": [_P] * 4 + [_I64] * 4 + [_INT],
-    "dw_backward": [_P] * 6 + [_I64] * 4 + [_INT],
+    "dw_forward": [_P] * 6 + [_I64] * 4 + [_INT],
+    "dw_backward": [_P] * 7 + [_I64] * 4 + [_INT, _INT],
     "light_fwd_moments": [_P] * 5 + [_I64] * 4 + [_INT, _INT],
     "light_fwd_apply": [_P] * 7 + [_I64] * 4 + [_INT],
     "light_bwd_reduce": [_P] * 5 + [_I64] * 4 + [_INT],
@@ -504,30 +504,68 @@ class _DepthwiseConv3x3(torch.autograd.Function):
     def forward(ctx, x, weight, with_mean: bool, into: Optional[tuple] = None):
         n, c, h, w = x.shape
         wc = weight.detach().contiguous()
-        # into: (a contiguous tensor like x,) to write the result into, passed in a tuple so that autograd
-        # does not take it for an input
+        # into: (a contiguous tensor like x,) to write the result into (_checked_into)
         out = torch.empty_like(x) if into is None else into[0]
         mean = torch.empty(n, c, dtype=torch.float64) if with_mean else None
-        _kernel("dw_forward", x.dtype)(_ptr(x), _ptr(wc), _ptr(out), _ptr(mean), n, c, h, w, torch.get_num_threads())
+        _kernel("dw_forward", x.dtype)(
+            None, None, _ptr(x), _ptr(wc), _ptr(out), _ptr(mean), n, c, h, w, torch.get_num_threads()
+        )
         ctx.save_for_backward(x, wc)
         return (out, mean.to(x.dtype)) if with_mean else out
 
     @staticmethod
     def backward(ctx, grad_out, grad_mean=None):
         x, wc = ctx.saved_tensors
-        n, c, h, w = x.shape
-        need_x, need_w = ctx.needs_input_grad[:2]
-        g = grad_out.contiguous()  # zeros if only the mean was used (autograd materialises it)
-        grad_x = torch.empty_like(x) if need_x else None
-        per_plane = torch.empty(n, c, 9, dtype=torch.float64) if need_w else None
-        add = None if grad_mean is None or not need_x else (grad_mean * (1.0 / (h * w))).to(x.dtype).contiguous()
-        if grad_x is None and per_plane is None:
-            return None, None, None, None
-        _kernel("dw_backward", x.dtype)(
-            _ptr(g), _ptr(x), _ptr(wc), _ptr(add), _ptr(grad_x), _ptr(per_plane), n, c, h, w, torch.get_num_threads()
-        )
-        grad_w = None if per_plane is None else per_plane.sum(0).to(wc.dtype).view_as(wc)
+        grad_x, grad_w = _dw_backward(x, wc, grad_out, grad_mean, None, *ctx.needs_input_grad[:2], relu=False)
         return grad_x, grad_w, None, None
+
+
+class _ReluSumDepthwise3x3(torch.autograd.Function):
+    """``y = relu(pre + sc)`` (a block's residual sum and final ReLU), the depthwise conv of ``y`` and the
+    per-channel mean of ``y``, in one pass; returns ``(y, conv(y), mean)``. Backward takes y's gradient
+    from its other uses (MRLA-B's residual) into the conv's input-gradient write and applies the ReLU's
+    mask there: one pass, where autograd ran the sum of y's two gradients and the ReLU's backward
+    separately. The gradients of ``pre`` and ``sc`` are then the same tensor, as for PyTorch's sum."""
+
+    @staticmethod
+    def forward(ctx, pre, sc, weight, into: Optional[tuple] = None):
+        n, c, h, w = pre.shape
+        wc = weight.detach().contiguous()
+        y = torch.empty_like(pre)
+        out = torch.empty_like(pre) if into is None else into[0]
+        mean = torch.empty(n, c, dtype=torch.float64)
+        _kernel("dw_forward", pre.dtype)(
+            _ptr(pre), _ptr(sc), _ptr(y), _ptr(wc), _ptr(out), _ptr(mean), n, c, h, w, torch.get_num_threads()
+        )
+        ctx.save_for_backward(y, wc)
+        return y, out, mean.to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_out, grad_mean):
+        y, wc = ctx.saved_tensors
+        need_pre, need_sc, need_w = ctx.needs_input_grad[:3]
+        grad_in, grad_w = _dw_backward(y, wc, grad_out, grad_mean, grad_y, need_pre or need_sc, need_w, relu=True)
+        return grad_in if need_pre else None, grad_in if need_sc else None, grad_w, None
+
+
+def _dw_backward(x, wc, grad_out, grad_mean, grad_res, need_x: bool, need_w: bool, relu: bool):
+    """The depthwise conv's input gradient (plus the mean's and ``grad_res``; with ``relu``, masked by
+    ``x > 0``) and its weight gradient, each where needed."""
+    n, c, h, w = x.shape
+    if not (need_x or need_w):
+        return None, None
+    # zeros if only the mean was used (autograd materialises them)
+    g = grad_out.contiguous() if grad_out is not None else torch.zeros_like(x)
+    grad_x = torch.empty_like(x) if need_x else None
+    per_plane = torch.empty(n, c, 9, dtype=torch.float64) if need_w else None
+    add = None if grad_mean is None or not need_x else (grad_mean * (1.0 / (h * w))).to(x.dtype).contiguous()
+    res = grad_res.contiguous() if grad_res is not None and need_x else None
+    _kernel("dw_backward", x.dtype)(
+        _ptr(g), _ptr(x), _ptr(wc), _ptr(add), _ptr(res), _ptr(grad_x), _ptr(per_plane), n, c, h, w, int(relu),
+        torch.get_num_threads(),
+    )
+    grad_w = None if per_plane is None else per_plane.sum(0).to(wc.dtype).view_as(wc)
+    return grad_x, grad_w
 
 
 def _dw_eligible(conv: nn.Module, x: torch.Tensor) -> bool:
@@ -561,20 +599,34 @@ def depthwise_conv3x3(conv: nn.Conv2d, x: torch.Tensor, *, with_mean: bool = Fal
     alone and a new tensor is returned.
     """
     if _dw_eligible(conv, x):
-        into = None
-        if out is not None:
-            if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
-                raise ValueError(
-                    f"depthwise_conv3x3: out must be a contiguous {x.dtype} tensor of shape {tuple(x.shape)}, "
-                    f"got {out.dtype} {tuple(out.shape)} (contiguous: {out.is_contiguous()})"
-                )
-            into = (out,)
-        return _DepthwiseConv3x3.apply(x, conv.weight, with_mean, into)
+        return _DepthwiseConv3x3.apply(x, conv.weight, with_mean, _checked_into(out, x, "depthwise_conv3x3"))
     if not with_mean:
         return conv(x)
     # sum * 1/HW rather than mean: mean's backward materialises a full-size gradient before it is
     # accumulated into x's; sum's is an expanded view
     return conv(x), x.sum(dim=(2, 3)) * (1.0 / (x.shape[2] * x.shape[3]))
+
+
+def relu_sum_depthwise_conv3x3(conv: nn.Conv2d, pre: torch.Tensor, sc: torch.Tensor, *,
+                               out: Optional[torch.Tensor] = None):
+    """``(y, conv(y), y.mean((2, 3)))`` for ``y = relu(pre + sc)`` (a block's residual sum and final ReLU)
+    in one C++ kernel pass, or None where the kernel does not apply (then the caller forms ``y`` itself and
+    calls :func:`depthwise_conv3x3`). ``out`` as for :func:`depthwise_conv3x3`."""
+    if not (_dw_eligible(conv, pre) and _same_layout(sc, pre)):
+        return None
+    return _ReluSumDepthwise3x3.apply(pre, sc, conv.weight, _checked_into(out, pre, "relu_sum_depthwise_conv3x3"))
+
+
+def _checked_into(out: Optional[torch.Tensor], x: torch.Tensor, caller: str) -> Optional[tuple]:
+    """``out`` in a tuple (so that autograd does not take it for an input), after checking that it fits."""
+    if out is None:
+        return None
+    if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
+        raise ValueError(
+            f"{caller}: out must be a contiguous {x.dtype} tensor of shape {tuple(x.shape)}, "
+            f"got {out.dtype} {tuple(out.shape)} (contiguous: {out.is_contiguous()})"
+        )
+    return (out,)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -716,7 +768,7 @@ def _light_batch_stats(y, sc, wc, a, l, mom, m):
         return mean, var
     n, c, h, w = y.shape
     v = torch.empty_like(y)
-    _kernel("dw_forward", y.dtype)(_ptr(y), _ptr(wc), _ptr(v), None, n, c, h, w, torch.get_num_threads())
+    _kernel("dw_forward", y.dtype)(None, None, _ptr(y), _ptr(wc), _ptr(v), None, n, c, h, w, torch.get_num_threads())
     mean = torch.empty(c, dtype=torch.float64)
     var = torch.empty(c, dtype=torch.float64)
     _kernel("stats", y.dtype)(_ptr(v), _ptr(sc), _ptr(a), _ptr(l), n, c, h * w, _ptr(mean), _ptr(var), torch.get_num_threads())

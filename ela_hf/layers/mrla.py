@@ -18,7 +18,14 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from timm.layers import DropPath
 
-from .fast_ops import _dw_eligible, _heads_to_channels, attention_tail, depthwise_conv3x3, light_layer
+from .fast_ops import (
+    _dw_eligible,
+    _heads_to_channels,
+    attention_tail,
+    depthwise_conv3x3,
+    light_layer,
+    relu_sum_depthwise_conv3x3,
+)
 
 __all__ = [
     "eca_kernel_size",
@@ -559,12 +566,34 @@ class MrlaBase(_LayerAttentionBase):
     def __init__(self, channels: int, dim_per_head: int = 16, k_size: Optional[int] = None, drop_path: float = 0.0):
         super().__init__(channels, dim_per_head, k_size, drop_path)
 
-    def forward(self, y: torch.Tensor, state: StageState) -> torch.Tensor:
+    def forward(
+        self,
+        y: torch.Tensor,
+        state: StageState,
+        sc: Optional[torch.Tensor] = None,
+        pre_act: Optional[nn.Module] = None,
+    ) -> torch.Tensor:
+        """``y``: the block's output; or, with ``pre_act`` (the block's final activation) and ``sc`` (its
+        shortcut), its conv branch before the residual sum, the layer's input then being
+        ``pre_act(y + sc)``. A plain ``nn.ReLU`` there (without hooks) is folded into the conv's CPU
+        kernel."""
+        if pre_act is not None and sc is None:
+            raise ValueError("MrlaBase: pre_act needs the block's shortcut sc")
         # on the CPU kernel the conv writes V straight into the stage buffer's next slot (no copy)
+        kernel = not self._plain_attention(state)
+        if pre_act is not None and not (kernel and _plain_relu(pre_act) and _dw_eligible(self.wv, y)):
+            y, pre_act = pre_act(y + sc), None
         slot = None
-        if _dw_eligible(self.wv, y) and not self._plain_attention(state):
+        if kernel and _dw_eligible(self.wv, y):
             slot = self._value_cache(state).next_slot(y)
-        v, q, k = self._values_query_key(y, out=slot)
+        folded = None if pre_act is None else relu_sum_depthwise_conv3x3(self.wv, y, sc, out=slot)
+        if folded is not None:
+            y, v, g = folded
+            q, k = self._query_key(g, self.wq.weight, self.wk.weight)
+        else:
+            if pre_act is not None:
+                y = pre_act(y + sc)
+            v, q, k = self._values_query_key(y, out=slot)
         state.keys.append(k)
         keys = torch.stack(state.keys, dim=2)  # [B, heads, t, d]: tiny, unlike the values
         attn = torch.softmax(torch.einsum("bhd,bhtd->bht", q, keys) * self.scale, dim=-1)

@@ -95,11 +95,11 @@ class _LayerAttentionBlockMixin:
             return self._final_act(y + sc)
         if state is None:
             state = StageState()
+        # the residual sum and the final activation go in with the layer: its CPU kernels apply a ReLU
+        # themselves (MrlaLight.forward, MrlaBase.forward)
         if self.attn_type == "mrla_l":
-            # the residual sum and the final activation go in with the layer: its fused CPU kernels
-            # apply a ReLU themselves (MrlaLight.forward)
             return self.attn(y, sc, state, pre_act=self._final_act_module())
-        return self.attn(self._final_act(y + sc), state)
+        return self.attn(y, state, sc=sc, pre_act=self._final_act_module())
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
