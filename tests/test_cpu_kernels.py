@@ -672,6 +672,32 @@ def test_light_layer_with_the_relu_folded_in_gives_partial_gradients(monkeypatch
 
 
 @needs_kernels
+@pytest.mark.parametrize("why", ["switched_off", "small_planes"])
+def test_mrla_l_without_its_fused_layer_still_folds_the_relu_into_the_conv(why, monkeypatch):
+    """Where MRLA-L's fused layer does not run, the block's sum and ReLU still go into the separate conv
+    kernel (``relu_sum_depthwise_conv3x3``) and the result is the spec's on ``relu(pre + sc)``."""
+    light = _spy_light(monkeypatch)
+    folded = []
+    real = fast_ops._ReluSumDepthwise3x3.apply
+    monkeypatch.setattr(fast_ops._ReluSumDepthwise3x3, "apply", lambda *a: folded.append(1) or real(*a))
+    ran = _relu_spy(monkeypatch)
+    if why == "switched_off":
+        monkeypatch.setattr(fast_ops, "FUSED_LIGHT_LAYER", False)
+    else:
+        monkeypatch.setattr(fast_ops, "LIGHT_MIN_PLANE", 65)
+    m = _light_module(8, torch.float64).train()
+    ref = copy.deepcopy(m)
+    pre, sc = _pre_inputs((2, 8, 8, 8), torch.float64, seed=4)
+    grad = torch.randn(2, 8, 8, 8, dtype=torch.float64)
+    got = _light_run(m, pre, sc, grad, fn=lambda mod, p, s: mod(p, s, StageState(), pre_act=nn.ReLU()))
+    want = _light_run(ref, pre, sc, grad, fn=lambda mod, p, s: _reference_light(mod, torch.relu(p + s), s))
+    assert light == [] and folded == [1] and ran == []
+    torch.testing.assert_close(got[0], want[0], **_tol(torch.float64))
+    for name in want[1]:
+        torch.testing.assert_close(got[1][name], want[1][name], **_tol(torch.float64), msg=lambda msg: f"{name}: {msg}")
+
+
+@needs_kernels
 def test_light_layer_leaves_other_activations_to_pytorch(monkeypatch):
     """Only a plain ``nn.ReLU`` without hooks is folded: another activation, or a ReLU with a forward
     hook (which must see its call), runs as a module and the fused layer takes its output."""

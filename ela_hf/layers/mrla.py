@@ -507,15 +507,12 @@ class MrlaLight(_LayerAttentionBase):
     ) -> torch.Tensor:
         """``y``: the block's output; or, with ``pre_act`` (the block's final activation), its conv branch
         before the residual sum, the layer's input then being ``pre_act(y + sc)``. A plain ``nn.ReLU``
-        there (without hooks) is folded into the fused CPU kernels."""
+        there (without hooks) is folded into the CPU kernels (the fused layer's, or else the conv's)."""
+        if pre_act is not None and not _plain_relu(pre_act):
+            y, pre_act = pre_act(y + sc), None
         # on the CPU: the conv, the pooling and the tail in one kernel set that never stores V
         # (timm's DropPath is the identity in eval mode)
-        fusable = isinstance(self.drop_path, nn.Identity) or (
-            type(self.drop_path) is DropPath and not self.drop_path.training
-        )
-        if pre_act is not None and not (fusable and _plain_relu(pre_act)):
-            y, pre_act = pre_act(y + sc), None
-        if fusable:
+        if isinstance(self.drop_path, nn.Identity) or (type(self.drop_path) is DropPath and not self.drop_path.training):
             fused = light_layer(self.bn, self.wv, y, sc, self.lam, self._gate, self.heads, self.wq.weight,
                                 self.wk.weight, pre_relu=pre_act is not None)
             if fused is not None:
@@ -523,9 +520,13 @@ class MrlaLight(_LayerAttentionBase):
                 if self._records():
                     self._record(gate, state)
                 return out
-        if pre_act is not None:
-            y = pre_act(y + sc)
-        v, g = depthwise_conv3x3(self.wv, y, with_mean=True)
+        folded = None if pre_act is None else relu_sum_depthwise_conv3x3(self.wv, y, sc)
+        if folded is not None:
+            y, v, g = folded
+        else:
+            if pre_act is not None:
+                y = pre_act(y + sc)
+            v, g = depthwise_conv3x3(self.wv, y, with_mean=True)
         gate = self._gate(g, self.wq.weight, self.wk.weight)  # [B, heads]
         # the per-channel gate is tiny ([B, C, 1, 1]); lambda and the gate are cast to the values' dtype:
         # under autocast the large tensors stay in bf16 instead of being promoted to float32 by the
