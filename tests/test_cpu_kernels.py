@@ -384,9 +384,7 @@ def test_mrla_b_folds_a_plain_relu_of_the_block_and_nothing_else(act, monkeypatc
     seen = []
     if act == "hooked_relu":
         module.register_forward_hook(lambda m, i, o: seen.append(1))
-    ran = []
-    real_relu = nn.ReLU.forward
-    monkeypatch.setattr(nn.ReLU, "forward", lambda self, x: ran.append(1) or real_relu(self, x))
+    ran = _relu_spy(monkeypatch)
     torch.manual_seed(0)
     layers = [MrlaBase(8, dim_per_head=4).double().train() for _ in range(3)]
     refs = copy.deepcopy(layers)
@@ -614,14 +612,6 @@ def _relu_spy(monkeypatch):
     return ran
 
 
-def _pre_inputs(shape, dtype, seed=0):
-    """The block's conv branch and shortcut; a few positions sum to exactly 0 (the ReLU's edge)."""
-    torch.manual_seed(seed)
-    pre, sc = torch.randn(*shape, dtype=dtype), torch.randn(*shape, dtype=dtype)
-    pre.view(-1)[::7] = -sc.view(-1)[::7]
-    return pre, sc
-
-
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("training", [True, False])
@@ -635,7 +625,7 @@ def test_light_layer_folds_the_blocks_residual_sum_and_relu(dtype, training, hw,
     ran = _relu_spy(monkeypatch)
     m = _light_module(8, dtype).train(training)
     ref = copy.deepcopy(m)
-    pre, sc = _pre_inputs((3, 8, *hw), dtype)
+    pre, sc = _pre_and_shortcut((3, 8, *hw), dtype)
     assert int(((pre + sc) == 0).sum()) > 0
     grad = torch.randn(3, 8, *hw, dtype=dtype)
     got = _light_run(m, pre, sc, grad, fn=lambda mod, p, s: mod(p, s, StageState(), pre_act=nn.ReLU()))
@@ -659,7 +649,7 @@ def test_light_layer_with_the_relu_folded_in_gives_partial_gradients(monkeypatch
     calls = _spy_light(monkeypatch)
     m = _light_module(8, torch.float64).train()
     ref = copy.deepcopy(m)
-    pre, sc = _pre_inputs((2, 8, 6, 6), torch.float64, seed=1)
+    pre, sc = _pre_and_shortcut((2, 8, 6, 6), torch.float64, seed=1)
     for wanted in ("sc", "pre"):
         p, s = pre.clone().requires_grad_(wanted == "pre"), sc.clone().requires_grad_(wanted == "sc")
         out = m(p, s, StageState(), pre_act=nn.ReLU())
@@ -687,7 +677,7 @@ def test_mrla_l_without_its_fused_layer_still_folds_the_relu_into_the_conv(why, 
         monkeypatch.setattr(fast_ops, "LIGHT_MIN_PLANE", 65)
     m = _light_module(8, torch.float64).train()
     ref = copy.deepcopy(m)
-    pre, sc = _pre_inputs((2, 8, 8, 8), torch.float64, seed=4)
+    pre, sc = _pre_and_shortcut((2, 8, 8, 8), torch.float64, seed=4)
     grad = torch.randn(2, 8, 8, 8, dtype=torch.float64)
     got = _light_run(m, pre, sc, grad, fn=lambda mod, p, s: mod(p, s, StageState(), pre_act=nn.ReLU()))
     want = _light_run(ref, pre, sc, grad, fn=lambda mod, p, s: _reference_light(mod, torch.relu(p + s), s))
@@ -704,7 +694,7 @@ def test_light_layer_leaves_other_activations_to_pytorch(monkeypatch):
     calls = _spy_light(monkeypatch)
     m = _light_module(8, torch.float64).train()
     ref = copy.deepcopy(m)
-    pre, sc = _pre_inputs((2, 8, 6, 6), torch.float64)
+    pre, sc = _pre_and_shortcut((2, 8, 6, 6), torch.float64)
     seen = []
     hooked = nn.ReLU()
     hooked.register_forward_hook(lambda mod, i, o: seen.append(o.shape))

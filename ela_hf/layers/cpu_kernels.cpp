@@ -222,11 +222,12 @@ void bwd_apply(const T* g, const T* v, const T* sc, const T* a, const T* l, cons
 // zero-bordered buffer of row length Wp = W + 2, and then every tap is one long flat loop over that
 // buffer (rows of 8 or 32 elements alone would leave the vector units mostly idle).
 
-// Copies the plane into the zero-bordered buffer; with SUM, returns the plane's sum (else 0), taken in
-// one flat loop over the buffer once it is in L1 (its borders are zero): a sum per row would end every
-// row of 8 to 32 elements in a chain of scalar adds, which cost as much as the copy itself
-template <typename T, bool SUM, int WC = 0>
-double pad_plane(const T* src, T* dst, int64_t H, int64_t W_) {
+// Fills the zero-bordered buffer with the plane's elements at(k), k = i * W + j; with SUM, returns
+// their sum (else 0), taken in one flat loop over the buffer once it is in L1 (its borders are zero):
+// a sum per row would end every row of 8 to 32 elements in a chain of scalar adds, which cost as much
+// as the copy itself
+template <typename T, bool SUM, int WC, typename F>
+double pad_plane_of(F&& at, T* dst, int64_t H, int64_t W_) {
   const int64_t W = WC ? WC : W_;
   const int64_t Wp = W + 2, n = (H + 2) * Wp;
   for (int64_t k = 0; k < Wp; ++k) dst[k] = dst[(H + 1) * Wp + k] = T(0);
@@ -234,7 +235,7 @@ double pad_plane(const T* src, T* dst, int64_t H, int64_t W_) {
     T* row = dst + (i + 1) * Wp;
     row[0] = row[W + 1] = T(0);
 #pragma omp simd
-    for (int64_t j = 0; j < W; ++j) row[j + 1] = src[i * W + j];
+    for (int64_t j = 0; j < W; ++j) row[j + 1] = at(i * W + j);
   }
   dst[n] = dst[n + 1] = T(0);  // read (and discarded) by the flat loops' last taps
   double total = 0;
@@ -245,30 +246,25 @@ double pad_plane(const T* src, T* dst, int64_t H, int64_t W_) {
   return total;
 }
 
-// The block's output y = relu(pre + sc) (the residual sum and ReLU that precede MRLA-L), written to y
-// and into the zero-bordered buffer in the same loop; returns the plane's sum of y. relu keeps NaN, as
-// PyTorch's does.
+// Copies the plane src into the zero-bordered buffer (with SUM, returns its sum)
+template <typename T, bool SUM, int WC = 0>
+double pad_plane(const T* src, T* dst, int64_t H, int64_t W_) {
+  return pad_plane_of<T, SUM, WC>([src](int64_t k) { return src[k]; }, dst, H, W_);
+}
+
+// The block's output y = relu(pre + sc) (the residual sum and ReLU that precede the attention layer),
+// written to y and into the zero-bordered buffer in the same loop; returns the plane's sum of y. relu
+// keeps NaN, as PyTorch's does.
 template <typename T, int WC = 0>
 double pad_relu_plane(const T* pre, const T* sc, T* y, T* dst, int64_t H, int64_t W_) {
-  const int64_t W = WC ? WC : W_;
-  const int64_t Wp = W + 2, n = (H + 2) * Wp;
-  for (int64_t k = 0; k < Wp; ++k) dst[k] = dst[(H + 1) * Wp + k] = T(0);
-  for (int64_t i = 0; i < H; ++i) {
-    T* row = dst + (i + 1) * Wp;
-    row[0] = row[W + 1] = T(0);
-#pragma omp simd
-    for (int64_t j = 0; j < W; ++j) {
-      const T s = pre[i * W + j] + sc[i * W + j];
-      const T r = s < T(0) ? T(0) : s;
-      y[i * W + j] = r;
-      row[j + 1] = r;
-    }
-  }
-  dst[n] = dst[n + 1] = T(0);
-  double total = 0;
-#pragma omp simd reduction(+ : total)
-  for (int64_t k = 0; k < n; ++k) total += (double)dst[k];
-  return total;
+  return pad_plane_of<T, true, WC>(
+      [=](int64_t k) {
+        const T s = pre[k] + sc[k];
+        const T r = s < T(0) ? T(0) : s;
+        y[k] = r;
+        return r;
+      },
+      dst, H, W_);
 }
 
 // out = correlation of the padded plane with w (+ add, + plus[i, j] where given), through tmp (H * Wp,
