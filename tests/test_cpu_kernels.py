@@ -411,8 +411,10 @@ def test_mrla_b_folds_a_plain_relu_of_the_block_and_nothing_else(act, monkeypatc
     assert folded == ([1, 1, 1] if act == "relu" else [])
     assert n_ran == (0 if act == "relu" else 3 if act == "hooked_relu" else 0)
     assert len(seen) == (6 if act == "hooked_relu" else 0)  # its hook saw every call, both runs
-    with pytest.raises(ValueError, match="pre_act needs the block's shortcut"):
+    with pytest.raises(ValueError, match="pre_act and sc go together"):
         layers[0](inputs[0][0], StageState(capacity=1), pre_act=module)
+    with pytest.raises(ValueError, match="pre_act and sc go together"):
+        layers[0](inputs[0][0], StageState(capacity=1), sc=inputs[0][1])
 
 
 def test_depthwise_conv3x3_leaves_other_convolutions_to_pytorch(monkeypatch):

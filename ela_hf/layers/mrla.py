@@ -578,8 +578,11 @@ class MrlaBase(_LayerAttentionBase):
         shortcut), its conv branch before the residual sum, the layer's input then being
         ``pre_act(y + sc)``. A plain ``nn.ReLU`` there (without hooks) is folded into the conv's CPU
         kernel."""
-        if pre_act is not None and sc is None:
-            raise ValueError("MrlaBase: pre_act needs the block's shortcut sc")
+        if (pre_act is None) != (sc is None):
+            raise ValueError(
+                "MrlaBase: pre_act and sc go together (the block's final activation and the shortcut of its "
+                "residual sum; MRLA-B itself does not use the shortcut)"
+            )
         # on the CPU kernel the conv writes V straight into the stage buffer's next slot (no copy)
         kernel = not self._plain_attention(state)
         if pre_act is not None and not (kernel and _plain_relu(pre_act) and _dw_eligible(self.wv, y)):
