@@ -319,6 +319,31 @@ void dw_weight_grad(const T* pg, const T* px, double* o, int64_t H, int64_t W_) 
   o[0] = s0, o[1] = s1, o[2] = s2, o[3] = s3, o[4] = s4, o[5] = s5, o[6] = s6, o[7] = s7, o[8] = s8;
 }
 
+// The conv's input gradient into t: the correlation of the padded output gradient pd with w rotated by
+// 180 degrees, + add + plus[i, j] (where given). PRE (the conv's input y formed as relu(pre + sc)): t is
+// then masked by [y > 0] (a select, as PyTorch's ReLU backward), and added to add_to where given (the
+// residual sum's shortcut branch).
+template <typename T, int WC, bool PRE>
+void dw_input_grad(const T* pd, const T* w, T* tmp, T* t, int64_t H, int64_t W_, T add, const T* plus, const T* y,
+                   T* add_to) {
+  const int64_t HW = H * (WC ? WC : W_);
+  T wf[9];
+  for (int k = 0; k < 9; ++k) wf[k] = w[8 - k];
+  dw_plane<T, WC>(pd, wf, tmp, t, H, W_, add, plus);
+  if (!PRE) return;
+  if (add_to) {
+#pragma omp simd
+    for (int64_t i = 0; i < HW; ++i) {
+      const T m = y[i] > T(0) ? t[i] : T(0);
+      t[i] = m;
+      add_to[i] += m;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < HW; ++i) t[i] = y[i] > T(0) ? t[i] : T(0);
+  }
+}
+
 // Thread-private plane buffers: two zero-bordered planes (py, pd), the conv's H x Wp result, V and two
 // scratch planes.
 template <typename T>
@@ -393,21 +418,11 @@ template <typename T, int WC, bool PRE>
 void dw_backward(const T* g, const T* in, const T* weight, const T* gin_add, const T* gin_res, T* gin, double* gw,
                  int64_t N, int64_t C, int64_t H, int64_t W_, int nt) {
   const int64_t W = WC ? WC : W_;
-  const int64_t HW = H * W;
   for_planes<T>(N, C, H, W, nt, [&](PlaneBuffers<T>& b, int64_t p, int64_t c, int64_t off) {
-    const T* wc = weight + c * 9;
     pad_plane<T, false, WC>(g + off, b.pd, H, W);
-    if (gin) {
-      T wf[9];
-      for (int k = 0; k < 9; ++k) wf[k] = wc[8 - k];
-      T* t = gin + off;
-      dw_plane<T, WC>(b.pd, wf, b.tmp, t, H, W, gin_add ? gin_add[p] : T(0), gin_res ? gin_res + off : nullptr);
-      if (PRE) {
-        const T* pin = in + off;
-#pragma omp simd
-        for (int64_t i = 0; i < HW; ++i) t[i] = pin[i] > T(0) ? t[i] : T(0);
-      }
-    }
+    if (gin)
+      dw_input_grad<T, WC, PRE>(b.pd, weight + c * 9, b.tmp, gin + off, H, W, gin_add ? gin_add[p] : T(0),
+                                gin_res ? gin_res + off : nullptr, in + off, nullptr);
     if (gw) {
       pad_plane<T, false, WC>(in + off, b.py, H, W);
       dw_weight_grad<T, WC>(b.pd, b.py, gw + p * 9, H, W);
@@ -529,27 +544,9 @@ void light_bwd_apply(const T* g, const T* y, const T* sc, const T* weight, const
       for (int64_t i = 0; i < HW; ++i) dv[i] = ap * (alc * pg[i] + bep * v[i] + dec * ps[i] + epc);
     }
     pad_plane<T, false, WC>(dv, b.pd, H, W);
-    if (gy || (PRE && gsc)) {
-      T wf[9];
-      for (int k = 0; k < 9; ++k) wf[k] = wc[8 - k];
-      T* t = gy ? gy + off : b.s;
-      dw_plane<T, WC>(b.pd, wf, b.tmp, t, H, W, gy_add ? gy_add[p] : T(0), pg);
-      if (PRE) {
-        const T* py = y + off;
-        if (gsc) {
-          T* pgs = gsc + off;
-#pragma omp simd
-          for (int64_t i = 0; i < HW; ++i) {
-            const T m = py[i] > T(0) ? t[i] : T(0);
-            t[i] = m;
-            pgs[i] += m;
-          }
-        } else {
-#pragma omp simd
-          for (int64_t i = 0; i < HW; ++i) t[i] = py[i] > T(0) ? t[i] : T(0);
-        }
-      }
-    }
+    if (gy || (PRE && gsc))  // with PRE, sc's gradient needs y's (in scratch where y's is not wanted)
+      dw_input_grad<T, WC, PRE>(b.pd, wc, b.tmp, gy ? gy + off : b.s, H, W, gy_add ? gy_add[p] : T(0), pg, y + off,
+                                gsc ? gsc + off : nullptr);
     if (gw) dw_weight_grad<T, WC>(b.pd, b.py, gw + p * 9, H, W);
   });
 }

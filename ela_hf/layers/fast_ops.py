@@ -57,7 +57,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
-    "attention_tail", "depthwise_conv3x3", "light_layer", "cpu_kernels", "kernel_cache_dir", "batch_norm", "light_tail",
+    "attention_tail", "depthwise_conv3x3", "relu_sum_depthwise_conv3x3", "light_layer", "cpu_kernels",
+    "kernel_cache_dir", "batch_norm", "light_tail",
     "FAST_CPU_PATHS",
 ]
 
@@ -554,8 +555,7 @@ def _dw_backward(x, wc, grad_out, grad_mean, grad_res, need_x: bool, need_w: boo
     n, c, h, w = x.shape
     if not (need_x or need_w):
         return None, None
-    # zeros if only the mean was used (autograd materialises them)
-    g = grad_out.contiguous() if grad_out is not None else torch.zeros_like(x)
+    g = grad_out.contiguous()  # zeros if only the mean was used (autograd materialises them)
     grad_x = torch.empty_like(x) if need_x else None
     per_plane = torch.empty(n, c, 9, dtype=torch.float64) if need_w else None
     add = None if grad_mean is None or not need_x else (grad_mean * (1.0 / (h * w))).to(x.dtype).contiguous()

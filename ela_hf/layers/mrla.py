@@ -432,23 +432,31 @@ class _LayerAttentionBase(nn.Module):
         self.recording = False
         self.kl_eps = DEFAULT_KL_EPS
 
-    def _values_query_key(self, y: torch.Tensor, out: Optional[torch.Tensor] = None):
-        """V = wv(y) and Q, K (``[B, heads, d]``) from the pooled descriptor ``g = GAP(y)``.
+    def _values_pooled(self, y: torch.Tensor, sc: Optional[torch.Tensor] = None, pre_act: Optional[nn.Module] = None,
+                       out: Optional[torch.Tensor] = None):
+        """``(y, V, g)``: the layer's input, ``V = wv(y)`` and the pooled descriptor ``g = GAP(y)`` (``[B, C]``).
 
+        With ``pre_act``, ``y`` comes in as the block's conv branch and the input is ``pre_act(y + sc)``;
+        a plain ReLU there is folded into the conv's CPU kernel (:func:`relu_sum_depthwise_conv3x3`).
         On the CPU the depthwise conv and the pooling share one read of ``y`` (fast_ops.py), and the conv
         writes V into ``out`` where given (MRLA-B's stage slot).
+        """
+        if pre_act is not None:
+            folded = relu_sum_depthwise_conv3x3(self.wv, y, sc, out=out) if _plain_relu(pre_act) else None
+            if folded is not None:
+                return folded
+            y = pre_act(y + sc)
+        v, g = depthwise_conv3x3(self.wv, y, with_mean=True, out=out)
+        return y, v, g
+
+    def _query_key(self, g: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor):
+        """Q and K (``[B, heads, d]``) from the pooled descriptor ``g`` (``[B, C]``) and the Conv1d weights.
 
         ``wq`` and ``wk`` are Conv1d(1, 1, k) over the channel axis; they are applied here as one
         ``[B, C, k] x [k, 2]`` product over the unfolded windows of ``g``: nn.Conv1d on a ``[B, 1, C]``
         input costs milliseconds per call on CPU (oneDNN primitive setup), more than the rest of the
         layer, and a backward through two of them is slower still.
         """
-        v, g = depthwise_conv3x3(self.wv, y, with_mean=True, out=out)  # g: [B, C]
-        q, k = self._query_key(g, self.wq.weight, self.wk.weight)
-        return v, q, k
-
-    def _query_key(self, g: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor):
-        """Q and K (``[B, heads, d]``) from the pooled descriptor ``g`` (``[B, C]``) and the Conv1d weights."""
         pad = (self.k_size - 1) // 2
         windows = F.pad(g, (pad, pad)).unfold(1, self.k_size, 1)  # [B, C, k]: windows[c, j] = g[c + j - pad]
         w = torch.cat([wq.view(1, -1), wk.view(1, -1)], dim=0)  # [2, k]
@@ -520,13 +528,7 @@ class MrlaLight(_LayerAttentionBase):
                 if self._records():
                     self._record(gate, state)
                 return out
-        folded = None if pre_act is None else relu_sum_depthwise_conv3x3(self.wv, y, sc)
-        if folded is not None:
-            y, v, g = folded
-        else:
-            if pre_act is not None:
-                y = pre_act(y + sc)
-            v, g = depthwise_conv3x3(self.wv, y, with_mean=True)
+        y, v, g = self._values_pooled(y, sc, pre_act)
         gate = self._gate(g, self.wq.weight, self.wk.weight)  # [B, heads]
         # the per-channel gate is tiny ([B, C, 1, 1]); lambda and the gate are cast to the values' dtype:
         # under autocast the large tensors stay in bf16 instead of being promoted to float32 by the
@@ -584,20 +586,11 @@ class MrlaBase(_LayerAttentionBase):
                 "residual sum; MRLA-B itself does not use the shortcut)"
             )
         # on the CPU kernel the conv writes V straight into the stage buffer's next slot (no copy)
-        kernel = not self._plain_attention(state)
-        if pre_act is not None and not (kernel and _plain_relu(pre_act) and _dw_eligible(self.wv, y)):
-            y, pre_act = pre_act(y + sc), None
         slot = None
-        if kernel and _dw_eligible(self.wv, y):
+        if _dw_eligible(self.wv, y) and not self._plain_attention(state):
             slot = self._value_cache(state).next_slot(y)
-        folded = None if pre_act is None else relu_sum_depthwise_conv3x3(self.wv, y, sc, out=slot)
-        if folded is not None:
-            y, v, g = folded
-            q, k = self._query_key(g, self.wq.weight, self.wk.weight)
-        else:
-            if pre_act is not None:
-                y = pre_act(y + sc)
-            v, q, k = self._values_query_key(y, out=slot)
+        y, v, g = self._values_pooled(y, sc, pre_act, out=slot)
+        q, k = self._query_key(g, self.wq.weight, self.wk.weight)
         state.keys.append(k)
         keys = torch.stack(state.keys, dim=2)  # [B, heads, t, d]: tiny, unlike the values
         attn = torch.softmax(torch.einsum("bhd,bhtd->bht", q, keys) * self.scale, dim=-1)

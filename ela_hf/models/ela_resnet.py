@@ -77,6 +77,9 @@ class _LayerAttentionBlockMixin:
     def _final_act_module(self) -> nn.Module:
         raise NotImplementedError
 
+    def _final_act(self, x: torch.Tensor) -> torch.Tensor:
+        return self._final_act_module()(x)
+
     @property
     def is_skipped(self) -> bool:
         return self._skip
@@ -125,9 +128,6 @@ class ElaBasicBlock(_LayerAttentionBlockMixin, BasicBlock):
     def _final_act_module(self) -> nn.Module:
         return self.act2
 
-    def _final_act(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act2(x)
-
     def _conv_path(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.drop_block(self.bn1(self.conv1(x))))
         x = self.aa(x)
@@ -145,9 +145,6 @@ class ElaBottleneck(_LayerAttentionBlockMixin, Bottleneck):
 
     def _final_act_module(self) -> nn.Module:
         return self.act3
-
-    def _final_act(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act3(x)
 
     def _conv_path(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.bn1(self.conv1(x)))
