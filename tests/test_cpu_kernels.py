@@ -228,8 +228,10 @@ def test_attention_tail_falls_back_outside_its_domain(monkeypatch):
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize(
-    "shape",  # widths 8, 16 and 32 run on kernels compiled for them, the others on the generic one
-    [(2, 3, 5, 7), (3, 4, 32, 32), (2, 3, 8, 8), (2, 3, 3, 16), (2, 2, 7, 2), (1, 2, 1, 3), (2, 5, 4, 4)],
+    "shape",  # widths 8, 16 and 32 run on kernels compiled for them (float32 on the row path where the
+    # CPU has AVX-512: rows of one or two vectors, one and two rows among them), the others on the generic one
+    [(2, 3, 5, 7), (3, 4, 32, 32), (2, 3, 8, 8), (2, 3, 3, 16), (2, 2, 7, 2), (1, 2, 1, 3), (2, 5, 4, 4),
+     (2, 3, 1, 16), (2, 2, 2, 32), (1, 2, 1, 8)],
 )
 def test_depthwise_conv3x3_matches_conv2d(dtype, shape, monkeypatch):
     calls = []
@@ -254,28 +256,33 @@ def test_depthwise_conv3x3_matches_conv2d(dtype, shape, monkeypatch):
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("use", ["both", "values", "mean"])
-def test_depthwise_conv3x3_with_mean_matches_conv2d_and_mean(dtype, use, monkeypatch):
+@pytest.mark.parametrize("hw", [(6, 5), (8, 8), (4, 16), (32, 32)])  # generic, and the row path's widths
+def test_depthwise_conv3x3_with_mean_matches_conv2d_and_mean(dtype, use, hw, monkeypatch):
     """The pooled descriptor comes from the conv's read of x; its gradient joins x's in the same write."""
     calls = []
     real = fast_ops._DepthwiseConv3x3.apply
     monkeypatch.setattr(fast_ops._DepthwiseConv3x3, "apply", lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False).to(dtype)
-    x = (torch.randn(3, 4, 6, 5, dtype=dtype) + 2).requires_grad_()
+    x = (torch.randn(3, 4, *hw, dtype=dtype) + 2).requires_grad_()
     out, mean = fast_ops.depthwise_conv3x3(conv, x, with_mean=True)
-    want_out, want_mean = F.conv2d(x, conv.weight, padding=1, groups=4), x.mean((2, 3))
+    # the reference in float64: the weight gradient sums N * H * W products of x ~ 2 (up to ~240 at 32 x 32),
+    # past float32 conv2d's own accuracy for a 2e-5 tolerance
+    x64, w64 = x.detach().double().requires_grad_(), conv.weight.detach().double().requires_grad_()
+    want_out, want_mean = F.conv2d(x64, w64, padding=1, groups=4), x64.mean((2, 3))
     assert calls == [1] and mean.shape == (3, 4) and mean.dtype == dtype
     tol = _tol(dtype)
-    torch.testing.assert_close(out, want_out, **tol)
-    torch.testing.assert_close(mean, want_mean, **tol)
+    torch.testing.assert_close(out.double(), want_out, **tol)
+    torch.testing.assert_close(mean.double(), want_mean, **tol)
     go, gm = torch.randn_like(out), torch.randn_like(mean)
 
     def loss(o, m):
+        o, m = o.double(), m.double()
         return {"both": (o * go).sum() + (m * gm).sum(), "values": (o * go).sum(), "mean": (m * gm).sum()}[use]
 
-    wrt = (x, conv.weight) if use != "mean" else (x,)
-    for g, r in zip(torch.autograd.grad(loss(out, mean), wrt), torch.autograd.grad(loss(want_out, want_mean), wrt)):
-        torch.testing.assert_close(g, r, **tol)
+    wrt, wrt64 = ((x, conv.weight), (x64, w64)) if use != "mean" else ((x,), (x64,))
+    for g, r in zip(torch.autograd.grad(loss(out, mean), wrt), torch.autograd.grad(loss(want_out, want_mean), wrt64)):
+        torch.testing.assert_close(g.double(), r, **tol)
 
 
 @needs_kernels
@@ -317,7 +324,7 @@ def _pre_and_shortcut(shape, dtype, seed=0):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (2, 4, 8, 8), (2, 3, 32, 32)])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (2, 4, 8, 8), (2, 3, 16, 16), (2, 3, 32, 32)])
 def test_relu_sum_depthwise_conv3x3_matches_autograd(dtype, shape):
     """``y = relu(pre + sc)``, ``conv(y)`` and ``y``'s mean in one kernel pass: the three outputs, and the
     gradients of pre, sc and the weight for a loss that uses all three (y as MRLA-B's residual), the
@@ -617,7 +624,7 @@ def _relu_spy(monkeypatch):
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("hw", [(5, 7), (8, 8), (32, 32)])
+@pytest.mark.parametrize("hw", [(5, 7), (8, 8), (3, 16), (32, 32)])
 def test_light_layer_folds_the_blocks_residual_sum_and_relu(dtype, training, hw, monkeypatch):
     """Given the block's conv branch and ``pre_act=nn.ReLU()``, the fused kernels form
     ``y = relu(pre + sc)`` themselves (no PyTorch ReLU runs) and return the gradients of the conv branch
