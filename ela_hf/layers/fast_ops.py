@@ -77,16 +77,17 @@ FAST_STATS_MIN_BYTES = 6 << 20
 VARIANCE_CONDITION_LIMIT = 1e4
 # The C++ kernels work plane by plane (one sample, one channel); on small planes their fixed costs win
 # over the saved passes. Measured with bench/bench_kernels.py (cold cache, one thread, the benchmark
-# networks' shapes): the depthwise conv is 0.3-0.5 of PyTorch's time on 32x32 and 16x16 planes,
-# 0.65-0.8 on 8x8, 1.5-1.9x on 4x4; the tails 0.2-0.99 down to 8x8, 1.0-1.5 on 4x4. Smaller planes
-# take the PyTorch paths.
+# networks' shapes): the depthwise conv is 0.25-0.42 of PyTorch's time on 32x32 and 16x16 planes,
+# 0.33-0.41 on 8x8 (its row path: cpu_kernels.cpp, 2b), 1.6-1.9x on 4x4; the tails 0.15-0.99 down to
+# 8x8, 1.0-1.5 on 4x4. Smaller planes take the PyTorch paths.
 DEPTHWISE_MIN_PLANE = 64
 TAIL_MIN_PLANE = 64
 # MRLA-L's fused layer (light_layer) recomputes the value conv in each of its four passes: it saves
 # memory traffic and allocations on large planes and costs arithmetic on small ones. bench_kernels.py
-# against the conv and tail kernels: 0.49-0.73 on CIFAR's 32x32 and 16x16 planes, 1.0-1.24 on
+# against the conv and tail kernels: 0.40-0.81 on CIFAR's 32x32 and 16x16 planes, 0.94-1.24 on
 # ImageNet's (batch 8), 1.07-1.24 on 8x8 (noisy; even within the noise in whole training steps, and it
-# keeps less memory).
+# keeps less memory). With the row path, 8x8 planes on the fused layer were within the noise in
+# training steps too (CIFAR 1.249 either way, ImageNet 1.163 against 1.200, in-process A/B).
 LIGHT_MIN_PLANE = 256
 
 
