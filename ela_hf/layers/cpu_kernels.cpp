@@ -367,6 +367,7 @@ template <int WC, typename F>
 inline void conv_rows(const float* in, const float* w, int64_t H, F&& store) {
   using V = typename RowOf<WC>::V;
   constexpr int NV = RowOf<WC>::NV;
+  if (H <= 0) return;  // (the callers never pass an empty plane; the last store below would be outside)
   typename V::R wv[9], up[NV], mid[NV];  // up, mid: output rows r - 1 and r, accumulating
   for (int k = 0; k < 9; ++k) wv[k] = V::set1(w[k]);
   for (int64_t r = 0; r < H; ++r) {
