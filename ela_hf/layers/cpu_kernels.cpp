@@ -257,19 +257,19 @@ double pad_plane(const T* src, T* dst, int64_t H, int64_t W_) {
   return pad_plane_of<T, SUM, WC>([src](int64_t k) { return src[k]; }, dst, H, W_);
 }
 
-// The block's output y = relu(pre + sc) (the residual sum and ReLU that precede the attention layer),
-// written to y and into the zero-bordered buffer in the same loop; returns the plane's sum of y. relu
-// keeps NaN, as PyTorch's does.
+// One element of the block's output y = relu(pre + sc) (the residual sum and ReLU that precede the
+// attention layer); relu keeps NaN, as PyTorch's does
+template <typename T>
+inline T relu_sum(T pre, T sc) {
+  const T s = pre + sc;
+  return s < T(0) ? T(0) : s;
+}
+
+// y = relu(pre + sc), written to y and into the zero-bordered buffer in the same loop; returns the
+// plane's sum of y
 template <typename T, int WC = 0>
 double pad_relu_plane(const T* pre, const T* sc, T* y, T* dst, int64_t H, int64_t W_) {
-  return pad_plane_of<T, true, WC>(
-      [=](int64_t k) {
-        const T s = pre[k] + sc[k];
-        const T r = s < T(0) ? T(0) : s;
-        y[k] = r;
-        return r;
-      },
-      dst, H, W_);
+  return pad_plane_of<T, true, WC>([=](int64_t k) { return y[k] = relu_sum(pre[k], sc[k]); }, dst, H, W_);
 }
 
 // out = correlation of the padded plane with w (+ add, + plus[i, j] where given), through tmp (H * Wp,
@@ -415,34 +415,21 @@ inline void weight_grad_rows(const float* g, const float* x, double* o, int64_t 
   }
 }
 
-// out = conv(in) + add (+ plus), as dw_plane
-template <int WC>
-void rows_conv(const float* in, const float* w, float* out, int64_t H, float add, const float* plus) {
+// out = conv(in) + add (+ plus), as dw_plane; with PRE (dw_input_grad's mask) then masked by y > 0 and
+// added to add_to where given, each as the vector is stored
+template <int WC, bool PRE = false>
+void rows_conv(const float* in, const float* w, float* out, int64_t H, float add, const float* plus,
+               const float* y = nullptr, float* add_to = nullptr) {
   using V = typename RowOf<WC>::V;
   const auto ad = V::set1(add);
   conv_rows<WC>(in, w, H, [&](int64_t k, typename V::R s) {
-    s = V::add(s, ad);
-    if (plus) s = V::add(s, V::load(plus + k));
-    V::store(out + k, s);
-  });
-}
-
-// dw_input_grad on the row path, the mask and the add to add_to done as each vector is stored
-template <int WC, bool PRE>
-void rows_input_grad(const float* g, const float* w, float* t, int64_t H, float add, const float* plus,
-                     const float* y, float* add_to) {
-  using V = typename RowOf<WC>::V;
-  float wf[9];
-  for (int k = 0; k < 9; ++k) wf[k] = w[8 - k];
-  const auto ad = V::set1(add);
-  conv_rows<WC>(g, wf, H, [&](int64_t k, typename V::R s) {
     s = V::add(s, ad);
     if (plus) s = V::add(s, V::load(plus + k));
     if (PRE) {
       s = V::where_pos(V::load(y + k), s);
       if (add_to) V::store(add_to + k, V::add(V::load(add_to + k), s));
     }
-    V::store(t + k, s);
+    V::store(out + k, s);
   });
 }
 #else
@@ -450,11 +437,9 @@ constexpr bool kRowPath = false;
 // declared for the branches that row_path() discards; never called
 template <int WC>
 void weight_grad_rows(const float* g, const float* x, double* o, int64_t H);
-template <int WC>
-void rows_conv(const float* in, const float* w, float* out, int64_t H, float add, const float* plus);
-template <int WC, bool PRE>
-void rows_input_grad(const float* g, const float* w, float* t, int64_t H, float add, const float* plus,
-                     const float* y, float* add_to);
+template <int WC, bool PRE = false>
+void rows_conv(const float* in, const float* w, float* out, int64_t H, float add, const float* plus,
+               const float* y = nullptr, float* add_to = nullptr);
 #endif
 
 // Whether planes of T and width WC take the row path
@@ -486,10 +471,7 @@ template <typename T, int WC>
 const T* relu_input(const T* pre, const T* sc, T* y, T* buf, int64_t H, int64_t W, double* total) {
   if constexpr (row_path<T, WC>()) {
 #pragma omp simd
-    for (int64_t k = 0; k < H * W; ++k) {
-      const T s = pre[k] + sc[k];
-      y[k] = s < T(0) ? T(0) : s;
-    }
+    for (int64_t k = 0; k < H * W; ++k) y[k] = relu_sum(pre[k], sc[k]);
     return conv_input<T, WC, true>(y, buf, H, W, total);  // the sum from L1, as pad_plane_of takes it
   }
   *total = pad_relu_plane<T, WC>(pre, sc, y, buf, H, W);
@@ -539,10 +521,10 @@ void dw_weight_grad(const T* pg, const T* px, double* o, int64_t H, int64_t W_) 
 template <typename T, int WC, bool PRE>
 void dw_input_grad(const T* pd, const T* w, T* tmp, T* t, int64_t H, int64_t W_, T add, const T* plus, const T* y,
                    T* add_to) {
-  if constexpr (row_path<T, WC>()) return rows_input_grad<WC, PRE>(pd, w, t, H, add, plus, y, add_to);
-  const int64_t HW = H * (WC ? WC : W_);
   T wf[9];
   for (int k = 0; k < 9; ++k) wf[k] = w[8 - k];
+  if constexpr (row_path<T, WC>()) return rows_conv<WC, PRE>(pd, wf, t, H, add, plus, y, add_to);
+  const int64_t HW = H * (WC ? WC : W_);
   dw_plane<T, WC>(pd, wf, tmp, t, H, W_, add, plus);
   if (!PRE) return;
   if (add_to) {
