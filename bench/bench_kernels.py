@@ -131,7 +131,7 @@ def run(args) -> str:
     flush = torch.empty(64 << 20, dtype=torch.uint8)  # 64 MiB, more than the last-level cache
     lines = [
         f"ela_hf kernel benchmark: torch {torch.__version__}, threads={torch.get_num_threads()}, "
-        f"medians of {args.repeats} interleaved rounds, cold cache",
+        f"medians of {args.repeats} interleaved rounds, cold cache, C++ kernels {fast_ops.describe_kernels()}",
         "",
         "command: `python bench/bench_kernels.py " + " ".join(args.argv) + "`",
         "",

@@ -338,7 +338,7 @@ def main(argv=None) -> None:
     cases = make_cases(args.device)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()} CPU"
     # which CPU path the attention layers take (compiles the kernels now, outside any timed step)
-    kernels = "" if args.device == "cuda" else f", C++ kernels {'on' if fast_ops.cpu_kernels() is not None else 'unavailable'}"
+    kernels = "" if args.device == "cuda" else f", C++ kernels {fast_ops.describe_kernels()}"
     out = [
         f"ela_hf benchmark, {datetime.date.today().isoformat()}: torch {torch.__version__}, timm {timm.__version__}, "
         f"{device_name}, threads={torch.get_num_threads()}, amp={args.amp}, channels_last={args.channels_last}"

@@ -4,9 +4,12 @@
 // 1. The tail of a layer, batch norm fused with what surrounds it.
 // For NCHW-contiguous tensors, plane p = n * C + c holds HW contiguous elements. The layer's pre-norm
 // value is   x = a[p] * v + l[c] * sc   (MRLA-L: a = gate, l = lambda; MRLA-B: a = 1, no sc),
-// its batch norm  z = A[p] * v + B[c] * sc + S[c]  (the affine map folded into per-plane coefficients,
-// as PyTorch's own CPU batch norm does), and the layer's output  out = act(z) + y  (act: identity or
-// ReLU, y: the residual stream, optional). x and z are recomputed from v and sc in every pass instead of
+// its batch norm  z = A[p] * (v - cv[c]) + B[c] * (sc - cs[c]) + S[p]  (the affine map folded into
+// per-plane coefficients, around per-channel centres cv, cs: values of the data, so that v - cv is exact
+// where the data sit far from zero; folding without them, z = A * v + S, as PyTorch's CPU batch norm
+// does, cancels two large terms when mean^2 / var is large: 4e-5 off at mean 30, std 0.05 in float32
+// without FMA, and only somewhat better with it), and the layer's output  out = act(z) + y  (act:
+// identity or ReLU, y: the residual stream, optional). x and z are recomputed from v and sc in every pass instead of
 // being stored, so forward is two passes over the data and backward is two passes.
 //
 // Every plane's part of a reduction is done by one thread, and the planes' parts are added in a fixed
@@ -28,15 +31,23 @@ inline T pre(const T* v, const T* sc, int64_t i, T a, T l) {
   return a * v[i];
 }
 
+// The batch norm's output z at element i (see above): the forward's output and the backward's ReLU mask
+// come from this one expression, so they agree to the bit
+template <typename T, bool HAS_SC>
+inline T folded(const T* v, const T* sc, int64_t i, T A, T B, T cv, T cs, T S) {
+  if (HAS_SC) return A * (v[i] - cv) + B * (sc[i] - cs) + S;
+  return A * (v[i] - cv) + S;
+}
+
 // Backward, at one element of plane p: xhat = (x - mean) * invstd and g' = g where the ReLU let z
 // through (all of g without ReLU), both recomputed from v and sc.
 template <typename T, bool HAS_SC, bool RELU>
 struct TailPoint {
   const T *g, *v, *sc;
-  T a, l, m, is, A, b, s;
+  T a, l, m, is, A, b, cv, cs, s;
 
   TailPoint(const T* g_, const T* v_, const T* sc_, const T* a_, const T* l_, const T* mean, const T* invstd,
-            const T* A_, const T* B_, const T* S_, int64_t C, int64_t HW, int64_t p) {
+            const T* A_, const T* B_, const T* S_, const T* ctr, int64_t C, int64_t HW, int64_t p) {
     const int64_t c = p % C, off = p * HW;
     g = g_ + off;
     v = v_ + off;
@@ -47,12 +58,14 @@ struct TailPoint {
     is = invstd[c];
     A = RELU ? A_[p] : T(0);
     b = (RELU && HAS_SC) ? B_[c] : T(0);
-    s = RELU ? S_[c] : T(0);
+    cv = RELU ? ctr[c] : T(0);
+    cs = (RELU && HAS_SC) ? ctr[C + c] : T(0);
+    s = RELU ? S_[p] : T(0);
   }
 
   inline void at(int64_t i, T& xhat, T& gi) const {
     xhat = (pre<T, HAS_SC>(v, sc, i, a, l) - m) * is;
-    const T z = RELU ? pre<T, HAS_SC>(v, sc, i, A, b) + s : T(1);
+    const T z = RELU ? folded<T, HAS_SC>(v, sc, i, A, b, cv, cs, s) : T(1);
     // a product, not a select: gcc keeps the reductions scalar (and branchy) with `z > 0 ? g : 0`.
     // The one difference: a non-finite gradient where the ReLU was closed gives NaN here, 0 there.
     gi = g[i] * T(z > T(0));
@@ -147,21 +160,21 @@ void stats(const T* v, const T* sc, const T* a, const T* l, int64_t N, int64_t C
   }
 }
 
-// out = act(A[p] * v + B[c] * sc + S[c]) (+ y)
+// out = act(A[p] * (v - cv[c]) + B[c] * (sc - cs[c]) + S[p]) (+ y); ctr = [cv (C), cs (C, with sc)]
 template <typename T, bool HAS_SC, bool RELU, bool HAS_Y>
-void apply(const T* v, const T* sc, const T* y, const T* A, const T* B, const T* S, T* out, int64_t N,
-           int64_t C, int64_t HW, int nt) {
+void apply(const T* v, const T* sc, const T* y, const T* A, const T* B, const T* S, const T* ctr, T* out,
+           int64_t N, int64_t C, int64_t HW, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t p = 0; p < N * C; ++p) {
     const int64_t c = p % C, off = p * HW;
-    const T ap = A[p], bc = HAS_SC ? B[c] : T(0), sc_ = S[c];
+    const T ap = A[p], bc = HAS_SC ? B[c] : T(0), sp = S[p], cv = ctr[c], cs = HAS_SC ? ctr[C + c] : T(0);
     const T* pv = v + off;
     const T* ps = HAS_SC ? sc + off : nullptr;
     const T* py = HAS_Y ? y + off : nullptr;
     T* po = out + off;
 #pragma omp simd
     for (int64_t i = 0; i < HW; ++i) {
-      T z = pre<T, HAS_SC>(pv, ps, i, ap, bc) + sc_;
+      T z = folded<T, HAS_SC>(pv, ps, i, ap, bc, cv, cs, sp);
       if (RELU) z = z > T(0) ? z : T(0);
       if (HAS_Y) z += py[i];
       po[i] = z;
@@ -172,10 +185,10 @@ void apply(const T* v, const T* sc, const T* y, const T* A, const T* B, const T*
 // Per channel: sum(g') and sum(g' * xhat), g' = g where the ReLU let z through (all of g without ReLU).
 template <typename T, bool HAS_SC, bool RELU>
 void bwd_reduce(const T* g, const T* v, const T* sc, const T* a, const T* l, const T* mean, const T* invstd,
-                const T* A, const T* B, const T* S, int64_t N, int64_t C, int64_t HW, double* sum_g,
+                const T* A, const T* B, const T* S, const T* ctr, int64_t N, int64_t C, int64_t HW, double* sum_g,
                 double* sum_gx, int nt) {
   channel_sums<T>(N, C, nt, sum_g, sum_gx, [&](int64_t p, T* t1, T* t2) {
-    const TailPoint<T, HAS_SC, RELU> pt(g, v, sc, a, l, mean, invstd, A, B, S, C, HW, p);
+    const TailPoint<T, HAS_SC, RELU> pt(g, v, sc, a, l, mean, invstd, A, B, S, ctr, C, HW, p);
     for_vector_lanes<T>(HW, [&](int64_t i, int j) {
       T xhat, gi;
       pt.at(i, xhat, gi);
@@ -190,11 +203,11 @@ void bwd_reduce(const T* g, const T* v, const T* sc, const T* a, const T* l, con
 // dv where given (HAS_DV: the gate's gradient), gsc and dsc whenever there is a shortcut term.
 template <typename T, bool HAS_SC, bool RELU, bool HAS_DV>
 void bwd_apply(const T* g, const T* v, const T* sc, const T* a, const T* l, const T* mean, const T* invstd,
-               const T* A, const T* B, const T* S, const T* k, const T* mg, const T* mgx, T* gv, T* gsc,
+               const T* A, const T* B, const T* S, const T* ctr, const T* k, const T* mg, const T* mgx, T* gv, T* gsc,
                double* dv, double* dsc, int64_t N, int64_t C, int64_t HW, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t p = 0; p < N * C; ++p) {
-    const TailPoint<T, HAS_SC, RELU> pt(g, v, sc, a, l, mean, invstd, A, B, S, C, HW, p);
+    const TailPoint<T, HAS_SC, RELU> pt(g, v, sc, a, l, mean, invstd, A, B, S, ctr, C, HW, p);
     const int64_t c = p % C, off = p * HW;
     const T kc = k[c], mgc = mg[c], mgxc = mgx[c];
     T* pgv = gv + off;
@@ -771,35 +784,37 @@ void with_width(int64_t W, F&& f) {
     with_flag(sc, [&](auto hs) { stats<T, ELA_FLAG(hs)>(v, sc, a, l, N, C, HW, mean, var, nt); });            \
   }                                                                                                           \
   extern "C" void ela_apply_##SUF(const T* v, const T* sc, const T* y, const T* A, const T* B, const T* S,     \
-                                  T* out, int64_t N, int64_t C, int64_t HW, int relu, int nt) {               \
+                                  const T* ctr, T* out, int64_t N, int64_t C, int64_t HW, int relu, int nt) { \
     with_flag(sc, [&](auto hs) {                                                                              \
       with_flag(relu, [&](auto r) {                                                                           \
         with_flag(y, [&](auto hy) {                                                                           \
-          apply<T, ELA_FLAG(hs), ELA_FLAG(r), ELA_FLAG(hy)>(v, sc, y, A, B, S, out, N, C, HW, nt);            \
+          apply<T, ELA_FLAG(hs), ELA_FLAG(r), ELA_FLAG(hy)>(v, sc, y, A, B, S, ctr, out, N, C, HW, nt);       \
         });                                                                                                   \
       });                                                                                                     \
     });                                                                                                       \
   }                                                                                                           \
   extern "C" void ela_bwd_reduce_##SUF(const T* g, const T* v, const T* sc, const T* a, const T* l,           \
                                        const T* mean, const T* invstd, const T* A, const T* B, const T* S,     \
-                                       int64_t N, int64_t C, int64_t HW, double* sum_g, double* sum_gx,       \
+                                       const T* ctr, int64_t N, int64_t C, int64_t HW, double* sum_g,         \
+                                       double* sum_gx,                                                        \
                                        int relu, int nt) {                                                    \
     with_flag(sc, [&](auto hs) {                                                                              \
       with_flag(relu, [&](auto r) {                                                                           \
-        bwd_reduce<T, ELA_FLAG(hs), ELA_FLAG(r)>(g, v, sc, a, l, mean, invstd, A, B, S, N, C, HW, sum_g,      \
-                                                 sum_gx, nt);                                                 \
+        bwd_reduce<T, ELA_FLAG(hs), ELA_FLAG(r)>(g, v, sc, a, l, mean, invstd, A, B, S, ctr, N, C, HW,       \
+                                                 sum_g, sum_gx, nt);                                          \
       });                                                                                                     \
     });                                                                                                       \
   }                                                                                                           \
   extern "C" void ela_bwd_apply_##SUF(const T* g, const T* v, const T* sc, const T* a, const T* l,            \
                                       const T* mean, const T* invstd, const T* A, const T* B, const T* S,      \
-                                      const T* k, const T* mg, const T* mgx, T* gv, T* gsc, double* dv,        \
+                                      const T* ctr, const T* k, const T* mg, const T* mgx, T* gv, T* gsc,      \
+                                      double* dv,                                                              \
                                       double* dsc, int64_t N, int64_t C, int64_t HW, int relu, int nt) {       \
     with_flag(sc, [&](auto hs) {                                                                              \
       with_flag(relu, [&](auto r) {                                                                           \
         with_flag(dv, [&](auto hd) {                                                                          \
-          bwd_apply<T, ELA_FLAG(hs), ELA_FLAG(r), ELA_FLAG(hd)>(g, v, sc, a, l, mean, invstd, A, B, S, k, mg,   \
-                                                               mgx, gv, gsc, dv, dsc, N, C, HW, nt);          \
+          bwd_apply<T, ELA_FLAG(hs), ELA_FLAG(r), ELA_FLAG(hd)>(g, v, sc, a, l, mean, invstd, A, B, S, ctr, k, \
+                                                               mg, mgx, gv, gsc, dv, dsc, N, C, HW, nt);      \
         });                                                                                                   \
       });                                                                                                     \
     });                                                                                                       \
@@ -854,3 +869,16 @@ ELA_DEFINE_DW(float, f32)
 ELA_DEFINE_DW(double, f64)
 ELA_DEFINE_LIGHT(float, f32)
 ELA_DEFINE_LIGHT(double, f64)
+
+// What this build was compiled with, for diagnostics and tests: bit 0 the AVX-512 row path (2b), bit 1
+// fused multiply-add instructions, bit 2 OpenMP
+extern "C" int ela_features() {
+  int f = kRowPath ? 1 : 0;
+#if defined(__FMA__) || defined(__aarch64__)
+  f |= 2;
+#endif
+#if defined(_OPENMP)
+  f |= 4;
+#endif
+  return f;
+}

@@ -155,6 +155,16 @@ def _fold_batch_norm(bn: nn.BatchNorm2d, weight, bias, mean: torch.Tensor, var: 
     return invstd, scale, shift
 
 
+def _plane_centres(x: torch.Tensor) -> torch.Tensor:
+    """Per channel, the first element of the channel's first plane (``x[0, :, 0, 0]``; 0 where it is not
+    finite or there is none): a value of the data to subtract before the folded batch norm's product."""
+    n, c = x.shape[:2]
+    if x.numel() == 0:
+        return x.new_zeros(c)
+    first = x[0, :, 0, 0]
+    return torch.where(torch.isfinite(first), first, torch.zeros_like(first)).contiguous()
+
+
 def _train_forward(bn: nn.BatchNorm2d, x: torch.Tensor):
     """``bn(x)`` in training mode without autograd, with ``nn.BatchNorm2d``'s running-statistics update.
 
@@ -272,9 +282,9 @@ _BASE_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC"]
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
     "stats": [_P] * 4 + [_I64] * 3 + [_P, _P, _INT],
-    "apply": [_P] * 7 + [_I64] * 3 + [_INT, _INT],
-    "bwd_reduce": [_P] * 10 + [_I64] * 3 + [_P, _P, _INT, _INT],
-    "bwd_apply": [_P] * 17 + [_I64] * 3 + [_INT, _INT],
+    "apply": [_P] * 8 + [_I64] * 3 + [_INT, _INT],
+    "bwd_reduce": [_P] * 11 + [_I64] * 3 + [_P, _P, _INT, _INT],
+    "bwd_apply": [_P] * 18 + [_I64] * 3 + [_INT, _INT],
     "dw_forward": [_P] * 6 + [_I64] * 4 + [_INT],
     "dw_backward": [_P] * 7 + [_I64] * 4 + [_INT, _INT],
     "light_fwd_moments": [_P] * 5 + [_I64] * 4 + [_INT, _INT],
@@ -308,7 +318,9 @@ def _cpu_signature() -> str:
     return platform.machine() + platform.processor()
 
 
-def _compile_kernels() -> Optional[Path]:
+def _compile_kernels(flag_sets=_FLAG_SETS, cache: Optional[Path] = None) -> Path:
+    """Compile ``cpu_kernels.cpp`` with the first of ``flag_sets`` that works, into ``cache`` (default
+    :func:`kernel_cache_dir`), unless a build for this source, compiler, CPU and flag sets is there."""
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if not cxx:
         raise RuntimeError("no C++ compiler found (set CXX)")
@@ -317,14 +329,15 @@ def _compile_kernels() -> Optional[Path]:
     except (OSError, subprocess.SubprocessError) as e:
         raise RuntimeError(f"C++ compiler {cxx!r} does not run: {e}") from e
     source = KERNEL_SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, version.encode(), _cpu_signature().encode(), cxx.encode()]))
-    cache = kernel_cache_dir()
+    flags_key = repr([list(f) for f in flag_sets]).encode()
+    key = hashlib.sha256(b"\0".join([source, version.encode(), _cpu_signature().encode(), cxx.encode(), flags_key]))
+    cache = Path(cache) if cache is not None else kernel_cache_dir()
     target = cache / f"cpu_kernels-{key.hexdigest()[:20]}.so"
     if target.exists():
         return target
     cache.mkdir(parents=True, exist_ok=True)
     errors = []
-    for flags in _FLAG_SETS:
+    for flags in flag_sets:
         # compile to a private file, then rename: concurrent processes never see a half-written library
         fd, tmp = tempfile.mkstemp(dir=cache, prefix=".cpu_kernels-", suffix=".so")
         os.close(fd)
@@ -357,11 +370,7 @@ def cpu_kernels() -> Optional[ctypes.CDLL]:
             lib = None
             if os.environ.get("ELA_HF_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off"):
                 try:
-                    lib = ctypes.CDLL(str(_compile_kernels()))
-                    for name, argtypes in _SIGNATURES.items():
-                        for suffix in ("f32", "f64"):
-                            fn = getattr(lib, f"ela_{name}_{suffix}")
-                            fn.argtypes, fn.restype = argtypes, None
+                    lib = _load_kernels(_compile_kernels())
                 except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                     warnings.warn(
                         f"ela_hf: the C++ CPU kernels are unavailable ({e}); the slower pure-PyTorch paths run "
@@ -372,6 +381,36 @@ def cpu_kernels() -> Optional[ctypes.CDLL]:
                     lib = None
             _kernel_state["lib"] = lib
         return _kernel_state["lib"]
+
+
+def _load_kernels(path: Path) -> ctypes.CDLL:
+    """Load a compiled ``cpu_kernels.cpp`` and declare its entry points' C signatures."""
+    lib = ctypes.CDLL(str(path))
+    for name, argtypes in _SIGNATURES.items():
+        for suffix in ("f32", "f64"):
+            fn = getattr(lib, f"ela_{name}_{suffix}")
+            fn.argtypes, fn.restype = argtypes, None
+    lib.ela_features.argtypes, lib.ela_features.restype = [], _INT
+    return lib
+
+
+def kernel_features(lib: Optional[ctypes.CDLL] = None) -> Optional[dict]:
+    """What the loaded C++ kernels (or ``lib``) were built with: ``{"row_path": AVX-512 row path of the
+    depthwise conv, "fma": fused multiply-add, "openmp": OpenMP threads}``; None without kernels."""
+    lib = lib if lib is not None else cpu_kernels()
+    if lib is None:
+        return None
+    bits = lib.ela_features()
+    return {"row_path": bool(bits & 1), "fma": bool(bits & 2), "openmp": bool(bits & 4)}
+
+
+def describe_kernels() -> str:
+    """``"on (AVX-512 row path, FMA, OpenMP)"`` (what the build uses), or ``"unavailable"``: for benchmark headers."""
+    features = kernel_features()
+    if features is None:
+        return "unavailable"
+    names = {"row_path": "AVX-512 row path", "fma": "FMA", "openmp": "OpenMP"}
+    return "on (" + (", ".join(label for key, label in names.items() if features[key]) or "no AVX-512, FMA or OpenMP") + ")"
 
 
 def _kernel(name: str, dtype: torch.dtype):
@@ -399,21 +438,32 @@ class _FusedTail(torch.autograd.Function):
         else:
             mean, var = bn.running_mean.double(), bn.running_var.double()
         invstd, scale, shift = _fold_batch_norm(bn, weight, bias, mean, var)
-        # the batch norm folded into z = A[n, c] * v + B[c] * sc + S[c]
-        coef_a = (scale.expand(n, c) if a is None else a.double() * scale).to(dt).contiguous()
-        coef_b = None if l is None else (l.double() * scale).to(dt)
-        coef_s = shift.to(dt)
+        # the batch norm folded into z = A[n, c] * (v - cv[c]) + B[c] * (sc - cs[c]) + S[n, c] around
+        # centres taken from the data (cpu_kernels.cpp section 1: no cancellation at large means)
+        ad = scale.expand(n, c) if a is None else a.double() * scale
+        centre_v = _plane_centres(v)
+        offset = ad * centre_v.double()
+        coef_b = centre_sc = None
+        if l is not None:
+            centre_sc = _plane_centres(sc)
+            coef_b = (l.double() * scale).to(dt)
+            offset = offset + l.double() * scale * centre_sc.double()
+        coef_a, coef_s = ad.to(dt).contiguous(), (shift + offset).to(dt).contiguous()
+        centres = centre_v if centre_sc is None else torch.cat([centre_v, centre_sc])
         out = torch.empty_like(v)
         _kernel("apply", dt)(
-            _ptr(v), _ptr(sc), _ptr(y), _ptr(coef_a), _ptr(coef_b), _ptr(coef_s), _ptr(out), n, c, hw, int(relu), nt
+            _ptr(v), _ptr(sc), _ptr(y), _ptr(coef_a), _ptr(coef_b), _ptr(coef_s), _ptr(centres), _ptr(out),
+            n, c, hw, int(relu), nt,
         )
-        ctx.save_for_backward(v, sc, a, l, weight, mean.to(dt), invstd.to(dt), scale.to(dt), coef_a, coef_b, coef_s)
+        ctx.save_for_backward(
+            v, sc, a, l, weight, mean.to(dt), invstd.to(dt), scale.to(dt), coef_a, coef_b, coef_s, centres
+        )
         ctx.relu, ctx.training, ctx.grad_into = relu, bn.training, grad_into
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        v, sc, a, l, weight, mean, invstd, scale, coef_a, coef_b, coef_s = ctx.saved_tensors
+        v, sc, a, l, weight, mean, invstd, scale, coef_a, coef_b, coef_s, centres = ctx.saved_tensors
         need = ctx.needs_input_grad
         g = grad_out.contiguous()
         n, c, h, w = v.shape
@@ -422,7 +472,8 @@ class _FusedTail(torch.autograd.Function):
         sum_gx = torch.empty(c, dtype=torch.float64)
         _kernel("bwd_reduce", dt)(
             _ptr(g), _ptr(v), _ptr(sc), _ptr(a), _ptr(l), _ptr(mean), _ptr(invstd),
-            _ptr(coef_a), _ptr(coef_b), _ptr(coef_s), n, c, hw, _ptr(sum_g), _ptr(sum_gx), int(ctx.relu), nt,
+            _ptr(coef_a), _ptr(coef_b), _ptr(coef_s), _ptr(centres), n, c, hw, _ptr(sum_g), _ptr(sum_gx),
+            int(ctx.relu), nt,
         )
         grad_w = sum_gx.to(dt) if weight is not None and need[5] else None
         grad_b = sum_g.to(dt) if need[6] else None
@@ -440,7 +491,7 @@ class _FusedTail(torch.autograd.Function):
             dot_sc = None if sc is None else torch.empty(n, c, dtype=torch.float64)
             _kernel("bwd_apply", dt)(
                 _ptr(g), _ptr(v), _ptr(sc), _ptr(a), _ptr(l), _ptr(mean), _ptr(invstd),
-                _ptr(coef_a), _ptr(coef_b), _ptr(coef_s), _ptr(scale), _ptr(mg), _ptr(mgx),
+                _ptr(coef_a), _ptr(coef_b), _ptr(coef_s), _ptr(centres), _ptr(scale), _ptr(mg), _ptr(mgx),
                 _ptr(grad_v), _ptr(grad_sc), _ptr(dot_v), _ptr(dot_sc), n, c, hw, int(ctx.relu), nt,
             )
             grad_gate = dot_v.to(dt).view(n, c, 1, 1) if need[3] else None
