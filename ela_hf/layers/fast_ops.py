@@ -158,9 +158,8 @@ def _fold_batch_norm(bn: nn.BatchNorm2d, weight, bias, mean: torch.Tensor, var: 
 def _plane_centres(x: torch.Tensor) -> torch.Tensor:
     """Per channel, the first element of the channel's first plane (``x[0, :, 0, 0]``; 0 where it is not
     finite or there is none): a value of the data to subtract before the folded batch norm's product."""
-    n, c = x.shape[:2]
     if x.numel() == 0:
-        return x.new_zeros(c)
+        return x.new_zeros(x.shape[1])
     first = x[0, :, 0, 0]
     return torch.where(torch.isfinite(first), first, torch.zeros_like(first)).contiguous()
 
@@ -318,9 +317,11 @@ def _cpu_signature() -> str:
     return platform.machine() + platform.processor()
 
 
-def _compile_kernels(flag_sets=_FLAG_SETS, cache: Optional[Path] = None) -> Path:
-    """Compile ``cpu_kernels.cpp`` with the first of ``flag_sets`` that works, into ``cache`` (default
-    :func:`kernel_cache_dir`), unless a build for this source, compiler, CPU and flag sets is there."""
+def _compile_kernels(flag_sets=None, cache: Optional[Path] = None) -> Path:
+    """Compile ``cpu_kernels.cpp`` with the first of ``flag_sets`` (default ``_FLAG_SETS``) that works, into
+    ``cache`` (default :func:`kernel_cache_dir`), unless a build for this source, compiler, CPU and flag
+    sets is there."""
+    flag_sets = _FLAG_SETS if flag_sets is None else flag_sets
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if not cxx:
         raise RuntimeError("no C++ compiler found (set CXX)")
