@@ -58,7 +58,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "attention_tail", "depthwise_conv3x3", "relu_sum_depthwise_conv3x3", "light_layer", "cpu_kernels",
-    "kernel_cache_dir", "batch_norm", "light_tail",
+    "kernel_cache_dir", "kernel_features", "describe_kernels", "batch_norm", "light_tail",
     "FAST_CPU_PATHS",
 ]
 
