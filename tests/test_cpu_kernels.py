@@ -616,6 +616,56 @@ def test_light_layer_partial_gradients(monkeypatch):
     torch.testing.assert_close(g_sc, r_sc, **_tol(torch.float64))
 
 
+@pytest.mark.parametrize("k_size", [1, 3, 5, 7])
+@pytest.mark.parametrize("heads_dim", [(4, 8), (2, 3)])
+def test_light_gate_backward_matches_autograd(k_size, heads_dim):
+    """MRLA-L's analytic gate backward (what the fused layer runs instead of autograd) gives autograd's
+    gradients of the pooled descriptor and both Conv1d weights, at every ECA kernel size, including
+    windows that reach past both ends of the channel axis."""
+    heads, d = heads_dim
+    torch.manual_seed(k_size)
+    m = MrlaLight(heads * d, dim_per_head=d, k_size=k_size).double()
+    with torch.no_grad():
+        m.wq.weight.normal_()
+        m.wk.weight.normal_()
+    g = torch.randn(3, heads * d, dtype=torch.float64, requires_grad=True)
+    gate = m._gate(g, m.wq.weight, m.wk.weight)
+    grad_gate = torch.randn_like(gate)
+    want = torch.autograd.grad(gate, (g, m.wq.weight, m.wk.weight), grad_gate)
+    got = m._gate_grad(g.detach(), gate.detach(), grad_gate, m.wq.weight, m.wk.weight)
+    for name, a, b in zip(("g", "wq", "wk"), got, want):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda msg: f"{name}: {msg}")
+
+
+@needs_kernels
+def test_light_layer_without_gate_grad_recomputes_the_gate_with_autograd(monkeypatch):
+    """``light_layer``'s generic path (a gate function without ``gate_grad``) backpropagates through the
+    gate with autograd, and agrees with the analytic path MRLA-L uses; MRLA-L does use the analytic one."""
+    analytic = []
+    real_grad = MrlaLight._gate_grad
+    monkeypatch.setattr(MrlaLight, "_gate_grad", lambda *a: analytic.append(1) or real_grad(*a))
+    m = _light_module(8, torch.float64).train()
+    y = torch.randn(2, 8, 8, 8, dtype=torch.float64)
+    sc = torch.randn(2, 8, 8, 8, dtype=torch.float64)
+    grad = torch.randn(2, 8, 8, 8, dtype=torch.float64)
+    results = []
+    for gate_grad in (m._gate_grad, None):
+        mod = copy.deepcopy(m)
+        fn = lambda mod, y, sc, gg=gate_grad: fast_ops.light_layer(  # noqa: E731
+            mod.bn, mod.wv, y, sc, mod.lam, mod._gate, mod.heads, mod.wq.weight, mod.wk.weight,
+            gate_grad=None if gg is None else mod._gate_grad)[0]
+        results.append(_light_run(mod, y, sc, grad, fn=fn))
+    assert len(analytic) == 1  # the first run only
+    m.train()
+    _light_run(m, y, sc, grad)
+    assert len(analytic) == 2  # MrlaLight's forward passes it
+    for name in results[0][1]:
+        torch.testing.assert_close(results[0][1][name], results[1][1][name], **_tol(torch.float64),
+                                   msg=lambda msg: f"gradient {name}: {msg}")
+    assert results[0][1]["wq.weight"].abs().sum() > 0
+
+
 def _relu_spy(monkeypatch):
     """Counts the PyTorch ReLU modules that actually run."""
     ran = []

@@ -705,8 +705,8 @@ class _FusedLight(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, y, sc, wv, lam, weight, bias, bn: nn.BatchNorm2d, gate_fn, heads: int, pre_relu: bool,
-                *gate_params):
+    def forward(ctx, y, sc, wv, lam, weight, bias, bn: nn.BatchNorm2d, gate_fn, gate_grad, heads: int,
+                pre_relu: bool, *gate_params):
         n, c, h, w = y.shape
         hw, m, dt, nt = h * w, y.shape[0] * h * w, y.dtype, torch.get_num_threads()
         wc = wv.detach().contiguous()
@@ -738,15 +738,16 @@ class _FusedLight(torch.autograd.Function):
         _kernel("light_fwd_apply", dt)(
             _ptr(y), _ptr(sc), _ptr(wc), _ptr(coef_a), _ptr(coef_b), _ptr(coef_s), _ptr(out), n, c, h, w, nt
         )
-        ctx.save_for_backward(y, sc, wc, g, a, l, mean, invstd, scale, mom, *gate_params)
-        ctx.gate_fn, ctx.heads, ctx.training, ctx.n_gate = gate_fn, heads, training, len(gate_params)
+        ctx.save_for_backward(y, sc, wc, g, gate, a, l, mean, invstd, scale, mom, *gate_params)
+        ctx.gate_fn, ctx.gate_grad, ctx.heads = gate_fn, gate_grad, heads
+        ctx.training, ctx.n_gate = training, len(gate_params)
         ctx.pre_relu = pre_relu
         ctx.mark_non_differentiable(gate)
         return out, gate
 
     @staticmethod
     def backward(ctx, grad_out, _grad_gate):
-        y, sc, wc, g, a, l, mean, invstd, scale, mom, *gate_params = ctx.saved_tensors
+        y, sc, wc, g, gate, a, l, mean, invstd, scale, mom, *gate_params = ctx.saved_tensors
         need = ctx.needs_input_grad
         n, c, h, w = y.shape
         hw, m, dt, nt = h * w, y.shape[0] * h * w, y.dtype, torch.get_num_threads()
@@ -779,21 +780,27 @@ class _FusedLight(torch.autograd.Function):
         grad_lam = (al * s_dsc + be * s_vsc + de * s_scsc + ep * s_sc).sum(0).to(dt).view(c, 1, 1) if need[3] else None
         # y's gradient is needed for the first input's, and with pre_relu for sc's as well (y = relu(pre + sc))
         need_y = need[0] or (ctx.pre_relu and need[1])
-        # the gate's small graph, recomputed with autograd: its gradients and the pooled mean's
+        # the gradients of the pooled mean and of the gate's parameters: from ``gate_grad`` where given
+        # (a few plain ops), else by recomputing the gate's small graph with autograd
+        need_params = need[11:]
         grad_params = [None] * ctx.n_gate
-        gy_add = None
-        if need_y or any(need[10:]):
-            with torch.enable_grad():
-                g_in = g.detach().requires_grad_(need_y)
-                params = [t.detach().requires_grad_(nd) for t, nd in zip(gate_params, need[10:])]
-                gate = ctx.gate_fn(g_in, *params)
-                grad_gate = grad_a.view(n, ctx.heads, c // ctx.heads).sum(-1).to(gate.dtype)
-                wanted = [t for t in (g_in, *params) if t.requires_grad]
-                got = iter(torch.autograd.grad(gate, wanted, grad_gate, allow_unused=True)) if wanted else iter(())
-            if need_y:
-                grad_g = next(got)
-                gy_add = (grad_g * (1.0 / hw)).to(dt).contiguous() if grad_g is not None else None
-            grad_params = [next(got) if nd else None for nd in need[10:]]
+        gy_add = grad_g = None
+        if need_y or any(need_params):
+            grad_gate = grad_a.view(n, ctx.heads, c // ctx.heads).sum(-1).to(gate.dtype)
+            if ctx.gate_grad is not None:
+                grad_g, *grad_params = ctx.gate_grad(g, gate, grad_gate, *gate_params)
+                grad_params = [gp if nd else None for gp, nd in zip(grad_params, need_params)]
+            else:
+                with torch.enable_grad():
+                    g_in = g.detach().requires_grad_(need_y)
+                    params = [t.detach().requires_grad_(nd) for t, nd in zip(gate_params, need_params)]
+                    recomputed = ctx.gate_fn(g_in, *params)
+                    wanted = [t for t in (g_in, *params) if t.requires_grad]
+                    got = iter(torch.autograd.grad(recomputed, wanted, grad_gate, allow_unused=True))
+                grad_g = next(got) if need_y else None
+                grad_params = [next(got) if nd else None for nd in need_params]
+            if need_y and grad_g is not None:
+                gy_add = (grad_g * (1.0 / hw)).to(dt).contiguous()
         grad_y = torch.empty_like(y) if need[0] else None
         grad_sc = torch.empty_like(y) if need[1] else None
         per_plane = torch.empty(n, c, 9, dtype=torch.float64) if need[2] else None
@@ -806,7 +813,8 @@ class _FusedLight(torch.autograd.Function):
                 int(ctx.pre_relu), nt,
             )
         grad_wv = None if per_plane is None else per_plane.sum(0).to(wc.dtype).view_as(wc)
-        return (grad_y, grad_sc, grad_wv, grad_lam, grad_weight, grad_bias, None, None, None, None, *grad_params)
+        return (grad_y, grad_sc, grad_wv, grad_lam, grad_weight, grad_bias, None, None, None, None, None,
+                *grad_params)
 
 
 def _light_batch_stats(y, sc, wc, a, l, mom, m):
@@ -838,7 +846,7 @@ def _heads_to_channels(per_head: torch.Tensor, channels: int) -> torch.Tensor:
 
 
 def light_layer(bn: nn.BatchNorm2d, wv: nn.Conv2d, y: torch.Tensor, sc: torch.Tensor, lam: torch.Tensor,
-                gate_fn, heads: int, *gate_params: torch.Tensor, pre_relu: bool = False):
+                gate_fn, heads: int, *gate_params: torch.Tensor, pre_relu: bool = False, gate_grad=None):
     """MRLA-L's ``(y + BN(gate * wv(y) + lam * sc), gate)`` in one fused kernel set, or None where it does
     not apply (then the caller runs :func:`depthwise_conv3x3` and :func:`attention_tail`).
 
@@ -846,8 +854,12 @@ def light_layer(bn: nn.BatchNorm2d, wv: nn.Conv2d, y: torch.Tensor, sc: torch.Te
     runs on ``relu(y + sc)``, formed inside the kernels (see :class:`_FusedLight`).
 
     ``gate_fn(g, *gate_params)`` maps the pooled descriptor ``g = y.mean((2, 3))`` (``[B, C]``) to the
-    per-head gate ``[B, heads]``; it must be made of differentiable PyTorch ops (its backward is
-    recomputed with autograd). Applies to contiguous NCHW float32/float64 CPU tensors in eager mode, with
+    per-head gate ``[B, heads]``; it must be made of differentiable PyTorch ops. ``gate_grad(g, gate,
+    grad_gate, *gate_params)``, where given, is its backward: it returns the gradients of ``g`` and of
+    every gate parameter (``gate`` is the forward's output, ``grad_gate`` its gradient). Without it the
+    backward recomputes ``gate_fn`` with autograd and calls ``torch.autograd.grad`` on it, which costs
+    about 0.7 ms per layer on the CPU whatever the batch (MRLA-L passes :meth:`MrlaLight._gate_grad`,
+    a few plain ops). Applies to contiguous NCHW float32/float64 CPU tensors in eager mode, with
     the kernels available, planes of at least ``LIGHT_MIN_PLANE`` elements (and the conv's and tails'
     limits), and ``FUSED_LIGHT_LAYER`` on.
     """
@@ -862,4 +874,5 @@ def light_layer(bn: nn.BatchNorm2d, wv: nn.Conv2d, y: torch.Tensor, sc: torch.Te
         and all(t.dtype == y.dtype for t in (lam, *gate_params))
     ):
         return None
-    return _FusedLight.apply(y, sc, wv.weight, lam, bn.weight, bn.bias, bn, gate_fn, heads, pre_relu, *gate_params)
+    return _FusedLight.apply(y, sc, wv.weight, lam, bn.weight, bn.bias, bn, gate_fn, gate_grad, heads, pre_relu,
+                             *gate_params)

@@ -522,7 +522,7 @@ class MrlaLight(_LayerAttentionBase):
         # (timm's DropPath is the identity in eval mode)
         if isinstance(self.drop_path, nn.Identity) or (type(self.drop_path) is DropPath and not self.drop_path.training):
             fused = light_layer(self.bn, self.wv, y, sc, self.lam, self._gate, self.heads, self.wq.weight,
-                                self.wk.weight, pre_relu=pre_act is not None)
+                                self.wk.weight, pre_relu=pre_act is not None, gate_grad=self._gate_grad)
             if fused is not None:
                 out, gate = fused
                 if self._records():
@@ -542,6 +542,32 @@ class MrlaLight(_LayerAttentionBase):
         """The per-head gate ``sigmoid(<Q_h, K_h> / sqrt d)`` (``[B, heads]``) from the pooled descriptor."""
         q, k = self._query_key(g, wq, wk)
         return torch.sigmoid((q * k).sum(-1) * self.scale)
+
+    @torch.no_grad()
+    def _gate_grad(self, g: torch.Tensor, gate: torch.Tensor, grad_gate: torch.Tensor, wq: torch.Tensor,
+                   wk: torch.Tensor):
+        """The backward of :meth:`_gate` in plain ops (no autograd graph): ``(dL/dg, dL/dwq, dL/dwk)`` from
+        ``g`` (``[B, C]``), the gate (``[B, heads]``) and its gradient. The fused layer calls it in its
+        backward instead of recomputing the gate under autograd.
+
+        With ``windows[b, c, j] = g[b, c + j - pad]`` (zero outside), ``q = windows @ wq`` and
+        ``k = windows @ wk``, and ``s = gate * (1 - gate) * dL/dgate / sqrt(d)`` spread over each head's
+        channels: ``dq = s * k``, ``dk = s * q``; the weights' gradients are ``windows^T @ (dq, dk)``, and
+        ``dL/dg[b, i] = sum_j (dq[b, i - j + pad] wq[j] + dk[b, i - j + pad] wk[j])``.
+        """
+        b, c = g.shape
+        k_size, pad = self.k_size, (self.k_size - 1) // 2
+        windows = F.pad(g, (pad, pad)).unfold(1, k_size, 1)  # [B, C, k]
+        w = torch.cat([wq.reshape(1, -1), wk.reshape(1, -1)], dim=0)  # [2, k]
+        qk = torch.matmul(windows, w.t())  # [B, C, 2]
+        s = (grad_gate * gate * (1 - gate) * self.scale).unsqueeze(-1).expand(b, self.heads, self.dim_per_head)
+        dqk = qk.flip(-1) * s.reshape(b, c, 1)  # [B, C, 2]: (s * k, s * q)
+        grad_w = torch.matmul(dqk.reshape(-1, 2).t(), windows.reshape(-1, k_size))  # [2, k]
+        dwin = torch.matmul(dqk, w)  # [B, C, k]: the gradient of each window
+        grad_pad = g.new_zeros(b, c + 2 * pad)
+        for j in range(k_size):  # each window entry j came from g[:, c + j - pad]
+            grad_pad[:, j:j + c] += dwin[:, :, j]
+        return grad_pad[:, pad:pad + c], grad_w[0].view_as(wq), grad_w[1].view_as(wk)
 
     @torch.no_grad()
     def _record(self, gate: torch.Tensor, state: StageState) -> None:
