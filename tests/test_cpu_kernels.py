@@ -179,6 +179,34 @@ def test_attention_tail_float32_sums_stay_accurate_on_large_planes(form, seed, m
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("hw", [(4, 6), (8, 8), (32, 32)])  # a remainder after the vector lanes, and none
+def test_relu_tail_gives_no_gradient_through_a_closed_relu_even_a_non_finite_one(dtype, hw, monkeypatch):
+    """MRLA-B's tail (ReLU after the batch norm): where the ReLU was closed, the output gradient is
+    dropped whatever it is, NaN and inf included, as PyTorch's ReLU backward does; the gradients and the
+    batch norm's sums stay finite and equal PyTorch's."""
+    calls = _spy_tail(monkeypatch)
+    torch.manual_seed(5)
+    v = torch.randn(2, 3, *hw, dtype=dtype, requires_grad=True)
+    y = torch.randn(2, 3, *hw, dtype=dtype)
+    bn, ref_bn = _bn(3, dtype).train(), _bn(3, dtype).train()
+    ref_bn.load_state_dict(bn.state_dict())
+    out = fast_ops.attention_tail(bn, v, y, relu=True)
+    want = _reference_tail(ref_bn, v, y, None, None, None, True)
+    assert calls == [1]
+    closed = (want - y) == 0
+    assert 0 < int(closed.sum()) < closed.numel()
+    grad = torch.randn_like(out)
+    grad[closed] = float("nan")
+    grad.view(-1)[closed.view(-1).nonzero()[0]] = float("inf")
+    got = torch.autograd.grad(out, (v, bn.weight, bn.bias), grad)
+    ref = torch.autograd.grad(want, (v, ref_bn.weight, ref_bn.bias), grad)
+    for name, g, r in zip(("v", "weight", "bias"), got, ref):
+        assert torch.isfinite(r).all(), name  # PyTorch drops the closed positions' gradient
+        torch.testing.assert_close(g, r, **_tol(dtype), msg=lambda m: f"gradient {name}: {m}")
+
+
+@needs_kernels
 def test_attention_tail_does_not_depend_on_the_number_of_threads():
     torch.manual_seed(1)
     v = torch.randn(4, 8, 16, 16, requires_grad=True)
