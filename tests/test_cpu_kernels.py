@@ -7,6 +7,7 @@ float64 (tight) and float32, for every combination of their optional parts. The 
 its cache, its fallback without a compiler, its off switch, and two processes compiling at once.
 """
 import copy
+import math
 import os
 import subprocess
 import sys
@@ -968,3 +969,114 @@ def test_kernel_features_say_what_the_native_build_uses():
     if "avx512f" in cpu_flags or "fma" in cpu_flags:  # x86 Linux: /proc/cpuinfo lists the flags
         assert features["row_path"] == ({"avx512f", "avx512vl"} <= cpu_flags)
         assert features["fma"] == ("fma" in cpu_flags)
+
+
+# MRLA-B's slot contractions (fast_ops.slot_weighted_sum, fast_ops.slot_dots)
+
+
+def _slot_case(dtype, s, b, n, spare_rows=0, seed=0):
+    """Slots [s, b, n] cut from a larger buffer (spare slots, and spare rows: a slot stride above b * n)."""
+    gen = torch.Generator().manual_seed(seed)
+    buf = torch.randn(s + 2, b + spare_rows, n, dtype=dtype, generator=gen)
+    slots = buf[:s, :b]
+    w = torch.rand(b, s, dtype=dtype, generator=gen)
+    g = torch.randn(b, n, dtype=dtype, generator=gen)
+    return slots, w, g
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("s", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("n", [1, 7, 64, 131, 1024])  # below, between and at the vector and chunk sizes
+@pytest.mark.parametrize("spare_rows", [0, 3])
+def test_slot_contractions_match_einsum(dtype, s, n, spare_rows):
+    slots, w, g = _slot_case(dtype, s, 5, n, spare_rows)
+    want_sum = torch.einsum("bs,sbn->bn", w.double(), slots.double())
+    want_dots = torch.einsum("bn,sbn->bs", g.double(), slots.double())
+    got_sum = fast_ops.slot_weighted_sum(w, slots)
+    got_dots = fast_ops.slot_dots(g, slots)
+    assert got_sum.shape == (5, n) and got_dots.shape == (5, s)
+    assert got_sum.dtype == got_dots.dtype == dtype
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5 * math.sqrt(n))
+    torch.testing.assert_close(got_sum.double(), want_sum, **tol)
+    torch.testing.assert_close(got_dots.double(), want_dots, **tol)
+
+
+@needs_kernels
+def test_slot_dots_are_at_least_as_accurate_as_bmm_on_long_rows():
+    """float32 dot products over 32768 elements (CIFAR's first stage): the kernel's lanes are added in
+    float64, and its error against float64 stays within that of torch.bmm."""
+    slots, _, g = _slot_case(torch.float32, 6, 16, 32768, seed=1)
+    want = torch.einsum("bn,sbn->bs", g.double(), slots.double())
+    err_kernel = (fast_ops.slot_dots(g, slots).double() - want).abs().max()
+    err_bmm = (torch.bmm(g.unsqueeze(1), slots.permute(1, 2, 0)).squeeze(1).double() - want).abs().max()
+    assert err_kernel <= 1.5 * err_bmm + 1e-6
+
+
+@needs_kernels
+def test_slot_contractions_do_not_depend_on_the_number_of_threads():
+    slots, w, g = _slot_case(torch.float32, 7, 9, 1000, seed=2)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            results.append((fast_ops.slot_weighted_sum(w, slots), fast_ops.slot_dots(g, slots)))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@needs_kernels
+def test_slot_contractions_decline_what_they_cannot_do(monkeypatch):
+    """None (the caller then runs torch.bmm) for autograd-recorded inputs, mixed dtypes, rows that are
+    not contiguous, autocast and the fast paths switched off; a wrong shape is an error."""
+    slots, w, g = _slot_case(torch.float32, 3, 4, 10)
+    assert fast_ops.slot_weighted_sum(w, slots) is not None
+    assert fast_ops.slot_weighted_sum(w.clone().requires_grad_(), slots) is None
+    with torch.no_grad():
+        assert fast_ops.slot_weighted_sum(w.clone().requires_grad_(), slots) is not None
+    assert fast_ops.slot_weighted_sum(w.double(), slots) is None
+    assert fast_ops.slot_dots(g, slots.transpose(1, 2).contiguous().transpose(1, 2)) is None  # strided rows
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fast_ops.slot_dots(g, slots) is None
+    monkeypatch.setattr(fast_ops, "FAST_CPU_PATHS", False)
+    assert fast_ops.slot_dots(g, slots) is None
+    with pytest.raises(ValueError, match=r"weights must be \[B, S\] = \[4, 3\]"):
+        fast_ops.slot_weighted_sum(w[:, :2], slots)
+    with pytest.raises(ValueError, match=r"grad must be \[B, n\] = \[4, 10\]"):
+        fast_ops.slot_dots(g[:, :9], slots)
+
+
+@needs_kernels
+def test_mrla_b_contracts_its_slots_on_the_kernels(monkeypatch):
+    """A training step of an MRLA-B stage runs its weighted sums (forward, and the values' gradient) and
+    the attention weights' dot products on the slot kernels, and matches the plain path with them off."""
+    calls = {"slot_wsum": 0, "slot_dots": 0}
+    real = fast_ops._kernel
+
+    def spy(name, dtype):
+        if name in calls:
+            calls[name] += 1
+        return real(name, dtype)
+
+    monkeypatch.setattr(fast_ops, "_kernel", spy)
+    torch.manual_seed(0)
+    layers = [MrlaBase(8, dim_per_head=4).double().train() for _ in range(3)]
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64, requires_grad=True)
+
+    def run():
+        state = StageState()
+        state.capacity = 3
+        h = x
+        for m in layers:
+            h = m(h, state)
+        state.close()
+        return torch.autograd.grad(h.square().sum(), [x, *[p for m in layers for p in m.parameters()]])
+
+    got = run()
+    assert calls == {"slot_wsum": 6, "slot_dots": 3}  # 3 forward + 3 value gradients; 3 weight gradients
+    monkeypatch.setattr(fast_ops, "_slots_eligible", lambda *a: False)
+    want = run()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

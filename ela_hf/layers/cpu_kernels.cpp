@@ -789,6 +789,85 @@ void light_bwd_apply(const T* g, const T* y, const T* sc, const T* weight, const
   });
 }
 
+// 4. ---- MRLA-B's slot contractions --------------------------------------------------------------------
+// The stage buffer holds S slots of B rows (one per (sample, head)) of n contiguous elements, slot s at
+// slots + s * sstride. Layer t's output is a weighted sum over its slots, and backward needs the dot
+// products of an output gradient with each slot: O(t) full reads per layer, the largest memory traffic
+// of MRLA-B. Both read several slots at once (a single stream reads slower than several here), one
+// thread per row, each output element in a fixed order (no dependence on the number of threads).
+
+// out[b, :] = sum_s w[b * S + s] * slot_s[b, :], accumulated in chunks that stay in registers
+template <typename T>
+void slot_wsum(const T* slots, int64_t sstride, const T* w, T* out, int64_t S, int64_t B, int64_t n, int nt) {
+  constexpr int CH = 4 * VL<T>;
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t b = 0; b < B; ++b) {
+    const T* wb = w + b * S;
+    const T* row = slots + b * n;
+    T* o = out + b * n;
+    int64_t i = 0;
+    for (; i + CH <= n; i += CH) {
+      T acc[CH];
+      const T w0 = wb[0];
+#pragma omp simd
+      for (int k = 0; k < CH; ++k) acc[k] = w0 * row[i + k];
+      for (int64_t s = 1; s < S; ++s) {
+        const T* ps = row + s * sstride + i;
+        const T ws = wb[s];
+#pragma omp simd
+        for (int k = 0; k < CH; ++k) acc[k] += ws * ps[k];
+      }
+#pragma omp simd
+      for (int k = 0; k < CH; ++k) o[i + k] = acc[k];
+    }
+    for (; i < n; ++i) {
+      T a = wb[0] * row[i];
+      for (int64_t s = 1; s < S; ++s) a += wb[s] * row[s * sstride + i];
+      o[i] = a;
+    }
+  }
+}
+
+// K slots' dot products with one gradient row, in vector lanes that stay in registers; the lanes and
+// the remainder are added in double at the end
+template <typename T, int K>
+inline void slot_dots_block(const T* g, const T* p, int64_t sstride, int64_t n, T* out) {
+  constexpr int L = VL<T>;
+  T acc[K][L] = {};
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    for (int q = 0; q < K; ++q) {
+      const T* ps = p + q * sstride + i;
+#pragma omp simd
+      for (int k = 0; k < L; ++k) acc[q][k] += g[i + k] * ps[k];
+    }
+  }
+  for (int q = 0; q < K; ++q) {
+    double t = lane_total(acc[q]);
+    for (int64_t j = i; j < n; ++j) t += (double)g[j] * (double)p[q * sstride + j];
+    out[q] = (T)t;
+  }
+}
+
+// dots[b * S + s] = <g[b, :], slot_s[b, :]>, four slots per read of the gradient row
+template <typename T>
+void slot_dots(const T* slots, int64_t sstride, const T* g, T* dots, int64_t S, int64_t B, int64_t n, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t b = 0; b < B; ++b) {
+    const T* gb = g + b * n;
+    const T* row = slots + b * n;
+    T* d = dots + b * S;
+    int64_t s = 0;
+    for (; s + 4 <= S; s += 4) slot_dots_block<T, 4>(gb, row + s * sstride, sstride, n, d + s);
+    switch (S - s) {
+      case 3: slot_dots_block<T, 3>(gb, row + s * sstride, sstride, n, d + s); break;
+      case 2: slot_dots_block<T, 2>(gb, row + s * sstride, sstride, n, d + s); break;
+      case 1: slot_dots_block<T, 1>(gb, row + s * sstride, sstride, n, d + s); break;
+      default: break;
+    }
+  }
+}
+
 }  // namespace
 
 // Calls f(std::true_type) or f(std::false_type): runtime flags to template parameters.
@@ -897,8 +976,20 @@ void with_width(int64_t W, F&& f) {
     });                                                                                                       \
   }
 
+#define ELA_DEFINE_SLOTS(T, SUF)                                                                               \
+  extern "C" void ela_slot_wsum_##SUF(const T* slots, int64_t sstride, const T* w, T* out, int64_t S, int64_t B, \
+                                      int64_t n, int nt) {                                                    \
+    slot_wsum<T>(slots, sstride, w, out, S, B, n, nt);                                                        \
+  }                                                                                                           \
+  extern "C" void ela_slot_dots_##SUF(const T* slots, int64_t sstride, const T* g, T* dots, int64_t S,         \
+                                      int64_t B, int64_t n, int nt) {                                         \
+    slot_dots<T>(slots, sstride, g, dots, S, B, n, nt);                                                       \
+  }
+
 ELA_DEFINE(float, f32)
 ELA_DEFINE(double, f64)
+ELA_DEFINE_SLOTS(float, f32)
+ELA_DEFINE_SLOTS(double, f64)
 ELA_DEFINE_DW(float, f32)
 ELA_DEFINE_DW(double, f64)
 ELA_DEFINE_LIGHT(float, f32)

@@ -22,6 +22,9 @@ Two tiers:
      recomputes V plane by plane from y, and the statistics come from per-(sample, channel) moments.
      It keeps less memory than the conv and the tail as two kernels (V is not saved for backward) and
      takes planes of ``LIGHT_MIN_PLANE`` elements and more.
+   - :func:`slot_weighted_sum` and :func:`slot_dots`: MRLA-B's contractions over its stage buffer (a
+     weighted sum of the slots, and an output gradient's dot product with each slot), reading several
+     slots at once; 1.2-2x the bandwidth of ``torch.bmm`` on these shapes.
 
 2. Without a compiler (or with ``ELA_HF_CPU_KERNELS=0``), pure-PyTorch paths: one-pass batch-norm
    statistics for large tensors (:func:`batch_norm`) and MRLA-L's value path with one hand-written
@@ -59,7 +62,7 @@ import torch.nn.functional as F
 __all__ = [
     "attention_tail", "depthwise_conv3x3", "relu_sum_depthwise_conv3x3", "light_layer", "cpu_kernels",
     "kernel_cache_dir", "kernel_features", "describe_kernels", "batch_norm", "light_tail",
-    "FAST_CPU_PATHS",
+    "FAST_CPU_PATHS", "slot_weighted_sum", "slot_dots",
 ]
 
 logger = logging.getLogger(__name__)
@@ -299,6 +302,8 @@ _SIGNATURES = {
     "light_fwd_apply": [_P] * 7 + [_I64] * 4 + [_INT],
     "light_bwd_reduce": [_P] * 5 + [_I64] * 4 + [_INT],
     "light_bwd_apply": [_P] * 14 + [_I64] * 4 + [_INT, _INT],
+    "slot_wsum": [_P, _I64, _P, _P] + [_I64] * 3 + [_INT],
+    "slot_dots": [_P, _I64, _P, _P] + [_I64] * 3 + [_INT],
 }
 _kernel_state: dict = {}  # "lib": the loaded library or None once tried
 _kernel_lock = threading.Lock()
@@ -667,6 +672,57 @@ def depthwise_conv3x3(conv: nn.Conv2d, x: torch.Tensor, *, with_mean: bool = Fal
     # sum * 1/HW rather than mean: mean's backward materialises a full-size gradient before it is
     # accumulated into x's; sum's is an expanded view
     return conv(x), x.sum(dim=(2, 3)) * (1.0 / (x.shape[2] * x.shape[3]))
+
+
+def _slots_eligible(slots: torch.Tensor, other: torch.Tensor) -> bool:
+    """``slots`` ``[S, B, n]`` with contiguous ``[B, n]`` slots (any slot stride), and ``other`` of its
+    dtype, on the CPU in eager mode without autograd recording, with the kernels available."""
+    return (
+        FAST_CPU_PATHS
+        and slots.device.type == "cpu"
+        and other.device.type == "cpu"
+        and slots.dim() == 3
+        and slots.dtype in (torch.float32, torch.float64)
+        and other.dtype == slots.dtype
+        and slots.shape[0] > 0
+        and slots.stride(2) == 1
+        and slots.stride(1) == slots.shape[2]
+        and not (torch.is_grad_enabled() and (slots.requires_grad or other.requires_grad))
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and cpu_kernels() is not None
+    )
+
+
+def slot_weighted_sum(weights: torch.Tensor, slots: torch.Tensor) -> Optional[torch.Tensor]:
+    """``sum_s weights[:, s] * slots[s]``: weights ``[B, S]``, slots ``[S, B, n]`` -> ``[B, n]``, on the C++
+    kernel (MRLA-B's output ``O_t`` and the values' gradient); None where it does not apply (then the
+    caller runs ``torch.bmm``). Each output element is summed over the slots in order, by one thread."""
+    s, b, n = slots.shape if slots.dim() == 3 else (0, 0, 0)
+    if weights.shape != (b, s):
+        raise ValueError(f"slot_weighted_sum: weights must be [B, S] = {[b, s]}, got {list(weights.shape)}")
+    if not _slots_eligible(slots, weights):
+        return None
+    w = weights.contiguous()
+    out = torch.empty(b, n, dtype=slots.dtype)
+    _kernel("slot_wsum", slots.dtype)(_ptr(slots), slots.stride(0), _ptr(w), _ptr(out), s, b, n, torch.get_num_threads())
+    return out
+
+
+def slot_dots(grad: torch.Tensor, slots: torch.Tensor) -> Optional[torch.Tensor]:
+    """``<grad[b], slots[s, b]>`` for every row b and slot s: grad ``[B, n]``, slots ``[S, B, n]`` ->
+    ``[B, S]``, on the C++ kernel (MRLA-B's attention-weight gradient); None where it does not apply.
+    Four slots are read per pass over a gradient row; the vector lanes are added in float64."""
+    s, b, n = slots.shape if slots.dim() == 3 else (0, 0, 0)
+    if grad.shape != (b, n):
+        raise ValueError(f"slot_dots: grad must be [B, n] = {[b, n]}, got {list(grad.shape)}")
+    if not _slots_eligible(slots, grad):
+        return None
+    g = grad.contiguous()
+    dots = torch.empty(b, s, dtype=slots.dtype)
+    _kernel("slot_dots", slots.dtype)(_ptr(slots), slots.stride(0), _ptr(g), _ptr(dots), s, b, n, torch.get_num_threads())
+    return dots
 
 
 def relu_sum_depthwise_conv3x3(conv: nn.Conv2d, pre: torch.Tensor, sc: torch.Tensor, *,

@@ -25,6 +25,8 @@ from .fast_ops import (
     depthwise_conv3x3,
     light_layer,
     relu_sum_depthwise_conv3x3,
+    slot_dots,
+    slot_weighted_sum,
 )
 
 __all__ = [
@@ -330,15 +332,23 @@ def clear_value_buffer_pool() -> None:
 def _weighted_slot_sum(weights: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """``sum_s weights[:, s] * slots[s]``: weights ``[B*heads, S]``, slots ``[S, B*heads, n]`` -> ``[B*heads, n]``.
 
-    One batched matrix product on a view of the slots (one read of each), or a multiply for one slot.
+    On the CPU the C++ kernel (``fast_ops.slot_weighted_sum``); else one batched matrix product on a view
+    of the slots (one read of each), or a multiply for one slot.
     """
+    fast = slot_weighted_sum(weights, slots)
+    if fast is not None:
+        return fast
     if slots.shape[0] == 1:
         return slots[0] * weights
     return torch.bmm(weights.unsqueeze(1), slots.transpose(0, 1)).squeeze(1)
 
 
 def _slot_dots(grad: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """``<grad, slots[s]>`` per (sample, head): grad ``[B*heads, n]``, slots ``[S, B*heads, n]`` -> ``[B*heads, S]``."""
+    """``<grad, slots[s]>`` per (sample, head): grad ``[B*heads, n]``, slots ``[S, B*heads, n]`` -> ``[B*heads, S]``
+    (on the CPU the C++ kernel ``fast_ops.slot_dots``, else a batched matrix product)."""
+    fast = slot_dots(grad, slots)
+    if fast is not None:
+        return fast
     return torch.bmm(grad.unsqueeze(1), slots.permute(1, 2, 0)).squeeze(1)
 
 
