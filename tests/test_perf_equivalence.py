@@ -615,6 +615,18 @@ def test_bench_script_prints_ratio_table(capsys, monkeypatch):
         bench.main(["--quick", "--threads", "1", "--cases", "cifar", "--models", "resnet", "mrla_l",
                     "--batch-size", "2", "--repeats", "1", "--warmup", "0", "--no-inference", "--no-memory"])
         assert fused
+        # mrla_b_bmm: MRLA-B with its slot contractions on torch.bmm, the slot kernels back on afterwards
+        slot_calls, bmm_calls = [], []
+        real_kernel = fast_ops._kernel
+        monkeypatch.setattr(fast_ops, "_kernel", lambda name, dt: (slot_calls.append(name) if name.startswith("slot_") else None) or real_kernel(name, dt))
+        monkeypatch.setattr(torch, "bmm", lambda *a, real=torch.bmm: bmm_calls.append(1) or real(*a))
+        bench.main(["--quick", "--threads", "1", "--cases", "cifar", "--models", "resnet", "mrla_b_bmm",
+                    "--batch-size", "2", "--repeats", "1", "--warmup", "0", "--no-inference", "--no-memory"])
+        assert "| MRLA-B, slot contractions on torch.bmm |" in capsys.readouterr().out
+        assert bmm_calls and not slot_calls and fast_ops.SLOT_KERNELS
+        bench.main(["--quick", "--threads", "1", "--cases", "cifar", "--models", "resnet", "mrla_b",
+                    "--batch-size", "2", "--repeats", "1", "--warmup", "0", "--no-inference", "--no-memory"])
+        assert "slot_wsum" in slot_calls and "slot_dots" in slot_calls
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
     assert rows["ResNet"].split("|")[2].strip() == "1.00"  # its own ratio
     assert float(rows["ELA (half skipped)"].split("|")[3]) > 0  # ratio to MRLA-B

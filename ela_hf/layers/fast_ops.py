@@ -72,6 +72,9 @@ FAST_CPU_PATHS = True
 # Set to False to run MRLA-L's value convolution and tail as two kernels (depthwise_conv3x3, then
 # attention_tail) instead of the one fused layer (light_layer); for comparisons.
 FUSED_LIGHT_LAYER = True
+# Set to False to run MRLA-B's slot contractions as torch.bmm instead of the C++ slot kernels
+# (slot_weighted_sum, slot_dots); for comparisons.
+SLOT_KERNELS = True
 # Below this size the native batch-norm statistics are as fast as the one-pass ones.
 FAST_STATS_MIN_BYTES = 6 << 20
 # The one-pass variance E[x^2] - E[x]^2 loses precision when the mean dominates; beyond this ratio of
@@ -679,6 +682,7 @@ def _slots_eligible(slots: torch.Tensor, other: torch.Tensor) -> bool:
     dtype, on the CPU in eager mode without autograd recording, with the kernels available."""
     return (
         FAST_CPU_PATHS
+        and SLOT_KERNELS
         and slots.device.type == "cpu"
         and other.device.type == "cpu"
         and slots.dim() == 3
