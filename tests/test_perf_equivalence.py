@@ -605,27 +605,27 @@ def test_bench_script_prints_ratio_table(capsys, monkeypatch):
     assert f"C++ kernels {fast_ops.describe_kernels()}," in out  # ... and what the build uses
     assert fast_ops.FAST_CPU_PATHS
     if fast_ops.cpu_kernels() is not None:  # mrla_l_unfused: MRLA-L on the separate conv and tail kernels
+        def train_only(kind):  # the ResNet and one kind, one tiny step each, training only
+            bench.main(["--quick", "--threads", "1", "--cases", "cifar", "--models", "resnet", kind,
+                        "--batch-size", "2", "--repeats", "1", "--warmup", "0", "--no-inference", "--no-memory"])
+
         fused = []
         monkeypatch.setattr(fast_ops._FusedLight, "apply", lambda *a, real=fast_ops._FusedLight.apply: fused.append(1) or real(*a))
         fast_calls.clear()
-        bench.main(["--quick", "--threads", "1", "--cases", "cifar", "--models", "resnet", "mrla_l_unfused",
-                    "--batch-size", "2", "--repeats", "1", "--warmup", "0", "--no-inference", "--no-memory"])
+        train_only("mrla_l_unfused")
         assert "| MRLA-L, conv and tail kernels separate |" in capsys.readouterr().out
         assert fast_calls and not fused and fast_ops.FUSED_LIGHT_LAYER
-        bench.main(["--quick", "--threads", "1", "--cases", "cifar", "--models", "resnet", "mrla_l",
-                    "--batch-size", "2", "--repeats", "1", "--warmup", "0", "--no-inference", "--no-memory"])
+        train_only("mrla_l")
         assert fused
         # mrla_b_bmm: MRLA-B with its slot contractions on torch.bmm, the slot kernels back on afterwards
         slot_calls, bmm_calls = [], []
         real_kernel = fast_ops._kernel
         monkeypatch.setattr(fast_ops, "_kernel", lambda name, dt: (slot_calls.append(name) if name.startswith("slot_") else None) or real_kernel(name, dt))
         monkeypatch.setattr(torch, "bmm", lambda *a, real=torch.bmm: bmm_calls.append(1) or real(*a))
-        bench.main(["--quick", "--threads", "1", "--cases", "cifar", "--models", "resnet", "mrla_b_bmm",
-                    "--batch-size", "2", "--repeats", "1", "--warmup", "0", "--no-inference", "--no-memory"])
+        train_only("mrla_b_bmm")
         assert "| MRLA-B, slot contractions on torch.bmm |" in capsys.readouterr().out
         assert bmm_calls and not slot_calls and fast_ops.SLOT_KERNELS
-        bench.main(["--quick", "--threads", "1", "--cases", "cifar", "--models", "resnet", "mrla_b",
-                    "--batch-size", "2", "--repeats", "1", "--warmup", "0", "--no-inference", "--no-memory"])
+        train_only("mrla_b")
         assert "slot_wsum" in slot_calls and "slot_dots" in slot_calls
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
     assert rows["ResNet"].split("|")[2].strip() == "1.00"  # its own ratio

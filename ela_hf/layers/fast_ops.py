@@ -699,6 +699,18 @@ def _slots_eligible(slots: torch.Tensor, other: torch.Tensor) -> bool:
     )
 
 
+def _slot_kernel(name: str, slots: torch.Tensor, other: torch.Tensor, cols: int) -> Optional[torch.Tensor]:
+    """Runs ``ela_<name>`` over ``slots`` ``[S, B, n]`` and ``other`` into a fresh ``[B, cols]`` result;
+    None where the kernels do not apply."""
+    if not _slots_eligible(slots, other):
+        return None
+    s, b, n = slots.shape
+    other = other.contiguous()  # kept in a name until the call returns: the kernel gets raw pointers
+    out = torch.empty(b, cols, dtype=slots.dtype)
+    _kernel(name, slots.dtype)(_ptr(slots), slots.stride(0), _ptr(other), _ptr(out), s, b, n, torch.get_num_threads())
+    return out
+
+
 def slot_weighted_sum(weights: torch.Tensor, slots: torch.Tensor) -> Optional[torch.Tensor]:
     """``sum_s weights[:, s] * slots[s]``: weights ``[B, S]``, slots ``[S, B, n]`` -> ``[B, n]``, on the C++
     kernel (MRLA-B's output ``O_t`` and the values' gradient); None where it does not apply (then the
@@ -706,12 +718,7 @@ def slot_weighted_sum(weights: torch.Tensor, slots: torch.Tensor) -> Optional[to
     s, b, n = slots.shape if slots.dim() == 3 else (0, 0, 0)
     if weights.shape != (b, s):
         raise ValueError(f"slot_weighted_sum: weights must be [B, S] = {[b, s]}, got {list(weights.shape)}")
-    if not _slots_eligible(slots, weights):
-        return None
-    w = weights.contiguous()
-    out = torch.empty(b, n, dtype=slots.dtype)
-    _kernel("slot_wsum", slots.dtype)(_ptr(slots), slots.stride(0), _ptr(w), _ptr(out), s, b, n, torch.get_num_threads())
-    return out
+    return _slot_kernel("slot_wsum", slots, weights, n)
 
 
 def slot_dots(grad: torch.Tensor, slots: torch.Tensor) -> Optional[torch.Tensor]:
@@ -721,12 +728,7 @@ def slot_dots(grad: torch.Tensor, slots: torch.Tensor) -> Optional[torch.Tensor]
     s, b, n = slots.shape if slots.dim() == 3 else (0, 0, 0)
     if grad.shape != (b, n):
         raise ValueError(f"slot_dots: grad must be [B, n] = {[b, n]}, got {list(grad.shape)}")
-    if not _slots_eligible(slots, grad):
-        return None
-    g = grad.contiguous()
-    dots = torch.empty(b, s, dtype=slots.dtype)
-    _kernel("slot_dots", slots.dtype)(_ptr(slots), slots.stride(0), _ptr(g), _ptr(dots), s, b, n, torch.get_num_threads())
-    return dots
+    return _slot_kernel("slot_dots", slots, grad, s)
 
 
 def relu_sum_depthwise_conv3x3(conv: nn.Conv2d, pre: torch.Tensor, sc: torch.Tensor, *,
