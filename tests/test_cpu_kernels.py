@@ -385,6 +385,49 @@ def test_relu_sum_depthwise_conv3x3_matches_autograd(dtype, shape):
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("hw", [(5, 7), (8, 8), (32, 32)])  # flat loops, and the row path where compiled
+def test_a_nan_goes_through_the_folded_relus_as_through_pytorchs(dtype, hw, monkeypatch):
+    """A NaN is not hidden by the ReLUs the kernels fold in: relu(NaN) = NaN forward, and backward the
+    gradient passes where the ReLU's output is NaN (PyTorch's threshold_backward drops it only where the
+    output is <= 0). Both the MRLA-B tail's ReLU and the block's ReLU before the conv."""
+    calls = _spy_tail(monkeypatch)
+    torch.manual_seed(6)
+    shape = (2, 3, *hw)
+    # the block's ReLU, before the conv: a NaN in the conv branch
+    conv = nn.Conv2d(3, 3, 3, padding=1, groups=3, bias=False).to(dtype)
+    pre, sc = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
+    pre[0, 1, 2, 3] = float("nan")
+    grads = [torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype), torch.randn(shape[:2], dtype=dtype)]
+
+    def run(fn):
+        p = pre.clone().requires_grad_()
+        outs = fn(p)
+        return [o.detach() for o in outs] + list(torch.autograd.grad(outs, (p,), grads))
+
+    got = run(lambda p: fast_ops.relu_sum_depthwise_conv3x3(conv, p, sc))
+    y_ref = lambda p: torch.relu(p + sc)  # noqa: E731
+    want = run(lambda p: (y_ref(p), F.conv2d(y_ref(p), conv.weight, padding=1, groups=3), y_ref(p).mean((2, 3))))
+    assert torch.isnan(want[0][0, 1, 2, 3]) and want[3][0, 1, 2, 3] != 0  # PyTorch passes the gradient there
+    for name, g, w in zip(["y", "v", "mean", "grad pre"], got, want):
+        torch.testing.assert_close(g, w, **_tol(dtype), equal_nan=True, msg=lambda m: f"{name}: {m}")
+    # the tail's ReLU (MRLA-B): a NaN in O
+    v = torch.randn(shape, dtype=dtype)
+    v[1, 2, 0, 1] = float("nan")
+    y = torch.randn(shape, dtype=dtype)
+    bn, ref_bn = _bn(3, dtype).train(), _bn(3, dtype).train()
+    ref_bn.load_state_dict(bn.state_dict())
+    vg, rg = v.clone().requires_grad_(), v.clone().requires_grad_()
+    out = fast_ops.attention_tail(bn, vg, y, relu=True)
+    want_out = _reference_tail(ref_bn, rg, y, None, None, None, True)
+    assert calls == [1] and torch.isnan(want_out).any()
+    torch.testing.assert_close(out, want_out, **_tol(dtype), equal_nan=True)
+    g = torch.randn(shape, dtype=dtype)
+    torch.testing.assert_close(torch.autograd.grad(out, vg, g)[0], torch.autograd.grad(want_out, rg, g)[0],
+                               **_tol(dtype), equal_nan=True)
+
+
+@needs_kernels
 def test_relu_sum_depthwise_conv3x3_partial_gradients_slot_and_domain():
     """Only what needs a gradient gets one; ``out=`` takes the values as for depthwise_conv3x3 and is
     checked the same way; outside the kernel's domain the function declines (None)."""

@@ -66,12 +66,12 @@ struct TailPoint {
   inline void at(int64_t i, T& xhat, T& gi) const {
     xhat = (pre<T, HAS_SC>(v, sc, i, a, l) - m) * is;
     const T z = RELU ? folded<T, HAS_SC>(v, sc, i, A, b, cv, cs, s) : T(1);
-    // a select of a value loaded unconditionally, as PyTorch's threshold_backward (0 where the ReLU was
-    // closed, whatever g is there). The product g * (z > 0) that stood here made gcc load g under a
+    // a select of a value loaded unconditionally, as PyTorch's threshold_backward: 0 where z <= 0
+    // (whatever g is there), g elsewhere, a NaN z included. The product g * (z > 0) that stood here made gcc load g under a
     // mask: branchy scalar code without AVX-512 (10-12 ms for a [64, 64, 32, 32] reduction, where
     // this takes 0.9) and masked 512-bit loads with it (1.5-1.8 ms against 0.74 at 256 bits).
     const T gi_all = g[i];
-    gi = z > T(0) ? gi_all : T(0);
+    gi = z <= T(0) ? T(0) : gi_all;
   }
 };
 
@@ -178,7 +178,7 @@ void apply(const T* v, const T* sc, const T* y, const T* A, const T* B, const T*
 #pragma omp simd
     for (int64_t i = 0; i < HW; ++i) {
       T z = folded<T, HAS_SC>(pv, ps, i, ap, bc, cv, cs, sp);
-      if (RELU) z = z > T(0) ? z : T(0);
+      if (RELU) z = z <= T(0) ? T(0) : z;  // a NaN stays NaN, as in PyTorch's relu
       if (HAS_Y) z += py[i];
       po[i] = z;
     }
@@ -375,8 +375,8 @@ constexpr bool kRowPath = true;
     static R right(R cur, R next) {                                                                           \
       return _mm##B##_castsi##B##_ps(_mm##B##_alignr_epi32(_mm##B##_castps_si##B(next), _mm##B##_castps_si##B(cur), 1)); \
     }                                                                                                         \
-    /* s where y > 0 (ordered: NaN closes it), else +0, as the flat path's select */                          \
-    static R where_pos(R y, R s) { return _mm##B##_maskz_mov_ps(_mm##B##_cmp_ps_mask(y, zero(), _CMP_GT_OQ), s); } \
+    /* s unless y <= 0 (a NaN y passes, as in PyTorch's threshold_backward), else +0, as the flat path */     \
+    static R where_pos(R y, R s) { return _mm##B##_maskz_mov_ps(_mm##B##_cmp_ps_mask(y, zero(), _CMP_NLE_UQ), s); } \
     static double sum(R a);                                                                                   \
   };
 ELA_ROW_VECTOR(V16, 512, 16)
@@ -563,7 +563,7 @@ void dw_weight_grad(const T* pg, const T* px, double* o, int64_t H, int64_t W_) 
 
 // The conv's input gradient into t: the correlation of the output gradient pd (as conv_input staged it)
 // with w rotated by 180 degrees, + add + plus[i, j] (where given). PRE (the conv's input y formed as relu(pre + sc)): t is
-// then masked by [y > 0] (a select, as PyTorch's ReLU backward), and added to add_to where given (the
+// then 0 where y <= 0 (a select, as PyTorch's ReLU backward: a NaN y passes), and added to add_to where given (the
 // residual sum's shortcut branch).
 template <typename T, int WC, bool PRE>
 void dw_input_grad(const T* pd, const T* w, T* tmp, T* t, int64_t H, int64_t W_, T add, const T* plus, const T* y,
@@ -577,13 +577,13 @@ void dw_input_grad(const T* pd, const T* w, T* tmp, T* t, int64_t H, int64_t W_,
   if (add_to) {
 #pragma omp simd
     for (int64_t i = 0; i < HW; ++i) {
-      const T m = y[i] > T(0) ? t[i] : T(0);
+      const T m = y[i] <= T(0) ? T(0) : t[i];
       t[i] = m;
       add_to[i] += m;
     }
   } else {
 #pragma omp simd
-    for (int64_t i = 0; i < HW; ++i) t[i] = y[i] > T(0) ? t[i] : T(0);
+    for (int64_t i = 0; i < HW; ++i) t[i] = y[i] <= T(0) ? T(0) : t[i];
   }
 }
 
@@ -753,7 +753,7 @@ void light_bwd_reduce(const T* g, const T* y, const T* sc, const T* weight, doub
 //   gy  = g + wv^T(a[p] * gx) + gy_add[p] (optional; g: the residual, gy_add: the pooled mean's gradient / HW),
 //   gw[p] = the conv's per-plane weight gradient (optional), as in dw_backward.
 // PRE (y = relu(pre + sc) formed by light_fwd_moments): gy is then the gradient of pre,
-// gy = [y > 0] * (g + wv^T(a[p] * gx) + gy_add[p]) (a select, as PyTorch's ReLU backward), and gsc gets
+// gy = [not y <= 0] * (g + wv^T(a[p] * gx) + gy_add[p]) (a select, as PyTorch's ReLU backward), and gsc gets
 // it added (the residual sum's shortcut branch).
 template <typename T, int WC, bool PRE>
 void light_bwd_apply(const T* g, const T* y, const T* sc, const T* weight, const T* al, const T* be, const T* de,
