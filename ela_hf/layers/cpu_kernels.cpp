@@ -67,9 +67,10 @@ struct TailPoint {
     xhat = (pre<T, HAS_SC>(v, sc, i, a, l) - m) * is;
     const T z = RELU ? folded<T, HAS_SC>(v, sc, i, A, b, cv, cs, s) : T(1);
     // a select of a value loaded unconditionally, as PyTorch's threshold_backward: 0 where z <= 0
-    // (whatever g is there), g elsewhere, a NaN z included. The product g * (z > 0) that stood here made gcc load g under a
-    // mask: branchy scalar code without AVX-512 (10-12 ms for a [64, 64, 32, 32] reduction, where
-    // this takes 0.9) and masked 512-bit loads with it (1.5-1.8 ms against 0.74 at 256 bits).
+    // (whatever g is there), g elsewhere, a NaN z included. The product g * (z > 0) that stood here
+    // made gcc load g under a mask: branchy scalar code without AVX-512 (10-12 ms for a
+    // [64, 64, 32, 32] reduction, where this takes 0.9) and masked 512-bit loads with it (1.5-1.8 ms
+    // against 0.74 at 256 bits).
     const T gi_all = g[i];
     gi = z <= T(0) ? T(0) : gi_all;
   }
