@@ -563,9 +563,9 @@ void dw_weight_grad(const T* pg, const T* px, double* o, int64_t H, int64_t W_) 
 }
 
 // The conv's input gradient into t: the correlation of the output gradient pd (as conv_input staged it)
-// with w rotated by 180 degrees, + add + plus[i, j] (where given). PRE (the conv's input y formed as relu(pre + sc)): t is
-// then 0 where y <= 0 (a select, as PyTorch's ReLU backward: a NaN y passes), and added to add_to where given (the
-// residual sum's shortcut branch).
+// with w rotated by 180 degrees, + add + plus[i, j] (where given). PRE (the conv's input y formed as
+// relu(pre + sc)): t is then 0 where y <= 0 (a select, as PyTorch's ReLU backward: a NaN y passes), and
+// added to add_to where given (the residual sum's shortcut branch).
 template <typename T, int WC, bool PRE>
 void dw_input_grad(const T* pd, const T* w, T* tmp, T* t, int64_t H, int64_t W_, T add, const T* plus, const T* y,
                    T* add_to) {
