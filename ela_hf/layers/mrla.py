@@ -467,14 +467,21 @@ class _LayerAttentionBase(nn.Module):
         input costs milliseconds per call on CPU (oneDNN primitive setup), more than the rest of the
         layer, and a backward through two of them is slower still.
         """
-        pad = (self.k_size - 1) // 2
-        windows = F.pad(g, (pad, pad)).unfold(1, self.k_size, 1)  # [B, C, k]: windows[c, j] = g[c + j - pad]
-        w = torch.cat([wq.view(1, -1), wk.view(1, -1)], dim=0)  # [2, k]
-        qk = torch.matmul(windows, w.t())  # [B, C, 2]
+        _, _, qk = self._windows_qk(g, wq, wk)
         b = g.shape[0]
         q = qk[..., 0].view(b, self.heads, self.dim_per_head)
         k = qk[..., 1].view(b, self.heads, self.dim_per_head)
         return q, k
+
+    def _windows_qk(self, g: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor):
+        """``(windows, w, qk)``: the unfolded windows of ``g`` (``[B, C, k]``, ``windows[b, c, j] =
+        g[b, c + j - pad]``, zero outside), the two Conv1d weights as rows of ``w`` (``[2, k]``), and
+        ``qk = windows @ w^T`` (``[B, C, 2]``: Q and K per channel). Shared by :meth:`_query_key` and
+        MRLA-L's gate backward."""
+        pad = (self.k_size - 1) // 2
+        windows = F.pad(g, (pad, pad)).unfold(1, self.k_size, 1)
+        w = torch.cat([wq.reshape(1, -1), wk.reshape(1, -1)], dim=0)
+        return windows, w, torch.matmul(windows, w.t())
 
     def _residual_tail(self, y: torch.Tensor, v: torch.Tensor, **tail) -> torch.Tensor:
         """``y + DropPath(act(BN(...)))`` (see ``fast_ops.attention_tail``); without an active DropPath the
@@ -567,9 +574,7 @@ class MrlaLight(_LayerAttentionBase):
         """
         b, c = g.shape
         k_size, pad = self.k_size, (self.k_size - 1) // 2
-        windows = F.pad(g, (pad, pad)).unfold(1, k_size, 1)  # [B, C, k]
-        w = torch.cat([wq.reshape(1, -1), wk.reshape(1, -1)], dim=0)  # [2, k]
-        qk = torch.matmul(windows, w.t())  # [B, C, 2]
+        windows, w, qk = self._windows_qk(g, wq, wk)
         s = (grad_gate * gate * (1 - gate) * self.scale).unsqueeze(-1).expand(b, self.heads, self.dim_per_head)
         dqk = qk.flip(-1) * s.reshape(b, c, 1)  # [B, C, 2]: (s * k, s * q)
         grad_w = torch.matmul(dqk.reshape(-1, 2).t(), windows.reshape(-1, k_size))  # [2, k]
