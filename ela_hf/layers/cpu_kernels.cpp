@@ -124,16 +124,25 @@ void channel_sums(int64_t N, int64_t C, int nt, double* out1, double* out2, F&& 
   }
 }
 
-// Calls f(i, lane) for every element i of a plane: the lane is i % VL<T> over the full blocks, 0 after.
-template <typename T, typename F>
-inline void for_vector_lanes(int64_t HW, F&& f) {
+// Calls lane(i, i % VL<T>) for the elements i of a plane's full vector blocks, then rest(i) for the
+// remainder. Reductions whose lane sums live in the caller's frame and whose remainder goes to separate
+// scalars keep those sums in registers (bwd_reduce, bwd_apply); a remainder that indexes the same lane
+// array made gcc store and reload the lane sums at every vector.
+template <typename T, typename F, typename R>
+inline void for_lanes_then_rest(int64_t HW, F&& lane, R&& rest) {
   constexpr int L = VL<T>;
   int64_t i = 0;
   for (; i + L <= HW; i += L) {
 #pragma omp simd
-    for (int k = 0; k < L; ++k) f(i + k, k);
+    for (int k = 0; k < L; ++k) lane(i + k, k);
   }
-  for (; i < HW; ++i) f(i, 0);
+  for (; i < HW; ++i) rest(i);
+}
+
+// Calls f(i, lane) for every element i of a plane: the lane is i % VL<T> over the full blocks, 0 after.
+template <typename T, typename F>
+inline void for_vector_lanes(int64_t HW, F&& f) {
+  for_lanes_then_rest<T>(HW, f, [&](int64_t i) { f(i, 0); });
 }
 
 // Per-channel mean and biased variance of x, shifted by the channel's first element for conditioning.
@@ -193,27 +202,18 @@ void bwd_reduce(const T* g, const T* v, const T* sc, const T* a, const T* l, con
                 double* sum_gx, int nt) {
   channel_sums<T>(N, C, nt, sum_g, sum_gx, [&](int64_t p, T* t1, T* t2) {
     const TailPoint<T, HAS_SC, RELU> pt(g, v, sc, a, l, mean, invstd, A, B, S, ctr, C, HW, p);
-    // lane sums in this frame, the remainder in scalars: with the ReLU's select, lane sums reached
-    // through t1 / t2 (or indexed by a scalar remainder loop too) were stored and reloaded at every vector
+    // lane sums in this frame, the remainder in scalars (see for_lanes_then_rest): with the ReLU's
+    // select, lane sums reached through t1 / t2 were stored and reloaded at every vector
     constexpr int L = VL<T>;
-    T u1[L] = {}, u2[L] = {};
-    int64_t i = 0;
-    for (; i + L <= HW; i += L) {
-#pragma omp simd
-      for (int k = 0; k < L; ++k) {
-        T xhat, gi;
-        pt.at(i + k, xhat, gi);
-        u1[k] += gi;
-        u2[k] += gi * xhat;
-      }
-    }
-    T r1 = 0, r2 = 0;
-    for (; i < HW; ++i) {
+    T u1[L] = {}, u2[L] = {}, r1 = 0, r2 = 0;
+    auto point = [&](int64_t i, T& e1, T& e2) {
       T xhat, gi;
       pt.at(i, xhat, gi);
-      r1 += gi;
-      r2 += gi * xhat;
-    }
+      e1 += gi;
+      e2 += gi * xhat;
+    };
+    for_lanes_then_rest<T>(HW, [&](int64_t i, int k) { point(i, u1[k], u2[k]); },
+                           [&](int64_t i) { point(i, r1, r2); });
     for (int k = 0; k < L; ++k) {
       t1[k] += u1[k];
       t2[k] += u2[k];
@@ -239,10 +239,10 @@ void bwd_apply(const T* g, const T* v, const T* sc, const T* a, const T* l, cons
     T* pgs = HAS_SC ? gsc + off : nullptr;
     // the plane's dot products in vector lanes, added in double; the shortcut's in double lanes: a
     // shortcut with a large mean against a gradient that sums to ~0 cancels. The remainder goes to
-    // scalars (as in bwd_reduce: lanes also indexed by a scalar loop were kept in memory).
+    // scalars (see for_lanes_then_rest).
     constexpr int L = VL<T>;
-    T d1[L] = {};
-    double d2[L] = {};
+    T d1[L] = {}, r1 = 0;
+    double d2[L] = {}, r2 = 0;
     auto point = [&](int64_t i, T& e1, double& e2) {
       T xhat, gi;
       pt.at(i, xhat, gi);
@@ -254,14 +254,8 @@ void bwd_apply(const T* g, const T* v, const T* sc, const T* a, const T* l, cons
       }
       if (HAS_DV) e1 += go * pt.v[i];
     };
-    int64_t i = 0;
-    for (; i + L <= HW; i += L) {
-#pragma omp simd
-      for (int k = 0; k < L; ++k) point(i + k, d1[k], d2[k]);
-    }
-    T r1 = 0;
-    double r2 = 0;
-    for (; i < HW; ++i) point(i, r1, r2);
+    for_lanes_then_rest<T>(HW, [&](int64_t i, int k) { point(i, d1[k], d2[k]); },
+                           [&](int64_t i) { point(i, r1, r2); });
     if (HAS_DV) dv[p] = lane_total(d1) + (double)r1;
     if (HAS_SC) dsc[p] = lane_total(d2) + r2;
   }
