@@ -1123,3 +1123,117 @@ def test_mrla_b_contracts_its_slots_on_the_kernels(monkeypatch):
     want = run()
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+# MRLA-B's attention weights (fast_ops.attention_weights)
+
+
+def _weights_in_pytorch_ops(g, wq, wk, keys, heads, scale):
+    """Q and K by F.conv1d over the channel axis, the logits as products summed per head, softmax."""
+    b, c = g.shape
+    pad = (wq.numel() - 1) // 2
+    q = F.conv1d(g.unsqueeze(1), wq.view(1, 1, -1), padding=pad).view(b, heads, c // heads)
+    k = F.conv1d(g.unsqueeze(1), wk.view(1, 1, -1), padding=pad).view(b, heads, c // heads)
+    logits = torch.stack([(q * key).sum(-1) for key in [*keys, k]], dim=-1) * scale
+    return torch.softmax(logits, dim=-1), k
+
+
+def _weights_case(dtype, b, c, heads, ks, n_keys, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    leaf = lambda *shape: torch.randn(*shape, dtype=dtype, generator=gen).requires_grad_()  # noqa: E731
+    return leaf(b, c), leaf(1, 1, ks), leaf(1, 1, ks), [leaf(b, heads, c // heads) for _ in range(n_keys)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("b, c, heads, ks, n_keys", [
+    (3, 32, 2, 3, 0),  # a stage's first layer: attends to itself only
+    (4, 64, 4, 5, 3),
+    (2, 48, 3, 7, 11),  # taps wider than a head, many keys
+    (5, 16, 1, 1, 2),  # one tap, one head
+    (1, 8, 8, 3, 4),  # one channel per head
+])
+@pytest.mark.parametrize("key_grad", [True, False])  # whether later layers sent k a gradient
+def test_attention_weights_match_pytorch_ops(dtype, b, c, heads, ks, n_keys, key_grad):
+    """Outputs and the gradients of g, both weights and every earlier key, against F.conv1d, products
+    and softmax under autograd."""
+    g, wq, wk, keys = _weights_case(dtype, b, c, heads, ks, n_keys)
+    gen = torch.Generator().manual_seed(1)
+    grad_attn = torch.randn(b, heads, n_keys + 1, dtype=dtype, generator=gen)
+    grad_k = torch.randn(b, heads, c // heads, dtype=dtype, generator=gen)
+    leaves = [g, wq, wk, *keys]
+    results = []
+    for fn in (fast_ops.attention_weights, _weights_in_pytorch_ops):
+        attn, k = fn(g, wq, wk, keys, heads, 0.37)
+        loss = (attn * grad_attn).sum() + ((k * grad_k).sum() if key_grad else 0)
+        results.append([attn, k, *torch.autograd.grad(loss, leaves)])
+    got, want = results
+    assert got[0].shape == (b, heads, n_keys + 1) and got[1].shape == (b, heads, c // heads)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    for name, x, y in zip(["attn", "k", "dg", "dwq", "dwk"] + [f"dkey{i}" for i in range(n_keys)], got, want):
+        assert x.dtype == dtype, name
+        torch.testing.assert_close(x, y, **tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@needs_kernels
+def test_attention_weights_pass_gradcheck():
+    g, wq, wk, keys = _weights_case(torch.float64, 2, 12, 3, 3, 2, seed=3)
+    assert torch.autograd.gradcheck(lambda *t: fast_ops.attention_weights(t[0], t[1], t[2], t[3:], 3, 0.5),
+                                    (g, wq, wk, *keys))
+
+
+@needs_kernels
+def test_attention_weights_decline_what_they_cannot_do_and_reject_bad_shapes(monkeypatch):
+    g, wq, wk, keys = _weights_case(torch.float32, 2, 16, 2, 3, 2)
+    assert fast_ops.attention_weights(g, wq, wk, keys, 2, 0.5) is not None
+    assert fast_ops.attention_weights(g, wq, wk, [keys[0].double(), keys[1]], 2, 0.5) is None  # mixed dtypes
+    strided = torch.randn(2, 8, 2).transpose(1, 2)  # [2, 2, 8], not contiguous
+    assert fast_ops.attention_weights(g, wq, wk, [strided], 2, 0.5) is None
+    assert fast_ops.attention_weights(g.half(), wq.half(), wk.half(), [], 2, 0.5) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fast_ops.attention_weights(g, wq, wk, keys, 2, 0.5) is None
+    with pytest.raises(ValueError, match=r"key 1 must be \[B, heads, d\] = \[2, 2, 8\], got \[2, 4, 4\]"):
+        fast_ops.attention_weights(g, wq, wk, [keys[0], torch.randn(2, 4, 4)], 2, 0.5)
+    with pytest.raises(ValueError, match="C divisible by 3 heads"):
+        fast_ops.attention_weights(g, wq, wk, [], 3, 0.5)
+    with pytest.raises(ValueError, match="same odd number of taps, got 4 and 4"):
+        fast_ops.attention_weights(g, torch.randn(1, 1, 4), torch.randn(1, 1, 4), [], 2, 0.5)
+    monkeypatch.setattr(fast_ops, "WEIGHT_KERNELS", False)
+    assert fast_ops.attention_weights(g, wq, wk, keys, 2, 0.5) is None
+
+
+@needs_kernels
+def test_mrla_b_computes_its_attention_weights_on_the_kernel(monkeypatch):
+    """A training step of an MRLA-B stage (the loss reaching only its first two of four layers, so the
+    last layers' keys get no gradient) runs every layer's weights on the kernel, forward and backward,
+    and matches the PyTorch-ops path with the kernel off."""
+    calls = {"attn_weights_fwd": 0, "attn_weights_bwd": 0}
+    real = fast_ops._kernel
+
+    def spy(name, dtype):
+        if name in calls:
+            calls[name] += 1
+        return real(name, dtype)
+
+    monkeypatch.setattr(fast_ops, "_kernel", spy)
+    torch.manual_seed(0)
+    layers = [MrlaBase(16, dim_per_head=4).double().train() for _ in range(4)]
+    x = torch.randn(2, 16, 5, 5, dtype=torch.float64, requires_grad=True)
+
+    def run():
+        state = StageState(capacity=4)
+        outs, h = [], x
+        for m in layers:
+            h = m(h, state)
+            outs.append(h)
+        state.close()
+        loss = outs[1].square().sum() + outs[0].sum()
+        return torch.autograd.grad(loss, [x, *[p for m in layers[:2] for p in m.parameters()]])
+
+    got = run()
+    assert calls == {"attn_weights_fwd": 4, "attn_weights_bwd": 2}
+    monkeypatch.setattr(fast_ops, "WEIGHT_KERNELS", False)
+    want = run()
+    assert calls == {"attn_weights_fwd": 4, "attn_weights_bwd": 2}  # the kernel is off: no more calls
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -15,11 +15,13 @@
 // Every plane's part of a reduction is done by one thread, and the planes' parts are added in a fixed
 // order (per channel in sample order, here or by the caller), so results do not depend on the number
 // of threads.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -863,6 +865,140 @@ void slot_dots(const T* slots, int64_t sstride, const T* g, T* dots, int64_t S, 
   }
 }
 
+// 5. ---- MRLA-B's attention weights ----------------------------------------------------------------------
+// From layer t's pooled descriptor g [B, C] (C = H heads of d channels): q = conv1d(g, wq) and
+// k = conv1d(g, wk) along the channel axis (ks taps, zero padding), then for every (sample, head)
+// A[b, h, :] = softmax(scale * <q_h, K_s,h>) over the P earlier layers' keys K_0..K_{P-1} ([B, C] each,
+// given by pointer) and k. The tensors are tiny; as some twenty PyTorch ops and their autograd nodes per
+// layer this cost 0.3-2 ms (most of it the fixed cost of torch.bmm on 1 x d x t matrices), here a few
+// microseconds. One thread: nothing here is worth a team's start-up.
+
+// out[b, c] = sum_j w[j] in[b, c + j - pad] for two weights at once (a and b, into oa and ob): per tap,
+// one loop over the channels in which the padding is never touched, so that it vectorises; every element
+// still adds its taps in order j = 0, 1, ...
+template <typename T>
+void conv_taps(const T* in, const T* wa, const T* wb, T* oa, T* ob, int64_t B, int64_t C, int64_t ks) {
+  const int64_t pad = (ks - 1) / 2;
+  std::fill(oa, oa + B * C, T(0));
+  std::fill(ob, ob + B * C, T(0));
+  for (int64_t r = 0; r < B; ++r) {
+    const T* x = in + r * C;
+    T* pa = oa + r * C;
+    T* pb = ob + r * C;
+    for (int64_t j = 0; j < ks; ++j) {
+      const T a = wa[j], b = wb[j];
+      const int64_t lo = std::max<int64_t>(0, pad - j), hi = std::min<int64_t>(C, C + pad - j);
+      const T* xs = x + j - pad;
+#pragma omp simd
+      for (int64_t c = lo; c < hi; ++c) {
+        pa[c] += a * xs[c];
+        pb[c] += b * xs[c];
+      }
+    }
+  }
+}
+
+// The key of slot s (s < P: an earlier layer's, s == P: this layer's k)
+template <typename T>
+inline const T* key_of(const T* const* keys, const T* k, int64_t P, int64_t s) {
+  return s < P ? keys[s] : k;
+}
+
+// q, k ([B, C]) and attn ([B, H, P + 1])
+template <typename T>
+void attn_weights_fwd(const T* g, const T* wq, const T* wk, const T* const* keys, T* q, T* k, T* attn,
+                      int64_t B, int64_t C, int64_t H, int64_t ks, int64_t P, double scale) {
+  const int64_t d = C / H, S = P + 1;
+  conv_taps(g, wq, wk, q, k, B, C, ks);
+  std::vector<double> logit(S);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t off = b * C + h * d;
+      const T* qh = q + off;
+      double top = -std::numeric_limits<double>::infinity();
+      for (int64_t s = 0; s < S; ++s) {
+        const T* kh = key_of(keys, k, P, s) + off;
+        T dot = 0;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t i = 0; i < d; ++i) dot += qh[i] * kh[i];
+        logit[s] = (double)dot * scale;
+        top = std::max(top, logit[s]);
+      }
+      double total = 0;
+      for (int64_t s = 0; s < S; ++s) total += (logit[s] = std::exp(logit[s] - top));
+      T* a = attn + (b * H + h) * S;
+      for (int64_t s = 0; s < S; ++s) a[s] = (T)(logit[s] / total);
+    }
+  }
+}
+
+// Backward of attn_weights_fwd from dattn ([B, H, P + 1]) and dk_in (the gradient k got from later
+// layers, [B, C]; nullptr: none): dg ([B, C]), dwq and dwk ([ks], summed in double) and the earlier
+// keys' gradients dkeys ([P, B, C]). With the logits' gradient dl = A * (dA - <A, dA>) * scale:
+// dq = sum_s dl_s K_s, dK_s = dl_s q, dk = dk_in + dl_P q; then the conv's transposes.
+template <typename T>
+void attn_weights_bwd(const T* g, const T* wq, const T* wk, const T* const* keys, const T* q, const T* k,
+                      const T* attn, const T* dattn, const T* dk_in, T* dg, T* dwq, T* dwk, T* dkeys, int64_t B,
+                      int64_t C, int64_t H, int64_t ks, int64_t P, double scale) {
+  const int64_t d = C / H, S = P + 1, pad = (ks - 1) / 2;
+  std::vector<T> dq(B * C, T(0)), dk(B * C), dl(S);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t off = b * C + h * d, row = (b * H + h) * S;
+      double r = 0;
+      for (int64_t s = 0; s < S; ++s) r += (double)attn[row + s] * (double)dattn[row + s];
+      for (int64_t s = 0; s < S; ++s) dl[s] = (T)((double)attn[row + s] * ((double)dattn[row + s] - r) * scale);
+      const T* qh = q + off;
+      T* dqh = dq.data() + off;
+      for (int64_t s = 0; s < S; ++s) {
+        const T* kh = key_of(keys, k, P, s) + off;
+        const T w = dl[s];
+#pragma omp simd
+        for (int64_t i = 0; i < d; ++i) dqh[i] += w * kh[i];
+      }
+      T* dkh = dk.data() + off;
+      const T wk_own = dl[P];
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) dkh[i] = (dk_in ? dk_in[off + i] : T(0)) + wk_own * qh[i];
+      for (int64_t s = 0; s < P; ++s) {
+        T* out = dkeys + s * B * C + off;
+        const T w = dl[s];
+#pragma omp simd
+        for (int64_t i = 0; i < d; ++i) out[i] = w * qh[i];
+      }
+    }
+  }
+  // q[b, c] = sum_j wq[j] g[b, c + j - pad]: g[b, m] gets wq[j] dq[b, m - j + pad] (per tap, a loop over
+  // the channels it reaches), and wq[j] gets sum_{b, c} dq[b, c] g[b, c + j - pad]
+  std::fill(dg, dg + B * C, T(0));
+  std::vector<double> sq(ks, 0.0), sk(ks, 0.0);
+  for (int64_t b = 0; b < B; ++b) {
+    const T* gb = g + b * C;
+    const T* dqb = dq.data() + b * C;
+    const T* dkb = dk.data() + b * C;
+    T* dgb = dg + b * C;
+    for (int64_t j = 0; j < ks; ++j) {
+      const T a = wq[j], w = wk[j];
+      const int64_t lo = std::max<int64_t>(0, pad - j), hi = std::min<int64_t>(C, C + pad - j);
+      const T* gs = gb + j - pad;
+      T* dgs = dgb + j - pad;
+      double aq = 0, ak = 0;
+#pragma omp simd reduction(+ : aq, ak)
+      for (int64_t c = lo; c < hi; ++c) {
+        dgs[c] += a * dqb[c] + w * dkb[c];
+        aq += (double)dqb[c] * (double)gs[c];
+        ak += (double)dkb[c] * (double)gs[c];
+      }
+      sq[j] += aq;
+      sk[j] += ak;
+    }
+  }
+  for (int64_t j = 0; j < ks; ++j) {
+    dwq[j] = (T)sq[j];
+    dwk[j] = (T)sk[j];
+  }
+}
+
 }  // namespace
 
 // Calls f(std::true_type) or f(std::false_type): runtime flags to template parameters.
@@ -981,10 +1117,25 @@ void with_width(int64_t W, F&& f) {
     slot_dots<T>(slots, sstride, g, dots, S, B, n, nt);                                                       \
   }
 
+#define ELA_DEFINE_ATTN(T, SUF)                                                                                \
+  extern "C" void ela_attn_weights_fwd_##SUF(const T* g, const T* wq, const T* wk, const T* const* keys, T* q,  \
+                                             T* k, T* attn, int64_t B, int64_t C, int64_t H, int64_t ks,       \
+                                             int64_t P, double scale) {                                        \
+    attn_weights_fwd<T>(g, wq, wk, keys, q, k, attn, B, C, H, ks, P, scale);                                   \
+  }                                                                                                           \
+  extern "C" void ela_attn_weights_bwd_##SUF(const T* g, const T* wq, const T* wk, const T* const* keys,        \
+                                             const T* q, const T* k, const T* attn, const T* dattn,            \
+                                             const T* dk_in, T* dg, T* dwq, T* dwk, T* dkeys, int64_t B,       \
+                                             int64_t C, int64_t H, int64_t ks, int64_t P, double scale) {      \
+    attn_weights_bwd<T>(g, wq, wk, keys, q, k, attn, dattn, dk_in, dg, dwq, dwk, dkeys, B, C, H, ks, P, scale); \
+  }
+
 ELA_DEFINE(float, f32)
 ELA_DEFINE(double, f64)
 ELA_DEFINE_SLOTS(float, f32)
 ELA_DEFINE_SLOTS(double, f64)
+ELA_DEFINE_ATTN(float, f32)
+ELA_DEFINE_ATTN(double, f64)
 ELA_DEFINE_DW(float, f32)
 ELA_DEFINE_DW(double, f64)
 ELA_DEFINE_LIGHT(float, f32)

@@ -53,16 +53,17 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "attention_tail", "depthwise_conv3x3", "relu_sum_depthwise_conv3x3", "light_layer", "cpu_kernels",
     "kernel_cache_dir", "kernel_features", "describe_kernels", "batch_norm", "light_tail",
-    "FAST_CPU_PATHS", "slot_weighted_sum", "slot_dots",
+    "FAST_CPU_PATHS", "slot_weighted_sum", "slot_dots", "attention_weights",
 ]
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,9 @@ FUSED_LIGHT_LAYER = True
 # Set to False to run MRLA-B's slot contractions as torch.bmm instead of the C++ slot kernels
 # (slot_weighted_sum, slot_dots); for comparisons.
 SLOT_KERNELS = True
+# Set to False to compute MRLA-B's attention weights (Q, K, softmax over the stage's keys) in PyTorch ops
+# instead of the C++ kernel (attention_weights); for comparisons.
+WEIGHT_KERNELS = True
 # Below this size the native batch-norm statistics are as fast as the one-pass ones.
 FAST_STATS_MIN_BYTES = 6 << 20
 # The one-pass variance E[x^2] - E[x]^2 loses precision when the mean dominates; beyond this ratio of
@@ -314,6 +318,8 @@ _SIGNATURES = {
     "light_bwd_apply": [_P] * 14 + [_I64] * 4 + [_INT, _INT],
     "slot_wsum": [_P, _I64, _P, _P] + [_I64] * 3 + [_INT],
     "slot_dots": [_P, _I64, _P, _P] + [_I64] * 3 + [_INT],
+    "attn_weights_fwd": [_P] * 7 + [_I64] * 5 + [ctypes.c_double],
+    "attn_weights_bwd": [_P] * 13 + [_I64] * 5 + [ctypes.c_double],
 }
 _kernel_state: dict = {}  # "lib": the loaded library or None once tried
 _kernel_lock = threading.Lock()
@@ -733,6 +739,83 @@ def slot_dots(grad: torch.Tensor, slots: torch.Tensor) -> Optional[torch.Tensor]
     if grad.shape != (b, n):
         raise ValueError(f"slot_dots: grad must be [B, n] = {[b, n]}, got {list(grad.shape)}")
     return _slot_kernel("slot_dots", slots, grad, s)
+
+
+def attention_weights(g: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, keys: Sequence[torch.Tensor], heads: int,
+                      scale: float) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """MRLA-B's attention weights on the C++ kernel: ``(attn, k)``, or None where it does not apply (then the
+    caller runs the same in PyTorch ops).
+
+    ``g`` is the layer's pooled descriptor ``[B, C]``; ``wq``, ``wk`` the weights of the two Conv1d(1, 1,
+    k) that make ``q`` and ``k`` from it along the channel axis; ``keys`` the stage's earlier keys, each
+    ``[B, heads, d]``. ``attn`` (``[B, heads, len(keys) + 1]``) is ``softmax(scale * <q_h, K_s,h>)`` over
+    ``keys + [k]`` per sample and head; ``k`` (``[B, heads, d]``) is this layer's key, for the next layers.
+    Gradients reach ``g``, ``wq``, ``wk`` and every key.
+    """
+    if g.dim() != 2 or g.shape[1] % heads:
+        raise ValueError(f"attention_weights: g must be [B, C] with C divisible by {heads} heads, got {tuple(g.shape)}")
+    b, c = g.shape
+    shape = (b, heads, c // heads)
+    for i, key in enumerate(keys):
+        if tuple(key.shape) != shape:
+            raise ValueError(f"attention_weights: key {i} must be [B, heads, d] = {list(shape)}, got {list(key.shape)}")
+    ks = wq.numel()
+    if ks % 2 == 0 or wk.numel() != ks:
+        raise ValueError(
+            f"attention_weights: wq and wk must hold the same odd number of taps, got {wq.numel()} and {wk.numel()}"
+        )
+    if not (
+        WEIGHT_KERNELS
+        and _fast_mode()
+        and g.dtype in (torch.float32, torch.float64)
+        and all(t.device.type == "cpu" and t.dtype == g.dtype for t in (g, wq, wk, *keys))
+        and all(key.is_contiguous() for key in keys)
+        and cpu_kernels() is not None
+    ):
+        return None
+    return _AttentionWeights.apply(g.contiguous(), wq.contiguous(), wk.contiguous(), float(scale), heads, *keys)
+
+
+def _pointer_array(tensors: Sequence[torch.Tensor]):
+    """A C array of the tensors' data pointers (kept alive by the caller with the tensors)."""
+    return (ctypes.c_void_p * max(len(tensors), 1))(*[t.data_ptr() for t in tensors])
+
+
+class _AttentionWeights(torch.autograd.Function):
+    """See :func:`attention_weights`. The earlier keys are inputs, so their gradients (``dL/dK_s`` from this
+    layer) are summed by autograd with those from the other layers that read them."""
+
+    @staticmethod
+    def forward(ctx, g, wq, wk, scale: float, heads: int, *keys):
+        b, c = g.shape
+        q = torch.empty_like(g)
+        k = g.new_empty(b, heads, c // heads)
+        attn = g.new_empty(b, heads, len(keys) + 1)
+        _kernel("attn_weights_fwd", g.dtype)(
+            _ptr(g), _ptr(wq), _ptr(wk), _pointer_array(keys), _ptr(q), _ptr(k), _ptr(attn), b, c, heads, wq.numel(),
+            len(keys), scale,
+        )
+        ctx.save_for_backward(g, wq, wk, q, k, attn, *keys)
+        ctx.scale, ctx.heads = scale, heads
+        ctx.set_materialize_grads(False)
+        return attn, k
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_attn, grad_k):
+        g, wq, wk, q, k, attn, *keys = ctx.saved_tensors
+        b, c = g.shape
+        grad_attn = torch.zeros_like(attn) if grad_attn is None else grad_attn.contiguous()
+        grad_k = None if grad_k is None else grad_k.contiguous()
+        grad_g = torch.empty_like(g)
+        grad_wq, grad_wk = torch.empty_like(wq), torch.empty_like(wk)
+        grad_keys = g.new_empty(len(keys), *k.shape)
+        _kernel("attn_weights_bwd", g.dtype)(
+            _ptr(g), _ptr(wq), _ptr(wk), _pointer_array(keys), _ptr(q), _ptr(k), _ptr(attn), _ptr(grad_attn),
+            _ptr(grad_k), _ptr(grad_g), _ptr(grad_wq), _ptr(grad_wk), _ptr(grad_keys), b, c, ctx.heads, wq.numel(),
+            len(keys), ctx.scale,
+        )
+        return (grad_g, grad_wq, grad_wk, None, None, *grad_keys.unbind(0))
 
 
 def relu_sum_depthwise_conv3x3(conv: nn.Conv2d, pre: torch.Tensor, sc: torch.Tensor, *,

@@ -22,6 +22,7 @@ from .fast_ops import (
     _dw_eligible,
     _heads_to_channels,
     attention_tail,
+    attention_weights,
     depthwise_conv3x3,
     light_layer,
     relu_sum_depthwise_conv3x3,
@@ -631,14 +632,26 @@ class MrlaBase(_LayerAttentionBase):
         if _dw_eligible(self.wv, y) and not self._plain_attention(state):
             slot = self._value_cache(state).next_slot(y)
         y, v, g = self._values_pooled(y, sc, pre_act, out=slot)
-        q, k = self._query_key(g, self.wq.weight, self.wk.weight)
-        state.keys.append(k)
-        keys = torch.stack(state.keys, dim=2)  # [B, heads, t, d]: tiny, unlike the values
-        attn = torch.softmax(torch.einsum("bhd,bhtd->bht", q, keys) * self.scale, dim=-1)
+        attn = self._attention_weights(g, state)
         o, grad_into = self._attend(attn, v, state)
         if self._records():
             self._record(attn, state)
         return self._residual_tail(y, o, relu=True, grad_into=grad_into)
+
+    def _attention_weights(self, g: torch.Tensor, state: StageState) -> torch.Tensor:
+        """``A_t = softmax(<Q_t, K_s> / sqrt d)`` over the stage's keys and this layer's (``[B, heads, t+1]``);
+        appends this layer's key to ``state.keys``. On the CPU one C++ kernel pair
+        (``fast_ops.attention_weights``); the tensors are tiny, and in PyTorch ops their fixed costs were
+        0.3-2 ms per layer."""
+        fast = attention_weights(g, self.wq.weight, self.wk.weight, state.keys, self.heads, self.scale)
+        if fast is not None:
+            attn, k = fast
+            state.keys.append(k)
+            return attn
+        q, k = self._query_key(g, self.wq.weight, self.wk.weight)
+        state.keys.append(k)
+        keys = torch.stack(state.keys, dim=2)  # [B, heads, t, d]
+        return torch.softmax(torch.einsum("bhd,bhtd->bht", q, keys) * self.scale, dim=-1)
 
     def _attend(self, attn: torch.Tensor, v: torch.Tensor, state: StageState):
         """``sum_s attn[:, h, s] * V_{s,h}`` over this layer's and the earlier cached values, and where the
