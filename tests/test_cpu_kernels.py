@@ -1237,3 +1237,89 @@ def test_mrla_b_computes_its_attention_weights_on_the_kernel(monkeypatch):
     assert calls == {"attn_weights_fwd": 4, "attn_weights_bwd": 2}  # the kernel is off: no more calls
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+# MRLA-L's gate (fast_ops.light_gate, fast_ops.light_gate_grad)
+
+
+def _gate_in_pytorch_ops(g, wq, wk, heads, scale):
+    b, c = g.shape
+    pad = (wq.numel() - 1) // 2
+    q = F.conv1d(g.unsqueeze(1), wq.view(1, 1, -1), padding=pad).view(b, heads, c // heads)
+    k = F.conv1d(g.unsqueeze(1), wk.view(1, 1, -1), padding=pad).view(b, heads, c // heads)
+    return torch.sigmoid((q * k).sum(-1) * scale)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("b, c, heads, ks", [(3, 64, 2, 3), (2, 96, 3, 5), (4, 32, 1, 7), (1, 8, 8, 1)])
+def test_light_gate_and_its_gradient_match_pytorch_ops(dtype, b, c, heads, ks):
+    """The gate, its gradients through autograd (light_gate's backward) and without (light_gate_grad)
+    against F.conv1d, products and sigmoid under autograd."""
+    g, wq, wk, _ = _weights_case(dtype, b, c, heads, ks, 0, seed=4)
+    grad_gate = torch.randn(b, heads, dtype=dtype, generator=torch.Generator().manual_seed(5))
+    gate = fast_ops.light_gate(g, wq, wk, heads, 0.29)
+    want_gate = _gate_in_pytorch_ops(g, wq, wk, heads, 0.29)
+    got = torch.autograd.grad((gate * grad_gate).sum(), [g, wq, wk])
+    want = torch.autograd.grad((want_gate * grad_gate).sum(), [g, wq, wk])
+    direct = fast_ops.light_gate_grad(g.detach(), gate.detach(), grad_gate, wq.detach(), wk.detach(), heads, 0.29)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    assert gate.shape == (b, heads) and gate.dtype == dtype
+    torch.testing.assert_close(gate, want_gate, **tol)
+    for x, y, z in zip(got, want, direct):
+        assert x.shape == y.shape == z.shape
+        torch.testing.assert_close(x, y, **tol)
+        assert torch.equal(x, z)  # the same kernel either way
+
+
+@needs_kernels
+def test_light_gate_declines_what_it_cannot_do_and_rejects_bad_shapes(monkeypatch):
+    g, wq, wk, _ = _weights_case(torch.float32, 2, 16, 2, 3, 0)
+    gate = torch.rand(2, 2)
+    assert fast_ops.light_gate(g, wq, wk, 2, 0.5) is not None
+    assert fast_ops.light_gate_grad(g, gate, gate, wq, wk, 2, 0.5) is not None
+    assert fast_ops.light_gate(g, wq.double(), wk, 2, 0.5) is None
+    assert fast_ops.light_gate_grad(g, gate.double(), gate, wq, wk, 2, 0.5) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fast_ops.light_gate(g, wq, wk, 2, 0.5) is None
+    with pytest.raises(ValueError, match=r"gate and grad_gate must be \[B, heads\] = \[2, 2\], got \[2, 4\]"):
+        fast_ops.light_gate_grad(g, torch.rand(2, 4), torch.rand(2, 4), wq, wk, 2, 0.5)
+    with pytest.raises(ValueError, match="light_gate: g must be"):
+        fast_ops.light_gate(g[0], wq, wk, 2, 0.5)
+    monkeypatch.setattr(fast_ops, "WEIGHT_KERNELS", False)
+    assert fast_ops.light_gate(g, wq, wk, 2, 0.5) is None
+    assert fast_ops.light_gate_grad(g, gate, gate, wq, wk, 2, 0.5) is None
+
+
+@needs_kernels
+@pytest.mark.parametrize("fused", [True, False])
+def test_mrla_l_computes_its_gate_on_the_kernel(fused, monkeypatch):
+    """A training step of MRLA-L layers, on the fused layer (the gate's backward without autograd) and on
+    the separate kernels (the gate under autograd), runs the gate kernels and matches the PyTorch-ops path."""
+    calls = {"light_gate_fwd": 0, "light_gate_bwd": 0}
+    real = fast_ops._kernel
+
+    def spy(name, dtype):
+        if name in calls:
+            calls[name] += 1
+        return real(name, dtype)
+
+    monkeypatch.setattr(fast_ops, "_kernel", spy)
+    monkeypatch.setattr(fast_ops, "FUSED_LIGHT_LAYER", fused)
+    torch.manual_seed(0)
+    layers = [MrlaLight(64, dim_per_head=16).double().train() for _ in range(3)]
+    x = torch.randn(2, 64, 6, 6, dtype=torch.float64, requires_grad=True)
+
+    def run():
+        state, h = StageState(), x
+        for m in layers:
+            h = m(h, x, state)
+        return torch.autograd.grad(h.square().sum(), [x, *[p for m in layers for p in m.parameters()]])
+
+    got = run()
+    assert calls == {"light_gate_fwd": 3, "light_gate_bwd": 3}
+    monkeypatch.setattr(fast_ops, "WEIGHT_KERNELS", False)
+    want = run()
+    assert calls == {"light_gate_fwd": 3, "light_gate_bwd": 3}
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -898,6 +898,42 @@ void conv_taps(const T* in, const T* wa, const T* wb, T* oa, T* ob, int64_t B, i
   }
 }
 
+// The transpose of conv_taps for the two weights' outputs' gradients da and db ([B, C]): din[b, m] gets
+// wa[j] da[b, m - j + pad] + wb[j] db[b, m - j + pad] (per tap, a loop over the channels it reaches),
+// and wa[j] gets sum_{b, c} da[b, c] in[b, c + j - pad] (summed in double), wb[j] likewise
+template <typename T>
+void conv_taps_backward(const T* in, const T* wa, const T* wb, const T* da, const T* db, T* din, T* dwa, T* dwb,
+                        int64_t B, int64_t C, int64_t ks) {
+  const int64_t pad = (ks - 1) / 2;
+  std::fill(din, din + B * C, T(0));
+  std::vector<double> sa(ks, 0.0), sb(ks, 0.0);
+  for (int64_t r = 0; r < B; ++r) {
+    const T* x = in + r * C;
+    const T* dar = da + r * C;
+    const T* dbr = db + r * C;
+    T* dx = din + r * C;
+    for (int64_t j = 0; j < ks; ++j) {
+      const T a = wa[j], b = wb[j];
+      const int64_t lo = std::max<int64_t>(0, pad - j), hi = std::min<int64_t>(C, C + pad - j);
+      const T* xs = x + j - pad;
+      T* dxs = dx + j - pad;
+      double acc_a = 0, acc_b = 0;
+#pragma omp simd reduction(+ : acc_a, acc_b)
+      for (int64_t c = lo; c < hi; ++c) {
+        dxs[c] += a * dar[c] + b * dbr[c];
+        acc_a += (double)dar[c] * (double)xs[c];
+        acc_b += (double)dbr[c] * (double)xs[c];
+      }
+      sa[j] += acc_a;
+      sb[j] += acc_b;
+    }
+  }
+  for (int64_t j = 0; j < ks; ++j) {
+    dwa[j] = (T)sa[j];
+    dwb[j] = (T)sb[j];
+  }
+}
+
 // The key of slot s (s < P: an earlier layer's, s == P: this layer's k)
 template <typename T>
 inline const T* key_of(const T* const* keys, const T* k, int64_t P, int64_t s) {
@@ -940,7 +976,7 @@ template <typename T>
 void attn_weights_bwd(const T* g, const T* wq, const T* wk, const T* const* keys, const T* q, const T* k,
                       const T* attn, const T* dattn, const T* dk_in, T* dg, T* dwq, T* dwk, T* dkeys, int64_t B,
                       int64_t C, int64_t H, int64_t ks, int64_t P, double scale) {
-  const int64_t d = C / H, S = P + 1, pad = (ks - 1) / 2;
+  const int64_t d = C / H, S = P + 1;
   std::vector<T> dq(B * C, T(0)), dk(B * C), dl(S);
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t h = 0; h < H; ++h) {
@@ -968,35 +1004,51 @@ void attn_weights_bwd(const T* g, const T* wq, const T* wk, const T* const* keys
       }
     }
   }
-  // q[b, c] = sum_j wq[j] g[b, c + j - pad]: g[b, m] gets wq[j] dq[b, m - j + pad] (per tap, a loop over
-  // the channels it reaches), and wq[j] gets sum_{b, c} dq[b, c] g[b, c + j - pad]
-  std::fill(dg, dg + B * C, T(0));
-  std::vector<double> sq(ks, 0.0), sk(ks, 0.0);
-  for (int64_t b = 0; b < B; ++b) {
-    const T* gb = g + b * C;
-    const T* dqb = dq.data() + b * C;
-    const T* dkb = dk.data() + b * C;
-    T* dgb = dg + b * C;
-    for (int64_t j = 0; j < ks; ++j) {
-      const T a = wq[j], w = wk[j];
-      const int64_t lo = std::max<int64_t>(0, pad - j), hi = std::min<int64_t>(C, C + pad - j);
-      const T* gs = gb + j - pad;
-      T* dgs = dgb + j - pad;
-      double aq = 0, ak = 0;
-#pragma omp simd reduction(+ : aq, ak)
-      for (int64_t c = lo; c < hi; ++c) {
-        dgs[c] += a * dqb[c] + w * dkb[c];
-        aq += (double)dqb[c] * (double)gs[c];
-        ak += (double)dkb[c] * (double)gs[c];
-      }
-      sq[j] += aq;
-      sk[j] += ak;
+  conv_taps_backward(g, wq, wk, dq.data(), dk.data(), dg, dwq, dwk, B, C, ks);
+}
+
+// MRLA-L's gate: gate[b, h] = sigmoid(scale * <q_h, k_h>) with q and k as above ([B, H]); its backward
+// recomputes q and k: with s = dgate * gate * (1 - gate) * scale, dq = s k and dk = s q, then the conv's
+// transposes
+template <typename T>
+void light_gate_qk(const T* g, const T* wq, const T* wk, std::vector<T>& q, std::vector<T>& k, int64_t B,
+                   int64_t C, int64_t ks) {
+  q.resize(B * C);
+  k.resize(B * C);
+  conv_taps(g, wq, wk, q.data(), k.data(), B, C, ks);
+}
+
+template <typename T>
+void light_gate_fwd(const T* g, const T* wq, const T* wk, T* gate, int64_t B, int64_t C, int64_t H, int64_t ks,
+                    double scale) {
+  const int64_t d = C / H;
+  std::vector<T> q, k;
+  light_gate_qk(g, wq, wk, q, k, B, C, ks);
+  for (int64_t r = 0; r < B * H; ++r) {
+    const T* qh = q.data() + r * d;
+    const T* kh = k.data() + r * d;
+    T dot = 0;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t i = 0; i < d; ++i) dot += qh[i] * kh[i];
+    gate[r] = (T)(1.0 / (1.0 + std::exp(-(double)dot * scale)));
+  }
+}
+
+template <typename T>
+void light_gate_bwd(const T* g, const T* wq, const T* wk, const T* gate, const T* dgate, T* dg, T* dwq, T* dwk,
+                    int64_t B, int64_t C, int64_t H, int64_t ks, double scale) {
+  const int64_t d = C / H;
+  std::vector<T> q, k, dq(B * C), dk(B * C);
+  light_gate_qk(g, wq, wk, q, k, B, C, ks);
+  for (int64_t r = 0; r < B * H; ++r) {
+    const T s = (T)((double)dgate[r] * (double)gate[r] * (1.0 - (double)gate[r]) * scale);
+#pragma omp simd
+    for (int64_t i = 0; i < d; ++i) {
+      dq[r * d + i] = s * k[r * d + i];
+      dk[r * d + i] = s * q[r * d + i];
     }
   }
-  for (int64_t j = 0; j < ks; ++j) {
-    dwq[j] = (T)sq[j];
-    dwk[j] = (T)sk[j];
-  }
+  conv_taps_backward(g, wq, wk, dq.data(), dk.data(), dg, dwq, dwk, B, C, ks);
 }
 
 }  // namespace
@@ -1128,6 +1180,15 @@ void with_width(int64_t W, F&& f) {
                                              const T* dk_in, T* dg, T* dwq, T* dwk, T* dkeys, int64_t B,       \
                                              int64_t C, int64_t H, int64_t ks, int64_t P, double scale) {      \
     attn_weights_bwd<T>(g, wq, wk, keys, q, k, attn, dattn, dk_in, dg, dwq, dwk, dkeys, B, C, H, ks, P, scale); \
+  }                                                                                                           \
+  extern "C" void ela_light_gate_fwd_##SUF(const T* g, const T* wq, const T* wk, T* gate, int64_t B, int64_t C,  \
+                                           int64_t H, int64_t ks, double scale) {                              \
+    light_gate_fwd<T>(g, wq, wk, gate, B, C, H, ks, scale);                                                    \
+  }                                                                                                           \
+  extern "C" void ela_light_gate_bwd_##SUF(const T* g, const T* wq, const T* wk, const T* gate, const T* dgate,  \
+                                           T* dg, T* dwq, T* dwk, int64_t B, int64_t C, int64_t H, int64_t ks, \
+                                           double scale) {                                                     \
+    light_gate_bwd<T>(g, wq, wk, gate, dgate, dg, dwq, dwk, B, C, H, ks, scale);                               \
   }
 
 ELA_DEFINE(float, f32)

@@ -64,6 +64,7 @@ __all__ = [
     "attention_tail", "depthwise_conv3x3", "relu_sum_depthwise_conv3x3", "light_layer", "cpu_kernels",
     "kernel_cache_dir", "kernel_features", "describe_kernels", "batch_norm", "light_tail",
     "FAST_CPU_PATHS", "slot_weighted_sum", "slot_dots", "attention_weights",
+    "light_gate", "light_gate_grad",
 ]
 
 logger = logging.getLogger(__name__)
@@ -76,8 +77,8 @@ FUSED_LIGHT_LAYER = True
 # Set to False to run MRLA-B's slot contractions as torch.bmm instead of the C++ slot kernels
 # (slot_weighted_sum, slot_dots); for comparisons.
 SLOT_KERNELS = True
-# Set to False to compute MRLA-B's attention weights (Q, K, softmax over the stage's keys) in PyTorch ops
-# instead of the C++ kernel (attention_weights); for comparisons.
+# Set to False to compute MRLA-B's attention weights (Q, K, softmax over the stage's keys) and MRLA-L's
+# gate in PyTorch ops instead of their C++ kernels (attention_weights, light_gate); for comparisons.
 WEIGHT_KERNELS = True
 # Below this size the native batch-norm statistics are as fast as the one-pass ones.
 FAST_STATS_MIN_BYTES = 6 << 20
@@ -320,6 +321,8 @@ _SIGNATURES = {
     "slot_dots": [_P, _I64, _P, _P] + [_I64] * 3 + [_INT],
     "attn_weights_fwd": [_P] * 7 + [_I64] * 5 + [ctypes.c_double],
     "attn_weights_bwd": [_P] * 13 + [_I64] * 5 + [ctypes.c_double],
+    "light_gate_fwd": [_P] * 4 + [_I64] * 4 + [ctypes.c_double],
+    "light_gate_bwd": [_P] * 8 + [_I64] * 4 + [ctypes.c_double],
 }
 _kernel_state: dict = {}  # "lib": the loaded library or None once tried
 _kernel_lock = threading.Lock()
@@ -752,28 +755,84 @@ def attention_weights(g: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, keys:
     ``keys + [k]`` per sample and head; ``k`` (``[B, heads, d]``) is this layer's key, for the next layers.
     Gradients reach ``g``, ``wq``, ``wk`` and every key.
     """
+    if not _qk_kernel_applies("attention_weights", g, wq, wk, heads, keys):
+        return None
+    return _AttentionWeights.apply(g.contiguous(), wq.contiguous(), wk.contiguous(), float(scale), heads, *keys)
+
+
+def _qk_kernel_applies(caller: str, g: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, heads: int,
+                       keys: Sequence[torch.Tensor] = ()) -> bool:
+    """Whether the Q/K kernels (attention weights, gate) can take these; a shape that fits no layer is an error."""
     if g.dim() != 2 or g.shape[1] % heads:
-        raise ValueError(f"attention_weights: g must be [B, C] with C divisible by {heads} heads, got {tuple(g.shape)}")
+        raise ValueError(f"{caller}: g must be [B, C] with C divisible by {heads} heads, got {tuple(g.shape)}")
     b, c = g.shape
     shape = (b, heads, c // heads)
     for i, key in enumerate(keys):
         if tuple(key.shape) != shape:
-            raise ValueError(f"attention_weights: key {i} must be [B, heads, d] = {list(shape)}, got {list(key.shape)}")
-    ks = wq.numel()
-    if ks % 2 == 0 or wk.numel() != ks:
+            raise ValueError(f"{caller}: key {i} must be [B, heads, d] = {list(shape)}, got {list(key.shape)}")
+    if wq.numel() % 2 == 0 or wk.numel() != wq.numel():
         raise ValueError(
-            f"attention_weights: wq and wk must hold the same odd number of taps, got {wq.numel()} and {wk.numel()}"
+            f"{caller}: wq and wk must hold the same odd number of taps, got {wq.numel()} and {wk.numel()}"
         )
-    if not (
+    return (
         WEIGHT_KERNELS
         and _fast_mode()
         and g.dtype in (torch.float32, torch.float64)
         and all(t.device.type == "cpu" and t.dtype == g.dtype for t in (g, wq, wk, *keys))
         and all(key.is_contiguous() for key in keys)
         and cpu_kernels() is not None
-    ):
+    )
+
+
+def light_gate(g: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, heads: int, scale: float) -> Optional[torch.Tensor]:
+    """MRLA-L's gate ``sigmoid(scale * <q_h, k_h>)`` (``[B, heads]``) on the C++ kernel, ``q`` and ``k`` made
+    from the pooled descriptor ``g`` (``[B, C]``) as in :func:`attention_weights`; None where the kernel does
+    not apply. Differentiable in ``g``, ``wq`` and ``wk``."""
+    if not _qk_kernel_applies("light_gate", g, wq, wk, heads):
         return None
-    return _AttentionWeights.apply(g.contiguous(), wq.contiguous(), wk.contiguous(), float(scale), heads, *keys)
+    return _LightGate.apply(g.contiguous(), wq.contiguous(), wk.contiguous(), float(scale), heads)
+
+
+def light_gate_grad(g: torch.Tensor, gate: torch.Tensor, grad_gate: torch.Tensor, wq: torch.Tensor,
+                    wk: torch.Tensor, heads: int, scale: float) -> Optional[Tuple[torch.Tensor, ...]]:
+    """The backward of :func:`light_gate` without autograd: ``(dL/dg, dL/dwq, dL/dwk)`` from the gate and its
+    gradient (``[B, heads]``); None where the kernel does not apply."""
+    if not (_qk_kernel_applies("light_gate_grad", g, wq, wk, heads) and gate.dtype == grad_gate.dtype == g.dtype):
+        return None
+    if gate.shape != (g.shape[0], heads) or grad_gate.shape != gate.shape:
+        raise ValueError(f"light_gate_grad: gate and grad_gate must be [B, heads] = {[g.shape[0], heads]}, "
+                         f"got {list(gate.shape)} and {list(grad_gate.shape)}")
+    return _light_gate_backward(g.contiguous(), wq.contiguous(), wk.contiguous(), gate.contiguous(),
+                                grad_gate.contiguous(), heads, float(scale))
+
+
+def _light_gate_backward(g, wq, wk, gate, grad_gate, heads: int, scale: float):
+    grad_g, grad_wq, grad_wk = torch.empty_like(g), torch.empty_like(wq), torch.empty_like(wk)
+    _kernel("light_gate_bwd", g.dtype)(
+        _ptr(g), _ptr(wq), _ptr(wk), _ptr(gate), _ptr(grad_gate), _ptr(grad_g), _ptr(grad_wq), _ptr(grad_wk),
+        g.shape[0], g.shape[1], heads, wq.numel(), scale,
+    )
+    return grad_g, grad_wq, grad_wk
+
+
+class _LightGate(torch.autograd.Function):
+    """See :func:`light_gate`; backward recomputes q and k (a few microseconds) instead of saving them."""
+
+    @staticmethod
+    def forward(ctx, g, wq, wk, scale: float, heads: int):
+        gate = g.new_empty(g.shape[0], heads)
+        _kernel("light_gate_fwd", g.dtype)(_ptr(g), _ptr(wq), _ptr(wk), _ptr(gate), g.shape[0], g.shape[1], heads,
+                                           wq.numel(), scale)
+        ctx.save_for_backward(g, wq, wk, gate)
+        ctx.scale, ctx.heads = scale, heads
+        return gate
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_gate):
+        g, wq, wk, gate = ctx.saved_tensors
+        grads = _light_gate_backward(g, wq, wk, gate, grad_gate.contiguous(), ctx.heads, ctx.scale)
+        return (*grads, None, None)
 
 
 def _pointer_array(tensors: Sequence[torch.Tensor]):

@@ -24,6 +24,8 @@ from .fast_ops import (
     attention_tail,
     attention_weights,
     depthwise_conv3x3,
+    light_gate,
+    light_gate_grad,
     light_layer,
     relu_sum_depthwise_conv3x3,
     slot_dots,
@@ -557,15 +559,21 @@ class MrlaLight(_LayerAttentionBase):
         return self._residual_tail(y, v, sc=sc.to(v.dtype), gate=gate_c, lam=self.lam.to(v.dtype))  # BN(gate*V + lam*sc)
 
     def _gate(self, g: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor) -> torch.Tensor:
-        """The per-head gate ``sigmoid(<Q_h, K_h> / sqrt d)`` (``[B, heads]``) from the pooled descriptor."""
+        """The per-head gate ``sigmoid(<Q_h, K_h> / sqrt d)`` (``[B, heads]``) from the pooled descriptor (on
+        the CPU one C++ kernel, ``fast_ops.light_gate``: as a dozen tiny PyTorch ops it cost 0.3-1.5 ms per
+        layer with its backward)."""
+        fast = light_gate(g, wq, wk, self.heads, self.scale)
+        if fast is not None:
+            return fast
         q, k = self._query_key(g, wq, wk)
         return torch.sigmoid((q * k).sum(-1) * self.scale)
 
     @torch.no_grad()
     def _gate_grad(self, g: torch.Tensor, gate: torch.Tensor, grad_gate: torch.Tensor, wq: torch.Tensor,
                    wk: torch.Tensor):
-        """The backward of :meth:`_gate` in plain ops (no autograd graph): ``(dL/dg, dL/dwq, dL/dwk)`` from
-        ``g`` (``[B, C]``), the gate (``[B, heads]``) and its gradient. The fused layer calls it in its
+        """The backward of :meth:`_gate` without an autograd graph: ``(dL/dg, dL/dwq, dL/dwk)`` from ``g``
+        (``[B, C]``), the gate (``[B, heads]``) and its gradient, on the C++ kernel where it applies
+        (``fast_ops.light_gate_grad``), else in the plain ops below. The fused layer calls it in its
         backward instead of recomputing the gate under autograd.
 
         With ``windows[b, c, j] = g[b, c + j - pad]`` (zero outside), ``q = windows @ wq`` and
@@ -573,6 +581,9 @@ class MrlaLight(_LayerAttentionBase):
         channels: ``dq = s * k``, ``dk = s * q``; the weights' gradients are ``windows^T @ (dq, dk)``, and
         ``dL/dg[b, i] = sum_j (dq[b, i - j + pad] wq[j] + dk[b, i - j + pad] wk[j])``.
         """
+        fast = light_gate_grad(g, gate, grad_gate, wq, wk, self.heads, self.scale)
+        if fast is not None:
+            return fast
         b, c = g.shape
         k_size, pad = self.k_size, (self.k_size - 1) // 2
         windows, w, qk = self._windows_qk(g, wq, wk)
