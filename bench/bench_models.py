@@ -60,14 +60,17 @@ from ela_hf.layers import fast_ops  # noqa: E402
 from ela_hf.layers.mrla import clear_value_buffer_pool  # noqa: E402
 from ela_hf.models import set_skip_mask  # noqa: E402
 
-MODEL_KINDS = ("resnet", "mrla_l", "mrla_l_plain", "mrla_l_unfused", "mrla_b", "mrla_b_plain", "mrla_b_bmm", "ela")
+MODEL_KINDS = ("resnet", "mrla_l", "mrla_l_plain", "mrla_l_unfused", "mrla_l_qk_ops", "mrla_b", "mrla_b_plain",
+               "mrla_b_bmm", "mrla_b_qk_ops", "ela")
 DEFAULT_KINDS = ("resnet", "mrla_l", "mrla_b", "ela")
 LABELS = {"resnet": "ResNet", "mrla_l": "MRLA-L", "mrla_b": "MRLA-B", "ela": "ELA (half skipped)",
           "mrla_l_plain": "MRLA-L, CPU fast paths off", "mrla_b_plain": "MRLA-B, CPU fast paths off",
           "mrla_l_unfused": "MRLA-L, conv and tail kernels separate",
-          "mrla_b_bmm": "MRLA-B, slot contractions on torch.bmm"}
+          "mrla_b_bmm": "MRLA-B, slot contractions on torch.bmm",
+          "mrla_l_qk_ops": "MRLA-L, gate in PyTorch ops", "mrla_b_qk_ops": "MRLA-B, attention weights in PyTorch ops"}
 # kind suffix -> the fast_ops switch that is off during that kind's steps (before/after comparisons)
-SWITCHES = {"_plain": "FAST_CPU_PATHS", "_unfused": "FUSED_LIGHT_LAYER", "_bmm": "SLOT_KERNELS"}
+SWITCHES = {"_plain": "FAST_CPU_PATHS", "_unfused": "FUSED_LIGHT_LAYER", "_bmm": "SLOT_KERNELS",
+            "_qk_ops": "WEIGHT_KERNELS"}
 
 
 @contextlib.contextmanager
@@ -303,7 +306,8 @@ def parse_args(argv=None):
                    help="model kinds to train (ratios need 'resnet'; the ELA/MRLA-B column needs 'mrla_b'); "
                         "*_plain: the same network with ela_hf.layers.fast_ops switched off; mrla_l_unfused: "
                         "MRLA-L without its fused layer; mrla_b_bmm: MRLA-B with its slot contractions on "
-                        "torch.bmm (before/after)")
+                        "torch.bmm; *_qk_ops: MRLA-L's gate and MRLA-B's attention weights in PyTorch ops instead "
+                        "of their C++ kernels (before/after)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per model (default 7, --quick 3)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model before timing")
     p.add_argument("--quick", action="store_true", help="3 rounds, 1 warm-up step, no torch.compile")

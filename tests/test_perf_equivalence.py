@@ -618,15 +618,24 @@ def test_bench_script_prints_ratio_table(capsys, monkeypatch):
         train_only("mrla_l")
         assert fused
         # mrla_b_bmm: MRLA-B with its slot contractions on torch.bmm, the slot kernels back on afterwards
-        slot_calls, bmm_calls = [], []
+        kernel_calls, bmm_calls = [], []
         real_kernel = fast_ops._kernel
-        monkeypatch.setattr(fast_ops, "_kernel", lambda name, dt: (slot_calls.append(name) if name.startswith("slot_") else None) or real_kernel(name, dt))
+        monkeypatch.setattr(fast_ops, "_kernel", lambda name, dt: kernel_calls.append(name) or real_kernel(name, dt))
         monkeypatch.setattr(torch, "bmm", lambda *a, real=torch.bmm: bmm_calls.append(1) or real(*a))
         train_only("mrla_b_bmm")
         assert "| MRLA-B, slot contractions on torch.bmm |" in capsys.readouterr().out
-        assert bmm_calls and not slot_calls and fast_ops.SLOT_KERNELS
+        assert bmm_calls and not [n for n in kernel_calls if n.startswith("slot_")] and fast_ops.SLOT_KERNELS
         train_only("mrla_b")
-        assert "slot_wsum" in slot_calls and "slot_dots" in slot_calls
+        assert "slot_wsum" in kernel_calls and "slot_dots" in kernel_calls
+        # *_qk_ops: MRLA-L's gate and MRLA-B's attention weights in PyTorch ops, the kernels back on afterwards
+        for kind, row, kernel in [("mrla_l_qk_ops", "MRLA-L, gate in PyTorch ops", "light_gate_fwd"),
+                                  ("mrla_b_qk_ops", "MRLA-B, attention weights in PyTorch ops", "attn_weights_fwd")]:
+            kernel_calls.clear()
+            train_only(kind)
+            assert f"| {row} |" in capsys.readouterr().out
+            assert kernel not in kernel_calls and fast_ops.WEIGHT_KERNELS
+            train_only(kind.removesuffix("_qk_ops"))
+            assert kernel in kernel_calls
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
     assert rows["ResNet"].split("|")[2].strip() == "1.00"  # its own ratio
     assert float(rows["ELA (half skipped)"].split("|")[3]) > 0  # ratio to MRLA-B
