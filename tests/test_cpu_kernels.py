@@ -1091,11 +1091,9 @@ def test_slot_contractions_decline_what_they_cannot_do(monkeypatch):
         fast_ops.slot_dots(g[:, :9], slots)
 
 
-@needs_kernels
-def test_mrla_b_contracts_its_slots_on_the_kernels(monkeypatch):
-    """A training step of an MRLA-B stage runs its weighted sums (forward, and the values' gradient) and
-    the attention weights' dot products on the slot kernels, and matches the plain path with them off."""
-    calls = {"slot_wsum": 0, "slot_dots": 0}
+def _count_kernel_calls(monkeypatch, *names):
+    """Counts the calls of the named C++ kernels (``ela_<name>_<dtype>``) from here on: name -> count."""
+    calls = dict.fromkeys(names, 0)
     real = fast_ops._kernel
 
     def spy(name, dtype):
@@ -1104,6 +1102,14 @@ def test_mrla_b_contracts_its_slots_on_the_kernels(monkeypatch):
         return real(name, dtype)
 
     monkeypatch.setattr(fast_ops, "_kernel", spy)
+    return calls
+
+
+@needs_kernels
+def test_mrla_b_contracts_its_slots_on_the_kernels(monkeypatch):
+    """A training step of an MRLA-B stage runs its weighted sums (forward, and the values' gradient) and
+    the attention weights' dot products on the slot kernels, and matches the plain path with them off."""
+    calls = _count_kernel_calls(monkeypatch, "slot_wsum", "slot_dots")
     torch.manual_seed(0)
     layers = [MrlaBase(8, dim_per_head=4).double().train() for _ in range(3)]
     x = torch.randn(2, 8, 6, 6, dtype=torch.float64, requires_grad=True)
@@ -1207,15 +1213,7 @@ def test_mrla_b_computes_its_attention_weights_on_the_kernel(monkeypatch):
     """A training step of an MRLA-B stage (the loss reaching only its first two of four layers, so the
     last layers' keys get no gradient) runs every layer's weights on the kernel, forward and backward,
     and matches the PyTorch-ops path with the kernel off."""
-    calls = {"attn_weights_fwd": 0, "attn_weights_bwd": 0}
-    real = fast_ops._kernel
-
-    def spy(name, dtype):
-        if name in calls:
-            calls[name] += 1
-        return real(name, dtype)
-
-    monkeypatch.setattr(fast_ops, "_kernel", spy)
+    calls = _count_kernel_calls(monkeypatch, "attn_weights_fwd", "attn_weights_bwd")
     torch.manual_seed(0)
     layers = [MrlaBase(16, dim_per_head=4).double().train() for _ in range(4)]
     x = torch.randn(2, 16, 5, 5, dtype=torch.float64, requires_grad=True)
@@ -1296,15 +1294,7 @@ def test_light_gate_declines_what_it_cannot_do_and_rejects_bad_shapes(monkeypatc
 def test_mrla_l_computes_its_gate_on_the_kernel(fused, monkeypatch):
     """A training step of MRLA-L layers, on the fused layer (the gate's backward without autograd) and on
     the separate kernels (the gate under autograd), runs the gate kernels and matches the PyTorch-ops path."""
-    calls = {"light_gate_fwd": 0, "light_gate_bwd": 0}
-    real = fast_ops._kernel
-
-    def spy(name, dtype):
-        if name in calls:
-            calls[name] += 1
-        return real(name, dtype)
-
-    monkeypatch.setattr(fast_ops, "_kernel", spy)
+    calls = _count_kernel_calls(monkeypatch, "light_gate_fwd", "light_gate_bwd")
     monkeypatch.setattr(fast_ops, "FUSED_LIGHT_LAYER", fused)
     torch.manual_seed(0)
     layers = [MrlaLight(64, dim_per_head=16).double().train() for _ in range(3)]
