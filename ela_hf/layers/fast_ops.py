@@ -25,6 +25,9 @@ Two tiers:
    - :func:`slot_weighted_sum` and :func:`slot_dots`: MRLA-B's contractions over its stage buffer (a
      weighted sum of the slots, and an output gradient's dot product with each slot), reading several
      slots at once; 1.2-2x the bandwidth of ``torch.bmm`` on these shapes.
+   - :func:`attention_weights` (MRLA-B: Q, K and the softmax over the stage's keys) and :func:`light_gate`
+     / :func:`light_gate_grad` (MRLA-L's gate): tiny tensors, one C++ call forward and one backward per
+     layer instead of some twenty PyTorch ops and autograd nodes with milliseconds of fixed cost.
 
 2. Without a compiler (or with ``ELA_HF_CPU_KERNELS=0``), pure-PyTorch paths: one-pass batch-norm
    statistics for large tensors (:func:`batch_norm`) and MRLA-L's value path with one hand-written
