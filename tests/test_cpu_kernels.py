@@ -1287,6 +1287,8 @@ def test_light_gate_declines_what_it_cannot_do_and_rejects_bad_shapes(monkeypatc
     monkeypatch.setattr(fast_ops, "WEIGHT_KERNELS", False)
     assert fast_ops.light_gate(g, wq, wk, 2, 0.5) is None
     assert fast_ops.light_gate_grad(g, gate, gate, wq, wk, 2, 0.5) is None
+    with pytest.raises(ValueError, match="gate and grad_gate must be"):  # an error with the kernels off too
+        fast_ops.light_gate_grad(g, torch.rand(2, 4), torch.rand(2, 4), wq, wk, 2, 0.5)
 
 
 @needs_kernels

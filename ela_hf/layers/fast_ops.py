@@ -800,11 +800,11 @@ def light_gate_grad(g: torch.Tensor, gate: torch.Tensor, grad_gate: torch.Tensor
                     wk: torch.Tensor, heads: int, scale: float) -> Optional[Tuple[torch.Tensor, ...]]:
     """The backward of :func:`light_gate` without autograd: ``(dL/dg, dL/dwq, dL/dwk)`` from the gate and its
     gradient (``[B, heads]``); None where the kernel does not apply."""
-    if not (_qk_kernel_applies("light_gate_grad", g, wq, wk, heads) and gate.dtype == grad_gate.dtype == g.dtype):
-        return None
-    if gate.shape != (g.shape[0], heads) or grad_gate.shape != gate.shape:
+    if gate.dim() != 2 or gate.shape != (g.shape[0], heads) or grad_gate.shape != gate.shape:
         raise ValueError(f"light_gate_grad: gate and grad_gate must be [B, heads] = {[g.shape[0], heads]}, "
                          f"got {list(gate.shape)} and {list(grad_gate.shape)}")
+    if not (_qk_kernel_applies("light_gate_grad", g, wq, wk, heads) and gate.dtype == grad_gate.dtype == g.dtype):
+        return None
     return _light_gate_backward(g.contiguous(), wq.contiguous(), wk.contiguous(), gate.contiguous(),
                                 grad_gate.contiguous(), heads, float(scale))
 
