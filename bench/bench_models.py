@@ -2,7 +2,9 @@
 
 Every model of a case is timed in the same process, one step each in turn (interleaved), for
 ``--repeats`` rounds; the table gives medians. Interleaving spreads a shared machine's load changes
-over all models alike, so the ratios stay meaningful while the absolute times drift.
+over all models alike, so the ratios stay meaningful while the absolute times drift. The last column
+gives the quartiles of each round's own ratio to the ResNet's step: how far the ratio moves within the
+run.
 
 Cases (the issue's two settings):
 - ``cifar``: CIFAR ResNet-110 (``resnet110_cifar`` and the MRLA/ELA variants), 32x32, batch 64, 100 classes.
@@ -269,11 +271,21 @@ def fmt_ratio(x: float) -> str:
     return f"{x:.2f}"
 
 
+def round_quartiles(runner: Runner, base: Optional[Runner]) -> str:
+    """The first and third quartiles of ``runner``'s step time over the ResNet's in the same round: how far
+    the ratio moves within this run (the table's ratio is of the medians)."""
+    if base is None or len(runner.times) < 2:
+        return "-"
+    q1, _, q3 = statistics.quantiles([t / b for t, b in zip(runner.times, base.times)], n=4)
+    return f"{fmt_ratio(q1)}-{fmt_ratio(q3)}"
+
+
 def render(case: Case, runners: Dict[str, Runner], infer: Optional[Dict[str, Dict[str, float]]], args) -> str:
     base = runners.get("resnet")
     lines = [f"#### {case.title}: {case.image_size}x{case.image_size}, batch {case.batch_size}, {case.num_classes} classes", ""]
-    header = "| model | step time / ResNet | step time / MRLA-B | peak memory / ResNet | median step (s) | peak memory (MiB) |"
-    lines += [header, "|---|---|---|---|---|---|"]
+    header = ("| model | step time / ResNet | step time / MRLA-B | peak memory / ResNet | median step (s) | peak memory (MiB) "
+              "| per-round step time / ResNet, quartiles |")
+    lines += [header, "|---|---|---|---|---|---|---|"]
     mrla_b = runners.get("mrla_b")
     for kind, r in runners.items():
         med = statistics.median(r.times)
@@ -284,7 +296,7 @@ def render(case: Case, runners: Dict[str, Runner], infer: Optional[Dict[str, Dic
         else:
             mem_ratio = "-"
         mem = f"{r.peak_bytes / 2**20:.0f}" if r.peak_bytes is not None else "-"
-        lines.append(f"| {LABELS[kind]} | {vs_base} | {vs_b} | {mem_ratio} | {med:.3f} | {mem} |")
+        lines.append(f"| {LABELS[kind]} | {vs_base} | {vs_b} | {mem_ratio} | {med:.3f} | {mem} | {round_quartiles(r, base)} |")
     if infer:
         lines += ["", "| inference (eval) | images/s | / ResNet eager | / ResNet same mode |", "|---|---|---|---|"]
         plain_eager = infer["resnet/eager"]["img_s"]

@@ -598,7 +598,7 @@ def test_bench_script_prints_ratio_table(capsys, monkeypatch):
     # the *_plain kinds train with the fast paths off, and switch them back on afterwards
     assert "| MRLA-L, CPU fast paths off |" in capsys.readouterr().out and not fast_calls
     bench.main(["--quick", "--threads", "1", "--cases", "cifar", "--models", "resnet", "mrla_l", "mrla_b",
-                "ela", "--batch-size", "2", "--repeats", "1", "--warmup", "0"])
+                "ela", "--batch-size", "2", "--repeats", "2", "--warmup", "0"])
     out = capsys.readouterr().out
     assert fast_calls  # ... and the other kinds use them
     assert ("C++ kernels on" in out) == (fast_ops.cpu_kernels() is not None)  # the header says which path ran
@@ -638,6 +638,9 @@ def test_bench_script_prints_ratio_table(capsys, monkeypatch):
             assert kernel in kernel_calls
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
     assert rows["ResNet"].split("|")[2].strip() == "1.00"  # its own ratio
+    assert rows["ResNet"].split("|")[7].strip() == "1.00-1.00"  # ... in every round
+    q1, q3 = (float(q) for q in rows["MRLA-B"].split("|")[7].split("-"))
+    assert 0 < q1 <= q3
     assert float(rows["ELA (half skipped)"].split("|")[3]) > 0  # ratio to MRLA-B
     assert float(rows["MRLA-B"].split("|")[4]) > 1.0, "MRLA-B keeps more activations than the plain net"
     assert "ELA slim (half skipped), eager" in out
