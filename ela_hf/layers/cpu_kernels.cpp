@@ -940,6 +940,15 @@ inline const T* key_of(const T* const* keys, const T* k, int64_t P, int64_t s) {
   return s < P ? keys[s] : k;
 }
 
+// <a, b> over one head's d channels (attention logits and the gate)
+template <typename T>
+inline T head_dot(const T* a, const T* b, int64_t d) {
+  T dot = 0;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t i = 0; i < d; ++i) dot += a[i] * b[i];
+  return dot;
+}
+
 // q, k ([B, C]) and attn ([B, H, P + 1])
 template <typename T>
 void attn_weights_fwd(const T* g, const T* wq, const T* wk, const T* const* keys, T* q, T* k, T* attn,
@@ -953,11 +962,7 @@ void attn_weights_fwd(const T* g, const T* wq, const T* wk, const T* const* keys
       const T* qh = q + off;
       double top = -std::numeric_limits<double>::infinity();
       for (int64_t s = 0; s < S; ++s) {
-        const T* kh = key_of(keys, k, P, s) + off;
-        T dot = 0;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t i = 0; i < d; ++i) dot += qh[i] * kh[i];
-        logit[s] = (double)dot * scale;
+        logit[s] = (double)head_dot(qh, key_of(keys, k, P, s) + off, d) * scale;
         top = std::max(top, logit[s]);
       }
       double total = 0;
@@ -1011,25 +1016,13 @@ void attn_weights_bwd(const T* g, const T* wq, const T* wk, const T* const* keys
 // recomputes q and k: with s = dgate * gate * (1 - gate) * scale, dq = s k and dk = s q, then the conv's
 // transposes
 template <typename T>
-void light_gate_qk(const T* g, const T* wq, const T* wk, std::vector<T>& q, std::vector<T>& k, int64_t B,
-                   int64_t C, int64_t ks) {
-  q.resize(B * C);
-  k.resize(B * C);
-  conv_taps(g, wq, wk, q.data(), k.data(), B, C, ks);
-}
-
-template <typename T>
 void light_gate_fwd(const T* g, const T* wq, const T* wk, T* gate, int64_t B, int64_t C, int64_t H, int64_t ks,
                     double scale) {
   const int64_t d = C / H;
-  std::vector<T> q, k;
-  light_gate_qk(g, wq, wk, q, k, B, C, ks);
+  std::vector<T> q(B * C), k(B * C);
+  conv_taps(g, wq, wk, q.data(), k.data(), B, C, ks);
   for (int64_t r = 0; r < B * H; ++r) {
-    const T* qh = q.data() + r * d;
-    const T* kh = k.data() + r * d;
-    T dot = 0;
-#pragma omp simd reduction(+ : dot)
-    for (int64_t i = 0; i < d; ++i) dot += qh[i] * kh[i];
+    const T dot = head_dot(q.data() + r * d, k.data() + r * d, d);
     gate[r] = (T)(1.0 / (1.0 + std::exp(-(double)dot * scale)));
   }
 }
@@ -1038,8 +1031,8 @@ template <typename T>
 void light_gate_bwd(const T* g, const T* wq, const T* wk, const T* gate, const T* dgate, T* dg, T* dwq, T* dwk,
                     int64_t B, int64_t C, int64_t H, int64_t ks, double scale) {
   const int64_t d = C / H;
-  std::vector<T> q, k, dq(B * C), dk(B * C);
-  light_gate_qk(g, wq, wk, q, k, B, C, ks);
+  std::vector<T> q(B * C), k(B * C), dq(B * C), dk(B * C);
+  conv_taps(g, wq, wk, q.data(), k.data(), B, C, ks);
   for (int64_t r = 0; r < B * H; ++r) {
     const T s = (T)((double)dgate[r] * (double)gate[r] * (1.0 - (double)gate[r]) * scale);
 #pragma omp simd

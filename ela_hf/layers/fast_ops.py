@@ -1079,9 +1079,10 @@ def light_layer(bn: nn.BatchNorm2d, wv: nn.Conv2d, y: torch.Tensor, sc: torch.Te
     every gate parameter (``gate`` is the forward's output, ``grad_gate`` its gradient). Without it the
     backward recomputes ``gate_fn`` with autograd and calls ``torch.autograd.grad`` on it, which took
     0.12 ms more per layer backward at batch 2 and 0.5 ms more at ``[64, 64, 32, 32]`` on one CPU thread
-    (MRLA-L passes :meth:`MrlaLight._gate_grad`, a few plain ops). Applies to contiguous NCHW float32/float64 CPU tensors in eager mode, with
-    the kernels available, planes of at least ``LIGHT_MIN_PLANE`` elements (and the conv's and tails'
-    limits), and ``FUSED_LIGHT_LAYER`` on.
+    (MRLA-L passes :meth:`MrlaLight._gate_grad`: the C++ kernel :func:`light_gate_grad`, else a few plain
+    ops). Applies to contiguous NCHW float32/float64 CPU tensors in eager mode, with the kernels
+    available, planes of at least ``LIGHT_MIN_PLANE`` elements (and the conv's and tails' limits), and
+    ``FUSED_LIGHT_LAYER`` on.
     """
     if not (
         FUSED_LIGHT_LAYER
