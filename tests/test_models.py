@@ -1,6 +1,7 @@
 """The layer-attention ResNet families (SPEC section 1-2): registration, shapes, parameters, skipping."""
 import math
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -257,6 +258,24 @@ def test_skipped_layer_runs_no_kernel_in_training_or_inference():
     assert model.layer2[1].attn.wv.weight.grad is not None
 
 
+def test_skip_masks_from_numpy_and_torch_are_read_like_lists():
+    expected = [[False, True], [False, False], [False, True]]
+    for mask in (
+        np.array(expected),
+        torch.tensor(expected),
+        [np.array(stage) for stage in expected],
+        [[np.bool_(v) for v in stage] for stage in expected],
+        np.array(expected, dtype=np.int64),
+    ):
+        model = timm.create_model("ela_resnet20_cifar")
+        model.set_skip_mask(mask)
+        assert model.skip_mask == expected, type(mask)
+    with pytest.raises(ValueError, match=r"skip_mask\[0\]\[0\] must be a bool, got 0.0"):
+        model.set_skip_mask(np.array([[0.0, 0.5], [0.0, 0.0], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match=r"skip_mask\[1\]\[1\] must be a bool, got 2"):
+        model.set_skip_mask(np.array([[0, 1], [0, 2], [0, 1]]))
+
+
 def test_set_skip_mask_keeps_parameters_and_is_cumulative():
     model = timm.create_model("ela_resnet20_cifar", num_classes=5)
     params_before = [id(p) for p in model.parameters()]
@@ -402,6 +421,8 @@ def test_bad_inputs_raise_clear_errors():
         model.set_skip_mask([[False, "yes"], [False, False], [False, False]])
     with pytest.raises(ValueError, match="list of per-stage lists"):
         model.set_skip_mask([False, True])
+    with pytest.raises(ValueError, match="its stage 0 is a str: 'ab'"):
+        model.set_skip_mask(["ab", [False, False], [False, False]])
     with pytest.raises(ValueError, match="no attention layers"):
         timm.create_model("resnet20_cifar", skip_mask=[[False, False]] * 3)
     with pytest.raises(ValueError, match="contains no layer-attention"):

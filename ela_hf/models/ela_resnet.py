@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -205,12 +206,19 @@ def validate_skip_mask(mask: Any, stage_sizes: Sequence[int]) -> SkipMask:
     entries, or a skipped first block (a stage's first layer has no predecessor to be redundant with).
     """
     expected = [int(n) for n in stage_sizes]
-    if isinstance(mask, torch.Tensor):
+    if isinstance(mask, (torch.Tensor, np.ndarray)):
         mask = mask.tolist()
-    if not isinstance(mask, (list, tuple)) or not all(isinstance(s, (list, tuple)) for s in mask):
+    if not isinstance(mask, (list, tuple)):
         raise ValueError(
             f"skip_mask must be a list of per-stage lists of bools (stage sizes {expected}), got {type(mask).__name__}"
         )
+    mask = [s.tolist() if isinstance(s, (torch.Tensor, np.ndarray)) else s for s in mask]
+    for i, stage in enumerate(mask):
+        if not isinstance(stage, (list, tuple)):
+            raise ValueError(
+                f"skip_mask must be a list of per-stage lists of bools (stage sizes {expected}), "
+                f"but its stage {i} is a {type(stage).__name__}: {stage!r}"
+            )
     if len(mask) != len(expected):
         raise ValueError(f"skip_mask has {len(mask)} stages but the architecture has {len(expected)} (stage sizes {expected})")
     out: SkipMask = []
@@ -218,6 +226,8 @@ def validate_skip_mask(mask: Any, stage_sizes: Sequence[int]) -> SkipMask:
         if len(stage) != n:
             raise ValueError(f"skip_mask stage {i} has {len(stage)} entries but the stage has {n} blocks (stage sizes {expected})")
         for j, v in enumerate(stage):
+            if isinstance(v, np.generic) and v.dtype.kind in "bui":
+                v = v.item()
             if not isinstance(v, (bool, int)) or isinstance(v, int) and v not in (0, 1):
                 raise ValueError(f"skip_mask[{i}][{j}] must be a bool, got {v!r}")
         if stage and bool(stage[0]):
