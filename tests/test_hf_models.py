@@ -234,6 +234,46 @@ def test_set_skip_mask_on_the_transformers_model(images):
         model.set_skip_mask([[False, True], [False, True, True], [False, True]])
 
 
+def test_generic_set_skip_mask_keeps_the_config_current():
+    model = ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=2))
+    ela_hf.set_skip_mask(model, MASK)
+    assert model.config.skip_mask == MASK, "config.skip_mask must follow the model, not wait for save_pretrained"
+    # also through a user's wrapper module (DDP, a detector, ...)
+    wrapped = torch.nn.Sequential(ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=2)))
+    ela_hf.set_skip_mask(wrapped, MASK)
+    assert wrapped[0].config.skip_mask == MASK
+    # a refused mask leaves the config as it was
+    with pytest.raises(ValueError, match="skips are cumulative"):
+        ela_hf.set_skip_mask(model, [[False, False]] * 3)
+    assert model.config.skip_mask == MASK
+
+
+def test_grey_checkpoint_gets_one_channel_normalisation(tmp_path):
+    torch.manual_seed(0)
+    config = ElaConfig(architecture=ARCH, num_labels=3, num_channels=1)
+    rgb_cfg = ElaConfig(architecture=ARCH, num_labels=3).pretrained_cfg
+    assert config.pretrained_cfg["input_size"] == [1, 32, 32]
+    for key in ("mean", "std"):
+        assert config.pretrained_cfg[key] == pytest.approx([sum(rgb_cfg[key]) / 3])
+    ElaForImageClassification(config).save_pretrained(tmp_path)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48), dtype=np.uint8), mode="L")
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    pixels = processor([image, image.convert("RGB")])["pixel_values"]
+    assert pixels.shape == (2, 1, 32, 32)
+    # timm's own transform for the same folder gives the same tensor
+    timm_model = timm.create_model(f"local-dir:{tmp_path}", pretrained=True)
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=timm_model))
+    torch.testing.assert_close(pixels[0], transform(image))
+    result = pipeline("image-classification", model=str(tmp_path), device="cpu")(image, top_k=3)
+    assert abs(sum(r["score"] for r in result) - 1.0) < 1e-4
+
+
+def test_image_processor_refuses_normalisation_of_the_wrong_length():
+    cfg = ElaConfig(architecture=ARCH, num_labels=2).pretrained_cfg
+    with pytest.raises(ValueError, match=r"input_size \[4, 32, 32\] \(4 channels\) but a 3-long mean"):
+        ElaImageProcessor(pretrained_cfg=dict(cfg, input_size=[4, 32, 32]))
+
+
 def test_backbone_returns_the_selected_feature_maps(tmp_path, images):
     from transformers import AutoBackbone
 

@@ -148,8 +148,13 @@ class ElaPreTrainedModel(PreTrainedModel):
 
     def set_skip_mask(self, mask: list[list[bool]]) -> None:
         """Skip attention layers in place (parameters kept; cumulative) and record the mask in the config."""
-        set_skip_mask(self.timm_model, mask)
-        self.config.skip_mask = get_skip_mask(self.timm_model)
+        set_skip_mask(self, mask)  # calls _skip_mask_changed
+
+    def _skip_mask_changed(self) -> None:
+        """Called by ``ela_hf.set_skip_mask`` on any module containing this model: keep the config's mask current."""
+        mask = self.timm_model.skip_mask
+        if mask is not None:
+            self.config.skip_mask = [list(stage) for stage in mask]
 
     def _forward_features(self, pixel_values, output_hidden_states):
         """Final feature map and, when asked (argument or config), the stem and stage outputs."""

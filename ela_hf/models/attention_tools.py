@@ -50,6 +50,8 @@ def get_skip_mask(module: nn.Module) -> SkipMask:
 def set_skip_mask(module: nn.Module, mask: SkipMask) -> None:
     """Skip attention layers in place. Parameters are kept (optimizers, DDP and checkpoints stay valid).
 
+    A transformers model inside ``module`` (or ``module`` itself) gets its ``config.skip_mask`` updated too.
+
     Skips are cumulative: a mask that would bring back a skipped layer raises ``ValueError``, as does a
     mask of the wrong shape or one that skips a stage's first block.
     """
@@ -65,6 +67,11 @@ def set_skip_mask(module: nn.Module, mask: SkipMask) -> None:
         for blk, skip in zip(stage, stage_mask):
             if skip and not blk.is_skipped:
                 blk.skip_attention()
+    # wrappers that keep the mask elsewhere too (the transformers models' config) bring it up to date
+    for m in module.modules():
+        on_change = getattr(m, "_skip_mask_changed", None)
+        if callable(on_change):
+            on_change()
 
 
 def set_kl_recording(module: nn.Module, enabled: bool) -> None:
