@@ -197,6 +197,9 @@ class ElaConfig(BackboneConfigMixin, PretrainedConfig):
         input_size = self.pretrained_cfg.get("input_size")
         if input_size:
             self.pretrained_cfg["input_size"] = [self.num_channels, *list(input_size)[1:]]
+        for key in ("mean", "std"):
+            if self.pretrained_cfg.get(key) is not None:
+                self.pretrained_cfg[key] = _fit_to_channels(self.pretrained_cfg[key], self.num_channels)
 
     # ----------------------------------------------------------------------------------------------
     @property
@@ -238,6 +241,22 @@ class ElaConfig(BackboneConfigMixin, PretrainedConfig):
 
 def registry_num_classes(architecture: str) -> int:
     return int(default_pretrained_cfg(architecture).get("num_classes", 1000))
+
+
+def _fit_to_channels(values: Any, num_channels: int) -> Any:
+    """A data config's per-channel ``mean``/``std`` for ``num_channels`` inputs.
+
+    RGB values for one channel become their average (a grey image's statistics); one value is repeated.
+    Any other mismatch is kept as given: the image processor refuses it with an error naming it.
+    """
+    if isinstance(values, (int, float)) or len(values) == num_channels:
+        return values
+    values = [float(v) for v in values]
+    if num_channels == 1:
+        return [sum(values) / len(values)]
+    if len(values) == 1:
+        return values * num_channels
+    return values
 
 
 def _checked_mask(mask: Any, stage_sizes: list[int], has_attention: bool, name: str) -> list[list[bool]]:

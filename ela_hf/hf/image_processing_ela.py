@@ -46,6 +46,14 @@ class ElaImageProcessor(BaseImageProcessor):
         self.pretrained_cfg = dict(pretrained_cfg)
         self.architecture = architecture
         self.data_config = timm.data.resolve_data_config(pretrained_cfg=self.pretrained_cfg, verbose=False)
+        for key in ("mean", "std"):
+            values = self.data_config[key]
+            if len(values) != self.num_channels:
+                raise ValueError(
+                    f"the data config has input_size {list(self.data_config['input_size'])} ({self.num_channels} "
+                    f"channels) but a {len(values)}-long {key} {list(values)}: give pretrained_cfg['{key}'] "
+                    f"{self.num_channels} values"
+                )
         self.val_transforms = timm.data.create_transform(**self.data_config, is_training=False)
         self.train_transforms = timm.data.create_transform(**self.data_config, is_training=True)
 
