@@ -548,8 +548,11 @@ def export_pruned(
 
     The folder is written under a temporary name next to ``out_dir`` and renamed into place at the end: an
     interrupted export leaves no ``out_dir``. An existing ``out_dir`` raises ``FileExistsError`` unless
-    ``overwrite=True``.
+    ``overwrite=True``, and always when it holds sub-folders or Trainer files (``trainer_state.json``,
+    ``training_args.bin``): a training ``output_dir`` is never replaced.
     """
+    out_dir = Path(out_dir)
+    _check_replaceable(out_dir, overwrite)
     net, config = _network_and_config(model, id2label)
     mask = get_skip_mask(net) if net.attn_type is not None else None
     slim_config = _slim_config(config, mask)
@@ -558,9 +561,6 @@ def export_pruned(
         _verify_slim(net, slim_config, state)
     history = load_pruning_history(pruning_history)
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
@@ -597,6 +597,28 @@ def export_pruned(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+# what marks a folder as more than an earlier export: an export has no sub-folders and no Trainer files
+_TRAINER_FILES = ("trainer_state.json", "training_args.bin")
+
+
+def _check_replaceable(out_dir: Path, overwrite: bool) -> None:
+    """An existing ``out_dir`` is replaced only with ``overwrite``, and never when it holds training output."""
+    if not out_dir.exists():
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
+    if not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a folder; export_pruned writes a folder")
+    kept = sorted(p.name + "/" for p in out_dir.iterdir() if p.is_dir())
+    kept += [name for name in _TRAINER_FILES if (out_dir / name).exists()]
+    if kept:
+        shown = ", ".join(kept[:5]) + (f" and {len(kept) - 5} more" if len(kept) > 5 else "")
+        raise FileExistsError(
+            f"{out_dir} is not an earlier export: it holds {shown}, which overwrite=True would delete. Nothing "
+            "was written; export to another folder (not a training output_dir)"
+        )
 
 
 def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:

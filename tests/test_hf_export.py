@@ -101,6 +101,22 @@ def test_export_is_atomic_and_does_not_overwrite_by_accident(tmp_path, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["release"]
 
 
+@pytest.mark.parametrize("training_output", ["checkpoint-2/", "trainer_state.json", "training_args.bin"])
+def test_overwrite_never_replaces_a_training_output_dir(tmp_path, training_output):
+    out = tmp_path / "out"
+    ela_hf.export_pruned(_pruned_timm_model(), out, verify=False)  # looks like a release, plus:
+    if training_output.endswith("/"):
+        (out / training_output).mkdir()
+        (out / training_output / "model.safetensors").write_bytes(b"weights of a training run")
+    else:
+        (out / training_output).write_text("{}")
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    with pytest.raises(FileExistsError, match=f"is not an earlier export: it holds {training_output}"):
+        ela_hf.export_pruned(_pruned_timm_model(), out, overwrite=True, verify=False)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no temporary folder left behind"
+
+
 def test_export_rejects_what_it_cannot_describe(tmp_path):
     with pytest.raises(ValueError, match="expected a timm ELA model"):
         ela_hf.export_pruned(torch.nn.Linear(2, 2), tmp_path / "x")
