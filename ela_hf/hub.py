@@ -430,6 +430,11 @@ def render_model_card(
                 dict(stage=i, blocks=len(stage), skipped=blocks, windows=", ".join(when) if blocks else "")
             )
 
+    # layers a window skipped that this model runs (its weights predate that decision)
+    undone_skips = [
+        f"{i}.{j}" for (i, j) in sorted(first_skip) if not (mask and i < len(mask) and j < len(mask[i]) and mask[i][j])
+    ]
+
     selector = None
     if history and history.get("selector"):
         selector = ", ".join(f"{k}={v}" for k, v in history["selector"].items())
@@ -495,6 +500,7 @@ def render_model_card(
         num_classes=config.num_labels if net.num_classes else "none (feature extractor)",
         slim=config.is_slim,
         skip_table=skip_table,
+        undone_skips=undone_skips,
         windows=windows,
         selector=selector,
         plot_file=plot_file,

@@ -172,6 +172,50 @@ def test_transformers_model_is_pruned_and_exported_with_its_history(tmp_path):
     assert [e["d"] for e in window["layers"]] == pytest.approx([e["d_t"] for e in decision["layers"]])
 
 
+def test_a_fresh_run_replaces_an_earlier_runs_history_at_once(tmp_path):
+    stale = {"windows": [[1, 1]], "decisions": [{"window": 1, "skip_mask": [[False, True]] * 3, "layers": []}]}
+    (tmp_path / "pruning_history.json").write_text(json.dumps(stale))
+    seen_at_begin = []
+
+    class Peek(TrainerCallback):  # after ElaPruningCallback: sees the file as its on_train_begin left it
+        def on_train_begin(self, args, state, control, **kwargs):
+            seen_at_begin.append(json.loads((tmp_path / "pruning_history.json").read_text()))
+
+    callback = ElaPruningCallback(windows=[(5, 6)], window_unit="step")
+    trainer = Trainer(model=TinyElaClassifier(), args=training_args(tmp_path, max_steps=6),
+                      train_dataset=RandomImages(n=32), callbacks=[callback, Peek()])
+    trainer.train()
+    assert seen_at_begin[0]["decisions"] == [] and seen_at_begin[0]["windows"] == [[5, 6]]
+    (decision,) = json.loads((tmp_path / "pruning_history.json").read_text())["decisions"]
+    assert decision["global_step"] == 6
+
+
+def test_best_model_from_before_a_decision_is_reported(tmp_path, caplog):
+    evaluations = []
+
+    def first_is_best(prediction):  # each evaluation scores worse than the one before
+        evaluations.append(1)
+        return {"rank": float(len(evaluations))}
+
+    model = TinyElaClassifier()
+    callback = ElaPruningCallback(windows=[(3, 3)], window_unit="step", selector=FixedCountSelector(1))
+    args = training_args(
+        tmp_path, max_steps=6, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+        load_best_model_at_end=True, metric_for_best_model="rank", greater_is_better=False,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=RandomImages(n=32), eval_dataset=RandomImages(n=8),
+                      compute_metrics=first_is_best, callbacks=[callback])
+    with caplog.at_level("WARNING", logger="ela_hf.pruning.callback"):
+        trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
+    (decision,) = callback.history
+    (skipped,) = decision["skipped_now"]
+    assert sum(map(sum, decision["skip_mask"])) == 1
+    assert ela_hf.get_skip_mask(model) == [[False, False]] * 3, "checkpoint-2 predates the decision"
+    assert "load_best_model_at_end=True" in caplog.text  # said up front
+    assert "runs attention layers" in caplog.text and "that pruning skipped" in caplog.text  # and at the end
+
+
 def test_window_past_the_end_of_training_raises_at_train_begin(tmp_path):
     model = TinyElaClassifier()
     step_cb = ElaPruningCallback(windows=[(2, 3), (5, 9)], window_unit="step")

@@ -151,6 +151,19 @@ def test_history_written_by_the_pruning_callback_is_understood(tmp_path):
     assert ela_hf.load_pruning_history({"windows": [[1, 3]], "selector": {}})["windows"] == []
 
 
+def test_card_notes_layers_a_window_skipped_that_the_model_runs(tmp_path):
+    # e.g. load_best_model_at_end restored a checkpoint from before the decision: mask all False
+    model = timm.create_model("ela_resnet20_cifar", num_classes=10).eval()
+    out = ela_hf.export_pruned(model, tmp_path / "restored", pruning_history=CALLBACK_HISTORY, verify=False)
+    text = (out / "README.md").read_text()
+    assert "| Attention layers skipped | 0 of 6 |" in text
+    assert "**Note:** this model runs attention layers 0.1, which a window below skipped" in text
+    # no note when the model carries the history's mask
+    model.set_skip_mask(CALLBACK_HISTORY["decisions"][0]["skip_mask"])
+    out = ela_hf.export_pruned(model, tmp_path / "pruned", pruning_history=CALLBACK_HISTORY, verify=False)
+    assert "**Note:**" not in (out / "README.md").read_text()
+
+
 def test_bad_history_files_are_clear_errors(tmp_path):
     broken = tmp_path / "pruning_history.json"
     broken.write_text("{not json")

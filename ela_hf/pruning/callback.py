@@ -442,12 +442,18 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
                         "partial statistics; its average covers only the steps after the resume."
                     )
                 self._open_window(self.partial_window, carried=self.partial_kl)
-            if state.is_world_process_zero and self.history:
-                self._write_history()
         else:
             # a fresh run: progress from an earlier train() call on this instance does not carry over
             self.windows_done, self.history = 0, []
         self.partial_window, self.partial_kl = None, None
+        # the file always describes this run: a fresh run replaces an earlier run's decisions at once
+        if state.is_world_process_zero:
+            self._write_history()
+        if getattr(args, "load_best_model_at_end", False):
+            logger.warning(
+                "ElaPruningCallback with load_best_model_at_end=True: if the best checkpoint was saved before a "
+                "pruning decision, the model restored at the end runs the attention layers skipped after it."
+            )
         return control
 
     def _check_training_length(self, state) -> None:
@@ -569,4 +575,24 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
                 self._open + 1, start, end, self.window_unit,
             )
             self._close_window()
+        self._warn_if_skips_were_undone()
         return control
+
+    def _warn_if_skips_were_undone(self) -> None:
+        """A checkpoint loaded after the last decision (load_best_model_at_end) can bring skipped layers back."""
+        if not self.history or self._model is None:
+            return
+        current = get_skip_mask(self._model)
+        undone = [
+            f"{i}.{j}"
+            for i, (now, decided) in enumerate(zip(current, self.history[-1]["skip_mask"]))
+            for j, (a, b) in enumerate(zip(now, decided))
+            if b and not a
+        ]
+        if undone:
+            logger.warning(
+                "ElaPruningCallback: the model at the end of training runs attention layers %s that pruning "
+                "skipped; its weights were loaded from a checkpoint saved before that decision (e.g. "
+                "load_best_model_at_end). Its mask is %s, not the pruning history's.",
+                ", ".join(undone), current,
+            )
