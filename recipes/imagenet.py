@@ -24,14 +24,15 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from ela_hf import ElaConfig, ElaForImageClassification, ElaPruningCallback, export_pruned, push_pruned_to_hub
 from ela_hf.models import MODEL_ARGS, get_skip_mask
-from ela_hf.pruning import EbqmSelector
 from ela_hf.training import (
     EpochTimerCallback,
     ImageClassificationTransform,
     PaperSchedule,
     RecipeArguments,
+    build_selector,
     build_transforms,
     card_settings,
+    check_export_dir,
     check_labels,
     class_names,
     collate_image_batch,
@@ -92,6 +93,8 @@ def main(argv=None):
     resolve_schedule(PAPER_SCHEDULE, args, training_args.num_train_epochs, training_args.max_steps,
                      has_attention=has_attention)
     checkpoint = resolve_checkpoint(training_args)
+    check_export_dir(args.export_dir, training_args.output_dir)
+    selector = build_selector(args, PRUNING_PRESET.selector) if has_attention else None
     # the release is the slim export pushed at the end, not the Trainer's full training checkpoints
     push_repo = (training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
                  if training_args.push_to_hub else None)
@@ -152,14 +155,12 @@ def main(argv=None):
                                       schedule.lr_decay_epochs, args.lr_decay_rate)
     timer = EpochTimerCallback()
     callbacks = [timer]
-    selector = None
+    pruning = None
     if schedule.kl_windows:
-        preset = PRUNING_PRESET.selector
-        selector = EbqmSelector(
-            q=_given(args.ebqm_q, preset.q), alpha=_given(args.ebqm_alpha, preset.alpha),
-            beta=_given(args.ebqm_beta, preset.beta), tau=_given(args.ebqm_tau, preset.tau),
-        )
-        callbacks.append(ElaPruningCallback(schedule.kl_windows, selector, schedule.window_unit))
+        pruning = ElaPruningCallback(schedule.kl_windows, selector, schedule.window_unit)
+        callbacks.append(pruning)
+    else:
+        selector = None  # nothing is pruned: the card names no selector
 
     # ---------------------------------------------------------------------------------------------
     # 5. train
@@ -191,7 +192,8 @@ def main(argv=None):
     if trainer.is_world_process_zero():
         history = os.path.join(training_args.output_dir, "pruning_history.json")
         export_kwargs = dict(
-            pruning_history=history if os.path.exists(history) else None,
+            # this run's decisions only: a file left by an earlier run in output_dir is not this model's
+            pruning_history=history if pruning is not None and os.path.exists(history) else None,
             training_args=card_settings("imagenet", args, training_args, schedule, learning_rate, total_batch_size,
                                         selector),
             metrics={k: v for k, v in metrics.items() if k in ("eval_top1", "eval_top5", "eval_loss")},
@@ -208,10 +210,6 @@ def main(argv=None):
                              export_dir))
     trainer.accelerator.wait_for_everyone()
     return metrics
-
-
-def _given(value, default):
-    return default if value is None else value
 
 
 if __name__ == "__main__":

@@ -142,6 +142,13 @@ def test_cifar_recipe_trains_prunes_exports_and_resumes(tmp_path, monkeypatch):
         if k.endswith("attn_skipped"):
             assert bool(end[k]) == bool(load_file(str(full / "model.safetensors"))[k]), k
 
+    # a run without pruning in the same output_dir: the earlier run's pruning_history.json is not its history
+    cifar.main(_common(full, data, tmp_path / "cache") + args + ["--kl_windows", "none", "--max_steps", "2"])
+    config, card = _check_export(full, len(CLASSES))
+    assert not any(map(any, config["skip_mask"] or []))
+    assert not (full / "export" / "pruning_history.json").exists()
+    assert "Pruning history" not in card and "| yes |" not in card
+
 
 def test_imagenet_recipe_on_parquet_with_lr_scaling_warmup_and_resume(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
@@ -223,6 +230,9 @@ def _unlabeled_parquet(path: Path) -> Path:
         ("cifar", ["--num_train_epochs", "1", "--kl_windows", "1-9", "--window_unit", "step"], r"ends after the last step: the run has 5 steps"),
         ("imagenet", ["--resume_from_checkpoint", "last"], r"no checkpoint-\* folder"),
         ("cifar", ["--model", "resnet20_cifar", "--kl_windows", "1-1"], r"has no attention layers to prune"),
+        ("cifar", ["--ebqm_alpha", "0"], r"--ebqm_alpha: alpha must be > 0"),
+        ("imagenet", ["--ebqm_tau", "1.5"], r"--ebqm_tau: tau must be in \[0, 1\]"),
+        ("cifar", ["--ebqm_q", "1"], r"--ebqm_q: q must be in the open interval"),
     ],
 )
 def test_bad_arguments_are_rejected_before_training(tmp_path, monkeypatch, no_training, recipe, extra, message):
@@ -232,6 +242,26 @@ def test_bad_arguments_are_rejected_before_training(tmp_path, monkeypatch, no_tr
     with pytest.raises(ValueError, match=message):
         _load_recipe(recipe).main(argv)
     assert not (tmp_path / "out" / "export").exists()
+
+
+@pytest.mark.parametrize("recipe", ["cifar", "imagenet"])
+def test_argument_errors_come_before_the_data_is_loaded(tmp_path, monkeypatch, no_training, recipe):
+    """The data does not exist: each error below must be raised before the recipe looks for it."""
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the dataset was loaded despite bad arguments")
+
+    module = _load_recipe(recipe)
+    monkeypatch.setattr(module, "load_image_dataset", no_loading)
+    out = tmp_path / "out"
+    argv = _common(out, tmp_path / "missing", tmp_path / "cache") + ["--model", "ela_resnet20_cifar"]
+    with pytest.raises(ValueError, match=r"--ebqm_beta: beta must be > 0"):
+        module.main(argv + ["--ebqm_beta", "-1"])
+    # the export replaces its folder: the output_dir itself, or a folder above it, would lose the training
+    (out / "checkpoint-2").mkdir(parents=True)
+    for export_dir in (out, tmp_path):
+        with pytest.raises(ValueError, match=r"--export_dir .* is --output_dir .* or contains it"):
+            module.main(argv + ["--export_dir", str(export_dir)])
+    assert (out / "checkpoint-2").is_dir()
 
 
 def test_dataset_without_label_column_is_rejected_before_training(tmp_path, monkeypatch, no_training):

@@ -24,6 +24,7 @@ from ela_hf.training import (
     load_image_dataset,
     parse_windows,
     rescale_windows,
+    resolve_checkpoint,
     resolve_columns,
     resolve_schedule,
     scale_learning_rate,
@@ -331,3 +332,25 @@ def test_release_names_are_folder_names():
     assert release_name("ela_resnet56_cifar", "uoft-cs/cifar100") == "ela_resnet56_cifar-cifar100"
     assert release_name("ela_resnet20_cifar", DIGITS_DATASET) == "ela_resnet20_cifar-sklearn-digits"
     assert release_name("ela_resnet18", "/data/shards/train.parquet") == "ela_resnet18-train"
+
+
+def test_resume_last_passes_over_a_checkpoint_cut_short(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    for step, complete in ((4, True), (6, True), (8, False), (10, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"")
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-notes").mkdir()  # not a checkpoint
+    args = SimpleNamespace(resume_from_checkpoint="last", output_dir=str(tmp_path))
+    with caplog.at_level("WARNING"):
+        assert resolve_checkpoint(args) == str(tmp_path / "checkpoint-6")
+    assert "checkpoint-10" in caplog.text and "checkpoint-8" in caplog.text and "no trainer_state.json" in caplog.text
+    (tmp_path / "checkpoint-4" / "trainer_state.json").unlink()
+    (tmp_path / "checkpoint-6" / "trainer_state.json").unlink()
+    with pytest.raises(ValueError, match=r"no complete checkpoint in .*checkpoint-10, .*checkpoint-8, .*checkpoint-6"):
+        resolve_checkpoint(args)
+    with pytest.raises(ValueError, match="is not a Trainer checkpoint folder"):
+        resolve_checkpoint(SimpleNamespace(resume_from_checkpoint=str(tmp_path / "checkpoint-8"), output_dir=""))

@@ -6,8 +6,10 @@ Every check here runs before any data is loaded or any model is trained, and fai
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
@@ -23,10 +25,13 @@ __all__ = [
     "rescale_windows",
     "resolve_schedule",
     "validate_recipe_arguments",
+    "build_selector",
+    "check_export_dir",
     "resolve_checkpoint",
 ]
 
 Window = Tuple[int, int]
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -329,24 +334,72 @@ def validate_recipe_arguments(args: RecipeArguments) -> None:
         raise ValueError(f"--ebqm_* given, but --model {args.model} has no attention layers to prune")
 
 
+def build_selector(args: RecipeArguments, preset):
+    """The recipe's EBQM selector: each ``--ebqm_*`` where given, else the preset's value.
+
+    Built before any data is loaded; a bad value raises ``ValueError`` naming its argument.
+    """
+    from ela_hf.pruning import EbqmSelector
+
+    values = {}
+    for name in ("q", "alpha", "beta", "tau"):
+        given = getattr(args, f"ebqm_{name}")
+        values[name] = getattr(preset, name) if given is None else given
+    try:
+        return EbqmSelector(**values)
+    except ValueError as err:
+        name = str(err).split(" ", 1)[0]
+        flag = f"--ebqm_{name}" if name in values else "--ebqm_*"
+        raise ValueError(f"{flag}: {err}") from None
+
+
+def check_export_dir(export_dir: Optional[str], output_dir: str) -> None:
+    """The slim export replaces its folder: it must not be ``--output_dir`` or a folder containing it."""
+    if not export_dir:
+        return
+    export_path, output_path = os.path.realpath(export_dir), os.path.realpath(output_dir)
+    if os.path.commonpath([export_path, output_path]) == export_path:
+        raise ValueError(
+            f"--export_dir {export_dir!r} is --output_dir {output_dir!r} or contains it; the export replaces its "
+            "folder and would delete the training output (checkpoints, trainer_state.json). Choose another "
+            f"folder, e.g. {os.path.join(output_dir, 'export')!r} (the default)"
+        )
+
+
 def _fmt(windows: Sequence[Window]) -> str:
     return ", ".join(f"{s}-{e}" for s, e in windows)
 
 
 def resolve_checkpoint(training_args) -> Optional[str]:
     """The checkpoint folder of ``--resume_from_checkpoint``: a path, or ``last`` for the newest
-    ``checkpoint-*`` in ``--output_dir``. None when not resuming."""
-    from transformers.trainer_utils import get_last_checkpoint
-
+    ``checkpoint-*`` in ``--output_dir`` that is complete (has ``trainer_state.json``). None when not resuming."""
     checkpoint = training_args.resume_from_checkpoint
     if checkpoint is None:
         return None
     if checkpoint.lower() in ("last", "latest", "true"):
         output_dir = training_args.output_dir
-        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-        if last is None:
+        found = []
+        for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
+            match = re.fullmatch(r"checkpoint-(\d+)", name)
+            if match and os.path.isdir(os.path.join(output_dir, name)):
+                found.append((int(match.group(1)), os.path.join(output_dir, name)))
+        if not found:
             raise ValueError(f"--resume_from_checkpoint {checkpoint}: no checkpoint-* folder in {output_dir}")
-        return last
+        # newest first; a save cut short (no trainer_state.json, written last by the Trainer) is passed over
+        incomplete = []
+        for _, path in sorted(found, reverse=True):
+            if os.path.isfile(os.path.join(path, "trainer_state.json")):
+                if incomplete:
+                    logger.warning(
+                        "--resume_from_checkpoint %s: %s %s no trainer_state.json (a save cut short?); resuming "
+                        "from %s", checkpoint, ", ".join(incomplete), "has" if len(incomplete) == 1 else "have", path,
+                    )
+                return path
+            incomplete.append(path)
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint}: no complete checkpoint in {output_dir} "
+            f"({', '.join(incomplete)} {'has' if len(incomplete) == 1 else 'have'} no trainer_state.json)"
+        )
     if not os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
         raise ValueError(f"--resume_from_checkpoint {checkpoint!r} is not a Trainer checkpoint folder "
                          "(it has no trainer_state.json)")
