@@ -276,6 +276,20 @@ def test_paper_schedule_is_kept_or_rescaled():
     assert plain.kl_windows == []
 
 
+def test_lr_decay_past_the_last_epoch_is_reported(caplog):
+    with caplog.at_level("WARNING"):
+        resolve_schedule(CIFAR_PAPER, _args(kl_windows="1-1", lr_decay_epochs="2,6"), 5)  # data not loaded yet
+        assert caplog.text == ""
+        schedule = resolve_schedule(CIFAR_PAPER, _args(kl_windows="1-1", lr_decay_epochs="2,6"), 5, steps_per_epoch=3)
+    assert schedule.lr_decay_epochs == [2.0, 6.0]
+    assert "--lr_decay_epochs 2,6: a decay at epoch 6 never happens, the run has 5 epochs" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        resolve_schedule(CIFAR_PAPER, _args(kl_windows="1-1", lr_decay_epochs="2,4"), 5, steps_per_epoch=3)
+        resolve_schedule(CIFAR_PAPER, _args(kl_windows="1-1"), 5, steps_per_epoch=3)  # paper's, rescaled
+    assert caplog.text == ""
+
+
 def test_windows_past_the_end_are_rejected():
     with pytest.raises(ValueError, match="ends after the last epoch: the run has 4 epochs"):
         resolve_schedule(CIFAR_PAPER, _args(kl_windows="1-1,5-6"), 4)

@@ -275,6 +275,12 @@ def resolve_schedule(
     decay = parse_epochs(args.lr_decay_epochs)
     if decay is None:
         decay = [e * ratio for e in paper.lr_decay_epochs]
+    elif steps_per_epoch is not None and num_epochs is not None and any(e >= num_epochs for e in decay):
+        # said once, when the schedule is final (the recipes call this again after loading the data)
+        logger.warning(
+            "--lr_decay_epochs %s: a decay at epoch %s never happens, the run has %d epochs",
+            args.lr_decay_epochs, ", ".join(f"{e:g}" for e in decay if e >= num_epochs), num_epochs,
+        )
     warmup = args.warmup_epochs if args.warmup_epochs is not None else paper.warmup_epochs * ratio
     if warmup < 0:
         raise ValueError(f"--warmup_epochs must be >= 0, got {warmup}")
