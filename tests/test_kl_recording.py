@@ -207,3 +207,29 @@ def test_kl_statistics_skip_skipped_layers_and_work_through_wrappers():
     stats = ela_hf.kl_statistics(wrapped)
     assert (0, 1) not in stats and (0, 2) in stats and len(stats) == 4 + 5 + 5
     assert ela_hf.get_skip_mask(wrapped)[0][1] is True
+
+
+@pytest.mark.parametrize("name", ["ela_resnet20_cifar", "ela_l_resnet20_cifar"])
+def test_activation_checkpointing_records_each_sample_once(name):
+    """Backward's recompute of a checkpointed stage repeats the forward: it must not record again."""
+    torch.manual_seed(0)
+    plain = timm.create_model(name, num_classes=5, drop_path_rate=0.1)
+    checkpointed = timm.create_model(name, num_classes=5, drop_path_rate=0.1)
+    checkpointed.load_state_dict(plain.state_dict())
+    checkpointed.set_grad_checkpointing(True)
+    x = torch.randn(3, 3, 16, 16)
+    totals = []
+    for model in (plain, checkpointed):
+        torch.manual_seed(1)  # the same drop path draws
+        with model.kl_recording():
+            model.train()(x).sum().backward()
+        totals.append({(i, j): (float(s), float(c)) for i, j, s, c in kl_accumulators(model)})
+    assert all(count == 3 for _, count in totals[1].values()), totals[1]
+    for key, (s, c) in totals[0].items():
+        assert totals[1][key][1] == c and totals[1][key][0] == pytest.approx(s, rel=1e-5, abs=1e-9), key
+    for (n, pa), pb in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, msg=n)
+    # recording is back on for the next step's forward
+    with checkpointed.kl_recording():
+        checkpointed(x).sum().backward()
+    assert all(c == 6 for _, _, _, c in kl_accumulators(checkpointed))

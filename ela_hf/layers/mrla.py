@@ -39,9 +39,26 @@ __all__ = [
     "StageState",
     "kl_with_appended_eps",
     "DEFAULT_KL_EPS",
+    "recording_paused",
 ]
 
 DEFAULT_KL_EPS = 1e-8
+
+# set while activation checkpointing re-runs a stage's forward inside backward: that pass repeats the
+# step's forward exactly and must not record its KL statistics a second time
+_recording_pause = threading.local()
+
+
+class recording_paused:
+    """Context manager: no KL recording in this thread while inside (re-entrant)."""
+
+    def __enter__(self):
+        _recording_pause.depth = getattr(_recording_pause, "depth", 0) + 1
+        return self
+
+    def __exit__(self, *exc):
+        _recording_pause.depth -= 1
+        return False
 
 
 def eca_kernel_size(channels: int) -> int:
@@ -498,7 +515,7 @@ class _LayerAttentionBase(nn.Module):
         return per_head.repeat_interleave(self.dim_per_head, dim=1)
 
     def _records(self) -> bool:
-        return self.recording and self.training
+        return self.recording and self.training and not getattr(_recording_pause, "depth", 0)
 
     @torch.no_grad()
     def _accumulate(self, d: torch.Tensor) -> None:
@@ -600,7 +617,7 @@ class MrlaLight(_LayerAttentionBase):
     def _record(self, gate: torch.Tensor, state: StageState) -> None:
         # w_{t,s,c} = a_{s,h(c)} * prod_{active j, s<j<=t} lambda_{j,c}: scale the earlier layers by this
         # layer's lambda, then append this layer's own gate (empty product).
-        own = self._per_channel(gate.float()).unsqueeze(1)  # [B, 1, C]
+        own = self._per_channel(gate.detach().float()).unsqueeze(1)  # [B, 1, C]; statistics only, no graph
         if state.unrolled is None:
             unrolled = own
         else:
