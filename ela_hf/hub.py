@@ -37,6 +37,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -352,7 +353,20 @@ def _metric_rows(metrics: Optional[Mapping[str, Any]]) -> List[Tuple[str, Any]]:
         return []
     if not isinstance(metrics, Mapping):
         raise ValueError(f"metrics must be a dict of name -> value, got {type(metrics).__name__}")
-    return [(str(k), (round(v, 4) if isinstance(v, float) else v)) for k, v in metrics.items()]
+    return [
+        (str(k), (round(v, 4) if isinstance(v, float) else v))
+        for k, v in metrics.items()
+        if not _is_bookkeeping(str(k))
+    ]
+
+
+# what trainer.evaluate() reports besides the metrics: not a result of the model
+_BOOKKEEPING_SUFFIXES = ("runtime", "samples_per_second", "steps_per_second", "model_preparation_time")
+
+
+def _is_bookkeeping(name: str) -> bool:
+    bare = re.sub(r"^(eval|test|train)_", "", name)
+    return bare in ("epoch", "step", "global_step") or bare.endswith(_BOOKKEEPING_SUFFIXES)
 
 
 def _fmt(value: Optional[float]) -> str:
@@ -373,8 +387,11 @@ def render_model_card(
     base_model: Optional[str] = None,
     license: Optional[str] = None,
     template_path: Optional[PathLike] = None,
+    revision: Optional[str] = None,
 ):
     """The model card (a ``huggingface_hub.ModelCard``) of ``net`` described by ``config``.
+
+    ``revision``: the branch the release is pushed to; the usage code then loads that revision.
 
     Metadata: ``library_name: timm``, ``pipeline_tag: image-classification``, tags, ``datasets``,
     ``metrics`` and, when both a dataset and metrics are known, a ``model-index`` with the results.
@@ -506,8 +523,10 @@ def render_model_card(
         plot_file=plot_file,
         training=_training_rows(training),
         metrics=metric_rows,
-        timm_id=f"hf-hub:{hub_ref}" if repo_id else f"local-dir:{hub_ref}",
+        timm_id=(f"hf-hub:{hub_ref}" + (f"@{revision}" if revision else "")) if repo_id else f"local-dir:{hub_ref}",
         hf_id=hub_ref,
+        revision=revision if repo_id else None,
+        headless=headless,
     )
     # the template's control blocks leave runs of blank lines; markdown needs at most one
     return ModelCard(re.sub(r"\n{3,}", "\n\n", str(card)))
@@ -538,6 +557,7 @@ def export_pruned(
     card_template: Optional[PathLike] = None,
     overwrite: bool = False,
     verify: bool = True,
+    revision: Optional[str] = None,
 ) -> Path:
     """Write the slim release of ``model`` to ``out_dir`` and return its path.
 
@@ -548,7 +568,7 @@ def export_pruned(
     ``model_args["skip_mask"]``), ``model.safetensors`` (timm key names, no weights for skipped attention
     layers), ``README.md`` (the model card), and, with a pruning history, ``pruning_history.json`` and the
     ``d_t_per_window.png`` plot. ``training_args`` (a dict or ``TrainingArguments``), ``metrics`` and
-    ``dataset`` (Hub dataset id) go into the card; ``card_template`` replaces ``model_cards/ela_model_card.md``
+    ``dataset`` (Hub dataset id) go into the card, and ``repo_id`` / ``revision`` into its usage code; ``card_template`` replaces ``model_cards/ela_model_card.md``
     (a Jinja2 template receiving the same variables). With ``verify`` (default), the reduced model is built from
     the written config and must reproduce the masked model's outputs.
 
@@ -596,6 +616,7 @@ def export_pruned(
             base_model=base_model,
             license=license,
             template_path=card_template,
+            revision=revision,
         )
         card.save(tmp / "README.md")
         _move_into_place(tmp, out_dir, overwrite)
@@ -605,7 +626,9 @@ def export_pruned(
     return out_dir
 
 
-# what marks a folder as more than an earlier export: an export has no sub-folders and no Trainer files
+# every file an export can write, and what marks a folder as more than an earlier export: an export has no
+# sub-folders and no Trainer files
+_EXPORT_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md", HISTORY_NAME, PLOT_NAME)
 _TRAINER_FILES = ("trainer_state.json", "training_args.bin")
 
 
@@ -656,24 +679,42 @@ def push_pruned_to_hub(
 ):
     """Export the slim release of ``model`` (see :func:`export_pruned`) and upload it to ``repo_id`` in one commit.
 
-    The repository is created when missing. Returns huggingface_hub's ``CommitInfo``. Nothing is uploaded
-    if the export fails, and the single commit means a repository never holds half a release.
+    The repository is created when missing; a ``repo_id`` without a namespace goes to the token's user
+    (resolved first, so the card's usage code names the full id, and ``revision`` too). Returns
+    huggingface_hub's ``CommitInfo``. Nothing is uploaded if the export fails, and the single commit means a
+    repository never holds half a release: it also deletes the history and plot an earlier release left
+    when this one has none. ``private`` applies to a repository this call creates; for an existing one
+    whose visibility differs, a warning says so (change it with ``HfApi.update_repo_settings``).
     """
     from huggingface_hub import HfApi
 
     api = HfApi(endpoint=endpoint, token=token)
+    if "/" not in repo_id:
+        repo_id = f"{api.whoami()['name']}/{repo_id}"
     net, _ = _network_and_config(model)
     skipped = sum(sum(s) for s in get_skip_mask(net)) if net.attn_type is not None else 0
+    card_revision = None if create_pr else revision
     with tempfile.TemporaryDirectory(prefix="ela_hf-push-") as tmp:
-        folder = export_pruned(model, Path(tmp) / "release", repo_id=repo_id, **export_kwargs)
+        folder = export_pruned(model, Path(tmp) / "release", repo_id=repo_id, revision=card_revision, **export_kwargs)
+        existed = api.repo_exists(repo_id, repo_type="model")
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         repo_id = repo_url.repo_id
+        if existed and private is not None:
+            is_private = getattr(api.model_info(repo_id), "private", None)
+            if is_private is not None and bool(is_private) != bool(private):
+                warnings.warn(
+                    f"push_pruned_to_hub: {repo_id} already exists and is {'private' if is_private else 'public'}; "
+                    f"private={private} applies only to a repository it creates, so its visibility is unchanged"
+                )
         if revision is not None and not create_pr:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
+        # the files an export may write but this one did not (an earlier release's history and plot)
+        stale = sorted(name for name in _EXPORT_FILES if not (folder / name).exists())
         return api.upload_folder(
             repo_id=repo_id,
             folder_path=folder,
             commit_message=commit_message or f"Upload slim ELA release ({skipped} attention layers skipped)",
             revision=revision,
             create_pr=create_pr,
+            delete_patterns=stale or None,
         )

@@ -78,3 +78,37 @@ def test_failed_export_uploads_nothing(local_hub, monkeypatch):
         ela_hf.push_pruned_to_hub(_pruned(), repo_id, token=local_hub.token, verify=False)
     assert local_hub.server.count(method="POST", path_contains="/commit/") == 0
     assert not HfApi().repo_exists(repo_id)
+
+
+def test_a_release_replaces_the_previous_one_and_its_card_names_what_loads(local_hub):
+    # pushed with a bare name: the card must name the full id the repository got
+    ela_hf.push_pruned_to_hub(_pruned(), "ela-r20-bare", token=local_hub.token, pruning_history=HISTORY, verify=False)
+    repo_id = f"{local_hub.user}/ela-r20-bare"
+    assert set(HfApi().list_repo_files(repo_id)) == FILES
+    card = ModelCard.load(repo_id).text
+    assert f'"hf-hub:{repo_id}"' in card and f'from_pretrained("{repo_id}")' in card
+
+    # an unpruned release without history: the earlier history and plot go, in the same single commit
+    before = len(local_hub.server.repo(repo_id).history("main"))
+    ela_hf.push_pruned_to_hub(_pruned(mask=[[False, False]] * 3), repo_id, token=local_hub.token, verify=False)
+    assert len(local_hub.server.repo(repo_id).history("main")) == before + 1
+    assert set(HfApi().list_repo_files(repo_id)) == FILES - {"pruning_history.json", "d_t_per_window.png"}
+    assert AutoModelForImageClassification.from_pretrained(repo_id).skip_mask == [[False, False]] * 3
+
+    # a branch: its card loads that branch, and the code in it works as written
+    ela_hf.push_pruned_to_hub(_pruned(), repo_id, token=local_hub.token, revision="v2", verify=False)
+    card = local_hub.server.file(repo_id, "README.md", "v2").decode()
+    assert f'"hf-hub:{repo_id}@v2"' in card
+    assert f'AutoModelForImageClassification.from_pretrained("{repo_id}", revision="v2")' in card
+    assert f'pipeline("image-classification", model="{repo_id}", revision="v2")' in card
+    assert timm.create_model(f"hf-hub:{repo_id}@v2", pretrained=True).skip_mask == MASK
+
+
+def test_private_is_not_silently_dropped_for_an_existing_repository(local_hub):
+    repo_id = f"{local_hub.user}/ela-r20-public"
+    ela_hf.push_pruned_to_hub(_pruned(), repo_id, token=local_hub.token, verify=False)
+    with pytest.warns(UserWarning, match="already exists and is public; private=True applies only"):
+        ela_hf.push_pruned_to_hub(_pruned(seed=1), repo_id, token=local_hub.token, private=True, verify=False)
+    fresh = f"{local_hub.user}/ela-r20-private"
+    ela_hf.push_pruned_to_hub(_pruned(), fresh, token=local_hub.token, private=True, verify=False)
+    assert HfApi().model_info(fresh).private

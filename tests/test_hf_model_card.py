@@ -183,3 +183,21 @@ def test_card_without_history_or_metrics_still_renders(tmp_path):
     assert "pruned" not in card.data.tags and card.data.datasets is None
     assert "0 of 6" in card.text and "MRLA-L" in card.text and "Pruning history" not in card.text
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+
+def test_feature_extractor_card_shows_code_that_runs_and_only_real_metrics(tmp_path):
+    model = timm.create_model("ela_resnet20_cifar", num_classes=0).eval()
+    metrics = {"eval_top1": 0.91, "eval_loss": 0.3, "epoch": 3.0, "eval_runtime": 1.5,
+               "eval_samples_per_second": 120.0, "eval_steps_per_second": 4.0}
+    out = ela_hf.export_pruned(model, tmp_path / "features", metrics=metrics, dataset="uoft-cs/cifar10", verify=False)
+    card = ModelCard.load(out / "README.md")
+    assert "AutoModelForImageClassification" not in card.text and '"image-classification"' not in card.text
+    assert 'AutoModel.from_pretrained("path/to/features")' in card.text
+    assert 'pipeline("image-feature-extraction", model="path/to/features")' in card.text
+    assert "features = model(" in card.text
+    assert sorted(card.data.metrics) == ["accuracy", "loss"]
+    assert "runtime" not in card.text and "| epoch |" not in card.text
+    # and the code does what it says on the folder itself
+    from transformers import AutoModel
+
+    assert AutoModel.from_pretrained(out)(torch.randn(1, 3, 32, 32)).pooler_output.shape == (1, 256)
