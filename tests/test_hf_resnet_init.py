@@ -71,3 +71,24 @@ def test_shape_mismatch_and_foreign_checkpoints_are_refused():
     # a checkpoint saved from DDP carries a `module.` prefix on every key
     wrapped = {f"module.{k}": v for k, v in _plain_cifar_resnet().state_dict().items()}
     assert ela_hf.init_from_resnet(model, wrapped).mapped
+
+
+def test_an_ela_checkpoint_is_not_taken_for_a_plain_resnet():
+    pruned = timm.create_model("ela_resnet20_cifar", num_classes=10)
+    pruned.set_skip_mask([[False, True], [False, False], [False, True]])
+    model = timm.create_model("ela_resnet20_cifar", num_classes=10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"has layer-attention weights .* load it whole"):
+        ela_hf.init_from_resnet(model, pruned)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "nothing copied"
+    assert model.skip_mask == [[False, False]] * 3
+
+
+def test_a_headless_resnet_leaves_the_classifier_fresh_and_says_so():
+    resnet = timm.create_model("resnet20_cifar", num_classes=0)
+    model, report = ElaForImageClassification.from_timm_resnet(
+        resnet, architecture="ela_resnet20_cifar", num_labels=5, output_loading_info=True
+    )
+    assert report.reinitialized_head == ["fc.bias", "fc.weight"]
+    assert all(".attn." in k or k.endswith("attn_skipped") for k in report.missing)
+    assert "classifier re-initialised: True" in str(report)

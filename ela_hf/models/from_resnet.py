@@ -25,7 +25,8 @@ class ResNetInitReport:
     - ``missing``: in the ELA model but not in the checkpoint (the attention layers and their skip flags);
       they keep their fresh initialisation.
     - ``unexpected``: in the checkpoint but not in the ELA model (ignored).
-    - ``reinitialized_head``: classifier keys left fresh because the number of classes differs.
+    - ``reinitialized_head``: classifier keys left fresh because the number of classes differs or the
+      checkpoint has no classifier (a feature extractor).
     """
 
     mapped: List[str] = field(default_factory=list)
@@ -66,11 +67,19 @@ def init_from_resnet(
     or its state dict (e.g. ``timm.create_model("resnet50", pretrained=True)``).
 
     The attention layers keep their fresh initialisation. A classifier whose shape differs (another number
-    of classes) is left fresh and reported; any other shape mismatch, blocks the model does not have, or
-    backbone weights the checkpoint lacks raise ``ValueError``.
+    of classes), or one the checkpoint lacks, is left fresh and reported; any other shape mismatch, blocks the
+    model does not have, backbone weights the checkpoint lacks, or attention weights in the checkpoint (an
+    ELA/MRLA model is not a plain ResNet) raise ``ValueError``.
     """
     target = getattr(model, "timm_model", model)
     source = _state_dict_of(resnet)
+    attention = [k for k in source if ".attn." in k or k.endswith("attn_skipped")]
+    if attention:
+        raise ValueError(
+            f"the checkpoint has layer-attention weights ({len(attention)} tensors, e.g. {attention[:2]}): "
+            "init_from_resnet starts the attention layers fresh from a plain ResNet. To continue from an "
+            "ELA/MRLA checkpoint, load it whole (from_pretrained, timm's pretrained_cfg_overlay, or load_state_dict)"
+        )
     own = target.state_dict()
     report = ResNetInitReport()
     mismatched = []
@@ -104,6 +113,8 @@ def init_from_resnet(
     for key, value in to_load.items():
         own[key].copy_(value)
     report.mapped = sorted(to_load)
+    if not any(k.startswith(_CLASSIFIER_PREFIX) for k in source):  # a headless checkpoint: the head stays fresh
+        report.reinitialized_head.extend(k for k in own if k.startswith(_CLASSIFIER_PREFIX))
     report.missing = sorted(k for k in own if k not in to_load and k not in report.reinitialized_head)
     report.unexpected.sort()
     report.reinitialized_head.sort()
