@@ -338,17 +338,20 @@ def parse_args(argv=None):
     if args.quick:
         args.warmup = min(args.warmup, 1)
         args.compile = False
-    if args.repeats < 1 or args.warmup < 0:
-        raise ValueError("--repeats must be >= 1 and --warmup >= 0")
+    for flag, value, least in (("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0),
+                               ("--batch-size", args.batch_size, 1), ("--image-size", args.image_size, 1),
+                               ("--threads", args.threads, 1)):
+        if value is not None and value < least:
+            p.error(f"{flag} must be at least {least}, got {value}")
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was given but torch.cuda.is_available() is False")
+        p.error("--device cuda was given but torch.cuda.is_available() is False")
     args.models = [k for k in MODEL_KINDS if k in args.models]  # table order
     return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.device == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -367,9 +370,9 @@ def main(argv=None) -> None:
     ]
     for name in args.cases:
         case = cases[name]
-        if args.batch_size:
+        if args.batch_size is not None:
             case.batch_size = args.batch_size
-        if args.image_size:
+        if args.image_size is not None:
             case.image_size = args.image_size
         print(f"[{name}] training {', '.join(args.models)} ...", file=sys.stderr)
         runners = run_training_case(case, args)

@@ -65,9 +65,10 @@ def bench_model(name, repeats, steps, warmup, device):
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, classes, (batch,), device=device)
 
-    # a real callback with one long step window, driven by hand like the Trainer would
-    with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(output_dir=tmp, use_cpu=device == "cpu", report_to="none")
+    # a real callback with one long step window, driven by hand like the Trainer would; its history file
+    # goes to a temporary output_dir that lives as long as the callback
+    output_dir = tempfile.TemporaryDirectory(prefix="ela_hf-bench-recording-")
+    args = TrainingArguments(output_dir=output_dir.name, use_cpu=device == "cpu", report_to="none")
     state, control = TrainerState(max_steps=10**9, num_train_epochs=1), TrainerControl()
     callback = ElaPruningCallback(windows=[(1, 10**9 - 1)], window_unit="step")
     callback.on_train_begin(args, state, control, model=model)
@@ -89,8 +90,9 @@ def bench_model(name, repeats, steps, warmup, device):
             torch.cuda.synchronize()
         return (time.perf_counter() - t0) / n
 
-    run(False, warmup)
-    run(True, warmup)
+    if warmup:
+        run(False, warmup)
+        run(True, warmup)
     times = {False: [], True: []}
     _RECORDING_SECONDS[0] = 0.0
     for r in range(repeats):
@@ -99,10 +101,11 @@ def bench_model(name, repeats, steps, warmup, device):
     off, on = statistics.median(times[False]), statistics.median(times[True])
     paired = statistics.median(a / b for a, b in zip(times[True], times[False]))
     share = _RECORDING_SECONDS[0] / (sum(times[True]) * steps)
+    output_dir.cleanup()
     return off, on, paired, share
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--repeats", type=int, default=11, help="samples per mode (interleaved)")
@@ -110,7 +113,13 @@ def main():
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: torch's default)")
-    a = parser.parse_args()
+    a = parser.parse_args(argv)
+    for flag, value, least in (("--repeats", a.repeats, 1), ("--steps", a.steps, 1), ("--warmup", a.warmup, 0),
+                               ("--threads", a.threads, 0)):
+        if value < least:
+            parser.error(f"{flag} must be at least {least}, got {value}")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {a.device} was given but torch.cuda.is_available() is False")
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, device {a.device}, threads {torch.get_num_threads()}, "

@@ -575,6 +575,51 @@ def test_kernel_bench_prints_ratios_and_restores_the_size_limits(capsys, monkeyp
         bench.parse_args(["--repeats", "0"])
 
 
+def test_bench_scripts_refuse_bad_arguments_before_any_work(monkeypatch, capsys):
+    models = _load_bench("bench_models", monkeypatch)
+    recording = _load_bench("bench_recording", monkeypatch)
+    cases = [
+        (models.parse_args, ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (models.parse_args, ["--image-size", "-3"], "--image-size must be at least 1, got -3"),
+        (models.parse_args, ["--threads", "0"], "--threads must be at least 1, got 0"),
+        (models.parse_args, ["--repeats", "0"], "--repeats must be at least 1, got 0"),
+        (recording.main, ["--steps", "0"], "--steps must be at least 1, got 0"),
+        (recording.main, ["--repeats", "0"], "--repeats must be at least 1, got 0"),
+        (recording.main, ["--warmup", "-1"], "--warmup must be at least 0, got -1"),
+    ]
+    if not torch.cuda.is_available():
+        cases += [(models.parse_args, ["--device", "cuda"], "torch.cuda.is_available() is False"),
+                  (recording.main, ["--device", "cuda"], "torch.cuda.is_available() is False")]
+    for fn, argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            fn(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, argv
+
+
+def test_recording_bench_runs_without_warmup_and_leaves_no_folder(monkeypatch, capsys, tmp_path):
+    import tempfile
+
+    recording = _load_bench("bench_recording", monkeypatch)
+    monkeypatch.setattr(recording, "CASES", {"ela_resnet20_cifar": (16, 2, 10)})
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    recording.main(["--repeats", "1", "--warmup", "0", "--threads", "1"])
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ela_resnet20_cifar")]
+    assert len(row) == 1 and float(row[0].split("|")[6]) > 0
+    assert list(tmp_path.iterdir()) == [], "the callback's temporary output_dir is removed"
+
+
+def test_module_check_refuses_bad_arguments(capsys):
+    from ela_hf.__main__ import main
+
+    for argv, message in [(["--model", "nope"], "'nope' is not an ela_hf model; choose one of: ela_l_resnet101"),
+                          (["--batch-size", "0"], "--batch-size must be at least 1, got 0")]:
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert message in capsys.readouterr().err
+    main(["--model", "resnet20_cifar", "--batch-size", "2"])
+    assert "plain ResNet (no attention layers)" in capsys.readouterr().out
+
+
 def test_kernel_bench_times_the_shapes_the_networks_use(monkeypatch):
     """The kernel bench reads its shapes off the CIFAR network: the bottleneck blocks' 4x-expanded
     channels at batch 64, one shape per stage, not the stage widths."""
@@ -644,5 +689,3 @@ def test_bench_script_prints_ratio_table(capsys, monkeypatch):
     assert float(rows["ELA (half skipped)"].split("|")[3]) > 0  # ratio to MRLA-B
     assert float(rows["MRLA-B"].split("|")[4]) > 1.0, "MRLA-B keeps more activations than the plain net"
     assert "ELA slim (half skipped), eager" in out
-    with pytest.raises(ValueError, match="repeats"):
-        bench.parse_args(["--repeats", "0"])
