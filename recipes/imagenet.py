@@ -33,8 +33,6 @@ from ela_hf.training import (
     build_transforms,
     card_settings,
     check_export_dir,
-    check_labels,
-    class_names,
     collate_image_batch,
     compute_accuracy,
     create_sgd,
@@ -43,9 +41,9 @@ from ela_hf.training import (
     hub_dataset_id,
     load_image_dataset,
     log_rank_result,
+    prepare_splits,
     release_name,
     resolve_checkpoint,
-    resolve_columns,
     resolve_schedule,
     scale_learning_rate,
     setup_logging,
@@ -112,14 +110,11 @@ def main(argv=None):
         train_ds, eval_ds, eval_name = split_train_eval(
             data, args.train_split, args.eval_split, args.eval_fraction, seed=training_args.seed
         )
-    image_column, label_column = resolve_columns(train_ds, args.image_column, args.label_column)
-    resolve_columns(eval_ds, image_column, label_column)
-    labels = class_names(train_ds, label_column)
-    check_labels(eval_ds, label_column, len(labels), eval_name)
-    if args.max_train_samples is not None:
-        train_ds = train_ds.select(range(min(args.max_train_samples, len(train_ds))))
-    if args.max_eval_samples is not None:
-        eval_ds = eval_ds.select(range(min(args.max_eval_samples, len(eval_ds))))
+    train_ds, eval_ds, image_column, label_column, labels = prepare_splits(
+        train_ds, eval_ds, eval_name, image_column=args.image_column, label_column=args.label_column,
+        class_source=data[args.train_split], max_train_samples=args.max_train_samples,
+        max_eval_samples=args.max_eval_samples, seed=training_args.seed,
+    )
     train_transform, eval_transform = build_transforms(data_config, "imagenet", hflip=args.hflip)
     train_ds.set_transform(ImageClassificationTransform(train_transform, image_column, label_column))
     eval_ds.set_transform(ImageClassificationTransform(eval_transform, image_column, label_column))

@@ -25,10 +25,12 @@ from ela_hf.training import (
     parse_windows,
     rescale_windows,
     resolve_checkpoint,
+    prepare_splits,
     resolve_columns,
     resolve_schedule,
     scale_learning_rate,
     split_train_eval,
+    take_samples,
     top_k_predictions,
     update_steps_per_epoch,
     validate_recipe_arguments,
@@ -123,8 +125,10 @@ def test_dataset_without_usable_label_column_is_rejected():
 
 def test_unlabeled_split_is_rejected():
     ds = Dataset.from_dict({"label": [0, 1, -1]})
-    with pytest.raises(ValueError, match="outside the 2 classes"):
+    with pytest.raises(ValueError, match=r"split 'test'.*negative values \(min -1\): an unlabeled split"):
         check_labels(ds, "label", 2, "test")
+    with pytest.raises(ValueError, match=r"classes \[2, 5\] that the training split does not have \(it has the 2"):
+        check_labels(Dataset.from_dict({"label": [0, 5, 2, 1, 5]}), "label", 2, "validation")
     check_labels(Dataset.from_dict({"label": [0, 1]}), "label", 2, "validation")
 
 
@@ -368,3 +372,57 @@ def test_resume_last_passes_over_a_checkpoint_cut_short(tmp_path, caplog):
         resolve_checkpoint(args)
     with pytest.raises(ValueError, match="is not a Trainer checkpoint folder"):
         resolve_checkpoint(SimpleNamespace(resume_from_checkpoint=str(tmp_path / "checkpoint-8"), output_dir=""))
+
+
+def _png_bytes(img):
+    import io
+
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_max_samples_draw_from_every_class_of_a_class_sorted_dataset():
+    ds = Dataset.from_dict({"label": [c for c in range(4) for _ in range(25)]})  # sorted, as image folders are
+    picked = take_samples(ds, 20, seed=0)
+    assert len(picked) == 20 and len(set(picked["label"])) == 4
+    assert picked["label"] == take_samples(ds, 20, seed=0)["label"]  # fixed by the seed
+    assert take_samples(ds, None) is ds and take_samples(ds, 1000) is ds
+
+
+def test_sixteen_bit_grey_images_keep_their_contrast():
+    ramp = np.linspace(0, 65535, 64, dtype=np.uint16).reshape(8, 8)
+    img = PILImage.fromarray(ramp)
+    assert img.mode.startswith("I")
+    transform = ImageClassificationTransform(lambda im: np.asarray(im), "image", "label")
+    (pixels,) = transform({"image": [img], "label": [0]})["pixel_values"]
+    assert pixels.shape == (8, 8, 3) and pixels.dtype == np.uint8
+    assert pixels.min() == 0 and pixels.max() == 255
+    np.testing.assert_array_equal(pixels[..., 0], np.rint(ramp / 257.0).astype(np.uint8))
+
+
+def test_parquet_style_image_columns_become_images_and_classes_come_from_the_whole_train_split():
+    images = [_image(seed=i) for i in range(6)]
+    raw = Dataset.from_dict({"image": [_png_bytes(im) for im in images], "label": [0, 0, 1, 1, 2, 2]})
+    structs = Dataset.from_dict(
+        {"image": [{"bytes": _png_bytes(im), "path": None} for im in images[:2]], "label": [0, 2]}
+    )
+    assert not isinstance(raw.features["image"], Image)
+    train, evaluation, image_column, label_column, labels = prepare_splits(
+        raw.select([0, 1, 2, 3]), structs, "validation", class_source=raw
+    )
+    assert (image_column, label_column) == ("image", "label")
+    assert isinstance(train.features["image"], Image) and isinstance(evaluation.features["image"], Image)
+    assert train[0]["image"].size == images[0].size
+    assert labels == ["0", "1", "2"], "class 2 is only in the held-out part: the classes come from the whole split"
+    with pytest.raises(ValueError, match="classes \\[2\\] that the training split does not have"):
+        prepare_splits(raw.select([0, 1, 2, 3]), structs, "validation")
+    numbers = Dataset.from_dict({"image": [1.0, 2.0], "label": [0, 1]})
+    with pytest.raises(ValueError, match="image column 'image' holds float64; it must be an Image feature"):
+        prepare_splits(numbers, numbers, "validation")
+
+
+def test_an_image_folder_without_labels_says_why():
+    unlabeled = Dataset.from_dict({"image": [_image()]}, features=Features({"image": Image()}))
+    with pytest.raises(ValueError, match="classes are the sub-folder names: every image must sit exactly one level"):
+        resolve_columns(unlabeled)

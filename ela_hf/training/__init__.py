@@ -30,8 +30,10 @@ from .data import (
     hub_dataset_id,
     load_digits_dataset,
     load_image_dataset,
+    prepare_splits,
     resolve_columns,
     split_train_eval,
+    take_samples,
 )
 from .metrics import compute_accuracy, top_k_predictions
 from .optim import StepScheduleWithWarmup, create_sgd, create_step_scheduler, scale_learning_rate, update_steps_per_epoch
@@ -72,6 +74,8 @@ __all__ = [
     "load_image_dataset",
     "resolve_columns",
     "split_train_eval",
+    "prepare_splits",
+    "take_samples",
     "compute_accuracy",
     "top_k_predictions",
     "StepScheduleWithWarmup",

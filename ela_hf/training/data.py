@@ -26,6 +26,8 @@ __all__ = [
     "class_names",
     "check_labels",
     "split_train_eval",
+    "prepare_splits",
+    "take_samples",
     "hub_dataset_id",
 ]
 
@@ -136,6 +138,14 @@ def resolve_columns(
             class_labels = preferred
         named = [c for c in _LABEL_COLUMN_NAMES if c in features and _is_integer_label(features[c])]
         if not class_labels and not named:
+            if columns and all(isinstance(features[c], Image) for c in columns):
+                # imagefolder: no labels at all means the folder layout did not give classes
+                raise ValueError(
+                    f"the dataset has images but no labels (columns: {described}). For a folder of images the "
+                    "classes are the sub-folder names: every image must sit exactly one level below train/ (and "
+                    "validation/), e.g. train/cat/1.png; a single image at another depth (train/x.png, "
+                    "train/cat/more/y.png) turns the labels off for the whole dataset"
+                )
             raise ValueError(
                 f"the dataset has no usable label column (a ClassLabel or an integer column named one of "
                 f"{', '.join(_LABEL_COLUMN_NAMES)}); columns: {described}. Name it with --label_column"
@@ -162,11 +172,71 @@ def class_names(dataset: Dataset, label_column: str) -> List[str]:
 def check_labels(dataset: Dataset, label_column: str, num_classes: int, split: str) -> None:
     """Every label of ``split`` must be a class id in ``[0, num_classes)`` (test splits often hold -1)."""
     labels = np.asarray(dataset.with_format("numpy")[label_column])
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    if labels.size and labels.min() < 0:
         raise ValueError(
-            f"split {split!r}: label column {label_column!r} has values in [{labels.min()}, {labels.max()}], "
-            f"outside the {num_classes} classes [0, {num_classes - 1}] (an unlabeled split?)"
+            f"split {split!r}: label column {label_column!r} has negative values (min {labels.min()}): an "
+            "unlabeled split? Choose a labeled one with --eval_split"
         )
+    if labels.size and labels.max() >= num_classes:
+        unknown = sorted({int(v) for v in labels if v >= num_classes})
+        raise ValueError(
+            f"split {split!r}: label column {label_column!r} has classes {unknown[:10]} that the training split "
+            f"does not have (it has the {num_classes} classes [0, {num_classes - 1}])"
+        )
+
+
+def take_samples(dataset: Dataset, n: Optional[int], seed: int = 0) -> Dataset:
+    """``n`` rows of ``dataset`` drawn at random (fixed by ``seed``), or all of it when ``n`` is None.
+
+    Shuffled first: image folders and many parquet files are sorted by class, so the first rows would
+    be the first classes only.
+    """
+    if n is None or n >= len(dataset):
+        return dataset
+    return dataset.shuffle(seed=seed).select(range(n))
+
+
+def prepare_splits(
+    train: Dataset,
+    evaluation: Dataset,
+    eval_name: str,
+    *,
+    image_column: Optional[str] = None,
+    label_column: Optional[str] = None,
+    class_source: Optional[Dataset] = None,
+    max_train_samples: Optional[int] = None,
+    max_eval_samples: Optional[int] = None,
+    seed: int = 0,
+) -> Tuple[Dataset, Dataset, str, str, List[str]]:
+    """The recipes' checks and subsets: ``(train, evaluation, image_column, label_column, class names)``.
+
+    Columns are resolved on both splits, an image column of encoded bytes, ``{bytes, path}`` structs or
+    file paths becomes an ``Image`` feature, the class names come from ``class_source`` (the whole
+    training split before any held-out part; default ``train``), every evaluation label must be one of
+    them, and ``max_*_samples`` draw random subsets (:func:`take_samples`).
+    """
+    image_column, label_column = resolve_columns(train, image_column, label_column)
+    resolve_columns(evaluation, image_column, label_column)
+    train, evaluation = _as_image(train, image_column), _as_image(evaluation, image_column)
+    labels = class_names(train if class_source is None else class_source, label_column)
+    check_labels(evaluation, label_column, len(labels), eval_name)
+    train = take_samples(train, max_train_samples, seed)
+    evaluation = take_samples(evaluation, max_eval_samples, seed)
+    return train, evaluation, image_column, label_column, labels
+
+
+def _as_image(dataset: Dataset, column: str) -> Dataset:
+    feature = dataset.features[column]
+    if isinstance(feature, Image):
+        return dataset
+    encoded = isinstance(feature, Value) and feature.dtype in ("binary", "large_binary", "string", "large_string")
+    struct = isinstance(feature, dict) and "bytes" in feature
+    if not (encoded or struct):
+        raise ValueError(
+            f"image column {column!r} holds {_describe(feature)}; it must be an Image feature, encoded image "
+            "bytes, a {'bytes', 'path'} struct or file paths (name another with --image_column)"
+        )
+    return dataset.cast_column(column, Image())
 
 
 def split_train_eval(
@@ -265,7 +335,13 @@ class ImageClassificationTransform:
 def _to_rgb(img) -> PILImage.Image:
     if not isinstance(img, PILImage.Image):
         img = PILImage.fromarray(np.asarray(img))
-    # grey, palette and RGBA images all become 3-channel RGB, which every model here expects
+    if img.mode.startswith("I;16") or img.mode == "I":
+        # 16-bit grey: Pillow's convert clips at 255 (a white image); scale to 8 bits instead
+        pixels = np.asarray(img).astype(np.float64)
+        if img.mode.startswith("I;16") or pixels.max(initial=0) > 255:
+            pixels = pixels / 257.0
+        img = PILImage.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="L")
+    # grey, palette, CMYK and RGBA images all become 3-channel RGB, which every model here expects
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
