@@ -42,6 +42,7 @@ from ela_hf.training import (
     load_image_dataset,
     log_rank_result,
     prepare_splits,
+    pruned_by_default,
     release_name,
     resolve_checkpoint,
     resolve_schedule,
@@ -88,8 +89,9 @@ def main(argv=None):
     setup_logging(logger, training_args)
     validate_recipe_arguments(args)
     has_attention = MODEL_ARGS[args.model]["attn_type"] is not None
+    prune = pruned_by_default(args.model)  # ela_* yes; mrla_* baselines only with --kl_windows
     resolve_schedule(PAPER_SCHEDULE, args, training_args.num_train_epochs, training_args.max_steps,
-                     has_attention=has_attention)
+                     has_attention=has_attention, pruned_by_default=prune)
     checkpoint = resolve_checkpoint(training_args)
     check_export_dir(args.export_dir, training_args.output_dir)
     selector = build_selector(args, PRUNING_PRESET.selector) if has_attention else None
@@ -123,7 +125,7 @@ def main(argv=None):
         training_args.gradient_accumulation_steps, training_args.dataloader_drop_last,
     )
     schedule = resolve_schedule(PAPER_SCHEDULE, args, training_args.num_train_epochs, training_args.max_steps,
-                                steps_per_epoch, has_attention=has_attention)
+                                steps_per_epoch, has_attention=has_attention, pruned_by_default=prune)
     logger.info(f"{args.dataset}: {len(train_ds)} training images, {len(eval_ds)} from {eval_name!r}, "
                 f"{len(labels)} classes; input {data_config['input_size']}")
     logger.info(f"schedule: {schedule.describe()}")

@@ -150,6 +150,20 @@ def test_cifar_recipe_trains_prunes_exports_and_resumes(tmp_path, monkeypatch):
     assert "Pruning history" not in card and "| yes |" not in card
 
 
+def test_an_mrla_baseline_trains_unpruned_by_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    cifar = _load_recipe("cifar")
+    data = _image_folder(tmp_path / "imgs")
+    out = tmp_path / "out"
+    argv = _common(out, data, tmp_path / "cache") + [
+        "--model", "mrla_b_resnet20_cifar", "--image_size", "16", "--num_train_epochs", "1", "--max_steps", "2",
+    ]  # fmt: skip
+    cifar.main(argv)  # the paper's windows would not even fit one epoch: none are opened
+    config, card = _check_export(out, len(CLASSES))
+    assert not any(map(any, config["skip_mask"] or [])) and not (out / "pruning_history.json").exists()
+    assert "Pruning history" not in card
+
+
 def test_imagenet_recipe_on_parquet_with_lr_scaling_warmup_and_resume(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     imagenet = _load_recipe("imagenet")

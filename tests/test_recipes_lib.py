@@ -26,6 +26,7 @@ from ela_hf.training import (
     rescale_windows,
     resolve_checkpoint,
     prepare_splits,
+    pruned_by_default,
     resolve_columns,
     resolve_schedule,
     scale_learning_rate,
@@ -292,6 +293,16 @@ def test_lr_decay_past_the_last_epoch_is_reported(caplog):
         resolve_schedule(CIFAR_PAPER, _args(kl_windows="1-1", lr_decay_epochs="2,4"), 5, steps_per_epoch=3)
         resolve_schedule(CIFAR_PAPER, _args(kl_windows="1-1"), 5, steps_per_epoch=3)  # paper's, rescaled
     assert caplog.text == ""
+
+
+def test_mrla_baselines_train_unpruned_unless_windows_are_given():
+    assert pruned_by_default("ela_resnet56_cifar") and pruned_by_default("ela_l_resnet50")
+    assert not pruned_by_default("mrla_b_resnet56_cifar") and not pruned_by_default("resnet56_cifar")
+    baseline = resolve_schedule(CIFAR_PAPER, _args(model="mrla_b_resnet20_cifar"), 180, pruned_by_default=False)
+    assert baseline.kl_windows == [] and baseline.lr_decay_epochs == [100, 150]
+    asked = resolve_schedule(CIFAR_PAPER, _args(model="mrla_b_resnet20_cifar", kl_windows="1-1"), 4,
+                             pruned_by_default=False)
+    assert asked.kl_windows == [(1, 1)]
 
 
 def test_windows_past_the_end_are_rejected():

@@ -18,6 +18,7 @@ __all__ = [
     "PaperSchedule",
     "TrainingSchedule",
     "check_model_name",
+    "pruned_by_default",
     "check_image_size",
     "min_image_size",
     "parse_windows",
@@ -142,6 +143,12 @@ class TrainingSchedule:
         return text
 
 
+def pruned_by_default(name: str) -> bool:
+    """Whether the recipes prune ``name`` with the paper's KL windows when ``--kl_windows`` is not given:
+    the ELA models (``ela_*``); the ``mrla_*`` baselines and plain ResNets train unpruned."""
+    return name.startswith("ela_")
+
+
 def check_model_name(name: str) -> None:
     from ela_hf.models import MODEL_ARGS
 
@@ -232,7 +239,7 @@ def _check_disjoint(windows: Sequence[Window], what: str) -> None:
 
 def resolve_schedule(
     paper: PaperSchedule, args: RecipeArguments, num_train_epochs: float, max_steps: int = -1,
-    steps_per_epoch: Optional[int] = None, has_attention: bool = True,
+    steps_per_epoch: Optional[int] = None, has_attention: bool = True, pruned_by_default: bool = True,
 ) -> TrainingSchedule:
     """This run's schedule: the paper's, rescaled to the run's epochs, with any explicit argument winning.
 
@@ -256,8 +263,8 @@ def resolve_schedule(
         windows = explicit_windows
     elif args.window_unit == "step":
         raise ValueError("--window_unit step needs --kl_windows (the paper's windows are in epochs)")
-    elif not has_attention:
-        windows = []
+    elif not has_attention or not pruned_by_default:
+        windows = []  # a plain ResNet, or an MRLA baseline (mrla_*) trained as it is unless windows are given
     elif rescale:
         windows = rescale_windows(paper.kl_windows, paper.epochs, num_epochs)
         try:
