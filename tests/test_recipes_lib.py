@@ -437,3 +437,23 @@ def test_an_image_folder_without_labels_says_why():
     unlabeled = Dataset.from_dict({"image": [_image()]}, features=Features({"image": Image()}))
     with pytest.raises(ValueError, match="classes are the sub-folder names: every image must sit exactly one level"):
         resolve_columns(unlabeled)
+
+
+def test_parquet_splits_must_agree_on_class_ids(tmp_path):
+    def write(folder, split, names, labels):
+        features = Features({"image": Image(), "label": ClassLabel(names=names)})
+        ds = Dataset.from_dict({"image": [_image(seed=i) for i in range(len(labels))], "label": labels}, features=features)
+        folder.mkdir(exist_ok=True)
+        ds.to_parquet(str(folder / f"{split}.parquet"))
+
+    clash = tmp_path / "clash"
+    write(clash, "train", ["10", "2", "3"], [0, 1, 2])
+    write(clash, "validation", ["2", "3"], [0, 1])  # "2" is id 0 here, id 1 in train
+    with pytest.raises(ValueError, match=r"disagree on the classes of column 'label': train.parquet has \['10', '2', '3'\]"):
+        load_image_dataset(str(clash))
+    prefix = tmp_path / "prefix"
+    write(prefix, "train", ["10", "2", "3"], [0, 1, 2])
+    write(prefix, "validation", ["10", "2"], [0, 1])  # fewer classes, same ids: fine
+    data = load_image_dataset(str(prefix))
+    assert data["validation"].features["label"].names == ["10", "2", "3"]
+

@@ -75,6 +75,8 @@ def load_image_dataset(
     path = os.path.expanduser(dataset)
     if looks_local and not os.path.exists(path):
         raise ValueError(f"--dataset {dataset!r}: no such file or folder")
+    if os.path.exists(path):
+        _check_parquet_class_names(path)
     if os.path.isfile(path):
         if not path.endswith(".parquet"):
             raise ValueError(f"--dataset {dataset!r}: a single file must be a .parquet file (or pass a folder)")
@@ -86,6 +88,45 @@ def load_image_dataset(
     if not isinstance(loaded, DatasetDict):
         loaded = DatasetDict(train=loaded)
     return loaded
+
+
+def _check_parquet_class_names(path: str) -> None:
+    """Parquet files of one dataset must agree on every ClassLabel's name -> id mapping.
+
+    ``datasets`` reads all files with the first file's features without remapping ids, so a validation file
+    written with its classes in another order would be scored against the wrong names.
+    """
+    import glob
+    import json
+
+    import pyarrow.parquet as pq
+
+    if not os.path.isdir(path):
+        return  # one file: one schema
+    files = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
+    seen: Dict[str, Tuple[str, List[str]]] = {}
+    for file in files:
+        try:
+            meta = (pq.read_schema(file).metadata or {}).get(b"huggingface")
+            features = json.loads(meta)["info"]["features"] if meta else {}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not ours to judge here; loading reports unreadable files
+        for column, feature in features.items():
+            if not (isinstance(feature, dict) and feature.get("_type") == "ClassLabel" and "names" in feature):
+                continue
+            names = list(feature["names"])
+            if column not in seen:
+                seen[column] = (file, names)
+                continue
+            first_file, first = seen[column]
+            clash = [n for n in set(first) & set(names) if first.index(n) != names.index(n)]
+            if clash:
+                raise ValueError(
+                    f"the parquet files disagree on the classes of column {column!r}: "
+                    f"{os.path.relpath(first_file, path)} has {first}, {os.path.relpath(file, path)} has {names} "
+                    f"(e.g. {sorted(clash)[:3]} have other ids); datasets would read every file's ids with one "
+                    "file's names. Write all splits with the same ClassLabel names"
+                )
 
 
 def hub_dataset_id(dataset: str) -> Optional[str]:
