@@ -568,8 +568,8 @@ def export_pruned(
     ``model_args["skip_mask"]``), ``model.safetensors`` (timm key names, no weights for skipped attention
     layers), ``README.md`` (the model card), and, with a pruning history, ``pruning_history.json`` and the
     ``d_t_per_window.png`` plot. ``training_args`` (a dict or ``TrainingArguments``), ``metrics`` and
-    ``dataset`` (Hub dataset id) go into the card, and ``repo_id`` / ``revision`` into its usage code; ``card_template`` replaces ``model_cards/ela_model_card.md``
-    (a Jinja2 template receiving the same variables). With ``verify`` (default), the reduced model is built from
+    ``dataset`` (Hub dataset id) go into the card, and ``repo_id`` / ``revision`` into its usage code;
+    ``card_template`` replaces ``model_cards/ela_model_card.md`` (a Jinja2 template receiving the same variables). With ``verify`` (default), the reduced model is built from
     the written config and must reproduce the masked model's outputs.
 
     The folder is written under a temporary name next to ``out_dir`` and renamed into place at the end: an
@@ -696,10 +696,11 @@ def push_pruned_to_hub(
     card_revision = None if create_pr else revision
     with tempfile.TemporaryDirectory(prefix="ela_hf-push-") as tmp:
         folder = export_pruned(model, Path(tmp) / "release", repo_id=repo_id, revision=card_revision, **export_kwargs)
-        existed = api.repo_exists(repo_id, repo_type="model")
+        # only asked when it matters: whether private= can take effect
+        existed = private is not None and api.repo_exists(repo_id, repo_type="model")
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         repo_id = repo_url.repo_id
-        if existed and private is not None:
+        if existed:
             is_private = getattr(api.model_info(repo_id), "private", None)
             if is_private is not None and bool(is_private) != bool(private):
                 warnings.warn(

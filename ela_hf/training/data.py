@@ -75,8 +75,6 @@ def load_image_dataset(
     path = os.path.expanduser(dataset)
     if looks_local and not os.path.exists(path):
         raise ValueError(f"--dataset {dataset!r}: no such file or folder")
-    if os.path.exists(path):
-        _check_parquet_class_names(path)
     if os.path.isfile(path):
         if not path.endswith(".parquet"):
             raise ValueError(f"--dataset {dataset!r}: a single file must be a .parquet file (or pass a folder)")
@@ -87,11 +85,14 @@ def load_image_dataset(
         loaded = load_dataset(path if os.path.isdir(path) else dataset, name=config, cache_dir=cache_dir)
     if not isinstance(loaded, DatasetDict):
         loaded = DatasetDict(train=loaded)
+    # only a local folder that datasets read as parquet: an image folder's tree is not walked again
+    if os.path.isdir(path) and any(split.info.builder_name == "parquet" for split in loaded.values()):
+        _check_parquet_class_names(path)
     return loaded
 
 
 def _check_parquet_class_names(path: str) -> None:
-    """Parquet files of one dataset must agree on every ClassLabel's name -> id mapping.
+    """The parquet files under the folder ``path`` must agree on every ClassLabel's name -> id mapping.
 
     ``datasets`` reads all files with the first file's features without remapping ids, so a validation file
     written with its classes in another order would be scored against the wrong names.
@@ -101,8 +102,6 @@ def _check_parquet_class_names(path: str) -> None:
 
     import pyarrow.parquet as pq
 
-    if not os.path.isdir(path):
-        return  # one file: one schema
     files = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
     seen: Dict[str, Tuple[str, List[str]]] = {}
     for file in files:
