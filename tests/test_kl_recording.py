@@ -233,3 +233,19 @@ def test_activation_checkpointing_records_each_sample_once(name):
     with checkpointed.kl_recording():
         checkpointed(x).sum().backward()
     assert all(c == 6 for _, _, _, c in kl_accumulators(checkpointed))
+
+
+def test_recording_paused_stops_recording_in_this_thread_and_nests():
+    from ela_hf.layers import recording_paused
+
+    model = timm.create_model("ela_resnet20_cifar", num_classes=5).train()
+    x = torch.randn(2, 3, 16, 16)
+    with model.kl_recording():
+        with recording_paused():
+            with recording_paused():
+                model(x)
+            model(x)  # still paused: the outer pause holds
+        assert all(c == 0 for *_, c in kl_accumulators(model))
+        model(x)
+    assert all(c == 2 for *_, c in kl_accumulators(model))
+
