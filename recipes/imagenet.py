@@ -115,7 +115,7 @@ def main(argv=None):
     train_ds, eval_ds, image_column, label_column, labels = prepare_splits(
         train_ds, eval_ds, eval_name, image_column=args.image_column, label_column=args.label_column,
         class_source=data[args.train_split], max_train_samples=args.max_train_samples,
-        max_eval_samples=args.max_eval_samples, seed=training_args.seed,
+        max_eval_samples=args.max_eval_samples, seed=training_args.seed, decode_images=False,
     )
     train_transform, eval_transform = build_transforms(data_config, "imagenet", hflip=args.hflip)
     train_ds.set_transform(ImageClassificationTransform(train_transform, image_column, label_column))

@@ -457,3 +457,37 @@ def test_parquet_splits_must_agree_on_class_ids(tmp_path):
     data = load_image_dataset(str(prefix))
     assert data["validation"].features["label"].names == ["10", "2", "3"]
 
+
+
+def test_an_unreadable_image_file_is_named_when_decoded_by_the_transform(tmp_path):
+    _write_image_folder(tmp_path / "imgs")
+    broken = tmp_path / "imgs" / "train" / "dog" / "1.png"
+    broken.write_bytes(broken.read_bytes()[:60])  # a truncated PNG
+    data = load_image_dataset(str(tmp_path / "imgs"), cache_dir=str(tmp_path / "cache"))
+    train, _, image_column, label_column, _ = prepare_splits(
+        data["train"], data["validation"], "validation", decode_images=False
+    )
+    assert train.features[image_column].decode is False
+    rows = {"/".join(r["path"].replace(os.sep, "/").split("/")[-2:]): i for i, r in enumerate(train[image_column])}
+    train.set_transform(ImageClassificationTransform(lambda im: np.asarray(im), image_column, label_column))
+    # decoding in the transform gives the same pixels as datasets' own decoding
+    np.testing.assert_array_equal(train[rows["cat/0.png"]]["pixel_values"], np.asarray(_image(seed=0)))
+    with pytest.raises(ValueError, match=r"cannot read image file '.*dog[/\\]1\.png'"):
+        train[rows["dog/1.png"]]
+
+
+def test_classes_without_training_images_are_warned_about(caplog):
+    ds = Dataset.from_dict(
+        {"image": [_image(seed=i) for i in range(6)], "label": [0, 0, 1, 1, 2, 2]},
+        features=Features({"image": Image(), "label": ClassLabel(names=["ant", "bee", "cow"])}),
+    )
+    with caplog.at_level("WARNING", logger="ela_hf.training.data"):
+        prepare_splits(ds, ds, "validation")
+    assert "no training images" not in caplog.text
+    with caplog.at_level("WARNING", logger="ela_hf.training.data"):
+        prepare_splits(ds.select([0, 1, 2, 3]), ds.select([0]), "validation", class_source=ds)
+    assert "1 of the 3 classes have no training images: 'cow'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ela_hf.training.data"):
+        prepare_splits(ds, ds, "validation", max_train_samples=1)
+    assert "2 of the 3 classes have no training images (--max_train_samples drew a subset" in caplog.text

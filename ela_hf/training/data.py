@@ -6,6 +6,7 @@ or ``sklearn:digits``, a small real dataset that ships with scikit-learn (for of
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -30,6 +31,8 @@ __all__ = [
     "take_samples",
     "hub_dataset_id",
 ]
+
+logger = logging.getLogger(__name__)
 
 DIGITS_DATASET = "sklearn:digits"
 # the first of these that exists is the evaluation split
@@ -247,28 +250,49 @@ def prepare_splits(
     max_train_samples: Optional[int] = None,
     max_eval_samples: Optional[int] = None,
     seed: int = 0,
+    decode_images: bool = True,
 ) -> Tuple[Dataset, Dataset, str, str, List[str]]:
     """The recipes' checks and subsets: ``(train, evaluation, image_column, label_column, class names)``.
 
     Columns are resolved on both splits, an image column of encoded bytes, ``{bytes, path}`` structs or
     file paths becomes an ``Image`` feature, the class names come from ``class_source`` (the whole
     training split before any held-out part; default ``train``), every evaluation label must be one of
-    them, and ``max_*_samples`` draw random subsets (:func:`take_samples`).
+    them, and ``max_*_samples`` draw random subsets (:func:`take_samples`). Classes that the returned
+    training split has no image of are logged as a warning.
+
+    ``decode_images=False`` leaves the image column undecoded (``Image(decode=False)``: ``{bytes, path}``
+    rows) for :class:`ImageClassificationTransform` to decode, so that an unreadable image file is reported
+    with its path (``datasets`` itself reports e.g. "image file is truncated" without naming the file).
     """
     image_column, label_column = resolve_columns(train, image_column, label_column)
     resolve_columns(evaluation, image_column, label_column)
-    train, evaluation = _as_image(train, image_column), _as_image(evaluation, image_column)
+    train = _as_image(train, image_column, decode_images)
+    evaluation = _as_image(evaluation, image_column, decode_images)
     labels = class_names(train if class_source is None else class_source, label_column)
     check_labels(evaluation, label_column, len(labels), eval_name)
     train = take_samples(train, max_train_samples, seed)
     evaluation = take_samples(evaluation, max_eval_samples, seed)
+    _warn_missing_classes(train, label_column, labels, subset=max_train_samples is not None)
     return train, evaluation, image_column, label_column, labels
 
 
-def _as_image(dataset: Dataset, column: str) -> Dataset:
+def _warn_missing_classes(train: Dataset, label_column: str, labels: List[str], subset: bool) -> None:
+    """Log a warning naming the classes that ``train`` has no image of (the model can never learn them)."""
+    present = set(np.unique(np.asarray(train.with_format("numpy")[label_column])).tolist())
+    missing = [name for i, name in enumerate(labels) if i not in present]
+    if not missing:
+        return
+    why = " (--max_train_samples drew a subset without them)" if subset else ""
+    logger.warning(
+        f"{len(missing)} of the {len(labels)} classes have no training images{why}: "
+        f"{', '.join(repr(n) for n in missing[:10])}{', ...' if len(missing) > 10 else ''}"
+    )
+
+
+def _as_image(dataset: Dataset, column: str, decode: bool = True) -> Dataset:
     feature = dataset.features[column]
     if isinstance(feature, Image):
-        return dataset
+        return dataset if feature.decode == decode else dataset.cast_column(column, Image(decode=decode))
     encoded = isinstance(feature, Value) and feature.dtype in ("binary", "large_binary", "string", "large_string")
     struct = isinstance(feature, dict) and "bytes" in feature
     if not (encoded or struct):
@@ -276,7 +300,7 @@ def _as_image(dataset: Dataset, column: str) -> Dataset:
             f"image column {column!r} holds {_describe(feature)}; it must be an Image feature, encoded image "
             "bytes, a {'bytes', 'path'} struct or file paths (name another with --image_column)"
         )
-    return dataset.cast_column(column, Image())
+    return dataset.cast_column(column, Image(decode=decode))
 
 
 def split_train_eval(
@@ -356,7 +380,9 @@ class _ResizeIfNeeded:
 class ImageClassificationTransform:
     """``Dataset.set_transform`` callable: a batch of rows -> ``pixel_values`` and ``labels``.
 
-    A class rather than a closure so that dataloader worker processes can pickle it.
+    A class rather than a closure so that dataloader worker processes can pickle it. Images may be PIL
+    images, arrays, or undecoded ``{bytes, path}`` rows (``Image(decode=False)``, see :func:`prepare_splits`),
+    which are decoded here; a file that cannot be read raises ``ValueError`` naming it.
     """
 
     def __init__(self, transform: Callable, image_column: str, label_column: str):
@@ -365,11 +391,24 @@ class ImageClassificationTransform:
         self.label_column = label_column
 
     def __call__(self, batch: Dict[str, Sequence]) -> Dict[str, List]:
-        images = [_to_rgb(img) for img in batch[self.image_column]]
+        images = [_to_rgb(_decode(img)) for img in batch[self.image_column]]
         return {
             "pixel_values": [self.transform(img) for img in images],
             "labels": [int(y) for y in batch[self.label_column]],
         }
+
+
+def _decode(value):
+    """An undecoded ``{bytes, path}`` row (or a path) -> a PIL image, as ``datasets`` decodes it, with the
+    file named in the error when it cannot be read."""
+    if not isinstance(value, (dict, str)):
+        return value
+    try:
+        return Image().decode_example(value)
+    except Exception as error:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
+        path = value if isinstance(value, str) else value.get("path")
+        source = f"image file {path!r}" if path else "an image (embedded bytes without a file name)"
+        raise ValueError(f"cannot read {source}: {type(error).__name__}: {error}") from error
 
 
 def _to_rgb(img) -> PILImage.Image:
