@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import Tuple
 
 import timm
 import transformers
@@ -80,13 +81,14 @@ PAPER_DEFAULTS = dict(
     remove_unused_columns=False,
 )
 # --demo: the same recipe, shortened to run offline in a few minutes on 2 CPU cores, on a real dataset
-# that ships with scikit-learn (1,797 handwritten digits, 8x8 grey, upscaled to 32x32 RGB)
+# that ships with scikit-learn (1,797 handwritten digits, 8x8 grey, upscaled to 32x32 RGB). Its schedule
+# is rescaled to another --num_train_epochs as the paper's is.
+DEMO_SCHEDULE = PaperSchedule(epochs=8, lr_decay_epochs=(6,), warmup_epochs=0, kl_windows=((2, 2), (4, 4)),
+                              name="the demo's")
 DEMO_DEFAULTS = dict(
     dataset=DIGITS_DATASET,
     model="ela_resnet20_cifar",
-    num_train_epochs=8,
-    kl_windows="2-2,4-4",
-    lr_decay_epochs="6",
+    num_train_epochs=DEMO_SCHEDULE.epochs,
     per_device_train_batch_size=32,
     output_dir="outputs/cifar-demo",
     hflip=0.0,  # a mirrored digit is a different symbol
@@ -100,8 +102,9 @@ DEMO_DEFAULTS = dict(
 class CifarArguments(RecipeArguments):
     demo: bool = field(
         default=False,
-        metadata={"help": f"Offline demo: {DIGITS_DATASET}, ela_resnet20_cifar, 8 epochs, KL windows 2 and 4 "
-                          "(any other argument still overrides)."},
+        metadata={"help": f"Offline demo: {DIGITS_DATASET}, ela_resnet20_cifar, 8 epochs, lr step after 6, KL "
+                          "windows 2 and 4 (rescaled to another --num_train_epochs; any other argument still "
+                          "overrides)."},
     )
 
 
@@ -110,16 +113,12 @@ def main(argv=None):
 
     # ---------------------------------------------------------------------------------------------
     # 1. arguments: ours + TrainingArguments, with the paper's defaults; bad ones fail here
-    parser = HfArgumentParser((CifarArguments, TrainingArguments))
-    parser.set_defaults(**PAPER_DEFAULTS)
-    if _demo_requested(argv):
-        parser.set_defaults(**DEMO_DEFAULTS)
-    args, training_args = parser.parse_args_into_dataclasses(argv)
+    args, training_args, base_schedule = parse_arguments(argv)
     setup_logging(logger, training_args)
     validate_recipe_arguments(args)
     has_attention = MODEL_ARGS[args.model]["attn_type"] is not None
     prune = pruned_by_default(args.model)  # ela_* yes; mrla_* baselines only with --kl_windows
-    resolve_schedule(PAPER_SCHEDULE, args, training_args.num_train_epochs, training_args.max_steps,
+    resolve_schedule(base_schedule, args, training_args.num_train_epochs, training_args.max_steps,
                      has_attention=has_attention, pruned_by_default=prune)
     checkpoint = resolve_checkpoint(training_args)
     check_export_dir(args.export_dir, training_args.output_dir)
@@ -153,7 +152,7 @@ def main(argv=None):
         len(train_ds), training_args.per_device_train_batch_size, training_args.world_size,
         training_args.gradient_accumulation_steps, training_args.dataloader_drop_last,
     )
-    schedule = resolve_schedule(PAPER_SCHEDULE, args, training_args.num_train_epochs, training_args.max_steps,
+    schedule = resolve_schedule(base_schedule, args, training_args.num_train_epochs, training_args.max_steps,
                                 steps_per_epoch, has_attention=has_attention, pruned_by_default=prune)
     logger.info(f"{args.dataset}: {len(train_ds)} training images, {len(eval_ds)} from {eval_name!r}, "
                 f"{len(labels)} classes; input {data_config['input_size']}")
@@ -236,6 +235,18 @@ def main(argv=None):
                              export_dir))
     trainer.accelerator.wait_for_everyone()
     return metrics
+
+
+def parse_arguments(argv) -> Tuple[CifarArguments, TrainingArguments, PaperSchedule]:
+    """``(args, training_args, schedule)``: the paper's defaults, or the demo's with ``--demo``; the schedule
+    (the paper's or the demo's) is what ``resolve_schedule`` rescales to another ``--num_train_epochs``."""
+    parser = HfArgumentParser((CifarArguments, TrainingArguments))
+    parser.set_defaults(**PAPER_DEFAULTS)
+    demo = _demo_requested(argv)
+    if demo:
+        parser.set_defaults(**DEMO_DEFAULTS)
+    args, training_args = parser.parse_args_into_dataclasses(argv)
+    return args, training_args, DEMO_SCHEDULE if demo else PAPER_SCHEDULE
 
 
 def _demo_requested(argv) -> bool:

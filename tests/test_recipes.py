@@ -385,3 +385,25 @@ def test_two_process_launch_agrees_on_every_rank(tmp_path, recipe, model, size):
     # 24 images, 4 per device on 2 processes: 3 steps per epoch, total batch 8
     assert state["global_step"] == 3 and state["train_batch_size"] == 4
     _check_export(out, len(CLASSES))
+
+
+def test_the_demo_schedule_is_rescaled_to_other_epochs(tmp_path):
+    from ela_hf.training import resolve_schedule
+
+    cifar = _load_recipe("cifar")
+    out = ["--output_dir", str(tmp_path / "out")]
+    args, training_args, base = cifar.parse_arguments(["--demo"] + out)
+    schedule = resolve_schedule(base, args, training_args.num_train_epochs)
+    assert (schedule.num_epochs, schedule.kl_windows, schedule.lr_decay_epochs) == (8, [(2, 2), (4, 4)], [6])
+    assert schedule.rescaled_from is None
+    # `--demo --num_train_epochs 3` used to fail: the demo's windows were explicit arguments, not rescaled
+    args, training_args, base = cifar.parse_arguments(["--demo", "--num_train_epochs", "3"] + out)
+    schedule = resolve_schedule(base, args, training_args.num_train_epochs)
+    assert (schedule.num_epochs, schedule.kl_windows, schedule.lr_decay_epochs) == (3, [(1, 1), (2, 2)], [2.25])
+    assert "(the demo's 8-epoch schedule, rescaled)" in schedule.describe()
+    # explicit arguments still win, and without --demo the paper's 180-epoch schedule is the base
+    args, training_args, base = cifar.parse_arguments(["--demo", "--num_train_epochs", "3", "--kl_windows", "3-3"] + out)
+    assert resolve_schedule(base, args, training_args.num_train_epochs).kl_windows == [(3, 3)]
+    args, training_args, base = cifar.parse_arguments(["--num_train_epochs", "18"] + out)
+    schedule = resolve_schedule(base, args, training_args.num_train_epochs)
+    assert schedule.kl_windows == [(1, 1), (5, 5), (10, 10)] and "the paper's 180-epoch" in schedule.describe()

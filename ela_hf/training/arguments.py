@@ -107,12 +107,16 @@ class RecipeArguments:
 
 @dataclass(frozen=True)
 class PaperSchedule:
-    """A recipe's schedule as the paper states it, in epochs of a run of ``epochs`` epochs."""
+    """A recipe's schedule as the paper states it, in epochs of a run of ``epochs`` epochs.
+
+    ``name`` says whose schedule it is in the log (a demo's shortened schedule is rescaled the same way).
+    """
 
     epochs: int
     lr_decay_epochs: Tuple[float, ...]
     warmup_epochs: float
     kl_windows: Tuple[Window, ...]
+    name: str = "the paper's"
 
 
 @dataclass
@@ -126,6 +130,7 @@ class TrainingSchedule:
     kl_windows: List[Window]
     window_unit: str
     rescaled_from: Optional[int] = None
+    rescaled_name: str = "the paper's"
 
     @property
     def total_steps(self) -> Optional[int]:
@@ -139,7 +144,7 @@ class TrainingSchedule:
             f"KL windows ({self.window_unit}s) {windows}"
         )
         if self.rescaled_from is not None:
-            text += f" (the paper's {self.rescaled_from}-epoch schedule, rescaled)"
+            text += f" ({self.rescaled_name} {self.rescaled_from}-epoch schedule, rescaled)"
         return text
 
 
@@ -271,7 +276,7 @@ def resolve_schedule(
             _check_disjoint(windows, "")
         except ValueError:
             raise ValueError(
-                f"the paper's KL windows {_fmt(paper.kl_windows)} (for {paper.epochs} epochs) do not fit into "
+                f"{paper.name} KL windows {_fmt(paper.kl_windows)} (for {paper.epochs} epochs) do not fit into "
                 f"{num_epochs} epochs; pass --kl_windows (e.g. '1-1'), or --window_unit step with step windows"
             ) from None
     else:
@@ -306,6 +311,7 @@ def resolve_schedule(
         kl_windows=windows,
         window_unit=args.window_unit,
         rescaled_from=paper.epochs if rescaled else None,
+        rescaled_name=paper.name,
     )
     if windows:
         last = windows[-1][1]
