@@ -230,6 +230,63 @@ def test_window_past_the_end_of_training_raises_at_train_begin(tmp_path):
         trainer.train()
 
 
+def test_a_window_in_a_cut_short_last_epoch_is_decided_before_the_final_save(tmp_path):
+    # 28 images / batch 4 = 7 steps per epoch; max_steps=10 stops 3 steps into epoch 2, whose window then
+    # ends at step 10: decided before the Trainer's final save, so checkpoint-10 carries the decision
+    callback = ElaPruningCallback(windows=[(1, 1), (2, 2)], window_unit="epoch", selector=FixedCountSelector(1))
+    args = training_args(tmp_path, max_steps=10, save_strategy="steps", save_steps=5)
+    trainer = Trainer(model=TinyElaClassifier(), args=args, train_dataset=RandomImages(n=28), callbacks=[callback])
+    with pytest.warns(UserWarning, match=r"window 2 \(2-2 epochs\) is decided at epoch 1\.43, before its end"):
+        trainer.train()
+    assert [d["global_step"] for d in callback.history] == [7, 10]
+    state = json.load(open(tmp_path / "checkpoint-10" / "trainer_state.json"))
+    saved = state["stateful_callbacks"]["ElaPruningCallback"]["attributes"]
+    assert saved["windows_done"] == 2 and saved["partial_window"] is None
+    assert saved["history"] == callback.history
+    (entry,) = [e for e in state["log_history"] if e.get("ela_pruning/window") == 2.0]
+    assert entry["step"] == 10 and "train_runtime" not in entry
+
+
+def test_windows_never_reached_are_reported(tmp_path, caplog):
+    class StopAtStep3(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step >= 3
+            return control
+
+    callback = ElaPruningCallback(windows=[(2, 2), (5, 5), (7, 7)], window_unit="step", selector=FixedCountSelector(1))
+    trainer = Trainer(model=TinyElaClassifier(), args=training_args(tmp_path, max_steps=8),
+                      train_dataset=RandomImages(n=32), callbacks=[StopAtStep3(), callback])
+    with caplog.at_level("WARNING", logger="ela_hf.pruning.callback"):
+        trainer.train()
+    assert len(callback.history) == 1
+    assert "training ended (epoch 0.38, step 3) before pruning window(s) 2 (5-5 steps), 3 (7-7 steps)" in caplog.text
+
+
+def test_epoch_windows_need_a_dataset_with_a_length(tmp_path):
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            images = RandomImages(n=12)
+            return (images[i] for i in range(len(images)))
+
+    callback = ElaPruningCallback(windows=[(1, 1), (2, 2)], window_unit="epoch")
+    trainer = Trainer(model=TinyElaClassifier(), args=training_args(tmp_path, max_steps=6), train_dataset=Stream(),
+                      callbacks=[callback])
+    with pytest.raises(ValueError, match="window_unit='epoch' needs a training dataset with a length"):
+        trainer.train()
+
+
+def test_a_window_with_nothing_left_to_prune_says_so(tmp_path, caplog):
+    model = TinyElaClassifier()
+    ela_hf.set_skip_mask(model.backbone, [[False, True]] * 3)  # every skippable layer already skipped
+    callback = ElaPruningCallback(windows=[(1, 1)], window_unit="step")
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=1), train_dataset=RandomImages(n=8),
+                      callbacks=[callback])
+    with caplog.at_level("WARNING", logger="ela_hf.pruning.callback"):
+        trainer.train()
+    assert "every skippable attention layer already skipped" in caplog.text
+    assert callback.history[0]["layers"] == []
+
+
 def test_model_without_layer_attention_raises_at_train_begin(tmp_path):
     class Plain(TinyElaClassifier):
         def __init__(self):
@@ -406,6 +463,12 @@ def test_callback_rebuilds_from_its_exported_state():
     exported = json.loads(json.dumps(cb.state()))  # what trainer_state.json holds
     rebuilt = ElaPruningCallback(**exported["args"])
     assert rebuilt.windows == cb.windows and rebuilt.selector == cb.selector and rebuilt.window_unit == "step"
+
+
+def test_windows_may_be_numpy_arrays():
+    np = pytest.importorskip("numpy")
+    assert ElaPruningCallback(windows=np.array([[1, 2], [4, 5]])).windows == [(1, 2), (4, 5)]
+    assert ElaPruningCallback(windows=[np.array([1, 3])]).windows == [(1, 3)]
 
 
 @pytest.mark.parametrize(

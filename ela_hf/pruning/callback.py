@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import has_length
 from transformers.utils import logging
 
 from ..models.attention_tools import (
@@ -54,12 +55,16 @@ Window = Tuple[int, int]
 
 
 def _validate_windows(windows: Any) -> List[Window]:
+    if hasattr(windows, "tolist") and not isinstance(windows, (str, bytes)):
+        windows = windows.tolist()  # a NumPy array or tensor of pairs
     if isinstance(windows, (str, bytes)) or not isinstance(windows, Sequence):
         raise ValueError(f"windows must be a list of (start, end) pairs, got {windows!r}")
     if len(windows) == 0:
         raise ValueError("windows is empty: give at least one (start, end) pair")
     out: List[Window] = []
     for w in windows:
+        if hasattr(w, "tolist") and not isinstance(w, (str, bytes)):
+            w = w.tolist()
         if isinstance(w, (str, bytes)) or not isinstance(w, Sequence) or len(w) != 2:
             raise ValueError(f"each window must be a (start, end) pair, got {w!r}")
         start, end = w
@@ -270,6 +275,11 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
             if attn.kl_sum.dtype != torch.float32:
                 attn.kl_sum = attn.kl_sum.float()
                 attn.kl_count = attn.kl_count.float()
+        if not self._layers:
+            logger.warning(
+                "ElaPruningCallback: pruning window %d opens with every skippable attention layer already "
+                "skipped; there is nothing left to decide.", idx + 1,
+            )
         device = self._layers[0][3].kl_sum.device if self._layers else torch.device("cpu")
         n = len(self._layers)
         self._totals = torch.zeros(2, n, dtype=torch.float64, device=device)
@@ -300,6 +310,13 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
     def _decide(self, state) -> None:
         """Window end: reduce, decide on rank 0, broadcast, apply everywhere, log."""
         idx = self._open
+        start, end = self.windows[idx]
+        if self.window_unit == "epoch" and state.epoch is not None and state.epoch < end - 1e-6:
+            warnings.warn(
+                f"ElaPruningCallback: pruning window {idx + 1} ({start}-{end} epochs) is decided at epoch "
+                f"{state.epoch:.2f}, before its end, because training stops there (max_steps or a fractional "
+                f"num_train_epochs); its average covers only the part of epoch {end} that ran."
+            )
         totals = self._reduced_totals()
         rank, world = _world()
         record, failure = None, None
@@ -413,6 +430,10 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
                 self._open_window(self.windows_done)
             return
 
+    def _last_epoch_window(self, state) -> bool:
+        """The open epoch window ends in the epoch now running (which may stop before its end)."""
+        return self.window_unit == "epoch" and math.ceil(state.epoch or 0.0) >= self.windows[self._open][1]
+
     def _window_ended(self, state) -> bool:
         end = self.windows[self._open][1]
         if self.window_unit == "step":
@@ -429,6 +450,7 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         self._names = {id(m): name for name, m in model.named_modules()}
         list(attention_layers(model))  # ValueError when the model has no layer-attention stages
         self._output_dir = args.output_dir
+        self._check_epochs_exist(kwargs.get("train_dataloader"))
         self._check_training_length(state)
         self._check_ddp(args)
         if self._open is not None:  # left open by an interrupted earlier train() call on this instance
@@ -455,6 +477,16 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
                 "pruning decision, the model restored at the end runs the attention layers skipped after it."
             )
         return control
+
+    def _check_epochs_exist(self, dataloader) -> None:
+        if self.window_unit != "epoch" or dataloader is None:
+            return
+        if not has_length(dataloader):
+            raise ValueError(
+                "ElaPruningCallback with window_unit='epoch' needs a training dataset with a length: for an "
+                "IterableDataset the Trainer counts no real epochs (max_steps sets the length); give the "
+                "windows in optimizer steps with window_unit='step'"
+            )
 
     def _check_training_length(self, state) -> None:
         last_start, last_end = self.windows[-1]
@@ -527,7 +559,9 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         if self._open is None:
             return control
         self._drain()
-        if self._window_ended(state):
+        if self._window_ended(state) or (control.should_training_stop and self._last_epoch_window(state)):
+            # also when training stops inside the last epoch (max_steps): decided before the final save, so
+            # that the last checkpoint carries the decision
             self._decide(state)
             control.should_log = True  # a log entry at this very step carries the decision
         elif control.should_save:
@@ -537,8 +571,8 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
     def on_epoch_end(self, args, state, control, **kwargs):
         if self._open is None:
             return control
-        # the last epoch can be cut short by max_steps: its window then ends here
-        if self.window_unit == "epoch" and math.ceil(state.epoch or 0.0) >= self.windows[self._open][1]:
+        # the last epoch can be cut short (max_steps, an exhausted iterator): its window then ends here
+        if self._last_epoch_window(state):
             self._decide(state)
             control.should_log = True
         elif control.should_save:
@@ -575,6 +609,18 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
                 self._open + 1, start, end, self.window_unit,
             )
             self._close_window()
+            first_unreached = self.windows_done + 1
+        else:
+            first_unreached = self.windows_done
+        if first_unreached < len(self.windows):
+            where = f"epoch {state.epoch:.2f}, " if state.epoch is not None else ""
+            logger.warning(
+                "ElaPruningCallback: training ended (%sstep %d) before pruning window(s) %s; no decision was made "
+                "for them (stopped early, e.g. by EarlyStoppingCallback or should_training_stop?).",
+                where, state.global_step,
+                ", ".join(f"{k + 1} ({a}-{b} {self.window_unit}s)"
+                          for k, (a, b) in enumerate(self.windows) if k >= first_unreached),
+            )
         self._warn_if_skips_were_undone()
         return control
 
