@@ -248,6 +248,23 @@ def test_generic_set_skip_mask_keeps_the_config_current():
     assert model.config.skip_mask == MASK
 
 
+def test_config_mask_follows_a_loaded_state_dict():
+    # Trainer resume and load_best_model_at_end load a state dict: the skip flags come with it
+    unpruned = ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=2)).state_dict()
+    pruned = ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=2, skip_mask=MASK)).state_dict()
+    model = ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=2))
+    model.load_state_dict(pruned)
+    assert model.skip_mask == MASK and model.config.skip_mask == MASK
+    # a checkpoint from before a decision brings the layers back: the config says so too
+    model.load_state_dict(unpruned)
+    assert model.config.skip_mask == [[False, False]] * 3
+    assert ElaForImageClassification(model.config).skip_mask == model.skip_mask
+    # also when loaded through a parent module
+    wrapped = torch.nn.Sequential(model)
+    wrapped.load_state_dict({f"0.{k}": v for k, v in pruned.items()})
+    assert model.config.skip_mask == MASK
+
+
 def test_grey_checkpoint_gets_one_channel_normalisation(tmp_path):
     torch.manual_seed(0)
     config = ElaConfig(architecture=ARCH, num_labels=3, num_channels=1)

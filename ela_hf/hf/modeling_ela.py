@@ -156,6 +156,12 @@ class ElaPreTrainedModel(PreTrainedModel):
         if mask is not None:
             self.config.skip_mask = [list(stage) for stage in mask]
 
+    def post_init(self):
+        super().post_init()
+        # a state dict loaded into this model (Trainer resume, load_best_model_at_end, a user's
+        # load_state_dict, also through a parent module) carries its skip flags: the config follows them
+        self.register_load_state_dict_post_hook(_config_follows_loaded_mask)
+
     def _forward_features(self, pixel_values, output_hidden_states):
         """Final feature map and, when asked (argument or config), the stem and stage outputs."""
         pixel_values = self._check_pixel_values(pixel_values)
@@ -252,6 +258,10 @@ class ElaPreTrainedModel(PreTrainedModel):
                 f"config.json of {source} and its weights disagree on which attention layers are skipped "
                 f"(stage, block) {disagree}: the config says {self.config.skip_mask}"
             )
+
+
+def _config_follows_loaded_mask(module: "ElaPreTrainedModel", incompatible_keys) -> None:
+    module._skip_mask_changed()
 
 
 def _strip_prefix(key: str) -> str:
