@@ -60,7 +60,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "ela_model_card.md"
+# installed from a wheel the template lies in the package (ela_hf/model_cards/, see pyproject.toml); in a
+# source checkout (also an editable install) it is the tree's model_cards/
+MODEL_CARD_TEMPLATE = next(
+    (p for p in (Path(__file__).resolve().parent / "model_cards" / "ela_model_card.md",
+                 Path(__file__).resolve().parent.parent / "model_cards" / "ela_model_card.md") if p.is_file()),
+    Path(__file__).resolve().parent.parent / "model_cards" / "ela_model_card.md",
+)
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 HISTORY_NAME = "pruning_history.json"
