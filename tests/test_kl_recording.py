@@ -235,6 +235,30 @@ def test_activation_checkpointing_records_each_sample_once(name):
     assert all(c == 6 for _, _, _, c in kl_accumulators(checkpointed))
 
 
+def test_recompute_by_timms_features_only_checkpointing_records_nothing():
+    """timm's features_only backbones checkpoint each stage themselves (and users wrap modules in
+    torch.utils.checkpoint): a forward re-run inside backward must not record either."""
+    torch.manual_seed(0)
+    backbone = timm.create_model("ela_resnet20_cifar", features_only=True).train()
+    backbone.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 16, 16)
+    with ela_hf.kl_recording(backbone):
+        sum(f.sum() for f in backbone(x)).backward()
+    assert [int(c) for _, _, _, c in kl_accumulators(backbone)] == [2] * 3
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_recompute_of_a_users_checkpoint_records_nothing(reentrant):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    model = timm.create_model("ela_l_resnet20_cifar", num_classes=3).train()
+    ela_hf.reset_kl_statistics(model)
+    with ela_hf.kl_recording(model):
+        out = torch.utils.checkpoint.checkpoint(model, x.requires_grad_(reentrant), use_reentrant=reentrant)
+        out.sum().backward()
+    assert [int(c) for _, _, _, c in kl_accumulators(model)] == [2] * 3
+
+
 def test_recording_paused_stops_recording_in_this_thread_and_nests():
     from ela_hf.layers import recording_paused
 

@@ -515,7 +515,16 @@ class _LayerAttentionBase(nn.Module):
         return per_head.repeat_interleave(self.dim_per_head, dim=1)
 
     def _records(self) -> bool:
-        return self.recording and self.training and not getattr(_recording_pause, "depth", 0)
+        # a forward run inside a backward pass is activation checkpointing's recompute (ours, timm's
+        # features_only per-stage checkpointing, or a user's torch.utils.checkpoint): that step's KL is
+        # already recorded. (A compiled graph never re-runs Python in backward, and dynamo cannot trace the
+        # graph-task query.)
+        return (
+            self.recording
+            and self.training
+            and not getattr(_recording_pause, "depth", 0)
+            and (torch.compiler.is_compiling() or _current_graph_task_id() in (None, -1))
+        )
 
     @torch.no_grad()
     def _accumulate(self, d: torch.Tensor) -> None:
