@@ -30,11 +30,23 @@ def test_every_expected_name_is_registered_with_a_pretrained_cfg():
         cfg = timm.models.get_pretrained_cfg(name)
         assert cfg.hf_hub_id == f"ela-hf/{name}"
         assert cfg.classifier == "fc"
+        # names a real weight: timm adapts it to another in_chans when loading pretrained weights
+        model = timm.create_model(name, num_classes=2)
+        assert isinstance(model.get_submodule(cfg.first_conv), torch.nn.Conv2d), (name, cfg.first_conv)
         assert len(cfg.mean) == 3 and len(cfg.std) == 3
         if name.endswith("_cifar"):
             assert cfg.input_size == (3, 32, 32)
         else:
             assert cfg.input_size == (3, 224, 224) and cfg.crop_pct == 0.875
+
+
+def test_pretrained_rgb_weights_load_into_a_grey_deep_stem_model(tmp_path):
+    rgb = timm.create_model("ela_resnet50d", num_classes=4)
+    torch.save(rgb.state_dict(), tmp_path / "rgb.pth")
+    grey = timm.create_model("ela_resnet50d", num_classes=4, in_chans=1, pretrained=True,
+                             pretrained_cfg_overlay=dict(file=str(tmp_path / "rgb.pth")))
+    assert grey.conv1[0].weight.shape[1] == 1
+    torch.testing.assert_close(grey.conv1[0].weight, rgb.conv1[0].weight.sum(dim=1, keepdim=True))
 
 
 @pytest.mark.parametrize("name", EXPECTED_NAMES)

@@ -584,9 +584,14 @@ for _d in (20, 56, 110):
     MODEL_ARGS[f"mrla_b_resnet{_d}_cifar"] = _cifar_args(_d, "mrla_b")
     MODEL_ARGS[f"resnet{_d}_cifar"] = _cifar_args(_d, None)
 
-default_cfgs = generate_default_cfgs({
-    name: (_cifar_cfg(name) if name.endswith("_cifar") else _cfg(name)) for name in MODEL_ARGS
-})
+def _default_cfg(name: str) -> Dict[str, Any]:
+    if name.endswith("_cifar"):
+        return _cifar_cfg(name)
+    # the deep stem's first conv is conv1.0 (timm adapts its weights to another in_chans by this name)
+    return _cfg(name, first_conv="conv1.0") if MODEL_ARGS[name].get("stem_type") == "deep" else _cfg(name)
+
+
+default_cfgs = generate_default_cfgs({name: _default_cfg(name) for name in MODEL_ARGS})
 
 
 def _make_entrypoint(name: str):
