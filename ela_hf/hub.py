@@ -33,6 +33,7 @@ import copy
 import json
 import logging
 import math
+import numbers
 import os
 import re
 import shutil
@@ -351,7 +352,11 @@ def _training_rows(training: Any) -> List[Tuple[str, Any]]:
         training = {k: v for k, v in training.to_dict().items() if k in _TRAINING_KEYS}
     if not isinstance(training, Mapping):
         raise ValueError(f"training settings must be a dict or TrainingArguments, got {type(training).__name__}")
-    return [(str(k), v) for k, v in training.items() if v is not None]
+    max_steps = training.get("max_steps")
+    # the Trainer runs max_steps when it is positive and ignores num_train_epochs; -1 means "not set"
+    by_steps = isinstance(max_steps, numbers.Real) and max_steps > 0
+    hidden = {"num_train_epochs"} if by_steps else {"max_steps"} if max_steps is not None and max_steps <= 0 else set()
+    return [(str(k), v) for k, v in training.items() if v is not None and k not in hidden]
 
 
 def _metric_rows(metrics: Optional[Mapping[str, Any]]) -> List[Tuple[str, Any]]:
@@ -359,11 +364,27 @@ def _metric_rows(metrics: Optional[Mapping[str, Any]]) -> List[Tuple[str, Any]]:
         return []
     if not isinstance(metrics, Mapping):
         raise ValueError(f"metrics must be a dict of name -> value, got {type(metrics).__name__}")
-    return [
-        (str(k), (round(v, 4) if isinstance(v, float) else v))
-        for k, v in metrics.items()
-        if not _is_bookkeeping(str(k))
-    ]
+    return [(str(k), _metric_value(str(k), v)) for k, v in metrics.items() if not _is_bookkeeping(str(k))]
+
+
+def _metric_value(name: str, value: Any) -> Any:
+    """A metric as a plain Python number (NumPy scalars and one-element tensors, e.g. from scikit-learn
+    or torchmetrics, included) or string; anything else is refused, naming the metric."""
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        try:
+            value = value.item()
+        except (ValueError, RuntimeError, TypeError):
+            raise ValueError(
+                f"metric {name!r} must be a single number, got {type(value).__name__} with "
+                f"{getattr(value, 'size', '?')} elements"
+            ) from None
+    if isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return round(float(value), 4)
+    raise ValueError(f"metric {name!r} must be a number or a string, got {type(value).__name__}: {value!r}")
 
 
 # what trainer.evaluate() reports besides the metrics: not a result of the model
@@ -636,6 +657,10 @@ def export_pruned(
 # sub-folders and no Trainer files
 _EXPORT_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md", HISTORY_NAME, PLOT_NAME)
 _TRAINER_FILES = ("trainer_state.json", "training_args.bin")
+# weight files of other layouts that a release (one model.safetensors) replaces
+_OTHER_WEIGHT_FILES = (
+    "model-*-of-*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json",
+)
 
 
 def _check_replaceable(out_dir: Path, overwrite: bool) -> None:
@@ -667,7 +692,11 @@ def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
     os.rmdir(old)
     os.rename(out_dir, old)
-    os.rename(tmp, out_dir)
+    try:
+        os.rename(tmp, out_dir)
+    except BaseException:
+        os.rename(old, out_dir)  # the earlier export goes back where it was
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -694,6 +723,10 @@ def push_pruned_to_hub(
     """
     from huggingface_hub import HfApi
 
+    if revision is not None and re.fullmatch(r"[0-9a-f]{40}", revision):
+        raise ValueError(
+            f"revision={revision!r} is a commit id; a push goes to a branch: name one (it is created if missing)"
+        )
     api = HfApi(endpoint=endpoint, token=token)
     if "/" not in repo_id:
         repo_id = f"{api.whoami()['name']}/{repo_id}"
@@ -715,8 +748,9 @@ def push_pruned_to_hub(
                 )
         if revision is not None and not create_pr:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        # the files an export may write but this one did not (an earlier release's history and plot)
-        stale = sorted(name for name in _EXPORT_FILES if not (folder / name).exists())
+        # the files an export may write but this one did not (an earlier release's history and plot), and
+        # weights in other layouts (an earlier push_to_hub's shards or .bin files): they would be stale
+        stale = sorted(name for name in _EXPORT_FILES if not (folder / name).exists()) + list(_OTHER_WEIGHT_FILES)
         return api.upload_folder(
             repo_id=repo_id,
             folder_path=folder,

@@ -1,5 +1,6 @@
 """Slim releases (`ela_hf.export_pruned`): both front doors, atomic writes, and the errors bad checkpoints give."""
 import json
+import os
 
 import pytest
 import timm
@@ -99,6 +100,26 @@ def test_export_is_atomic_and_does_not_overwrite_by_accident(tmp_path, monkeypat
     ela_hf.export_pruned(model, target, overwrite=True, verify=False)
     assert not (target / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["release"]
+
+
+def test_a_failed_replace_puts_the_earlier_export_back(tmp_path, monkeypatch):
+    model = _pruned_timm_model()
+    target = ela_hf.export_pruned(model, tmp_path / "release", verify=False)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    real_rename = os.rename
+
+    def failing_rename(src, dst):
+        if ".partial-" in str(src):  # moving the new export into place fails (e.g. a permission error)
+            raise PermissionError("cannot rename")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", failing_rename)
+    with pytest.raises(PermissionError):
+        ela_hf.export_pruned(_pruned_timm_model(mask=[[False, True], [False, True], [False, True]]), target,
+                             overwrite=True, verify=False)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before, "the earlier export is back in place"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["release"], "no parked or partial folder left"
 
 
 @pytest.mark.parametrize("training_output", ["checkpoint-2/", "trainer_state.json", "training_args.bin"])

@@ -112,3 +112,23 @@ def test_private_is_not_silently_dropped_for_an_existing_repository(local_hub):
     fresh = f"{local_hub.user}/ela-r20-private"
     ela_hf.push_pruned_to_hub(_pruned(), fresh, token=local_hub.token, private=True, verify=False)
     assert HfApi().model_info(fresh).private
+
+
+def test_a_release_over_a_sharded_push_to_hub_leaves_no_stale_weights(local_hub, tmp_path):
+    repo_id = f"{local_hub.user}/ela-r20-sharded"
+    model = ela_hf.ElaForImageClassification(ela_hf.ElaConfig(architecture="ela_resnet20_cifar", num_labels=10))
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="300KB")  # what push_to_hub(...) may upload
+    api = HfApi(token=local_hub.token)
+    api.create_repo(repo_id)
+    api.upload_folder(repo_id=repo_id, folder_path=tmp_path / "sharded")
+    assert any(f.startswith("model-00001-of-") for f in api.list_repo_files(repo_id))
+    ela_hf.push_pruned_to_hub(_pruned(), repo_id, token=local_hub.token, verify=False)
+    assert set(api.list_repo_files(repo_id)) == FILES - {"pruning_history.json", "d_t_per_window.png"}
+    assert AutoModelForImageClassification.from_pretrained(repo_id).skip_mask == MASK
+
+
+def test_a_commit_id_as_revision_is_refused_before_anything_is_pushed(local_hub):
+    with pytest.raises(ValueError, match="is a commit id; a push goes to a branch"):
+        ela_hf.push_pruned_to_hub(_pruned(), f"{local_hub.user}/ela-r20-sha", token=local_hub.token,
+                                  revision="0123456789abcdef0123456789abcdef01234567", verify=False)
+    assert not HfApi().repo_exists(f"{local_hub.user}/ela-r20-sha")

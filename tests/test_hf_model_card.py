@@ -201,3 +201,34 @@ def test_feature_extractor_card_shows_code_that_runs_and_only_real_metrics(tmp_p
     from transformers import AutoModel
 
     assert AutoModel.from_pretrained(out)(torch.randn(1, 3, 32, 32)).pooler_output.shape == (1, 256)
+
+
+def test_numpy_and_tensor_metrics_become_numbers_and_others_are_named(tmp_path):
+    np = pytest.importorskip("numpy")
+    model = timm.create_model("ela_resnet20_cifar", num_classes=3).eval()
+    # what scikit-learn and torchmetrics return
+    metrics = {"eval_accuracy": np.float64(0.91234), "eval_top5": np.float32(0.99), "eval_loss": torch.tensor(0.5),
+               "eval_count": np.int64(7)}
+    out = ela_hf.export_pruned(model, tmp_path / "np", metrics=metrics, dataset="uoft-cs/cifar10", verify=False)
+    card = ModelCard.load(out / "README.md")
+    results = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    assert results == {"eval_accuracy": 0.9123, "eval_top5": 0.99, "eval_loss": 0.5, "eval_count": 7}
+    assert all(type(v) in (float, int) for v in results.values())
+    assert "tensor(" not in card.text and "| eval_accuracy | 0.9123 |" in card.text
+    with pytest.raises(ValueError, match="metric 'eval_confusion' must be a single number"):
+        ela_hf.export_pruned(model, tmp_path / "bad", metrics={"eval_confusion": np.eye(2)}, verify=False)
+    with pytest.raises(ValueError, match="metric 'eval_top1' must be a number or a string, got dict"):
+        ela_hf.export_pruned(model, tmp_path / "bad", metrics={"eval_top1": {"a": 1}}, verify=False)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_card_training_table_shows_what_decided_the_length(tmp_path):
+    from transformers import TrainingArguments
+
+    model = timm.create_model("ela_resnet20_cifar", num_classes=3).eval()
+    by_steps = TrainingArguments(output_dir=str(tmp_path / "o"), max_steps=500, num_train_epochs=3, report_to="none")
+    card = ModelCard.load(ela_hf.export_pruned(model, tmp_path / "a", training_args=by_steps, verify=False) / "README.md")
+    assert "| max_steps | 500 |" in card.text and "num_train_epochs" not in card.text
+    by_epochs = TrainingArguments(output_dir=str(tmp_path / "o"), num_train_epochs=3, report_to="none")
+    card = ModelCard.load(ela_hf.export_pruned(model, tmp_path / "b", training_args=by_epochs, verify=False) / "README.md")
+    assert "| num_train_epochs | 3" in card.text and "max_steps" not in card.text
