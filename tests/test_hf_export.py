@@ -186,3 +186,26 @@ def test_mask_in_config_json_that_does_not_fit_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="skip_mask does not fit the architecture: skip_mask stage 0 has 3 entries"):
         AutoModelForImageClassification.from_pretrained(tmp_path)
+
+
+def test_a_save_in_another_layout_removes_the_earlier_weight_files(tmp_path):
+    old = ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=2))
+    old.save_pretrained(tmp_path)
+    past = 1_000_000_000  # an earlier save, long ago
+    for p in tmp_path.iterdir():
+        os.utime(p, (past, past))
+    torch.manual_seed(1)
+    new = ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=2)).eval()
+    new.save_pretrained(tmp_path, max_shard_size="300KB")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert "model.safetensors" not in names, "the old single file would be loaded instead of the new shards"
+    assert "model.safetensors.index.json" in names
+    x = torch.randn(1, 3, 32, 32)
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(loaded(x).logits, new(x).logits)
+    # and back to one file: the shards and their index go
+    for p in tmp_path.iterdir():
+        os.utime(p, (past, past))
+    new.save_pretrained(tmp_path)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("model-") or p.name.endswith("index.json")]
+    torch.testing.assert_close(AutoModelForImageClassification.from_pretrained(tmp_path).eval()(x).logits, new(x).logits)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import time
 from typing import Any
 
 import timm
@@ -209,7 +211,18 @@ class ElaPreTrainedModel(PreTrainedModel):
         if state_dict is None:
             state_dict = self.state_dict()
         state_dict = {_strip_prefix(k): v for k, v in state_dict.items()}
-        return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+        started = time.time_ns()
+        before = _weight_files(save_directory)
+        result = super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+        if kwargs.get("is_main_process", True):
+            # weight files of an earlier save in another layout (e.g. model.safetensors under a new sharded
+            # save) would be loaded instead of the new weights: remove those this save certainly did not
+            # write (unchanged, and older than the save by more than any file system's time resolution)
+            after = _weight_files(save_directory)
+            for name, stamp in before.items():
+                if after.get(name) == stamp and stamp[2] < started - 2_000_000_000:
+                    os.remove(os.path.join(save_directory, name))
+        return result
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -258,6 +271,24 @@ class ElaPreTrainedModel(PreTrainedModel):
                 f"config.json of {source} and its weights disagree on which attention layers are skipped "
                 f"(stage, block) {disagree}: the config says {self.config.skip_mask}"
             )
+
+
+_WEIGHT_FILE = re.compile(
+    r"(model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
+    r"|pytorch_model(-\d+-of-\d+)?\.bin|pytorch_model\.bin\.index\.json)"
+)
+
+
+def _weight_files(folder) -> dict[str, tuple[int, int, int]]:
+    """The weight files (any layout transformers writes) in ``folder``: name -> (inode, size, mtime in ns)."""
+    if not os.path.isdir(folder):
+        return {}
+    found = {}
+    for entry in os.scandir(folder):
+        if entry.is_file() and _WEIGHT_FILE.fullmatch(entry.name):
+            st = entry.stat()
+            found[entry.name] = (st.st_ino, st.st_size, st.st_mtime_ns)
+    return found
 
 
 def _config_follows_loaded_mask(module: "ElaPreTrainedModel", incompatible_keys) -> None:
