@@ -177,6 +177,13 @@ def test_corrupt_or_missing_weight_file_is_a_clear_error(tmp_path):
     weights.unlink()
     with pytest.raises(ValueError, match="has a config.json but no weight file"):
         AutoModelForImageClassification.from_pretrained(tmp_path)
+    # a sharded checkpoint with one truncated shard: that shard is named
+    ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=2)).save_pretrained(
+        tmp_path / "sharded", max_shard_size="300KB")
+    shard = sorted((tmp_path / "sharded").glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"{shard.name} is corrupt or truncated"):
+        AutoModelForImageClassification.from_pretrained(tmp_path / "sharded")
 
 
 def test_mask_in_config_json_that_does_not_fit_is_a_clear_error(tmp_path):

@@ -132,3 +132,13 @@ def test_a_commit_id_as_revision_is_refused_before_anything_is_pushed(local_hub)
         ela_hf.push_pruned_to_hub(_pruned(), f"{local_hub.user}/ela-r20-sha", token=local_hub.token,
                                   revision="0123456789abcdef0123456789abcdef01234567", verify=False)
     assert not HfApi().repo_exists(f"{local_hub.user}/ela-r20-sha")
+
+
+def test_a_truncated_weight_file_on_the_hub_is_a_clear_error(local_hub):
+    repo_id = f"{local_hub.user}/ela-r20-truncated"
+    ela_hf.push_pruned_to_hub(_pruned(), repo_id, token=local_hub.token, verify=False)
+    weights = local_hub.server.file(repo_id, "model.safetensors", "main")
+    HfApi(token=local_hub.token).upload_file(path_or_fileobj=weights[:100], path_in_repo="model.safetensors",
+                                             repo_id=repo_id)
+    with pytest.raises(ValueError, match=f"the weights of {repo_id} are corrupt or truncated"):
+        AutoModelForImageClassification.from_pretrained(repo_id)

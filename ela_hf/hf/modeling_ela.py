@@ -304,22 +304,28 @@ def _is_head_key(key: str) -> bool:
 
 
 def _raise_for_unreadable_weights(source, err: Exception) -> None:
-    """Name the weight file when a local checkpoint's weights are missing or cannot be read."""
+    """Name the weight file when a checkpoint's weights are missing or cannot be read."""
     if not isinstance(source, (str, os.PathLike)) or not os.path.isdir(source):
+        if type(err).__name__ == "SafetensorError":  # a Hub (or cached) file that safetensors cannot parse
+            raise ValueError(
+                f"the weights of {source} are corrupt or truncated and cannot be read ({err}); a broken "
+                "upload or download? Load again with force_download=True"
+            ) from err
         return
-    weights = os.path.join(source, "model.safetensors")
-    if not os.path.isfile(weights) and not any(
-        f.endswith((".safetensors", ".bin", ".safetensors.index.json")) for f in os.listdir(source)
-    ):
+    names = os.listdir(source)
+    if not any(f.endswith((".safetensors", ".bin", ".safetensors.index.json")) for f in names):
         raise ValueError(f"{source} has a config.json but no weight file (model.safetensors)") from err
-    if os.path.isfile(weights):
-        try:
-            from safetensors import safe_open
+    from safetensors import safe_open
 
-            with safe_open(weights, framework="pt") as f:
+    # the single file, or every shard: the first one that does not parse is named
+    for name in sorted(f for f in names if f.endswith(".safetensors")):
+        try:
+            with safe_open(os.path.join(source, name), framework="pt") as f:
                 f.keys()
         except Exception as read_err:  # noqa: BLE001 - any parse failure means the file is unusable
-            raise ValueError(f"{weights} is corrupt or truncated and cannot be read: {read_err}") from err
+            raise ValueError(
+                f"{os.path.join(source, name)} is corrupt or truncated and cannot be read: {read_err}"
+            ) from err
 
 
 class ElaModel(ElaPreTrainedModel):
