@@ -79,6 +79,9 @@ PAPER_DEFAULTS = dict(
     logging_steps=50,
     # the dataset yields image/label columns that set_transform turns into pixel_values/labels
     remove_unused_columns=False,
+    # skipped attention layers get no gradients: DDP must look for unused parameters, also with
+    # --gradient_checkpointing (where the Trainer would otherwise turn the search off)
+    ddp_find_unused_parameters=True,
 )
 # --demo: the same recipe, shortened to run offline in a few minutes on 2 CPU cores, on a real dataset
 # that ships with scikit-learn (1,797 handwritten digits, 8x8 grey, upscaled to 32x32 RGB). Its schedule

@@ -77,6 +77,9 @@ PAPER_DEFAULTS = dict(
     dataloader_num_workers=8,
     # the dataset yields image/label columns that set_transform turns into pixel_values/labels
     remove_unused_columns=False,
+    # skipped attention layers get no gradients: DDP must look for unused parameters, also with
+    # --gradient_checkpointing (where the Trainer would otherwise turn the search off)
+    ddp_find_unused_parameters=True,
 )
 
 

@@ -92,16 +92,44 @@ def run(out_dir, name, resume_from=None):
     return trainer, model, callback
 
 
+def run_checkpointed(out_dir):
+    """A transformers model with --gradient_checkpointing: left None, the Trainer would run DDP without the
+    unused-parameter search and fail at the first skip, so the callback refuses it up front; with
+    ddp_find_unused_parameters=True it trains through a decision."""
+    from ela_hf import ElaConfig, ElaForImageClassification
+    from ela_hf.pruning import FixedCountSelector
+
+    def trainer(find_unused):
+        torch.manual_seed(0)
+        model = ElaForImageClassification(ElaConfig(architecture="ela_resnet20_cifar", num_labels=4))
+        args = training_args(os.path.join(out_dir, "gc"), max_steps=3, gradient_checkpointing=True,
+                             ddp_find_unused_parameters=find_unused)
+        callback = ElaPruningCallback(windows=[(1, 1)], window_unit="step", selector=FixedCountSelector(1))
+        data = [{"pixel_values": x["pixel_values"], "labels": x["labels"]} for x in RandomImages(n=32)]
+        return Trainer(model=model, args=args, train_dataset=data, callbacks=[callback]), model
+
+    try:
+        trainer(None)[0].train()
+        error = None
+    except ValueError as e:
+        error = str(e)
+    t, model = trainer(True)
+    t.train()
+    ddp = isinstance(t.model_wrapped, torch.nn.parallel.DistributedDataParallel)
+    return error, (ela_hf.get_skip_mask(model) if model.timm_model.grad_checkpointing else None), ddp
+
+
 def main(out_dir):
     trainer, model, callback = run(out_dir, "a")
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
-        callback._check_ddp(SimpleNamespace(ddp_find_unused_parameters=False, ddp_static_graph=None))
+        callback._check_ddp(SimpleNamespace(ddp_find_unused_parameters=False, ddp_static_graph=None), model)
         ddp_check_raised = False
     except ValueError:
         ddp_check_raised = True
 
     _, model_b, callback_b = run(out_dir, "b", resume_from=os.path.join(out_dir, "a", "checkpoint-5"))
+    gc_default_error, gc_mask, gc_ddp = run_checkpointed(out_dir)
     result = {
         "rank": rank,
         "world_size": world,
@@ -115,6 +143,9 @@ def main(out_dir):
         "ddp_check_raised": ddp_check_raised,
         "resumed_mask": ela_hf.get_skip_mask(model_b),
         "resumed_history": callback_b.history,
+        "gc_default_error": gc_default_error,
+        "gc_mask": gc_mask,
+        "gc_ddp": gc_ddp,
     }
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)

@@ -77,3 +77,9 @@ def test_two_processes_reduce_decide_once_and_end_with_identical_masks(tmp_path)
 
     # ddp_find_unused_parameters=False cannot work once layers are skipped: refused under DDP
     assert r0["ddp_check_raised"] and r1["ddp_check_raised"]
+    # with activation checkpointing the Trainer would turn the search off: refused up front on every rank,
+    # and with ddp_find_unused_parameters=True a checkpointed DDP run trains through a skip
+    for r in (r0, r1):
+        assert "with activation checkpointing" in r["gc_default_error"]
+        assert r["gc_ddp"] and r["gc_mask"] is not None and sum(map(sum, r["gc_mask"])) == 1
+    assert r0["gc_mask"] == r1["gc_mask"]

@@ -248,6 +248,21 @@ def test_generic_set_skip_mask_keeps_the_config_current():
     assert model.config.skip_mask == MASK
 
 
+def test_activation_checkpointing_is_reported_and_its_options_are_not_silently_dropped():
+    model = ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=2))
+    assert not model.is_activation_checkpointing
+    model.activation_checkpointing_enable()
+    # the Trainer reads this flag (e.g. to configure DDP); it must say what the network does
+    assert model.is_activation_checkpointing and model.timm_model.grad_checkpointing
+    model.gradient_checkpointing_disable()
+    assert not model.is_activation_checkpointing and not model.timm_model.grad_checkpointing
+    with pytest.warns(UserWarning, match=r"use_reentrant=False\); the activation checkpointing options"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    assert model.timm_model.grad_checkpointing
+    x = torch.randn(2, 3, 16, 16)
+    model.train()(x).logits.sum().backward()  # still trains
+
+
 def test_config_mask_follows_a_loaded_state_dict():
     # Trainer resume and load_best_model_at_end load a state dict: the skip flags come with it
     unpruned = ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=2)).state_dict()

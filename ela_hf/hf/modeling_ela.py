@@ -12,6 +12,7 @@ import math
 import os
 import re
 import time
+import warnings
 from typing import Any
 
 import timm
@@ -134,9 +135,18 @@ class ElaPreTrainedModel(PreTrainedModel):
         report = init_from_resnet(model, state)
         return (model, report) if output_loading_info else model
 
-    def _set_gradient_checkpointing(self, enable: bool = True, *args, **kwargs) -> None:
-        # checkpointing is per stage (the MRLA-B cache cannot be split between blocks)
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func=None, *args, **kwargs
+    ) -> None:
+        # checkpointing is per stage (the MRLA-B cache cannot be split between blocks), always non-reentrant
         self.timm_model.set_grad_checkpointing(enable)
+        self.gradient_checkpointing = enable  # what is_activation_checkpointing (and the Trainer) reads
+        options = getattr(gradient_checkpointing_func, "keywords", None) or {}
+        if enable and {k: v for k, v in options.items() if k != "use_reentrant" or v}:
+            warnings.warn(
+                f"{type(self).__name__} checkpoints whole stages with torch.utils.checkpoint(use_reentrant=False); "
+                f"the activation checkpointing options {options} are not used"
+            )
 
     def get_input_embeddings(self):
         return None

@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from transformers import TrainerCallback
+from transformers import PreTrainedModel, TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import has_length
 from transformers.utils import logging
@@ -452,7 +452,7 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         self._output_dir = args.output_dir
         self._check_epochs_exist(kwargs.get("train_dataloader"))
         self._check_training_length(state)
-        self._check_ddp(args)
+        self._check_ddp(args, model)
         if self._open is not None:  # left open by an interrupted earlier train() call on this instance
             self._close_window()
         if state.global_step > 0 and self._restore(state):
@@ -500,13 +500,26 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
                 f"({what} = {limit}, window_unit={self.window_unit!r})"
             )
 
-    def _check_ddp(self, args) -> None:
+    def _check_ddp(self, args, model) -> None:
         if _world()[1] == 1:
             return
         if getattr(args, "ddp_find_unused_parameters", None) is False:
             raise ValueError(
                 "ElaPruningCallback skips attention layers during training, which leaves their parameters "
                 "without gradients; under DDP set ddp_find_unused_parameters=True (or leave it None)"
+            )
+        # left None, the Trainer turns DDP's unused-parameter search off for a transformers model with
+        # activation checkpointing: the first skip would then stop training with a DDP reduction error
+        checkpointing = getattr(args, "gradient_checkpointing", False) or getattr(
+            args, "activation_checkpointing", False
+        ) or bool(getattr(model, "is_activation_checkpointing", False))
+        if getattr(args, "ddp_find_unused_parameters", None) is None and checkpointing and isinstance(
+            model, PreTrainedModel
+        ):
+            raise ValueError(
+                "ElaPruningCallback under DDP with activation checkpointing: the Trainer then runs DDP with "
+                "find_unused_parameters=False, which fails once a layer is skipped. Set "
+                "ddp_find_unused_parameters=True (ela_hf checkpoints stages non-reentrantly, which works with it)"
             )
         if getattr(args, "ddp_static_graph", None):
             raise ValueError(
