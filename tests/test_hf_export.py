@@ -216,3 +216,17 @@ def test_a_save_in_another_layout_removes_the_earlier_weight_files(tmp_path):
     new.save_pretrained(tmp_path)
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("model-") or p.name.endswith("index.json")]
     torch.testing.assert_close(AutoModelForImageClassification.from_pretrained(tmp_path).eval()(x).logits, new(x).logits)
+
+
+def test_a_model_with_frozen_batchnorm_exports_and_loads(tmp_path, images):
+    from timm.layers import freeze_batch_norm_2d
+
+    frozen = freeze_batch_norm_2d(_pruned_timm_model()).eval()  # detection training freezes BN
+    out = ela_hf.export_pruned(frozen, tmp_path / "release")
+    loaded = AutoModelForImageClassification.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images).logits, frozen(images))
+    backbone = ela_hf.ElaModel(ElaConfig(architecture=ARCH))
+    backbone.timm_model = freeze_batch_norm_2d(backbone.timm_model)
+    backbone.save_pretrained(tmp_path / "backbone")
+    ela_hf.ElaModel.from_pretrained(tmp_path / "backbone")

@@ -254,7 +254,13 @@ class ElaPreTrainedModel(PreTrainedModel):
         return (model, info) if output_loading_info else model
 
     def _check_loaded_weights(self, info: dict[str, Any], source) -> None:
-        missing = sorted(_strip_prefix(k) for k in info.get("missing_keys", ()) if not _is_head_key(k))
+        # a BatchNorm's step counter is not a weight: frozen BN layers (detection training, DETR) save none,
+        # and torch's own BatchNorm loading accepts its absence
+        missing = sorted(
+            _strip_prefix(k)
+            for k in info.get("missing_keys", ())
+            if not _is_head_key(k) and not k.endswith("num_batches_tracked")
+        )
         if missing:
             attention = [k for k in missing if ".attn." in k]
             hint = (
