@@ -273,3 +273,22 @@ def test_recording_paused_stops_recording_in_this_thread_and_nests():
         model(x)
     assert all(c == 2 for *_, c in kl_accumulators(model))
 
+
+
+def test_accumulators_stay_float32_when_the_model_is_cast():
+    """The plain-loop route (kl_recording / kl_statistics) without the callback's own conversion."""
+    torch.manual_seed(0)
+    model = timm.create_model("ela_resnet20_cifar", num_classes=3).train()
+    with ela_hf.kl_recording(model):
+        model(torch.randn(3, 3, 16, 16))
+    before = {(i, j): (float(s), float(c)) for i, j, s, c in kl_accumulators(model)}
+    model.to(torch.bfloat16)
+    assert all(s.dtype == c.dtype == torch.float32 for _, _, s, c in kl_accumulators(model))
+    assert {(i, j): (float(s), float(c)) for i, j, s, c in kl_accumulators(model)} == before  # kept exactly
+    assert next(model.parameters()).dtype == torch.bfloat16
+    with ela_hf.kl_recording(model):
+        for _ in range(300):  # bf16 counts would stop at 256
+            model(torch.randn(1, 3, 8, 8, dtype=torch.bfloat16))
+    assert all(float(c) == 303 for _, _, _, c in kl_accumulators(model))
+    model.half().float()
+    assert all(float(c) == 303 for _, _, _, c in kl_accumulators(model))

@@ -536,6 +536,17 @@ class _LayerAttentionBase(nn.Module):
         self.kl_sum.zero_()
         self.kl_count.zero_()
 
+    def _apply(self, fn, recurse=True):
+        # the KL sums and counts stay float32 when the model is cast (model.to(torch.bfloat16), .half()):
+        # bf16 cannot even count past 256 images. They follow device moves, values kept exactly.
+        before = {name: self._buffers.get(name) for name in ("kl_sum", "kl_count")}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers.get(name)
+            if old is not None and new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(device=new.device)
+        return self
+
     def extra_repr(self) -> str:
         return f"channels={self.channels}, heads={self.heads}, k_size={self.k_size}"
 
