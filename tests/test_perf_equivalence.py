@@ -505,6 +505,40 @@ def test_mrla_b_cpu_buffers_are_reused_between_steps(kernels_everywhere, monkeyp
     assert mrla._SLOT_POOL.allocations - start == counts[-1]
 
 
+def test_buffer_pool_lets_go_of_input_sizes_no_longer_seen(monkeypatch):
+    """Detection feeds ever new input sizes: the pool must not keep a buffer for every size it saw,
+    while models trained in turn (as the bench does) keep reusing theirs."""
+    from ela_hf.layers import mrla
+
+    pool = mrla._SLOT_POOL
+    model = _tiny("mrla_b", layers=(4, 3)).train()
+
+    def many_sizes():
+        mrla.clear_value_buffer_pool()
+        first = None
+        for size in range(47, 7, -1):  # 40 sizes, 4 shapes each (a value and a gradient buffer per stage)
+            model(torch.randn(1, 3, size, size)).sum().backward()
+            first = first or set(pool._free)
+        return first, pool.free_bytes()
+
+    with monkeypatch.context() as m:
+        m.setattr(pool, "max_idle_takes", 10**9)
+        _, everything = many_sizes()
+    first, held = many_sizes()
+    assert not first & set(pool._free), "the first sizes' buffers are let go"
+    assert len(pool._free) <= pool.max_idle_takes // 2 < 4 * 40
+    assert 0 < held < everything / 2
+
+    other = _tiny("mrla_b", layers=(3, 3)).train()
+    x, y = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 12, 12)
+    counts = []
+    for _ in range(4):
+        model(x).sum().backward()
+        other(y).sum().backward()
+        counts.append(pool.allocations)
+    assert counts[1:] == [counts[0]] * 3, "interleaved models keep reusing their buffers"
+
+
 def test_mrla_b_graph_retained_across_a_later_forward_keeps_its_values():
     """retain_graph=True, then another step, then backward through the first graph again: exact."""
     model = _tiny("mrla_b", skip_mask=SKIPS[1]).double().train()

@@ -275,11 +275,17 @@ class _SlotBufferPool:
 
     max_per_key = 2
     max_pending = 32
+    # a shape not asked for during this many takes is let go: inputs of ever new sizes (detection's
+    # multi-scale batches) would otherwise keep a buffer for every size seen; a training loop asks for
+    # the same few shapes every step (a few takes per stage), also with other models interleaved
+    max_idle_takes = 64
 
     def __init__(self):
         self._free: Dict[tuple, List[torch.Tensor]] = {}
         self._pending: List[torch.Tensor] = []  # given back while autograd may still hold views
         self._lock = threading.Lock()
+        self._takes = 0
+        self._last_take: Dict[tuple, int] = {}  # shape key -> the take that last asked for it
         self.allocations = 0  # buffers made fresh (not reused): a steady training loop stops adding
 
     def take(self, n: int, v: torch.Tensor, heads: int) -> torch.Tensor:
@@ -292,7 +298,10 @@ class _SlotBufferPool:
         key = (shape, like.dtype, like.device, torch.is_inference_mode_enabled())
         if like.device.type == "cpu":
             with self._lock:
+                self._takes += 1
+                self._last_take[key] = self._takes
                 self._collect_pending()
+                self._drop_idle()
                 free = self._free.get(key)
                 buf = free.pop() if free else None
             if buf is not None:
@@ -322,6 +331,17 @@ class _SlotBufferPool:
             (self._add_free if _storage_refs(buf) == buf._ela_storage_refs else still.append)(buf)
         self._pending = still
 
+    def _drop_idle(self) -> None:
+        keys = set(self._free) | set(self._last_take)
+        for key in [k for k in keys if self._takes - self._last_take.get(k, 0) > self.max_idle_takes]:
+            self._last_take.pop(key, None)
+            self._free.pop(key, None)
+
+    def free_bytes(self) -> int:
+        """Bytes held for reuse (not counting buffers still in use)."""
+        with self._lock:
+            return sum(b.untyped_storage().nbytes() for bufs in self._free.values() for b in bufs)
+
     def _add_free(self, buf: torch.Tensor) -> None:
         if _storage_refs(buf) != buf._ela_storage_refs:  # a view of it is alive somewhere
             return
@@ -333,6 +353,7 @@ class _SlotBufferPool:
         with self._lock:
             self._free.clear()
             self._pending.clear()
+            self._last_take.clear()
 
 
 def _storage_refs(t: torch.Tensor) -> int:
