@@ -306,6 +306,46 @@ def test_image_processor_refuses_normalisation_of_the_wrong_length():
         ElaImageProcessor(pretrained_cfg=dict(cfg, input_size=[4, 32, 32]))
 
 
+def test_image_processor_options_are_applied_through_pretrained_cfg_or_refused(tmp_path):
+    ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=2)).save_pretrained(tmp_path)
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    # options other processors take would be silently ignored: refused, naming them
+    with pytest.raises(ValueError, match=r"does not take the options \['do_normalize', 'size'\]"):
+        processor(image, do_normalize=False, size={"height": 16, "width": 16})
+    with pytest.raises(ValueError, match=r"from_pretrained does not take \['crop_pct'\]"):
+        AutoImageProcessor.from_pretrained(tmp_path, crop_pct=0.5)
+    with pytest.raises(ValueError, match="got no images"):
+        processor([])
+    # another data config, given at load time or set later, is what the processor then does
+    small = dict(processor.pretrained_cfg, input_size=[3, 16, 16])
+    assert AutoImageProcessor.from_pretrained(tmp_path, pretrained_cfg=small)(image)["pixel_values"].shape[-1] == 16
+    processor.pretrained_cfg = small
+    assert processor(image)["pixel_values"].shape[-1] == 16
+    processor.save_pretrained(tmp_path / "proc")
+    assert ElaImageProcessor.from_pretrained(tmp_path / "proc")(image)["pixel_values"].shape[-1] == 16
+    with pytest.raises(ValueError, match="'resnet18' is not an ela_hf layer-attention model"):
+        ElaImageProcessor(architecture="resnet18")
+    # half-precision tensors are read like float ones
+    as_float = processor(torch.rand(3, 20, 20))["pixel_values"]
+    assert processor(torch.rand(3, 20, 20).bfloat16())["pixel_values"].shape == as_float.shape
+
+
+def test_image_processor_of_a_four_channel_checkpoint(tmp_path):
+    cfg = dict(ElaConfig(architecture=ARCH, num_labels=2).pretrained_cfg, input_size=[4, 32, 32],
+               mean=[0.5] * 4, std=[0.25] * 4)
+    processor = ElaImageProcessor(pretrained_cfg=cfg)
+    hwc = np.random.default_rng(0).integers(0, 255, (40, 48, 4), dtype=np.uint8)
+    from_pil = processor(Image.fromarray(hwc, mode="RGBA"))["pixel_values"]
+    assert from_pil.shape == (1, 4, 32, 32)
+    # arrays and tensors, channels last or first, give the same pixels
+    torch.testing.assert_close(processor(hwc)["pixel_values"], from_pil)
+    torch.testing.assert_close(processor(hwc.transpose(2, 0, 1).copy())["pixel_values"], from_pil)
+    torch.testing.assert_close(processor(torch.from_numpy(hwc).permute(2, 0, 1))["pixel_values"], from_pil)
+    with pytest.raises(ValueError, match="takes 4-channel images, got a 3-channel 'RGB' image"):
+        processor(Image.fromarray(hwc[..., :3]))
+
+
 def test_backbone_returns_the_selected_feature_maps(tmp_path, images):
     from transformers import AutoBackbone
 

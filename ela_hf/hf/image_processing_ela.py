@@ -6,17 +6,38 @@ block of ``config.json``, the same block timm reads, so preprocessing is identic
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, TypedDict
 
 import timm.data
 import torch
 from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_transforms import to_pil_image
-from transformers.image_utils import ImageInput, make_flat_list_of_images
+from transformers.image_utils import (
+    ChannelDimension,
+    ImageInput,
+    infer_channel_dimension_format,
+    make_flat_list_of_images,
+)
+from transformers.processing_utils import ImagesKwargs
 from transformers.utils import CONFIG_NAME, IMAGE_PROCESSOR_NAME
 
 __all__ = ["ElaImageProcessor"]
+
+# image-processing options of other processors (and timm data-config keys): this one takes them from
+# pretrained_cfg only, so they are refused rather than silently ignored
+_OTHER_OPTIONS = set(ImagesKwargs.__annotations__) | {
+    "input_size", "crop_pct", "mean", "std", "interpolation", "crop_mode",
+}
+_OPTIONS_HINT = (
+    "ElaImageProcessor applies the checkpoint's timm data config; for other settings give it another one: "
+    "ElaImageProcessor(pretrained_cfg={**processor.pretrained_cfg, 'input_size': (3, 160, 160), 'crop_pct': 1.0})"
+)
+
+
+class ElaImageProcessorKwargs(TypedDict, total=False):
+    pretrained_cfg: dict
+    architecture: str
 
 
 class ElaImageProcessor(BaseImageProcessor):
@@ -33,6 +54,7 @@ class ElaImageProcessor(BaseImageProcessor):
 
     main_input_name = "pixel_values"
     model_input_names = ["pixel_values"]
+    valid_kwargs = ElaImageProcessorKwargs  # what from_pretrained(..., **kwargs) may override
 
     def __init__(self, pretrained_cfg: dict[str, Any] | None = None, architecture: str | None = None, **kwargs):
         # kwargs are the other config.json keys when loaded from a model folder: not ours to keep
@@ -40,12 +62,32 @@ class ElaImageProcessor(BaseImageProcessor):
         if pretrained_cfg is None:
             if architecture is None:
                 raise ValueError("ElaImageProcessor needs a pretrained_cfg (timm data config) or an architecture name")
-            from .configuration_ela import default_pretrained_cfg
+            from .configuration_ela import _registered_architectures, default_pretrained_cfg
 
+            registry = _registered_architectures()
+            if architecture not in registry:
+                raise ValueError(
+                    f"architecture {architecture!r} is not an ela_hf layer-attention model; "
+                    f"choose one of: {', '.join(sorted(registry))}"
+                )
             pretrained_cfg = default_pretrained_cfg(architecture)
-        self.pretrained_cfg = dict(pretrained_cfg)
         self.architecture = architecture
-        self.data_config = timm.data.resolve_data_config(pretrained_cfg=self.pretrained_cfg, verbose=False)
+        self.pretrained_cfg = pretrained_cfg  # builds the transforms (see the setter)
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        return self._pretrained_cfg
+
+    @pretrained_cfg.setter
+    def pretrained_cfg(self, pretrained_cfg: dict[str, Any]) -> None:
+        """A new data config rebuilds the transforms, so the processor always does what its config says."""
+        if not isinstance(pretrained_cfg, dict) or "input_size" not in pretrained_cfg:
+            raise ValueError(
+                f"pretrained_cfg must be a timm data config with at least 'input_size' (and mean, std, crop_pct, "
+                f"interpolation), got {pretrained_cfg!r}"
+            )
+        self._pretrained_cfg = dict(pretrained_cfg)
+        self.data_config = timm.data.resolve_data_config(pretrained_cfg=self._pretrained_cfg, verbose=False)
         for key in ("mean", "std"):
             values = self.data_config[key]
             if len(values) != self.num_channels:
@@ -63,9 +105,17 @@ class ElaImageProcessor(BaseImageProcessor):
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
-        for key in ("val_transforms", "train_transforms", "data_config"):
+        for key in ("val_transforms", "train_transforms", "data_config", "_pretrained_cfg"):
             output.pop(key, None)
+        output["pretrained_cfg"] = dict(self.pretrained_cfg)
         return output
+
+    @classmethod
+    def from_dict(cls, image_processor_dict: dict[str, Any], **kwargs):
+        refused = sorted(k for k in kwargs if k in _OTHER_OPTIONS)
+        if refused:
+            raise ValueError(f"ElaImageProcessor.from_pretrained does not take {refused}: {_OPTIONS_HINT}")
+        return super().from_dict(image_processor_dict, **kwargs)
 
     @classmethod
     def get_image_processor_dict(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
@@ -84,16 +134,50 @@ class ElaImageProcessor(BaseImageProcessor):
             pretrained_model_name_or_path, image_processor_filename=CONFIG_NAME, **kwargs
         )
 
-    def preprocess(self, images: ImageInput, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
-        """``images``: a PIL image, NumPy array or tensor, or a list of them -> ``{"pixel_values": [B, C, H, W]}``."""
+    def preprocess(
+        self,
+        images: ImageInput,
+        return_tensors: str | None = "pt",
+        input_data_format: str | ChannelDimension | None = None,
+        data_format: str | ChannelDimension | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        """``images``: a PIL image, NumPy array or tensor, or a list of them -> ``{"pixel_values": [B, C, H, W]}``.
+
+        Arrays and tensors may be channels-last or channels-first (``input_data_format`` says which when
+        the shape does not). The transform is the checkpoint's: other options raise ``ValueError``.
+        """
+        if kwargs:
+            raise ValueError(f"ElaImageProcessor does not take the options {sorted(kwargs)}: {_OPTIONS_HINT}")
         if return_tensors not in ("pt", None):
-            raise ValueError(f"ElaImageProcessor returns PyTorch tensors only (return_tensors='pt'), got {return_tensors!r}")
-        mode = {1: "L", 3: "RGB"}.get(self.num_channels)
-        pixel_values = []
-        for image in make_flat_list_of_images(images):
-            if not isinstance(image, Image.Image):
-                image = to_pil_image(image)
-            if mode is not None and image.mode != mode:
-                image = image.convert(mode)
-            pixel_values.append(self.val_transforms(image))
+            raise ValueError(
+                f"ElaImageProcessor returns PyTorch tensors only (return_tensors='pt'), got {return_tensors!r}"
+            )
+        if data_format not in (None, "channels_first", ChannelDimension.FIRST):
+            raise ValueError(f"ElaImageProcessor returns channels-first pixel_values, got data_format={data_format!r}")
+        flat = make_flat_list_of_images(images)
+        if len(flat) == 0:
+            raise ValueError("ElaImageProcessor got no images (an empty list)")
+        pixel_values = [self.val_transforms(self._to_pil(image, input_data_format)) for image in flat]
         return BatchFeature({"pixel_values": torch.stack(pixel_values)}, tensor_type="pt")
+
+    def _to_pil(self, image, input_data_format) -> Image.Image:
+        channels = self.num_channels
+        if not isinstance(image, Image.Image):
+            if isinstance(image, torch.Tensor) and image.dtype in (torch.bfloat16, torch.float16):
+                image = image.float()
+            if input_data_format is None and channels not in (1, 3):
+                try:  # transformers only guesses 1 or 3 channels
+                    input_data_format = infer_channel_dimension_format(image, num_channels=(channels,))
+                except ValueError:
+                    pass
+            image = to_pil_image(image, input_data_format=input_data_format)
+        mode = {1: "L", 3: "RGB"}.get(channels)
+        if mode is not None:
+            return image if image.mode == mode else image.convert(mode)
+        if len(image.getbands()) != channels:
+            raise ValueError(
+                f"this checkpoint takes {channels}-channel images, got a {len(image.getbands())}-channel "
+                f"{image.mode!r} image"
+            )
+        return image
