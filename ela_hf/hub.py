@@ -48,7 +48,7 @@ import torch.nn as nn
 from .hf.configuration_ela import ElaConfig, default_pretrained_cfg
 from .hf.modeling_ela import ElaPreTrainedModel, build_timm_network
 from .models import get_skip_mask, slim_state_dict
-from .models.ela_resnet import LayerAttentionResNet
+from .models.ela_resnet import LayerAttentionResNet, LayerAttentionStage
 
 __all__ = [
     "export_pruned",
@@ -158,9 +158,20 @@ def _network_and_config(model: nn.Module, id2label=None) -> Tuple[LayerAttention
         return model.timm_model, config
     if isinstance(model, LayerAttentionResNet):
         return model, config_from_timm_model(model, id2label)
+    hint = ""
+    if any(isinstance(m, LayerAttentionStage) for m in model.modules()):
+        # a timm features_only backbone (FeatureListNet), or a detector around one
+        arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or "<architecture>"
+        hint = (
+            f". It contains ELA stages (a features_only backbone or a model around one): copy them into the "
+            f"full network and export that: net = timm.create_model({arch!r}, num_classes=0); "
+            "net.load_state_dict(backbone.state_dict()) (a backbone cut short by out_indices lacks the later stages); "
+            "export_pruned(net, ...). timm.create_model('local-dir:<release>', pretrained=True, "
+            "features_only=True) gives the backbone back"
+        )
     raise ValueError(
         f"expected a timm ELA model (LayerAttentionResNet) or an ElaModel/ElaForImageClassification, "
-        f"got {type(model).__name__}"
+        f"got {type(model).__name__}{hint}"
     )
 
 

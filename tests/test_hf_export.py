@@ -230,3 +230,19 @@ def test_a_model_with_frozen_batchnorm_exports_and_loads(tmp_path, images):
     backbone.timm_model = freeze_batch_norm_2d(backbone.timm_model)
     backbone.save_pretrained(tmp_path / "backbone")
     ela_hf.ElaModel.from_pretrained(tmp_path / "backbone")
+
+
+def test_a_features_only_backbone_is_exported_through_the_full_network(tmp_path):
+    backbone = timm.create_model(ARCH, features_only=True).eval()
+    ela_hf.set_skip_mask(backbone, MASK)
+    with pytest.raises(ValueError, match=r"got FeatureListNet\. It contains ELA stages .*'ela_resnet20_cifar'"):
+        ela_hf.export_pruned(backbone, tmp_path / "nope")
+    # the way the error describes
+    net = timm.create_model(ARCH, num_classes=0)
+    net.load_state_dict(backbone.state_dict())
+    out = ela_hf.export_pruned(net, tmp_path / "release")
+    again = timm.create_model(f"local-dir:{out}", pretrained=True, features_only=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(again(x), backbone(x)):
+            torch.testing.assert_close(a, b)
