@@ -292,6 +292,9 @@ def test_grey_checkpoint_gets_one_channel_normalisation(tmp_path):
     processor = AutoImageProcessor.from_pretrained(tmp_path)
     pixels = processor([image, image.convert("RGB")])["pixel_values"]
     assert pixels.shape == (2, 1, 32, 32)
+    # the training and evaluation transforms convert on their own too
+    for transform in (processor.train_transforms, processor.val_transforms):
+        assert transform(image.convert("RGB")).shape == (1, 32, 32)
     # timm's own transform for the same folder gives the same tensor
     timm_model = timm.create_model(f"local-dir:{tmp_path}", pretrained=True)
     transform = timm.data.create_transform(**timm.data.resolve_data_config(model=timm_model))

@@ -96,8 +96,10 @@ class ElaImageProcessor(BaseImageProcessor):
                     f"channels) but a {len(values)}-long {key} {list(values)}: give pretrained_cfg['{key}'] "
                     f"{self.num_channels} values"
                 )
-        self.val_transforms = timm.data.create_transform(**self.data_config, is_training=False)
-        self.train_transforms = timm.data.create_transform(**self.data_config, is_training=True)
+        # both start by converting a PIL image to the checkpoint's mode (grey checkpoints get grey images)
+        convert = [_ConvertMode(mode)] if (mode := _PIL_MODES.get(self.num_channels)) else []
+        self.val_transforms = _prepend(convert, timm.data.create_transform(**self.data_config, is_training=False))
+        self.train_transforms = _prepend(convert, timm.data.create_transform(**self.data_config, is_training=True))
 
     @property
     def num_channels(self) -> int:
@@ -172,12 +174,36 @@ class ElaImageProcessor(BaseImageProcessor):
                 except ValueError:
                     pass
             image = to_pil_image(image, input_data_format=input_data_format)
-        mode = {1: "L", 3: "RGB"}.get(channels)
-        if mode is not None:
-            return image if image.mode == mode else image.convert(mode)
+        if channels in _PIL_MODES:
+            return image  # the transforms convert it
         if len(image.getbands()) != channels:
             raise ValueError(
                 f"this checkpoint takes {channels}-channel images, got a {len(image.getbands())}-channel "
                 f"{image.mode!r} image"
             )
         return image
+
+
+_PIL_MODES = {1: "L", 3: "RGB"}
+
+
+class _ConvertMode:
+    """PIL image -> ``mode`` (a class, not a lambda, so that the transforms pickle)."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return image if image.mode == self.mode else image.convert(self.mode)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mode={self.mode!r})"
+
+
+def _prepend(first: list, transform):
+    from torchvision import transforms as T
+
+    if not first:
+        return transform
+    steps = list(transform.transforms) if isinstance(transform, T.Compose) else [transform]
+    return T.Compose(first + steps)
