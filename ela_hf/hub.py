@@ -385,9 +385,9 @@ def _metric_value(name: str, value: Any) -> Any:
         try:
             value = value.item()
         except (ValueError, RuntimeError, TypeError):
+            count = value.numel() if hasattr(value, "numel") else getattr(value, "size", "several")
             raise ValueError(
-                f"metric {name!r} must be a single number, got {type(value).__name__} with "
-                f"{getattr(value, 'size', '?')} elements"
+                f"metric {name!r} must be a single number, got {type(value).__name__} with {count} elements"
             ) from None
     if isinstance(value, (bool, str)):
         return value

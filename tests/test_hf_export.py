@@ -184,6 +184,9 @@ def test_corrupt_or_missing_weight_file_is_a_clear_error(tmp_path):
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(ValueError, match=f"{shard.name} is corrupt or truncated"):
         AutoModelForImageClassification.from_pretrained(tmp_path / "sharded")
+    shard.unlink()
+    with pytest.raises(ValueError, match=f"the weight index names shards that are missing: \\['{shard.name}'\\]"):
+        AutoModelForImageClassification.from_pretrained(tmp_path / "sharded")
 
 
 def test_mask_in_config_json_that_does_not_fit_is_a_clear_error(tmp_path):
@@ -195,12 +198,9 @@ def test_mask_in_config_json_that_does_not_fit_is_a_clear_error(tmp_path):
         AutoModelForImageClassification.from_pretrained(tmp_path)
 
 
-def test_a_save_in_another_layout_removes_the_earlier_weight_files(tmp_path):
+def test_a_save_in_another_layout_removes_the_earlier_weight_files(tmp_path, monkeypatch):
     old = ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=2))
-    old.save_pretrained(tmp_path)
-    past = 1_000_000_000  # an earlier save, long ago
-    for p in tmp_path.iterdir():
-        os.utime(p, (past, past))
+    old.save_pretrained(tmp_path)  # saves right after each other, as a script does
     torch.manual_seed(1)
     new = ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=2)).eval()
     new.save_pretrained(tmp_path, max_shard_size="300KB")
@@ -211,11 +211,25 @@ def test_a_save_in_another_layout_removes_the_earlier_weight_files(tmp_path):
     loaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(loaded(x).logits, new(x).logits)
     # and back to one file: the shards and their index go
-    for p in tmp_path.iterdir():
-        os.utime(p, (past, past))
     new.save_pretrained(tmp_path)
-    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("model-") or p.name.endswith("index.json")]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(("model-", ".")) or p.name.endswith("index.json")]
     torch.testing.assert_close(AutoModelForImageClassification.from_pretrained(tmp_path).eval()(x).logits, new(x).logits)
+    # a save that fails leaves the earlier weights in place
+    from safetensors.torch import load_file
+
+    before = load_file(str(tmp_path / "model.safetensors"))
+    import transformers.modeling_utils
+
+    def broken_save(*args, **kwargs):
+        (tmp_path / "model-00001-of-00002.safetensors").write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        old.save_pretrained(tmp_path, max_shard_size="300KB")
+    assert sorted(p.name for p in tmp_path.iterdir() if "safetensors" in p.name) == ["model.safetensors"]
+    after = load_file(str(tmp_path / "model.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_a_model_with_frozen_batchnorm_exports_and_loads(tmp_path, images):

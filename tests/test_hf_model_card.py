@@ -215,8 +215,10 @@ def test_numpy_and_tensor_metrics_become_numbers_and_others_are_named(tmp_path):
     assert results == {"eval_accuracy": 0.9123, "eval_top5": 0.99, "eval_loss": 0.5, "eval_count": 7}
     assert all(type(v) in (float, int) for v in results.values())
     assert "tensor(" not in card.text and "| eval_accuracy | 0.9123 |" in card.text
-    with pytest.raises(ValueError, match="metric 'eval_confusion' must be a single number"):
+    with pytest.raises(ValueError, match="metric 'eval_confusion' must be a single number, got ndarray with 4 elements"):
         ela_hf.export_pruned(model, tmp_path / "bad", metrics={"eval_confusion": np.eye(2)}, verify=False)
+    with pytest.raises(ValueError, match="metric 'eval_logits' must be a single number, got Tensor with 3 elements"):
+        ela_hf.export_pruned(model, tmp_path / "bad", metrics={"eval_logits": torch.ones(3)}, verify=False)
     with pytest.raises(ValueError, match="metric 'eval_top1' must be a number or a string, got dict"):
         ela_hf.export_pruned(model, tmp_path / "bad", metrics={"eval_top1": {"a": 1}}, verify=False)
     assert not (tmp_path / "bad").exists()

@@ -258,6 +258,10 @@ def test_activation_checkpointing_is_reported_and_its_options_are_not_silently_d
     assert not model.is_activation_checkpointing and not model.timm_model.grad_checkpointing
     with pytest.warns(UserWarning, match=r"use_reentrant=False\); the activation checkpointing options"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.warns(UserWarning, match=r"options \{'every_n_layers': 2\} are not used"):
+        model.activation_checkpointing_enable(every_n_layers=2)
+    with pytest.warns(UserWarning, match=r"options \{'checkpoint function'"):
+        model.activation_checkpointing_enable(offload=True)
     assert model.timm_model.grad_checkpointing
     x = torch.randn(2, 3, 16, 16)
     model.train()(x).logits.sum().backward()  # still trains
@@ -329,6 +333,15 @@ def test_image_processor_options_are_applied_through_pretrained_cfg_or_refused(t
     assert ElaImageProcessor.from_pretrained(tmp_path / "proc")(image)["pixel_values"].shape[-1] == 16
     with pytest.raises(ValueError, match="'resnet18' is not an ela_hf layer-attention model"):
         ElaImageProcessor(architecture="resnet18")
+    with pytest.raises(ValueError, match=r"does not take \['size'\]"):
+        ElaImageProcessor(architecture=ARCH, size=10)
+    # grey [H, W] arrays and tensors, alone or in a list, and RGBA arrays read like the PIL images
+    grey = np.asarray(image.convert("L"))
+    expected = processor(image.convert("L"))["pixel_values"]
+    torch.testing.assert_close(processor(grey)["pixel_values"], expected)
+    torch.testing.assert_close(processor([grey, torch.from_numpy(grey)])["pixel_values"], expected.repeat(2, 1, 1, 1))
+    rgba = np.asarray(image.convert("RGBA"))
+    torch.testing.assert_close(processor(rgba)["pixel_values"], processor(image.convert("RGBA"))["pixel_values"])
     # half-precision tensors are read like float ones
     as_float = processor(torch.rand(3, 20, 20))["pixel_values"]
     assert processor(torch.rand(3, 20, 20).bfloat16())["pixel_values"].shape == as_float.shape

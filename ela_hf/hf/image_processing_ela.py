@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from typing import Any, TypedDict
 
+import numpy as np
 import timm.data
 import torch
 from PIL import Image
@@ -57,7 +58,11 @@ class ElaImageProcessor(BaseImageProcessor):
     valid_kwargs = ElaImageProcessorKwargs  # what from_pretrained(..., **kwargs) may override
 
     def __init__(self, pretrained_cfg: dict[str, Any] | None = None, architecture: str | None = None, **kwargs):
-        # kwargs are the other config.json keys when loaded from a model folder: not ours to keep
+        # kwargs are the other config.json keys when loaded from a model folder: not ours to keep; options
+        # of other image processors would be ignored, so they are refused
+        refused = sorted(k for k in kwargs if k in _OTHER_OPTIONS)
+        if refused:
+            raise ValueError(f"ElaImageProcessor does not take {refused}: {_OPTIONS_HINT}")
         super().__init__()
         if pretrained_cfg is None:
             if architecture is None:
@@ -157,6 +162,11 @@ class ElaImageProcessor(BaseImageProcessor):
             )
         if data_format not in (None, "channels_first", ChannelDimension.FIRST):
             raise ValueError(f"ElaImageProcessor returns channels-first pixel_values, got data_format={data_format!r}")
+        # grey [H, W] arrays and tensors: transformers only takes them with a channel dimension
+        if isinstance(images, (list, tuple)):
+            images = [_with_channels(image) for image in images]
+        else:
+            images = _with_channels(images)
         flat = make_flat_list_of_images(images)
         if len(flat) == 0:
             raise ValueError("ElaImageProcessor got no images (an empty list)")
@@ -168,9 +178,11 @@ class ElaImageProcessor(BaseImageProcessor):
         if not isinstance(image, Image.Image):
             if isinstance(image, torch.Tensor) and image.dtype in (torch.bfloat16, torch.float16):
                 image = image.float()
-            if input_data_format is None and channels not in (1, 3):
-                try:  # transformers only guesses 1 or 3 channels
-                    input_data_format = infer_channel_dimension_format(image, num_channels=(channels,))
+            if input_data_format is None:
+                try:  # transformers only guesses 1 or 3 channels: also RGBA arrays and the checkpoint's count
+                    input_data_format = infer_channel_dimension_format(
+                        image, num_channels=tuple(sorted({1, 3, 4, channels}))
+                    )
                 except ValueError:
                     pass
             image = to_pil_image(image, input_data_format=input_data_format)
@@ -185,6 +197,13 @@ class ElaImageProcessor(BaseImageProcessor):
 
 
 _PIL_MODES = {1: "L", 3: "RGB"}
+
+
+def _with_channels(image):
+    """A grey ``[H, W]`` array gets a channel axis (``[H, W, 1]``; a tensor ``[1, H, W]``)."""
+    if getattr(image, "ndim", None) != 2:
+        return image
+    return image[..., None] if isinstance(image, np.ndarray) else image.unsqueeze(0)
 
 
 class _ConvertMode:

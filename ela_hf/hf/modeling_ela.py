@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import time
 import warnings
 from typing import Any
 
@@ -65,6 +64,8 @@ class ElaPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     # the MRLA-B key/value cache lives inside a stage: never split one across devices
     _no_split_modules = ["LayerAttentionStage"]
+    # frozen BatchNorm layers (detection training) save no step counters; they are not weights
+    _keys_to_ignore_on_load_missing = [r"num_batches_tracked"]
     supports_gradient_checkpointing = True
     # the Trainer must not pass `num_items_in_batch` to forward
     accepts_loss_kwargs = False
@@ -136,16 +137,22 @@ class ElaPreTrainedModel(PreTrainedModel):
         return (model, report) if output_loading_info else model
 
     def _set_gradient_checkpointing(
-        self, enable: bool = True, gradient_checkpointing_func=None, *args, **kwargs
+        self, enable: bool = True, gradient_checkpointing_func=None, every_n_layers: int = 1, *args, **kwargs
     ) -> None:
         # checkpointing is per stage (the MRLA-B cache cannot be split between blocks), always non-reentrant
         self.timm_model.set_grad_checkpointing(enable)
         self.gradient_checkpointing = enable  # what is_activation_checkpointing (and the Trainer) reads
-        options = getattr(gradient_checkpointing_func, "keywords", None) or {}
-        if enable and {k: v for k, v in options.items() if k != "use_reentrant" or v}:
+        options = dict(getattr(gradient_checkpointing_func, "keywords", None) or {})
+        unused = {k: v for k, v in options.items() if k != "use_reentrant" or v}
+        if every_n_layers != 1:
+            unused["every_n_layers"] = every_n_layers
+        inner = getattr(gradient_checkpointing_func, "func", gradient_checkpointing_func)
+        if gradient_checkpointing_func is not None and inner is not torch.utils.checkpoint.checkpoint:
+            unused["checkpoint function"] = getattr(inner, "__qualname__", repr(inner))  # e.g. offload=True
+        if enable and unused:
             warnings.warn(
                 f"{type(self).__name__} checkpoints whole stages with torch.utils.checkpoint(use_reentrant=False); "
-                f"the activation checkpointing options {options} are not used"
+                f"the activation checkpointing options {unused} are not used"
             )
 
     def get_input_embeddings(self):
@@ -221,17 +228,26 @@ class ElaPreTrainedModel(PreTrainedModel):
         if state_dict is None:
             state_dict = self.state_dict()
         state_dict = {_strip_prefix(k): v for k, v in state_dict.items()}
-        started = time.time_ns()
-        before = _weight_files(save_directory)
-        result = super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
-        if kwargs.get("is_main_process", True):
-            # weight files of an earlier save in another layout (e.g. model.safetensors under a new sharded
-            # save) would be loaded instead of the new weights: remove those this save certainly did not
-            # write (unchanged, and older than the save by more than any file system's time resolution)
-            after = _weight_files(save_directory)
-            for name, stamp in before.items():
-                if after.get(name) == stamp and stamp[2] < started - 2_000_000_000:
-                    os.remove(os.path.join(save_directory, name))
+        if not kwargs.get("is_main_process", True) or not os.path.isdir(save_directory):
+            return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+        # weight files of an earlier save in another layout (e.g. model.safetensors under a new sharded
+        # save) would be loaded instead of the new weights: park the existing ones under hidden names, save,
+        # then delete them; a failed save puts them back (and removes what it half wrote)
+        parked = []
+        for name in _weight_files(save_directory):
+            hidden = os.path.join(save_directory, f".{name}.replaced-{os.getpid()}")
+            os.replace(os.path.join(save_directory, name), hidden)
+            parked.append((name, hidden))
+        try:
+            result = super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+        except BaseException:
+            for name in _weight_files(save_directory):
+                os.remove(os.path.join(save_directory, name))
+            for name, hidden in parked:
+                os.replace(hidden, os.path.join(save_directory, name))
+            raise
+        for _, hidden in parked:
+            os.remove(hidden)
         return result
 
     @classmethod
@@ -295,16 +311,9 @@ _WEIGHT_FILE = re.compile(
 )
 
 
-def _weight_files(folder) -> dict[str, tuple[int, int, int]]:
-    """The weight files (any layout transformers writes) in ``folder``: name -> (inode, size, mtime in ns)."""
-    if not os.path.isdir(folder):
-        return {}
-    found = {}
-    for entry in os.scandir(folder):
-        if entry.is_file() and _WEIGHT_FILE.fullmatch(entry.name):
-            st = entry.stat()
-            found[entry.name] = (st.st_ino, st.st_size, st.st_mtime_ns)
-    return found
+def _weight_files(folder) -> list[str]:
+    """The weight files (any layout transformers writes) in ``folder``."""
+    return sorted(e.name for e in os.scandir(folder) if e.is_file() and _WEIGHT_FILE.fullmatch(e.name))
 
 
 def _config_follows_loaded_mask(module: "ElaPreTrainedModel", incompatible_keys) -> None:
@@ -333,6 +342,17 @@ def _raise_for_unreadable_weights(source, err: Exception) -> None:
         raise ValueError(f"{source} has a config.json but no weight file (model.safetensors)") from err
     from safetensors import safe_open
 
+    index = os.path.join(source, "model.safetensors.index.json")
+    if os.path.isfile(index) and not os.path.isfile(os.path.join(source, "model.safetensors")):
+        import json
+
+        try:
+            shards = sorted(set(json.load(open(index, encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as read_err:
+            raise ValueError(f"{index} is corrupt and cannot be read: {read_err}") from err
+        absent = [f for f in shards if not os.path.isfile(os.path.join(source, f))]
+        if absent:
+            raise ValueError(f"{source}: the weight index names shards that are missing: {absent}") from err
     # the single file, or every shard: the first one that does not parse is named
     for name in sorted(f for f in names if f.endswith(".safetensors")):
         try:
