@@ -510,9 +510,13 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
             )
         # left None, the Trainer turns DDP's unused-parameter search off for a transformers model with
         # activation checkpointing: the first skip would then stop training with a DDP reduction error
+        # (transformers before 5.23 names the model's flag is_gradient_checkpointing)
+        flag = next(
+            (f for f in ("is_activation_checkpointing", "is_gradient_checkpointing") if hasattr(type(model), f)), None
+        )
         checkpointing = getattr(args, "gradient_checkpointing", False) or getattr(
             args, "activation_checkpointing", False
-        ) or bool(getattr(model, "is_activation_checkpointing", False))
+        ) or bool(flag and getattr(model, flag))
         if getattr(args, "ddp_find_unused_parameters", None) is None and checkpointing and isinstance(
             model, PreTrainedModel
         ):
