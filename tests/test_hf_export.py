@@ -1,4 +1,5 @@
 """Slim releases (`ela_hf.export_pruned`): both front doors, atomic writes, and the errors bad checkpoints give."""
+import copy
 import json
 import os
 
@@ -220,8 +221,9 @@ def test_a_save_in_another_layout_removes_the_earlier_weight_files(tmp_path, mon
     before = load_file(str(tmp_path / "model.safetensors"))
     import transformers.modeling_utils
 
-    def broken_save(*args, **kwargs):
-        (tmp_path / "model-00001-of-00002.safetensors").write_bytes(b"half")
+    def broken_save(tensors, filename, *args, **kwargs):
+        with open(filename, "wb") as f:
+            f.write(b"half")
         raise OSError("disk full")
 
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", broken_save)
@@ -230,6 +232,12 @@ def test_a_save_in_another_layout_removes_the_earlier_weight_files(tmp_path, mon
     assert sorted(p.name for p in tmp_path.iterdir() if "safetensors" in p.name) == ["model.safetensors"]
     after = load_file(str(tmp_path / "model.safetensors"))
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no hidden leftovers"
+    monkeypatch.undo()
+    # a variant is saved next to the default weights on purpose: both stay
+    copy.deepcopy(new).half().save_pretrained(tmp_path, variant="fp16")
+    assert {"model.safetensors", "model.fp16.safetensors"} <= {p.name for p in tmp_path.iterdir()}
+    assert load_file(str(tmp_path / "model.safetensors")).keys() == before.keys()
 
 
 def test_a_model_with_frozen_batchnorm_exports_and_loads(tmp_path, images):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import tempfile
 import warnings
 from typing import Any
 
@@ -228,26 +229,27 @@ class ElaPreTrainedModel(PreTrainedModel):
         if state_dict is None:
             state_dict = self.state_dict()
         state_dict = {_strip_prefix(k): v for k, v in state_dict.items()}
-        if not kwargs.get("is_main_process", True) or not os.path.isdir(save_directory):
+        plain = (
+            not kwargs.get("is_main_process", True)
+            or not os.path.isdir(save_directory)
+            or not _weight_files(save_directory)
+            or kwargs.get("variant")  # model.<variant>.safetensors sits next to the default files on purpose
+            or kwargs.get("push_to_hub")  # transformers pushes the folder it saved into
+        )
+        if plain:
             return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
         # weight files of an earlier save in another layout (e.g. model.safetensors under a new sharded
-        # save) would be loaded instead of the new weights: park the existing ones under hidden names, save,
-        # then delete them; a failed save puts them back (and removes what it half wrote)
-        parked = []
+        # save) would be loaded instead of the new weights. Save into a hidden folder inside, move the new
+        # files in, then delete the earlier weight files this save did not replace: the earlier weights stay
+        # loadable until the new ones are complete (an interrupted save leaves them, and a hidden folder)
+        with tempfile.TemporaryDirectory(prefix=".save-", dir=save_directory) as tmp:
+            result = super().save_pretrained(tmp, *args, state_dict=state_dict, **kwargs)
+            written = sorted(os.listdir(tmp))
+            for name in written:
+                os.replace(os.path.join(tmp, name), os.path.join(save_directory, name))
         for name in _weight_files(save_directory):
-            hidden = os.path.join(save_directory, f".{name}.replaced-{os.getpid()}")
-            os.replace(os.path.join(save_directory, name), hidden)
-            parked.append((name, hidden))
-        try:
-            result = super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
-        except BaseException:
-            for name in _weight_files(save_directory):
+            if name not in written:
                 os.remove(os.path.join(save_directory, name))
-            for name, hidden in parked:
-                os.replace(hidden, os.path.join(save_directory, name))
-            raise
-        for _, hidden in parked:
-            os.remove(hidden)
         return result
 
     @classmethod
