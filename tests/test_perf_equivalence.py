@@ -505,29 +505,38 @@ def test_mrla_b_cpu_buffers_are_reused_between_steps(kernels_everywhere, monkeyp
     assert mrla._SLOT_POOL.allocations - start == counts[-1]
 
 
-def test_buffer_pool_lets_go_of_input_sizes_no_longer_seen(monkeypatch):
-    """Detection feeds ever new input sizes: the pool must not keep a buffer for every size it saw,
-    while models trained in turn (as the bench does) keep reusing theirs."""
+def test_buffer_pool_keeps_a_bounded_number_of_bytes_and_reuses_what_fits(monkeypatch):
+    """Detection feeds ever new input sizes: the pool must not keep a buffer for every size it saw; a
+    fixed set of sizes that fits the bound, and models trained in turn, keep reusing theirs."""
     from ela_hf.layers import mrla
 
     pool = mrla._SLOT_POOL
     model = _tiny("mrla_b", layers=(4, 3)).train()
+    sizes = range(40, 8, -1)  # 32 sizes, 4 shapes each (a value and a gradient buffer per stage)
 
-    def many_sizes():
-        mrla.clear_value_buffer_pool()
+    def one_pass():
         first = None
-        for size in range(47, 7, -1):  # 40 sizes, 4 shapes each (a value and a gradient buffer per stage)
+        for size in sizes:
             model(torch.randn(1, 3, size, size)).sum().backward()
-            first = first or set(pool._free)
-        return first, pool.free_bytes()
+            first = first if first is not None else set(pool._free)
+        return first
 
+    mrla.clear_value_buffer_pool()
+    one_pass()
+    everything = pool.free_bytes()
     with monkeypatch.context() as m:
-        m.setattr(pool, "max_idle_takes", 10**9)
-        _, everything = many_sizes()
-    first, held = many_sizes()
-    assert not first & set(pool._free), "the first sizes' buffers are let go"
-    assert len(pool._free) <= pool.max_idle_takes // 2 < 4 * 40
-    assert 0 < held < everything / 2
+        m.setattr(pool, "max_free_bytes", everything // 4)
+        mrla.clear_value_buffer_pool()
+        first = one_pass()
+        assert 0 < pool.free_bytes() <= everything // 4
+        assert not first & set(pool._free), "the least recently used (first, largest) sizes are let go"
+
+    # under the default bound a fixed set of sizes is reused round after round (multi-scale training)
+    mrla.clear_value_buffer_pool()
+    one_pass()
+    start = pool.allocations
+    one_pass()
+    assert pool.allocations == start
 
     other = _tiny("mrla_b", layers=(3, 3)).train()
     x, y = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 12, 12)

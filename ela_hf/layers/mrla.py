@@ -8,6 +8,7 @@ compute the adjacent-layer KL divergence of SPEC section 3.
 from __future__ import annotations
 
 import math
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -262,6 +263,13 @@ class _StageValueBuffer:
         self._pooled = []
 
 
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not POSIX
+        return 8 << 30
+
+
 class _SlotBufferPool:
     """Keeps the large CPU stage buffers of one step for the next (CUDA has its caching allocator).
 
@@ -275,10 +283,10 @@ class _SlotBufferPool:
 
     max_per_key = 2
     max_pending = 32
-    # a shape not asked for during this many takes is let go: inputs of ever new sizes (detection's
-    # multi-scale batches) would otherwise keep a buffer for every size seen; a training loop asks for
-    # the same few shapes every step (a few takes per stage), also with other models interleaved
-    max_idle_takes = 64
+    # bytes kept for reuse at most (1/8 of the machine's memory, at least 1 GiB): beyond it the shapes asked
+    # for least recently are let go, so inputs of ever new sizes (detection's multi-scale batches) cannot
+    # keep a buffer for every size seen, while a fixed set of sizes that fits keeps being reused
+    max_free_bytes = max(1 << 30, _physical_memory() // 8)
 
     def __init__(self):
         self._free: Dict[tuple, List[torch.Tensor]] = {}
@@ -301,7 +309,6 @@ class _SlotBufferPool:
                 self._takes += 1
                 self._last_take[key] = self._takes
                 self._collect_pending()
-                self._drop_idle()
                 free = self._free.get(key)
                 buf = free.pop() if free else None
             if buf is not None:
@@ -331,16 +338,25 @@ class _SlotBufferPool:
             (self._add_free if _storage_refs(buf) == buf._ela_storage_refs else still.append)(buf)
         self._pending = still
 
-    def _drop_idle(self) -> None:
-        keys = set(self._free) | set(self._last_take)
-        for key in [k for k in keys if self._takes - self._last_take.get(k, 0) > self.max_idle_takes]:
-            self._last_take.pop(key, None)
-            self._free.pop(key, None)
+    def _free_bytes(self) -> int:
+        return sum(b.untyped_storage().nbytes() for bufs in self._free.values() for b in bufs)
 
     def free_bytes(self) -> int:
         """Bytes held for reuse (not counting buffers still in use)."""
         with self._lock:
-            return sum(b.untyped_storage().nbytes() for bufs in self._free.values() for b in bufs)
+            return self._free_bytes()
+
+    def _shrink(self) -> None:
+        """Let go of the least recently asked-for shapes until the kept bytes fit ``max_free_bytes``."""
+        held = self._free_bytes()
+        for key in sorted(self._free, key=lambda k: self._last_take.get(k, 0)):
+            if held <= self.max_free_bytes:
+                break
+            held -= sum(b.untyped_storage().nbytes() for b in self._free.pop(key))
+            self._last_take.pop(key, None)
+        if len(self._last_take) > 256:  # shapes seen once and long gone: forget all but the recent ones
+            recent = sorted(self._last_take, key=self._last_take.get)[-128:]
+            self._last_take = {k: self._last_take[k] for k in set(recent) | set(self._free) if k in self._last_take}
 
     def _add_free(self, buf: torch.Tensor) -> None:
         if _storage_refs(buf) != buf._ela_storage_refs:  # a view of it is alive somewhere
@@ -348,6 +364,7 @@ class _SlotBufferPool:
         free = self._free.setdefault(buf._ela_pool_key, [])
         if len(free) < self.max_per_key:
             free.append(buf)
+            self._shrink()
 
     def clear(self) -> None:
         with self._lock:
