@@ -37,6 +37,7 @@ from ela_hf.training import (
     build_transforms,
     card_settings,
     check_export_dir,
+    ddp_for_pruning,
     collate_image_batch,
     compute_accuracy,
     create_sgd,
@@ -79,9 +80,6 @@ PAPER_DEFAULTS = dict(
     logging_steps=50,
     # the dataset yields image/label columns that set_transform turns into pixel_values/labels
     remove_unused_columns=False,
-    # skipped attention layers get no gradients: DDP must look for unused parameters, also with
-    # --gradient_checkpointing (where the Trainer would otherwise turn the search off)
-    ddp_find_unused_parameters=True,
 )
 # --demo: the same recipe, shortened to run offline in a few minutes on 2 CPU cores, on a real dataset
 # that ships with scikit-learn (1,797 handwritten digits, 8x8 grey, upscaled to 32x32 RGB). Its schedule
@@ -157,6 +155,7 @@ def main(argv=None):
     )
     schedule = resolve_schedule(base_schedule, args, training_args.num_train_epochs, training_args.max_steps,
                                 steps_per_epoch, has_attention=has_attention, pruned_by_default=prune)
+    ddp_for_pruning(training_args, schedule)  # DDP must search for the skipped layers' unused parameters
     logger.info(f"{args.dataset}: {len(train_ds)} training images, {len(eval_ds)} from {eval_name!r}, "
                 f"{len(labels)} classes; input {data_config['input_size']}")
     logger.info(f"schedule: {schedule.describe()}")

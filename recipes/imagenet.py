@@ -33,6 +33,7 @@ from ela_hf.training import (
     build_transforms,
     card_settings,
     check_export_dir,
+    ddp_for_pruning,
     collate_image_batch,
     compute_accuracy,
     create_sgd,
@@ -77,9 +78,6 @@ PAPER_DEFAULTS = dict(
     dataloader_num_workers=8,
     # the dataset yields image/label columns that set_transform turns into pixel_values/labels
     remove_unused_columns=False,
-    # skipped attention layers get no gradients: DDP must look for unused parameters, also with
-    # --gradient_checkpointing (where the Trainer would otherwise turn the search off)
-    ddp_find_unused_parameters=True,
 )
 
 
@@ -129,6 +127,7 @@ def main(argv=None):
     )
     schedule = resolve_schedule(PAPER_SCHEDULE, args, training_args.num_train_epochs, training_args.max_steps,
                                 steps_per_epoch, has_attention=has_attention, pruned_by_default=prune)
+    ddp_for_pruning(training_args, schedule)  # DDP must search for the skipped layers' unused parameters
     logger.info(f"{args.dataset}: {len(train_ds)} training images, {len(eval_ds)} from {eval_name!r}, "
                 f"{len(labels)} classes; input {data_config['input_size']}")
     logger.info(f"schedule: {schedule.describe()}")

@@ -493,3 +493,29 @@ def test_windows_may_be_numpy_arrays():
 def test_invalid_callback_parameters_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ElaPruningCallback(**kwargs)
+
+
+def test_ddp_checkpointing_check_applies_to_ddp_only(monkeypatch):
+    from types import SimpleNamespace
+
+    from ela_hf import ElaConfig, ElaForImageClassification
+
+    monkeypatch.setattr("ela_hf.pruning.callback._world", lambda: (0, 2))  # as under a 2-process launch
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    model = ElaForImageClassification(ElaConfig(architecture="ela_resnet20_cifar", num_labels=2))
+    callback = ElaPruningCallback(windows=[(1, 1)])
+
+    def args(**kw):
+        base = dict(ddp_find_unused_parameters=None, gradient_checkpointing=True, fsdp="", deepspeed=None,
+                    ddp_static_graph=None)
+        return SimpleNamespace(**{**base, **kw})
+
+    with pytest.raises(ValueError, match="under DDP with activation checkpointing"):
+        callback._check_ddp(args(), model)
+    callback._check_ddp(args(ddp_find_unused_parameters=True), model)
+    callback._check_ddp(args(gradient_checkpointing=False), model)
+    callback._check_ddp(args(fsdp="full_shard"), model)  # FSDP and DeepSpeed do not use DDP
+    callback._check_ddp(args(deepspeed="ds.json"), model)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    callback._check_ddp(args(), model)

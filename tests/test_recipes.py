@@ -404,8 +404,6 @@ def test_the_demo_schedule_is_rescaled_to_other_epochs(tmp_path):
     # explicit arguments still win, and without --demo the paper's 180-epoch schedule is the base
     args, training_args, base = cifar.parse_arguments(["--demo", "--num_train_epochs", "3", "--kl_windows", "3-3"] + out)
     assert resolve_schedule(base, args, training_args.num_train_epochs).kl_windows == [(3, 3)]
-    # DDP must look for the skipped layers' unused parameters, also with --gradient_checkpointing
-    assert training_args.ddp_find_unused_parameters is True
     args, training_args, base = cifar.parse_arguments(["--num_train_epochs", "18"] + out)
     schedule = resolve_schedule(base, args, training_args.num_train_epochs)
     assert schedule.kl_windows == [(1, 1), (5, 5), (10, 10)] and "the paper's 180-epoch" in schedule.describe()

@@ -491,3 +491,23 @@ def test_classes_without_training_images_are_warned_about(caplog):
     with caplog.at_level("WARNING", logger="ela_hf.training.data"):
         prepare_splits(ds, ds, "validation", max_train_samples=1)
     assert "2 of the 3 classes have no training images (--max_train_samples drew a subset" in caplog.text
+
+
+def test_a_pruning_run_turns_on_ddps_unused_parameter_search(tmp_path):
+    from transformers import TrainingArguments
+
+    from ela_hf.training import ddp_for_pruning
+
+    def schedule(windows):
+        return resolve_schedule(PaperSchedule(epochs=4, lr_decay_epochs=(), warmup_epochs=0, kl_windows=windows),
+                                _args(), 4)
+
+    left_unset = TrainingArguments(output_dir=str(tmp_path), report_to="none")
+    ddp_for_pruning(left_unset, schedule(((1, 1),)))
+    assert left_unset.ddp_find_unused_parameters is True
+    unpruned = TrainingArguments(output_dir=str(tmp_path), report_to="none")
+    ddp_for_pruning(unpruned, schedule(()))
+    assert unpruned.ddp_find_unused_parameters is None  # no search overhead for a run that skips nothing
+    chosen = TrainingArguments(output_dir=str(tmp_path), report_to="none", ddp_find_unused_parameters=False)
+    ddp_for_pruning(chosen, schedule(((1, 1),)))
+    assert chosen.ddp_find_unused_parameters is False  # the callback then refuses it with a clear error

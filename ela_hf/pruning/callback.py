@@ -517,7 +517,10 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         checkpointing = getattr(args, "gradient_checkpointing", False) or getattr(
             args, "activation_checkpointing", False
         ) or bool(flag and getattr(model, flag))
-        if getattr(args, "ddp_find_unused_parameters", None) is None and checkpointing and isinstance(
+        sharded = bool(getattr(args, "fsdp", None) or getattr(args, "deepspeed", None)) or any(
+            os.environ.get(f"ACCELERATE_USE_{name}", "").lower() in ("1", "true") for name in ("FSDP", "DEEPSPEED")
+        )  # FSDP and DeepSpeed do not wrap the model in DDP
+        if getattr(args, "ddp_find_unused_parameters", None) is None and checkpointing and not sharded and isinstance(
             model, PreTrainedModel
         ):
             raise ValueError(

@@ -29,6 +29,7 @@ __all__ = [
     "build_selector",
     "check_export_dir",
     "resolve_checkpoint",
+    "ddp_for_pruning",
 ]
 
 Window = Tuple[int, int]
@@ -423,3 +424,11 @@ def resolve_checkpoint(training_args) -> Optional[str]:
         raise ValueError(f"--resume_from_checkpoint {checkpoint!r} is not a Trainer checkpoint folder "
                          "(it has no trainer_state.json)")
     return checkpoint
+
+
+def ddp_for_pruning(training_args, schedule: TrainingSchedule) -> None:
+    """Skipped layers get no gradients, so DDP must search for unused parameters: turn the search on for a run
+    that prunes when ``ddp_find_unused_parameters`` was left unset (the Trainer would turn it off with
+    activation checkpointing). Runs without windows keep the Trainer's choice (no search overhead)."""
+    if schedule.kl_windows and training_args.ddp_find_unused_parameters is None:
+        training_args.ddp_find_unused_parameters = True
