@@ -340,6 +340,8 @@ def test_image_processor_options_are_applied_through_pretrained_cfg_or_refused(t
     expected = processor(image.convert("L"))["pixel_values"]
     torch.testing.assert_close(processor(grey)["pixel_values"], expected)
     torch.testing.assert_close(processor([grey, torch.from_numpy(grey)])["pixel_values"], expected.repeat(2, 1, 1, 1))
+    short = np.asarray(image)[:4]  # channels last, 4 rows: not mistaken for 4 channels first
+    torch.testing.assert_close(processor(short)["pixel_values"], processor(Image.fromarray(short))["pixel_values"])
     rgba = np.asarray(image.convert("RGBA"))
     torch.testing.assert_close(processor(rgba)["pixel_values"], processor(image.convert("RGBA"))["pixel_values"])
     # half-precision tensors are read like float ones

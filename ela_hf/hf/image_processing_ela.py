@@ -179,12 +179,13 @@ class ElaImageProcessor(BaseImageProcessor):
             if isinstance(image, torch.Tensor) and image.dtype in (torch.bfloat16, torch.float16):
                 image = image.float()
             if input_data_format is None:
-                try:  # transformers only guesses 1 or 3 channels: also RGBA arrays and the checkpoint's count
-                    input_data_format = infer_channel_dimension_format(
-                        image, num_channels=tuple(sorted({1, 3, 4, channels}))
-                    )
-                except ValueError:
-                    pass
+                # transformers guesses 1 or 3 channels; then the checkpoint's count, then RGBA arrays
+                for counts in ((1, 3, channels), (4,)):
+                    try:
+                        input_data_format = infer_channel_dimension_format(image, num_channels=counts)
+                        break
+                    except ValueError:
+                        pass
             image = to_pil_image(image, input_data_format=input_data_format)
         if channels in _PIL_MODES:
             return image  # the transforms convert it

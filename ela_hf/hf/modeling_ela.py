@@ -340,7 +340,7 @@ def _raise_for_unreadable_weights(source, err: Exception) -> None:
             ) from err
         return
     names = os.listdir(source)
-    if not any(f.endswith((".safetensors", ".bin", ".safetensors.index.json")) for f in names):
+    if not any(_WEIGHT_FILE.fullmatch(f) for f in names):
         raise ValueError(f"{source} has a config.json but no weight file (model.safetensors)") from err
     from safetensors import safe_open
 
@@ -356,7 +356,7 @@ def _raise_for_unreadable_weights(source, err: Exception) -> None:
         if absent:
             raise ValueError(f"{source}: the weight index names shards that are missing: {absent}") from err
     # the single file, or every shard: the first one that does not parse is named
-    for name in sorted(f for f in names if f.endswith(".safetensors")):
+    for name in sorted(f for f in names if _WEIGHT_FILE.fullmatch(f) and f.endswith(".safetensors")):
         try:
             with safe_open(os.path.join(source, name), framework="pt") as f:
                 f.keys()

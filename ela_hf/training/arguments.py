@@ -268,7 +268,7 @@ def resolve_schedule(
     if explicit_windows is not None:
         windows = explicit_windows
     elif args.window_unit == "step":
-        raise ValueError("--window_unit step needs --kl_windows (the paper's windows are in epochs)")
+        raise ValueError(f"--window_unit step needs --kl_windows ({paper.name} windows are in epochs)")
     elif not has_attention or not pruned_by_default:
         windows = []  # a plain ResNet, or an MRLA baseline (mrla_*) trained as it is unless windows are given
     elif rescale:
