@@ -254,7 +254,7 @@ def test_activation_checkpointing_is_reported_and_its_options_are_not_silently_d
     model.activation_checkpointing_enable()
     # the Trainer reads this flag (e.g. to configure DDP); it must say what the network does
     assert model.is_activation_checkpointing and model.timm_model.grad_checkpointing
-    model.gradient_checkpointing_disable()
+    model.activation_checkpointing_disable()
     assert not model.is_activation_checkpointing and not model.timm_model.grad_checkpointing
     with pytest.warns(UserWarning, match=r"use_reentrant=False\); the activation checkpointing options"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
@@ -339,7 +339,7 @@ def test_image_processor_options_are_applied_through_pretrained_cfg_or_refused(t
     grey = np.asarray(image.convert("L"))
     expected = processor(image.convert("L"))["pixel_values"]
     torch.testing.assert_close(processor(grey)["pixel_values"], expected)
-    torch.testing.assert_close(processor([grey, torch.from_numpy(grey)])["pixel_values"], expected.repeat(2, 1, 1, 1))
+    torch.testing.assert_close(processor([grey, torch.from_numpy(grey.copy())])["pixel_values"], expected.repeat(2, 1, 1, 1))
     short = np.asarray(image)[:4]  # channels last, 4 rows: not mistaken for 4 channels first
     torch.testing.assert_close(processor(short)["pixel_values"], processor(Image.fromarray(short))["pixel_values"])
     rgba = np.asarray(image.convert("RGBA"))
