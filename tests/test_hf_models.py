@@ -349,6 +349,26 @@ def test_image_processor_options_are_applied_through_pretrained_cfg_or_refused(t
     assert processor(torch.rand(3, 20, 20).bfloat16())["pixel_values"].shape == as_float.shape
 
 
+def test_image_processor_exposes_size_and_normalisation_like_other_processors(tmp_path):
+    """transformers' run_image_classification example builds its torchvision transforms from these."""
+    from torchvision.transforms import CenterCrop, Compose, Normalize, RandomResizedCrop, Resize, ToTensor
+
+    model = ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=2)).eval()
+    model.save_pretrained(tmp_path)
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    size = (processor.size["height"], processor.size["width"])
+    assert size == tuple(processor.data_config["input_size"][1:]) and processor.crop_size == processor.size
+    normalize = Normalize(mean=processor.image_mean, std=processor.image_std)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    train = Compose([RandomResizedCrop(size), ToTensor(), normalize])(image)
+    evaluate = Compose([Resize(size), CenterCrop(size), ToTensor(), normalize])(image)
+    assert train.shape == evaluate.shape == processor(image)["pixel_values"].shape[1:]
+    assert model(evaluate.unsqueeze(0)).logits.shape == (1, 2)
+    # read-only views of the data config: they follow it
+    processor.pretrained_cfg = dict(processor.pretrained_cfg, input_size=[3, 16, 16], mean=[0.5] * 3)
+    assert processor.size == {"height": 16, "width": 16} and processor.image_mean == [0.5] * 3
+
+
 def test_image_processor_of_a_four_channel_checkpoint(tmp_path):
     cfg = dict(ElaConfig(architecture=ARCH, num_labels=2).pretrained_cfg, input_size=[4, 32, 32],
                mean=[0.5] * 4, std=[0.25] * 4)

@@ -110,6 +110,26 @@ class ElaImageProcessor(BaseImageProcessor):
     def num_channels(self) -> int:
         return int(self.data_config["input_size"][0])
 
+    # read-only views of the data config under the names transformers' other processors use (e.g. the
+    # run_image_classification example builds its own torchvision transforms from them)
+    @property
+    def size(self) -> dict[str, int]:
+        """The model's input size ``{"height", "width"}`` (after resize and center crop)."""
+        _, height, width = self.data_config["input_size"]
+        return {"height": int(height), "width": int(width)}
+
+    @property
+    def crop_size(self) -> dict[str, int]:
+        return self.size
+
+    @property
+    def image_mean(self) -> list[float]:
+        return [float(v) for v in self.data_config["mean"]]
+
+    @property
+    def image_std(self) -> list[float]:
+        return [float(v) for v in self.data_config["std"]]
+
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
         for key in ("val_transforms", "train_transforms", "data_config", "_pretrained_cfg"):
