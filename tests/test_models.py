@@ -28,7 +28,7 @@ def test_every_expected_name_is_registered_with_a_pretrained_cfg():
     assert sorted(MODEL_ARGS) == sorted(EXPECTED_NAMES)
     for name in EXPECTED_NAMES:
         cfg = timm.models.get_pretrained_cfg(name)
-        assert cfg.hf_hub_id == f"ela-hf/{name}"
+        assert not cfg.has_weights, "no weights are published: the cfg must not point at a download"
         assert cfg.classifier == "fc"
         # names a real weight: timm adapts it to another in_chans when loading pretrained weights
         model = timm.create_model(name, num_classes=2)
@@ -38,6 +38,12 @@ def test_every_expected_name_is_registered_with_a_pretrained_cfg():
             assert cfg.input_size == (3, 32, 32)
         else:
             assert cfg.input_size == (3, 224, 224) and cfg.crop_pct == 0.875
+
+
+def test_pretrained_without_a_checkpoint_is_an_error_not_random_weights():
+    with pytest.raises(ValueError, match="no pretrained weights are published for 'ela_resnet20_cifar'"):
+        timm.create_model("ela_resnet20_cifar", pretrained=True)
+    assert not [n for n in timm.list_models(pretrained=True) if n in EXPECTED_NAMES]
 
 
 def test_pretrained_rgb_weights_load_into_a_grey_deep_stem_model(tmp_path):

@@ -36,7 +36,6 @@ SkipMask = List[List[bool]]
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
-HUB_ORG = "ela-hf"
 ATTN_TYPES = ("mrla_l", "mrla_b")
 
 
@@ -499,6 +498,18 @@ class LayerAttentionResNet(nn.Module):
 
 
 def _create_ela_resnet(variant: str, pretrained: bool = False, **kwargs) -> LayerAttentionResNet:
+    if pretrained:
+        from timm.models._builder import resolve_pretrained_cfg
+
+        cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
+        if not (cfg.has_weights or getattr(cfg, "state_dict", None) is not None):
+            # timm would log a warning and return random weights
+            raise ValueError(
+                f"no pretrained weights are published for {variant!r}; load a checkpoint instead: "
+                f"timm.create_model('hf-hub:<org>/<repo>', pretrained=True), "
+                f"timm.create_model('local-dir:<folder>', pretrained=True), or "
+                f"timm.create_model({variant!r}, pretrained=True, pretrained_cfg_overlay=dict(file='<weights>'))"
+            )
     # the CIFAR nets have three stages: default features are the stem plus every stage
     out_indices = tuple(range(len(kwargs["layers"]) + 1))
     return build_model_with_cfg(
@@ -507,8 +518,8 @@ def _create_ela_resnet(variant: str, pretrained: bool = False, **kwargs) -> Laye
 
 
 def _cfg(variant: str, **kwargs) -> Dict[str, Any]:
+    # no download source: no weights are published (pretrained=True without a checkpoint is an error)
     return {
-        "hf_hub_id": f"{HUB_ORG}/{variant}",
         "num_classes": 1000,
         "input_size": (3, 224, 224),
         "pool_size": (7, 7),
