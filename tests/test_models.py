@@ -429,6 +429,13 @@ def test_bad_inputs_raise_clear_errors():
         model(torch.randn(2, 1, 32, 32))
     with pytest.raises(ValueError, match=r"\[batch, 3, height, width\]"):
         model(torch.randn(3, 32, 32))
+    # timm's features_only backbones call the stem directly: the same checks (plain and deep stem)
+    for name in ("ela_resnet20_cifar", "ela_resnet50d"):
+        backbone = timm.create_model(name, features_only=True)
+        with pytest.raises(ValueError, match="expected 3 input channels, got 4"):
+            backbone(torch.randn(2, 4, 32, 32))
+        with pytest.raises(ValueError, match=r"\[batch, 3, height, width\]"):
+            backbone(torch.randn(3, 32, 32))
     with pytest.raises(ValueError, match="skip_mask has 2 stages but the architecture has 3"):
         timm.create_model("ela_resnet20_cifar", skip_mask=[[False, False], [False, False]])
     with pytest.raises(ValueError, match="stage 1 has 3 entries but the stage has 2 blocks"):

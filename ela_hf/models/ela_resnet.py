@@ -312,6 +312,9 @@ class LayerAttentionResNet(nn.Module):
         else:
             inplanes = stem_width
             self.conv1 = nn.Conv2d(in_chans, inplanes, 7, stride=2, padding=3, bias=False)
+        # timm's features_only backbones call the stem's modules directly, not forward_stem: the input check
+        # runs on the first conv too
+        self.conv1.register_forward_pre_hook(_check_stem_input)
         self.bn1 = nn.BatchNorm2d(inplanes)
         self.act1 = nn.ReLU(inplace=True)
         stem_reduction = 1 if stem_type == "cifar" else 2
@@ -384,13 +387,7 @@ class LayerAttentionResNet(nn.Module):
         return [getattr(self, n) for n in self.stage_names]
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4:
-            raise ValueError(f"expected images of shape [batch, {self.in_chans}, height, width], got shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"expected {self.in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)}); "
-                "images must be channels-first [batch, channels, height, width]"
-            )
+        _check_images(x, self.in_chans)
 
     def _run_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
@@ -495,6 +492,22 @@ class LayerAttentionResNet(nn.Module):
 
 # --------------------------------------------------------------------------------------------------
 # creation, pretrained cfgs, registration
+
+
+def _check_images(x: torch.Tensor, in_chans: int) -> None:
+    if x.ndim != 4:
+        raise ValueError(f"expected images of shape [batch, {in_chans}, height, width], got shape {tuple(x.shape)}")
+    if x.shape[1] != in_chans:
+        raise ValueError(
+            f"expected {in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)}); "
+            "images must be channels-first [batch, channels, height, width]"
+        )
+
+
+def _check_stem_input(stem: nn.Module, args) -> None:
+    if args and isinstance(args[0], torch.Tensor) and not torch.jit.is_scripting():
+        first = stem[0] if isinstance(stem, nn.Sequential) else stem
+        _check_images(args[0], first.in_channels)
 
 
 def _create_ela_resnet(variant: str, pretrained: bool = False, **kwargs) -> LayerAttentionResNet:
