@@ -116,7 +116,18 @@ def run_checkpointed(out_dir):
     t, model = trainer(True)
     t.train()
     ddp = isinstance(t.model_wrapped, torch.nn.parallel.DistributedDataParallel)
-    return error, (ela_hf.get_skip_mask(model) if model.timm_model.grad_checkpointing else None), ddp
+    return error, (ela_hf.get_skip_mask(model) if model.timm_model.grad_checkpointing else None), ddp, model
+
+
+def save_from_every_rank(out_dir, model):
+    """Every rank calls save_pretrained on a folder holding an earlier save (transformers writes on rank 0
+    only): the weights must be there afterwards."""
+    folder = os.path.join(out_dir, "shared")
+    for rank in (0, 0, 1):  # an earlier save, rank 0's save, then rank 1's call (which writes nothing)
+        if dist.get_rank() == rank:
+            model.save_pretrained(folder)
+        dist.barrier()
+    return sorted(os.listdir(folder))
 
 
 def main(out_dir):
@@ -129,7 +140,8 @@ def main(out_dir):
         ddp_check_raised = True
 
     _, model_b, callback_b = run(out_dir, "b", resume_from=os.path.join(out_dir, "a", "checkpoint-5"))
-    gc_default_error, gc_mask, gc_ddp = run_checkpointed(out_dir)
+    gc_default_error, gc_mask, gc_ddp, gc_model = run_checkpointed(out_dir)
+    shared_files = save_from_every_rank(out_dir, gc_model)
     result = {
         "rank": rank,
         "world_size": world,
@@ -146,6 +158,7 @@ def main(out_dir):
         "gc_default_error": gc_default_error,
         "gc_mask": gc_mask,
         "gc_ddp": gc_ddp,
+        "shared_files": shared_files,
     }
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)

@@ -83,3 +83,5 @@ def test_two_processes_reduce_decide_once_and_end_with_identical_masks(tmp_path)
         assert "with activation checkpointing" in r["gc_default_error"]
         assert r["gc_ddp"] and r["gc_mask"] is not None and sum(map(sum, r["gc_mask"])) == 1
     assert r0["gc_mask"] == r1["gc_mask"]
+    # save_pretrained called on every rank over an earlier save: the weights are still there
+    assert "model.safetensors" in r0["shared_files"] and "config.json" in r0["shared_files"]

@@ -189,6 +189,12 @@ def test_corrupt_or_missing_weight_file_is_a_clear_error(tmp_path):
     shard.unlink()
     with pytest.raises(ValueError, match=f"the weight index names shards that are missing: \\['{shard.name}'\\]"):
         AutoModelForImageClassification.from_pretrained(tmp_path / "sharded")
+    # a folder with only a variant's weights: a truncated variant file is named, not "no weight file"
+    ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=2)).save_pretrained(tmp_path / "v", variant="fp16")
+    variant = tmp_path / "v" / "model.fp16.safetensors"
+    variant.write_bytes(variant.read_bytes()[:100])
+    with pytest.raises(ValueError, match="model.fp16.safetensors is corrupt or truncated"):
+        AutoModelForImageClassification.from_pretrained(tmp_path / "v", variant="fp16")
 
 
 def test_mask_in_config_json_that_does_not_fit_is_a_clear_error(tmp_path):

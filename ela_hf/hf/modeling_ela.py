@@ -229,8 +229,11 @@ class ElaPreTrainedModel(PreTrainedModel):
         if state_dict is None:
             state_dict = self.state_dict()
         state_dict = {_strip_prefix(k): v for k, v in state_dict.items()}
+        writes = kwargs.get("is_main_process", True)
+        if hasattr(self, "should_save_on_this_rank"):  # under torch.distributed only rank 0 writes
+            writes = self.should_save_on_this_rank(writes)
         plain = (
-            not kwargs.get("is_main_process", True)
+            not writes
             or not os.path.isdir(save_directory)
             or not _weight_files(save_directory)
             or kwargs.get("variant")  # model.<variant>.safetensors sits next to the default files on purpose
@@ -247,9 +250,10 @@ class ElaPreTrainedModel(PreTrainedModel):
             written = sorted(os.listdir(tmp))
             for name in written:
                 os.replace(os.path.join(tmp, name), os.path.join(save_directory, name))
-        for name in _weight_files(save_directory):
-            if name not in written:
-                os.remove(os.path.join(save_directory, name))
+        if any(_WEIGHT_FILE.fullmatch(name) for name in written):  # only a save that wrote weights replaces them
+            for name in _weight_files(save_directory):
+                if name not in written:
+                    os.remove(os.path.join(save_directory, name))
         return result
 
     @classmethod
@@ -307,6 +311,10 @@ class ElaPreTrainedModel(PreTrainedModel):
             )
 
 
+# any weight file transformers may have written, variants included (model.fp16.safetensors, ...)
+_ANY_WEIGHT_FILE = re.compile(
+    r"((model|pytorch_model)([.-][\w-]+)*\.(safetensors|bin)|(model\.safetensors|pytorch_model\.bin)\.index(\.\w+)?\.json)"
+)
 _WEIGHT_FILE = re.compile(
     r"(model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
     r"|pytorch_model(-\d+-of-\d+)?\.bin|pytorch_model\.bin\.index\.json)"
@@ -340,7 +348,7 @@ def _raise_for_unreadable_weights(source, err: Exception) -> None:
             ) from err
         return
     names = os.listdir(source)
-    if not any(_WEIGHT_FILE.fullmatch(f) for f in names):
+    if not any(_ANY_WEIGHT_FILE.fullmatch(f) for f in names):
         raise ValueError(f"{source} has a config.json but no weight file (model.safetensors)") from err
     from safetensors import safe_open
 
@@ -356,7 +364,7 @@ def _raise_for_unreadable_weights(source, err: Exception) -> None:
         if absent:
             raise ValueError(f"{source}: the weight index names shards that are missing: {absent}") from err
     # the single file, or every shard: the first one that does not parse is named
-    for name in sorted(f for f in names if _WEIGHT_FILE.fullmatch(f) and f.endswith(".safetensors")):
+    for name in sorted(f for f in names if _ANY_WEIGHT_FILE.fullmatch(f) and f.endswith(".safetensors")):
         try:
             with safe_open(os.path.join(source, name), framework="pt") as f:
                 f.keys()

@@ -521,7 +521,9 @@ def _create_ela_resnet(variant: str, pretrained: bool = False, **kwargs) -> Laye
                 f"no pretrained weights are published for {variant!r}; load a checkpoint instead: "
                 f"timm.create_model('hf-hub:<org>/<repo>', pretrained=True), "
                 f"timm.create_model('local-dir:<folder>', pretrained=True), or "
-                f"timm.create_model({variant!r}, pretrained=True, pretrained_cfg_overlay=dict(file='<weights>'))"
+                f"timm.create_model({variant!r}, pretrained=True, pretrained_cfg_overlay=dict(file='<weights>')) "
+                "(with checkpoint_path= / timm's --initial-checkpoint, leave pretrained=False: the checkpoint is "
+                "loaded after creation)"
             )
     # the CIFAR nets have three stages: default features are the stem plus every stage
     out_indices = tuple(range(len(kwargs["layers"]) + 1))
