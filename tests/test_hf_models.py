@@ -369,6 +369,17 @@ def test_image_processor_exposes_size_and_normalisation_like_other_processors(tm
     assert processor.size == {"height": 16, "width": 16} and processor.image_mean == [0.5] * 3
 
 
+def test_image_processor_keeps_the_contrast_of_16_bit_images():
+    processor = ElaImageProcessor(architecture=ARCH)
+    ramp = np.linspace(0, 65535, 40 * 48, dtype=np.uint16).reshape(40, 48)
+    as_8_bit = Image.fromarray(np.rint(ramp / 257.0).astype(np.uint8))
+    # Pillow's own conversion clips at 255: most of the image would turn white
+    torch.testing.assert_close(processor(Image.fromarray(ramp))["pixel_values"], processor(as_8_bit)["pixel_values"])
+    grey = ElaImageProcessor(pretrained_cfg=ElaConfig(architecture=ARCH, num_channels=1).pretrained_cfg)
+    converted = grey.train_transforms.transforms[0](Image.fromarray(ramp))
+    assert converted.mode == "L" and np.array_equal(np.asarray(converted), np.asarray(as_8_bit))
+
+
 def test_image_processor_of_a_four_channel_checkpoint(tmp_path):
     cfg = dict(ElaConfig(architecture=ARCH, num_labels=2).pretrained_cfg, input_size=[4, 32, 32],
                mean=[0.5] * 4, std=[0.25] * 4)

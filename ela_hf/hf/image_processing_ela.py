@@ -234,7 +234,18 @@ class _ConvertMode:
         self.mode = mode
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        return image if image.mode == self.mode else image.convert(self.mode)
+        return image if image.mode == self.mode else eight_bit(image).convert(self.mode)
+
+
+def eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit and 32-bit integer grey images scaled to 8 bits (Pillow's own conversion clips them at 255, which
+    turns most of a 16-bit image white); other images unchanged."""
+    if not (image.mode.startswith("I;16") or image.mode == "I"):
+        return image
+    pixels = np.asarray(image).astype(np.float64)
+    if image.mode.startswith("I;16") or pixels.max(initial=0) > 255:
+        pixels = pixels / 257.0
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="L")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(mode={self.mode!r})"

@@ -15,6 +15,8 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value, load_dataset
 from PIL import Image as PILImage
 
+from ..hf.image_processing_ela import eight_bit
+
 __all__ = [
     "DIGITS_DATASET",
     "EVAL_SPLIT_NAMES",
@@ -414,12 +416,7 @@ def _decode(value):
 def _to_rgb(img) -> PILImage.Image:
     if not isinstance(img, PILImage.Image):
         img = PILImage.fromarray(np.asarray(img))
-    if img.mode.startswith("I;16") or img.mode == "I":
-        # 16-bit grey: Pillow's convert clips at 255 (a white image); scale to 8 bits instead
-        pixels = np.asarray(img).astype(np.float64)
-        if img.mode.startswith("I;16") or pixels.max(initial=0) > 255:
-            pixels = pixels / 257.0
-        img = PILImage.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="L")
+    img = eight_bit(img)  # 16-bit grey: Pillow's convert would clip at 255 (a white image)
     # grey, palette, CMYK and RGBA images all become 3-channel RGB, which every model here expects
     return img if img.mode == "RGB" else img.convert("RGB")
 
