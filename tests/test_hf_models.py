@@ -324,6 +324,10 @@ def test_image_processor_options_are_applied_through_pretrained_cfg_or_refused(t
         AutoImageProcessor.from_pretrained(tmp_path, crop_pct=0.5)
     with pytest.raises(ValueError, match="got no images"):
         processor([])
+    as_numpy = processor(image, return_tensors="np")["pixel_values"]
+    assert isinstance(as_numpy, np.ndarray) and np.array_equal(as_numpy, processor(image)["pixel_values"].numpy())
+    with pytest.raises(ValueError, match="got return_tensors='tf'"):
+        processor(image, return_tensors="tf")
     # another data config, given at load time or set later, is what the processor then does
     small = dict(processor.pretrained_cfg, input_size=[3, 16, 16])
     assert AutoImageProcessor.from_pretrained(tmp_path, pretrained_cfg=small)(image)["pixel_values"].shape[-1] == 16

@@ -176,9 +176,10 @@ class ElaImageProcessor(BaseImageProcessor):
         """
         if kwargs:
             raise ValueError(f"ElaImageProcessor does not take the options {sorted(kwargs)}: {_OPTIONS_HINT}")
-        if return_tensors not in ("pt", None):
+        if return_tensors not in ("pt", "np", None):
             raise ValueError(
-                f"ElaImageProcessor returns PyTorch tensors only (return_tensors='pt'), got {return_tensors!r}"
+                f"ElaImageProcessor returns PyTorch tensors ('pt', also for None) or NumPy arrays ('np'), "
+                f"got return_tensors={return_tensors!r}"
             )
         if data_format not in (None, "channels_first", ChannelDimension.FIRST):
             raise ValueError(f"ElaImageProcessor returns channels-first pixel_values, got data_format={data_format!r}")
@@ -191,7 +192,10 @@ class ElaImageProcessor(BaseImageProcessor):
         if len(flat) == 0:
             raise ValueError("ElaImageProcessor got no images (an empty list)")
         pixel_values = [self.val_transforms(self._to_pil(image, input_data_format)) for image in flat]
-        return BatchFeature({"pixel_values": torch.stack(pixel_values)}, tensor_type="pt")
+        batch = torch.stack(pixel_values)
+        if return_tensors == "np":
+            return BatchFeature({"pixel_values": batch.numpy()}, tensor_type="np")
+        return BatchFeature({"pixel_values": batch}, tensor_type="pt")
 
     def _to_pil(self, image, input_data_format) -> Image.Image:
         channels = self.num_channels
