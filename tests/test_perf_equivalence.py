@@ -538,6 +538,14 @@ def test_buffer_pool_keeps_a_bounded_number_of_bytes_and_reuses_what_fits(monkey
     one_pass()
     assert pool.allocations == start
 
+    # two forwards before one backward (two augmented views): their buffers are reused too
+    x1, x2 = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    (model(x1).sum() + model(x2).sum()).backward()
+    start = pool.allocations
+    for _ in range(2):
+        (model(x1).sum() + model(x2).sum()).backward()
+    assert pool.allocations == start
+
     other = _tiny("mrla_b", layers=(3, 3)).train()
     x, y = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 12, 12)
     counts = []

@@ -291,7 +291,9 @@ class _SlotBufferPool:
     of reading overwritten values; a buffer with live views (someone kept a slot) is not reused.
     """
 
-    max_per_key = 2
+    # a value and a gradient buffer per stage and step; more for steps with several forwards before one
+    # backward (two augmented views, contrastive losses); the byte cap below bounds the total
+    max_per_key = 4
     max_pending = 32
     # bytes kept for reuse at most (1/8 of the machine's memory, at least 1 GiB): beyond it the shapes asked
     # for least recently are let go, so inputs of ever new sizes (detection's multi-scale batches) cannot
