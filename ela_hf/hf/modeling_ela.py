@@ -276,13 +276,8 @@ class ElaPreTrainedModel(PreTrainedModel):
         return (model, info) if output_loading_info else model
 
     def _check_loaded_weights(self, info: dict[str, Any], source) -> None:
-        # a BatchNorm's step counter is not a weight: frozen BN layers (detection training, DETR) save none,
-        # and torch's own BatchNorm loading accepts its absence
-        missing = sorted(
-            _strip_prefix(k)
-            for k in info.get("missing_keys", ())
-            if not _is_head_key(k) and not k.endswith("num_batches_tracked")
-        )
+        # (BatchNorm step counters are not reported missing: _keys_to_ignore_on_load_missing)
+        missing = sorted(_strip_prefix(k) for k in info.get("missing_keys", ()) if not _is_head_key(k))
         if missing:
             attention = [k for k in missing if ".attn." in k]
             hint = (
@@ -357,7 +352,8 @@ def _raise_for_unreadable_weights(source, err: Exception) -> None:
         import json
 
         try:
-            shards = sorted(set(json.load(open(index, encoding="utf-8"))["weight_map"].values()))
+            with open(index, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as read_err:
             raise ValueError(f"{index} is corrupt and cannot be read: {read_err}") from err
         absent = [f for f in shards if not os.path.isfile(os.path.join(source, f))]

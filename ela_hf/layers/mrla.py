@@ -45,8 +45,8 @@ __all__ = [
 
 DEFAULT_KL_EPS = 1e-8
 
-# set while activation checkpointing re-runs a stage's forward inside backward: that pass repeats the
-# step's forward exactly and must not record its KL statistics a second time
+# recording_paused() depth per thread: a manual switch (activation checkpointing's recompute needs none:
+# the layers never record inside a backward pass, see _LayerAttentionBase._records)
 _recording_pause = threading.local()
 
 

@@ -21,7 +21,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models.resnet import BasicBlock, Bottleneck, make_blocks
 
-from ela_hf.layers import MrlaBase, MrlaLight, StageState, recording_paused
+from ela_hf.layers import MrlaBase, MrlaLight, StageState
 
 __all__ = [
     "LayerAttentionResNet",
@@ -391,16 +391,8 @@ class LayerAttentionResNet(nn.Module):
 
     def _run_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
-            calls = []
-
-            def run(inp: torch.Tensor) -> torch.Tensor:
-                calls.append(None)
-                if len(calls) == 1:
-                    return stage(inp)
-                with recording_paused():  # backward's recompute: the step's KL is already recorded
-                    return stage(inp)
-
-            return torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
+            # backward's recompute records no KL: the attention layers never record inside a backward pass
+            return torch.utils.checkpoint.checkpoint(stage, x, use_reentrant=False)
         return stage(x)
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:

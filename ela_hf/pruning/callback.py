@@ -270,11 +270,6 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
             if j == 0 or blk.is_skipped:
                 continue
             self._layers.append((i, j, self._names.get(id(blk), f"stage{i}.block{j}"), blk.attn))
-        for _, _, _, attn in self._layers:
-            # the statistics are float32 by contract, also for a model cast to half precision
-            if attn.kl_sum.dtype != torch.float32:
-                attn.kl_sum = attn.kl_sum.float()
-                attn.kl_count = attn.kl_count.float()
         if not self._layers:
             logger.warning(
                 "ElaPruningCallback: pruning window %d opens with every skippable attention layer already "
