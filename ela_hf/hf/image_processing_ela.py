@@ -238,10 +238,10 @@ class _ConvertMode:
         self.mode = mode
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        return image if image.mode == self.mode else eight_bit(image).convert(self.mode)
+        return image if image.mode == self.mode else _eight_bit(image).convert(self.mode)
 
 
-def eight_bit(image: Image.Image) -> Image.Image:
+def _eight_bit(image: Image.Image) -> Image.Image:
     """16-bit and 32-bit integer grey images scaled to 8 bits (Pillow's own conversion clips them at 255, which
     turns most of a 16-bit image white); other images unchanged."""
     if not (image.mode.startswith("I;16") or image.mode == "I"):

@@ -15,7 +15,7 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value, load_dataset
 from PIL import Image as PILImage
 
-from ..hf.image_processing_ela import eight_bit
+from ..hf.image_processing_ela import _eight_bit
 
 __all__ = [
     "DIGITS_DATASET",
@@ -416,7 +416,7 @@ def _decode(value):
 def _to_rgb(img) -> PILImage.Image:
     if not isinstance(img, PILImage.Image):
         img = PILImage.fromarray(np.asarray(img))
-    img = eight_bit(img)  # 16-bit grey: Pillow's convert would clip at 255 (a white image)
+    img = _eight_bit(img)  # 16-bit grey: Pillow's convert would clip at 255 (a white image)
     # grey, palette, CMYK and RGBA images all become 3-channel RGB, which every model here expects
     return img if img.mode == "RGB" else img.convert("RGB")
 
