@@ -423,6 +423,95 @@ def test_drop_path_acts_on_the_attention_branch_only():
     assert not torch.allclose(out1, out2)
 
 
+@pytest.mark.parametrize("output_stride", [16, 8])
+def test_output_stride_dilates_the_later_stages_with_the_same_weights(output_stride, tmp_path):
+    torch.manual_seed(0)
+    plain = timm.create_model("ela_resnet18", num_classes=3).eval()
+    model = timm.create_model("ela_resnet18", num_classes=3, output_stride=output_stride).eval()
+    model.load_state_dict(plain.state_dict())  # dilation adds no weights: the same checkpoint loads strictly
+    assert model.layer4[1].conv2.dilation == (32 // output_stride,) * 2
+    x = torch.randn(1, 3, 64, 64)
+    assert model.forward_features(x).shape[-1] == 64 // output_stride
+    assert not torch.allclose(model(x), plain(x))
+    want = [2, 4, 8, min(16, output_stride), output_stride]
+    backbone = timm.create_model("ela_resnet18", features_only=True, output_stride=output_stride)
+    assert backbone.feature_info.reduction() == want
+    assert [64 // f.shape[-1] for f in backbone(x)] == want
+    # ELA on a dilated network: mask and KL recording as usual
+    model.set_skip_mask([[False, False], [False, True], [False, False], [False, True]])
+    with model.kl_recording():
+        model.train()(torch.randn(2, 3, 64, 64))
+    assert set(model.kl_statistics()) == {(0, 1), (2, 1)}
+    # the slim release rebuilds the dilated network (timm and transformers)
+    ela_hf.export_pruned(model.eval(), tmp_path / "release")
+    release = timm.create_model(f"local-dir:{tmp_path / 'release'}", pretrained=True).eval()
+    assert release.layer4[1].conv2.dilation == (32 // output_stride,) * 2
+    torch.testing.assert_close(release(x), model(x))
+    hf = ela_hf.ElaForImageClassification.from_pretrained(tmp_path / "release").eval()
+    torch.testing.assert_close(hf(pixel_values=x).logits, model(x))
+    with pytest.raises(ValueError, match="output_stride must be 8, 16 or 32, got 4"):
+        timm.create_model("ela_resnet18", output_stride=4)
+    with pytest.raises(ValueError, match="output_stride=16 is for the ImageNet stems"):
+        timm.create_model("ela_resnet20_cifar", output_stride=16)
+
+
+def test_detr_dilated_backbone_builds_an_output_stride_16_ela_backbone():
+    """DETR's DC5 (``dilation=True``) asks its timm backbone for ``output_stride=16``."""
+    from transformers import DetrConfig, DetrForObjectDetection
+
+    small = dict(num_queries=3, d_model=16, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=16,
+                 decoder_ffn_dim=16, encoder_attention_heads=2, decoder_attention_heads=2)
+    config = DetrConfig(use_timm_backbone=True, backbone="ela_resnet18", use_pretrained_backbone=False,
+                        dilation=True, **small)
+    detr = DetrForObjectDetection(config).eval()
+    backbone = detr.model.backbone.model
+    assert backbone.feature_info.reduction()[-1] == 16
+    with torch.no_grad():
+        out = detr(pixel_values=torch.randn(1, 3, 64, 64))
+    assert out.logits.shape == (1, 3, config.num_labels + 1)
+
+
+def test_drop_block_rate_acts_on_the_conv_path_of_stages_3_and_4():
+    from timm.layers import DropBlock2d
+
+    torch.manual_seed(0)
+    model = timm.create_model("ela_resnet18", drop_block_rate=0.3, zero_init_last=False)
+    assert [type(blk.drop_block) for s in model.stages for blk in s] == [nn.Identity] * 4 + [DropBlock2d] * 4
+    plain = timm.create_model("ela_resnet18")
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 160, 160)  # stage 3 at 10x10: room for DropBlock's 5x5 blocks
+    model.eval(), plain.eval()
+    torch.testing.assert_close(model(x), plain(x))  # eval: no blocks dropped
+    model.train(), plain.train()
+    assert torch.equal(plain(x), plain(x))
+    assert not torch.allclose(model(x), plain(x))
+    with pytest.raises(ValueError, match="drop_block_rate must be in"):
+        timm.create_model("ela_resnet18", drop_block_rate=1.5)
+
+
+def test_getter_backbone_drops_the_unused_stages_and_matches_the_full_network():
+    """``feature_cls='getter'`` calls prune_intermediate_layers: later stages and the head are removed."""
+    torch.manual_seed(0)
+    full = timm.create_model("ela_resnet20_cifar").eval()
+    getter = timm.create_model("ela_resnet20_cifar", features_only=True, feature_cls="getter", out_indices=(1, 2))
+    net = getter.model
+    assert net.stage_names == ["layer1", "layer2"] and not hasattr(net, "layer3")
+    missing, unexpected = net.load_state_dict(full.state_dict(), strict=False)
+    assert not missing and unexpected and all(k.startswith(("layer3.", "fc.")) for k in unexpected)
+    assert getter.feature_info.channels() == [64, 128]
+    x = torch.randn(2, 3, 32, 32)
+    want = full.forward_intermediates(x, indices=[1, 2], intermediates_only=True)
+    got = getter.eval()(x)
+    assert len(got) == 2
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    # the skip mask and the KL statistics cover the kept stages
+    assert net.skip_mask == [[False, False], [False, False]]
+    with ela_hf.kl_recording(getter):
+        getter.train()(x)
+    assert set(ela_hf.kl_statistics(getter)) == {(0, 1), (1, 1)}
+
+
 def test_bad_inputs_raise_clear_errors():
     model = timm.create_model("ela_resnet20_cifar", num_classes=5)
     with pytest.raises(ValueError, match="expected 3 input channels, got 1"):

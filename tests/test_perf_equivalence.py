@@ -275,6 +275,24 @@ def test_channels_last_matches_reference(attn_type):
 
 
 @pytest.mark.parametrize("attn_type", ["mrla_b", "mrla_l"])
+@pytest.mark.parametrize("kernels_everywhere", [False, True])
+def test_dilated_stages_match_reference(attn_type, kernels_everywhere, monkeypatch):
+    """output_stride=8: the last stage keeps its resolution with dilated convs; the layers attend as usual."""
+    if kernels_everywhere:
+        monkeypatch.setattr(fast_ops, "DEPTHWISE_MIN_PLANE", 0)
+        monkeypatch.setattr(fast_ops, "TAIL_MIN_PLANE", 0)
+        monkeypatch.setattr(fast_ops, "LIGHT_MIN_PLANE", 0)
+    torch.manual_seed(0)
+    model = LayerAttentionResNet(layers=(2, 3, 3), channels=(8, 8, 16), stem_width=16, attn_type=attn_type,
+                                 dim_per_head=16, num_classes=5, output_stride=8,
+                                 skip_mask=[[False, False], [False, True, False], [False, False, True]])
+    assert model.layer3[1].conv2.dilation == (2, 2)
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    assert model.double().forward_features(x).shape[-1] == 48 // 8
+    _compare(model.train(), x)
+
+
+@pytest.mark.parametrize("attn_type", ["mrla_b", "mrla_l"])
 def test_eval_and_no_grad_match_reference(attn_type):
     model = _tiny(attn_type, skip_mask=SKIPS[1]).double().eval()
     x = torch.randn(2, 3, 12, 12, dtype=torch.float64)

@@ -249,6 +249,9 @@ class LayerAttentionResNet(nn.Module):
         dim_per_head: channels per attention head (default 32 for MRLA-L, 16 for MRLA-B).
         skip_mask: per-stage lists of bools; skipped attention layers are not built.
         drop_path_rate: stochastic depth on the attention branch (linear over blocks); the conv path has none.
+        drop_block_rate: DropBlock on the conv path of stages 3 and 4 (timm's ResNet rule).
+        output_stride: 32 (default), 16 or 8: the later stages keep their resolution and dilate their
+            convolutions instead (segmentation and DC5 detection backbones). ImageNet stems only.
         avg_down: average-pool downsample in the shortcut (the ``d`` variants).
     """
 
@@ -265,6 +268,8 @@ class LayerAttentionResNet(nn.Module):
         global_pool: str = "avg",
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        drop_block_rate: float = 0.0,
+        output_stride: int = 32,
         dim_per_head: Optional[int] = None,
         skip_mask: Optional[SkipMask] = None,
         avg_down: bool = False,
@@ -279,6 +284,15 @@ class LayerAttentionResNet(nn.Module):
             raise ValueError(f"stem_type must be '', 'deep' or 'cifar', got {stem_type!r}")
         if len(layers) != len(channels):
             raise ValueError(f"layers {tuple(layers)} and channels {tuple(channels)} must have one entry per stage")
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride!r}")
+        if stem_type == "cifar" and output_stride != 32:
+            raise ValueError(
+                f"output_stride={output_stride} is for the ImageNet stems; the CIFAR stem keeps full resolution "
+                "and the CIFAR nets' last stage already runs at stride 4"
+            )
+        if not 0.0 <= drop_block_rate < 1.0:
+            raise ValueError(f"drop_block_rate must be in [0, 1), got {drop_block_rate!r}")
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
@@ -327,7 +341,9 @@ class LayerAttentionResNet(nn.Module):
             tuple(channels),
             tuple(layers),
             inplanes,
+            output_stride=output_stride,
             avg_down=avg_down,
+            drop_block_rate=drop_block_rate,
             act_layer=nn.ReLU,
             norm_layer=nn.BatchNorm2d,
         )
@@ -432,6 +448,28 @@ class LayerAttentionResNet(nn.Module):
         if intermediates_only:
             return intermediates
         return x, intermediates
+
+    def prune_intermediate_layers(
+        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> List[int]:
+        """Drop the stages after the last feature in ``indices`` (and the head); returns the kept indices.
+
+        timm calls this for ``features_only=True, feature_cls='getter'`` backbones. Dropped stages are
+        removed with their weights, so the skip mask and the KL statistics then cover the kept stages only.
+        """
+        take_indices, max_index = feature_take_indices(len(self.stage_names) + 1, indices)
+        prune_end = max_index < len(self.stage_names)
+        for name in self.stage_names[max_index:]:
+            delattr(self, name)
+        self.stage_names = self.stage_names[:max_index]
+        if max_index == 0:
+            self.maxpool = nn.Identity()
+        if prune_end:
+            # features now end at the last kept stage; the head was sized for the final features
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take_indices
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)
