@@ -532,6 +532,11 @@ def test_buffer_pool_keeps_a_bounded_number_of_bytes_and_reuses_what_fits(monkey
     model = _tiny("mrla_b", layers=(4, 3)).train()
     sizes = range(40, 8, -1)  # 32 sizes, 4 shapes each (a value and a gradient buffer per stage)
 
+    def held():  # the pool keeps a running total: it must equal what it holds
+        kept = sum(b.untyped_storage().nbytes() for bufs in pool._free.values() for b in bufs)
+        assert pool.free_bytes() == kept and all(pool._free.values())
+        return kept
+
     def one_pass():
         first = None
         for size in sizes:
@@ -541,12 +546,12 @@ def test_buffer_pool_keeps_a_bounded_number_of_bytes_and_reuses_what_fits(monkey
 
     mrla.clear_value_buffer_pool()
     one_pass()
-    everything = pool.free_bytes()
+    everything = held()
     with monkeypatch.context() as m:
         m.setattr(pool, "max_free_bytes", everything // 4)
         mrla.clear_value_buffer_pool()
         first = one_pass()
-        assert 0 < pool.free_bytes() <= everything // 4
+        assert 0 < held() <= everything // 4
         assert not first & set(pool._free), "the least recently used (first, largest) sizes are let go"
 
     # under the default bound a fixed set of sizes is reused round after round (multi-scale training)
@@ -572,6 +577,7 @@ def test_buffer_pool_keeps_a_bounded_number_of_bytes_and_reuses_what_fits(monkey
         other(y).sum().backward()
         counts.append(pool.allocations)
     assert counts[1:] == [counts[0]] * 3, "interleaved models keep reusing their buffers"
+    held()
 
 
 def test_mrla_b_graph_retained_across_a_later_forward_keeps_its_values():

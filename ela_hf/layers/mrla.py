@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -301,11 +302,12 @@ class _SlotBufferPool:
     max_free_bytes = max(1 << 30, _physical_memory() // 8)
 
     def __init__(self):
-        self._free: Dict[tuple, List[torch.Tensor]] = {}
+        self._free: Dict[tuple, List[torch.Tensor]] = {}  # shape key -> buffers ready for reuse (never empty)
+        self._held = 0  # bytes in self._free
         self._pending: List[torch.Tensor] = []  # given back while autograd may still hold views
         self._lock = threading.Lock()
-        self._takes = 0
-        self._last_take: Dict[tuple, int] = {}  # shape key -> the take that last asked for it
+        # shape keys by their last request, least recent first (every key of self._free is in it)
+        self._recent: "OrderedDict[tuple, None]" = OrderedDict()
         self.allocations = 0  # buffers made fresh (not reused): a steady training loop stops adding
 
     def take(self, n: int, v: torch.Tensor, heads: int) -> torch.Tensor:
@@ -318,11 +320,16 @@ class _SlotBufferPool:
         key = (shape, like.dtype, like.device, torch.is_inference_mode_enabled())
         if like.device.type == "cpu":
             with self._lock:
-                self._takes += 1
-                self._last_take[key] = self._takes
+                self._recent[key] = None
+                self._recent.move_to_end(key)
                 self._collect_pending()
                 free = self._free.get(key)
-                buf = free.pop() if free else None
+                buf = None
+                if free:
+                    buf = free.pop()
+                    self._held -= _nbytes(buf)
+                    if not free:
+                        del self._free[key]
             if buf is not None:
                 if not buf.is_inference():
                     torch.autograd.graph.increment_version(buf)
@@ -350,39 +357,45 @@ class _SlotBufferPool:
             (self._add_free if _storage_refs(buf) == buf._ela_storage_refs else still.append)(buf)
         self._pending = still
 
-    def _free_bytes(self) -> int:
-        return sum(b.untyped_storage().nbytes() for bufs in self._free.values() for b in bufs)
-
     def free_bytes(self) -> int:
         """Bytes held for reuse (not counting buffers still in use)."""
         with self._lock:
-            return self._free_bytes()
+            return self._held
 
     def _shrink(self) -> None:
         """Let go of the least recently asked-for shapes until the kept bytes fit ``max_free_bytes``."""
-        held = self._free_bytes()
-        for key in sorted(self._free, key=lambda k: self._last_take.get(k, 0)):
-            if held <= self.max_free_bytes:
-                break
-            held -= sum(b.untyped_storage().nbytes() for b in self._free.pop(key))
-            self._last_take.pop(key, None)
-        if len(self._last_take) > 256:  # shapes seen once and long gone: forget all but the recent ones
-            recent = sorted(self._last_take, key=self._last_take.get)[-128:]
-            self._last_take = {k: self._last_take[k] for k in set(recent) | set(self._free) if k in self._last_take}
+        if self._held > self.max_free_bytes:
+            for key in list(self._recent):
+                if self._held <= self.max_free_bytes:
+                    break
+                self._held -= sum(_nbytes(b) for b in self._free.pop(key, ()))
+                del self._recent[key]
+        if len(self._recent) > 256 + len(self._free):  # shapes seen once and long gone: forget most of them
+            for key in list(self._recent)[:-128]:
+                if key not in self._free:
+                    del self._recent[key]
 
     def _add_free(self, buf: torch.Tensor) -> None:
         if _storage_refs(buf) != buf._ela_storage_refs:  # a view of it is alive somewhere
             return
-        free = self._free.setdefault(buf._ela_pool_key, [])
+        key = buf._ela_pool_key
+        free = self._free.setdefault(key, [])
         if len(free) < self.max_per_key:
             free.append(buf)
+            self._held += _nbytes(buf)
+            self._recent.setdefault(key)  # asked for before a clear(): counts as recent
             self._shrink()
 
     def clear(self) -> None:
         with self._lock:
             self._free.clear()
+            self._held = 0
             self._pending.clear()
-            self._last_take.clear()
+            self._recent.clear()
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.untyped_storage().nbytes()
 
 
 def _storage_refs(t: torch.Tensor) -> int:
