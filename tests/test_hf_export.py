@@ -275,3 +275,33 @@ def test_a_features_only_backbone_is_exported_through_the_full_network(tmp_path)
     with torch.no_grad():
         for a, b in zip(again(x), backbone(x)):
             torch.testing.assert_close(a, b)
+
+
+def test_the_next_save_deletes_the_hidden_folder_of_a_killed_save(tmp_path):
+    """A process killed while moving a save's files in leaves its hidden folder (full weights); the next
+    save into that folder deletes it, but not the folder of a save still running (or on another host)."""
+    import socket
+    import subprocess
+    import sys
+    import textwrap
+
+    target = tmp_path / "ckpt"
+    script = textwrap.dedent(f"""
+        import os
+        import ela_hf
+        model = ela_hf.ElaForImageClassification(ela_hf.ElaConfig(architecture={ARCH!r}, num_labels=2))
+        model.save_pretrained({str(target)!r})
+        os.replace = lambda *args: os._exit(3)  # killed mid-save, after the weights were written
+        model.save_pretrained({str(target)!r})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr
+    left = [p for p in target.iterdir() if p.name.startswith(".save-")]
+    assert len(left) == 1 and (left[0] / "model.safetensors").is_file()
+    host = socket.gethostname()
+    running = target / f".save-{host}-{os.getpid()}-abcd1234"  # this process: alive
+    elsewhere = target / f".save-otherhost-{left[0].name.split('-')[-2]}-abcd1234"  # a dead pid there
+    running.mkdir(), elsewhere.mkdir()
+    model = ElaForImageClassification.from_pretrained(target)  # the earlier weights are intact
+    model.save_pretrained(target)
+    assert sorted(p.name for p in target.iterdir() if p.name.startswith(".")) == sorted([running.name, elsewhere.name])

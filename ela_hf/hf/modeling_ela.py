@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
+import socket
 import tempfile
 import warnings
 from typing import Any
@@ -244,8 +246,11 @@ class ElaPreTrainedModel(PreTrainedModel):
         # weight files of an earlier save in another layout (e.g. model.safetensors under a new sharded
         # save) would be loaded instead of the new weights. Save into a hidden folder inside, move the new
         # files in, then delete the earlier weight files this save did not replace: the earlier weights stay
-        # loadable until the new ones are complete (an interrupted save leaves them, and a hidden folder)
-        with tempfile.TemporaryDirectory(prefix=".save-", dir=save_directory) as tmp:
+        # loadable until the new ones are complete (an interrupted save leaves them, and a hidden folder that
+        # the next save here deletes)
+        _remove_abandoned_saves(save_directory)
+        prefix = f"{_SAVE_PREFIX}{socket.gethostname()}-{os.getpid()}-"
+        with tempfile.TemporaryDirectory(prefix=prefix, dir=save_directory) as tmp:
             result = super().save_pretrained(tmp, *args, state_dict=state_dict, **kwargs)
             written = sorted(os.listdir(tmp))
             for name in written:
@@ -314,6 +319,29 @@ _WEIGHT_FILE = re.compile(
     r"(model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
     r"|pytorch_model(-\d+-of-\d+)?\.bin|pytorch_model\.bin\.index\.json)"
 )
+
+
+_SAVE_PREFIX = ".save-"
+# .save-<host>-<pid>-<tempfile's 8 random characters>
+_SAVE_FOLDER = re.compile(re.escape(_SAVE_PREFIX) + r"(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]{8}")
+
+
+def _remove_abandoned_saves(folder) -> None:
+    """Delete the hidden folders of saves into ``folder`` whose process died mid-save (killed, out of memory).
+
+    Only folders of this host's processes that no longer exist: a save running elsewhere keeps its folder.
+    """
+    host = socket.gethostname()
+    for entry in os.scandir(folder):
+        match = _SAVE_FOLDER.fullmatch(entry.name)
+        if match is None or match["host"] != host or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            os.kill(int(match["pid"]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry.path, ignore_errors=True)
+        except OSError:  # alive, another user's
+            pass
 
 
 def _weight_files(folder) -> list[str]:
