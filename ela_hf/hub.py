@@ -162,10 +162,13 @@ def _network_and_config(model: nn.Module, id2label=None) -> Tuple[LayerAttention
     if any(isinstance(m, LayerAttentionStage) for m in model.modules()):
         # a timm features_only backbone (FeatureListNet), or a detector around one
         arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or "<architecture>"
+        # feature_cls='getter' keeps the (pruned) network under .model
+        weights = "backbone.model.state_dict()" if isinstance(getattr(model, "model", None), LayerAttentionResNet) \
+            else "backbone.state_dict()"
         hint = (
             f". It contains ELA stages (a features_only backbone or a model around one): copy them into the "
             f"full network and export that: net = timm.create_model({arch!r}, num_classes=0); "
-            "net.load_state_dict(backbone.state_dict()) (a backbone cut short by out_indices lacks the later stages); "
+            f"net.load_state_dict({weights}) (a backbone cut short by out_indices lacks the later stages); "
             "export_pruned(net, ...). timm.create_model('local-dir:<release>', pretrained=True, "
             "features_only=True) gives the backbone back"
         )

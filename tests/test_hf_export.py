@@ -266,6 +266,11 @@ def test_a_features_only_backbone_is_exported_through_the_full_network(tmp_path)
     ela_hf.set_skip_mask(backbone, MASK)
     with pytest.raises(ValueError, match=r"got FeatureListNet\. It contains ELA stages .*'ela_resnet20_cifar'"):
         ela_hf.export_pruned(backbone, tmp_path / "nope")
+    getter = timm.create_model(ARCH, features_only=True, feature_cls="getter")
+    with pytest.raises(ValueError, match=r"got FeatureGetterNet\. .*net\.load_state_dict\(backbone\.model\.state_dict\(\)\)"):
+        ela_hf.export_pruned(getter, tmp_path / "nope")
+    net = timm.create_model(ARCH, num_classes=0)
+    net.load_state_dict(getter.model.state_dict())  # the route that message gives
     # the way the error describes
     net = timm.create_model(ARCH, num_classes=0)
     net.load_state_dict(backbone.state_dict())
