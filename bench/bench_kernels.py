@@ -1,4 +1,7 @@
-"""Op-level benchmark of the CPU fast paths against PyTorch's own ops, in one process.
+"""Op-level benchmark of the conv, tail and fused C++ CPU kernels against PyTorch's own ops, in one process.
+
+(The slot, attention-weight and gate kernels are timed in whole networks instead:
+``bench_models.py --models mrla_b mrla_b_bmm mrla_b_qk_ops mrla_l mrla_l_qk_ops``.)
 
 For the attention tensors of the two benchmark networks (CIFAR ResNet-110 at 32x32 and batch 64,
 ResNet-50 at 128x128 and batch 8, one shape per stage, read off the MRLA-L models themselves), times
@@ -14,7 +17,8 @@ forward + backward of:
 
 The kernels run at every plane size here (the layers hand planes smaller than
 ``fast_ops.DEPTHWISE_MIN_PLANE`` / ``TAIL_MIN_PLANE`` elements to PyTorch, and planes below
-``LIGHT_MIN_PLANE`` to the separate kernels; the last column says which path the layers take). Medians over interleaved rounds (the PyTorch and fast versions alternate), with a large buffer
+``LIGHT_MIN_PLANE`` to the separate kernels; the last column says which path the layers take: at the
+fused layer's sizes MRLA-L runs neither the separate conv nor its tail kernel). Medians over interleaved rounds (the PyTorch and fast versions alternate), with a large buffer
 rewritten before every call so that the data is not in cache, as inside a training step. Prints times
 and the ratio fast / PyTorch (below 1: faster).
 
@@ -23,6 +27,7 @@ and the ratio fast / PyTorch (below 1: faster).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -127,6 +132,8 @@ def _ops(shape):
 
 def run(args) -> str:
     if fast_ops.cpu_kernels() is None:
+        if os.environ.get("ELA_HF_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+            raise SystemExit("the C++ kernels are switched off (ELA_HF_CPU_KERNELS): nothing to compare")
         raise SystemExit("the C++ kernels are unavailable here (no C++ compiler?): nothing to compare")
     flush = torch.empty(64 << 20, dtype=torch.uint8)  # 64 MiB, more than the last-level cache
     lines = [
@@ -135,13 +142,14 @@ def run(args) -> str:
         "",
         "command: `python bench/bench_kernels.py " + " ".join(args.argv) + "`",
         "",
-        "| case | tensor | op | PyTorch (ms) | fast (ms) | fast / PyTorch | the layers use |",
+        "| case | tensor | op | baseline (ms) | fast (ms) | fast / baseline | the layers use |",
         "|---|---|---|---|---|---|---|",
     ]
     saved = (fast_ops.DEPTHWISE_MIN_PLANE, fast_ops.TAIL_MIN_PLANE, fast_ops.LIGHT_MIN_PLANE)
     limits = {"depthwise conv + pooling": saved[0], "MRLA-L tail": saved[1], "MRLA-B tail": saved[1],
               FUSED_ROW: max(saved)}
     labels = {FUSED_ROW: ("fused", "not fused")}
+    fused_from = max(saved[1], saved[2]) if fast_ops.FUSED_LIGHT_LAYER else None
     # time the kernels at every size
     fast_ops.DEPTHWISE_MIN_PLANE = fast_ops.TAIL_MIN_PLANE = fast_ops.LIGHT_MIN_PLANE = 0
     try:
@@ -160,7 +168,12 @@ def run(args) -> str:
                     slow_ms = statistics.median(times["slow"]) * 1e3
                     fast_ms = statistics.median(times["fast"]) * 1e3
                     yes, no = labels.get(name, ("kernel", "PyTorch"))
-                    used = yes if shape[2] * shape[3] >= limits[name] else no
+                    plane = shape[2] * shape[3]
+                    used = yes if plane >= limits[name] else no
+                    if fused_from is not None and plane >= fused_from and name == "MRLA-L tail":
+                        used = "fused layer"  # MRLA-L's tail is inside its fused kernel at these sizes
+                    elif fused_from is not None and plane >= fused_from and name == "depthwise conv + pooling":
+                        used = "kernel (MRLA-B); fused layer (MRLA-L)"
                     lines.append(
                         f"| {case} | {list(shape)} | {name} | {slow_ms:.2f} | {fast_ms:.2f} | {fast_ms / slow_ms:.2f} "
                         f"| {used} |"
@@ -174,10 +187,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", nargs="+", choices=sorted(CASES), default=["cifar", "imagenet"])
     p.add_argument("--repeats", type=int, default=15, help="interleaved rounds per op (default 15)")
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: leave as is)")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default 0: leave as is)")
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
+    if args.threads < 0:
+        p.error(f"--threads must be at least 0, got {args.threads}")
     args.argv = list(argv if argv is not None else sys.argv[1:])
     return args
 

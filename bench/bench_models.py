@@ -15,16 +15,17 @@ A training step is: ``zero_grad(set_to_none=True)``, forward, cross-entropy, bac
 (momentum 0.9). ELA is the MRLA-B network with the attention layers of blocks 1, 3, 5, ... of every
 stage skipped in place (``set_skip_mask``), as during ELA training after a pruning decision.
 
-Peak memory:
-- CPU: the high-water mark of live tensor bytes during one training step above what was live before
-  it (model, optimizer state, input batch; MRLA-B's pooled stage buffers are released first, so the
-  step allocates and counts them), from the allocation events of ``torch.profiler``
+Peak memory, on every device above what is live before the step with the gradients set to None (model,
+optimizer state, input batch), so the figure holds the step's activations, its new gradients and its
+temporaries:
+- CPU: the high-water mark of live tensor bytes during one training step (MRLA-B's pooled stage
+  buffers are released first, so the step allocates and counts them), from the allocation events of ``torch.profiler``
   (``profile_memory=True``): every tensor allocated through PyTorch's CPU allocator, activations saved
   for backward, gradients and temporaries included; memory the C libraries allocate on their own
   (oneDNN/MKL scratch space, allocator caching) is not in it.
 - CUDA: ``torch.cuda.max_memory_allocated()`` during the step minus the allocated bytes before it.
 
-Inference: images/s of the plain ResNet and of the slim ELA model (built with
+Inference (whatever ``--models`` says): images/s of the plain ResNet and of the slim ELA model (built with
 ``timm.create_model(name, skip_mask=mask)``, skipped layers absent), eval mode, eager and under
 ``torch.compile``.
 
@@ -49,7 +50,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
-os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's start/stop chatter on stderr
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # less of the profiler's chatter on stderr
 
 import timm  # noqa: E402
 import torch  # noqa: E402
@@ -116,6 +117,15 @@ def make_cases(device: str) -> Dict[str, Case]:
     }
 
 
+def case_batch(case: Case, device: str):
+    """The case's batch: the same images and targets for every model (its own generator, not the one
+    that initialised the weights)."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(case.batch_size, 3, case.image_size, case.image_size, generator=gen)
+    target = torch.randint(0, case.num_classes, (case.batch_size,), generator=gen)
+    return x.to(device), target.to(device)
+
+
 def alternating_skip_mask(model: nn.Module) -> List[List[bool]]:
     """Blocks 1, 3, 5, ... of every stage skipped: half (rounded up) of the non-first layers."""
     return [[j % 2 == 1 for j in range(n)] for n in model.stage_sizes]
@@ -135,6 +145,7 @@ class Runner:
     step: Callable[[], None]
     times: List[float] = field(default_factory=list)
     peak_bytes: Optional[int] = None
+    batch: tuple = ()
 
 
 def build_runner(case: Case, kind: str, args) -> Runner:
@@ -148,8 +159,7 @@ def build_runner(case: Case, kind: str, args) -> Runner:
     if kind == "ela":
         set_skip_mask(model, alternating_skip_mask(model))
     model.to(args.device).train()
-    x = torch.randn(case.batch_size, 3, case.image_size, case.image_size, device=args.device)
-    target = torch.randint(0, case.num_classes, (case.batch_size,), device=args.device)
+    x, target = case_batch(case, args.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -164,7 +174,7 @@ def build_runner(case: Case, kind: str, args) -> Runner:
             loss.backward()
             opt.step()
 
-    return Runner(kind, model, step)
+    return Runner(kind, model, step, batch=(x, target))
 
 
 def autocast(args) -> Callable[[], contextlib.AbstractContextManager]:
@@ -185,6 +195,10 @@ def peak_step_bytes(runner: Runner, device: str) -> Optional[int]:
     """Peak live tensor bytes during one step above those live before it (see the module docstring)."""
     # MRLA-B keeps its large CPU stage buffers between steps; let this step allocate them so they count
     clear_value_buffer_pool()
+    # the same starting point on both devices: without the previous step's gradients (the step's own
+    # zero_grad would free them, which CUDA's counter sees and the profiler, for memory allocated before
+    # it started, does not)
+    runner.model.zero_grad(set_to_none=True)
     gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -276,7 +290,8 @@ def round_quartiles(runner: Runner, base: Optional[Runner]) -> str:
     the ratio moves within this run (the table's ratio is of the medians)."""
     if base is None or len(runner.times) < 2:
         return "-"
-    q1, _, q3 = statistics.quantiles([t / b for t, b in zip(runner.times, base.times)], n=4)
+    # 'inclusive': quartiles within the observed ratios (the default extrapolates from few rounds)
+    q1, _, q3 = statistics.quantiles([t / b for t, b in zip(runner.times, base.times)], n=4, method="inclusive")
     return f"{fmt_ratio(q1)}-{fmt_ratio(q3)}"
 
 
@@ -311,9 +326,26 @@ def render(case: Case, runners: Dict[str, Runner], infer: Optional[Dict[str, Dic
     return "\n".join(lines)
 
 
+def kernel_note(args) -> str:
+    """Which CPU path the attention layers take, for the header (compiles the kernels now, outside any timed step)."""
+    if args.device == "cuda":
+        return ""
+    state = fast_ops.describe_kernels()
+    if state == "unavailable":
+        return ", C++ kernels unavailable (pure-PyTorch paths)"
+    if args.amp != "none":
+        return f", C++ kernels {state} but not used (they do not run under autocast)"
+    if args.channels_last:
+        return (f", C++ kernels {state}: only the attention-weight, gate and slot kernels run (the conv, tail "
+                "and fused kernels take NCHW tensors)")
+    return f", C++ kernels {state}"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cases", nargs="+", choices=("cifar", "imagenet"), default=["cifar", "imagenet"])
+    p.add_argument("--cases", nargs="+", choices=("cifar", "imagenet"), default=["cifar", "imagenet"],
+                   help="cifar: CIFAR ResNet-110 at 32x32, batch 64; imagenet: ResNet-50 at 128x128, batch 8 "
+                        "(224x224, batch 256 on CUDA)")
     p.add_argument("--models", nargs="+", choices=MODEL_KINDS, default=list(DEFAULT_KINDS),
                    help="model kinds to train (ratios need 'resnet'; the ELA/MRLA-B column needs 'mrla_b'); "
                         "*_plain: the same network with ela_hf.layers.fast_ops switched off; mrla_l_unfused: "
@@ -321,22 +353,25 @@ def parse_args(argv=None):
                         "torch.bmm; *_qk_ops: MRLA-L's gate and MRLA-B's attention weights in PyTorch ops instead "
                         "of their C++ kernels (before/after)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per model (default 7, --quick 3)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per model before timing")
-    p.add_argument("--quick", action="store_true", help="3 rounds, 1 warm-up step, no torch.compile")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per model before timing (default 2, --quick 1)")
+    p.add_argument("--quick", action="store_true",
+                   help="3 rounds, 1 warm-up step, no torch.compile (explicit --repeats / --warmup win)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: the current CUDA device")
     p.add_argument("--amp", default="none", choices=("none", "bf16"), help="autocast dtype (bf16 on CPU and CUDA)")
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--channels-last", action="store_true", help="models and batch in channels_last memory format")
     p.add_argument("--batch-size", type=int, default=None, help="override the case's batch size")
     p.add_argument("--image-size", type=int, default=None, help="override the case's image size")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile throughput")
-    p.add_argument("--no-inference", dest="inference", action="store_false", help="skip the throughput table")
+    p.add_argument("--no-inference", dest="inference", action="store_false",
+                   help="skip the throughput table (it always times the plain ResNet and the slim ELA, whatever --models)")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory step")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     args = p.parse_args(argv)
     if args.repeats is None:
         args.repeats = 3 if args.quick else 7
+    if args.warmup is None:
+        args.warmup = 1 if args.quick else 2
     if args.quick:
-        args.warmup = min(args.warmup, 1)
         args.compile = False
     for flag, value, least in (("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0),
                                ("--batch-size", args.batch_size, 1), ("--image-size", args.image_size, 1),
@@ -345,6 +380,29 @@ def parse_args(argv=None):
             p.error(f"{flag} must be at least {least}, got {value}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda was given but torch.cuda.is_available() is False")
+    off_kinds = [k for k in args.models if any(k.endswith(suffix) for suffix in SWITCHES)]
+    if off_kinds and (args.device != "cpu" or args.amp != "none"):
+        p.error(
+            f"{', '.join(off_kinds)} switch C++ CPU kernels off, but with --device {args.device} --amp {args.amp} no "
+            "kernel runs (they take float32/float64 CPU tensors without autocast): the comparison would time the "
+            "same network twice"
+        )
+    if args.channels_last and "mrla_l_unfused" in args.models:
+        p.error("mrla_l_unfused switches MRLA-L's fused layer off, which never runs with --channels-last "
+                "(it takes NCHW tensors): the comparison would time the same network twice")
+    for name, case in make_cases(args.device).items():
+        if name not in args.cases:
+            continue
+        batch = args.batch_size or case.batch_size
+        size = args.image_size or case.image_size
+        final = size
+        for _ in range(2 if name == "cifar" else 5):  # the stride-2 steps to the last stage
+            final = -(-final // 2)
+        if batch * final * final < 2:
+            p.error(
+                f"[{name}] batch {batch} at {size}x{size} leaves one value per channel for the last stage's "
+                "batch norm in training (final feature map 1x1): use --batch-size 2 or more, or a larger --image-size"
+            )
     args.models = [k for k in MODEL_KINDS if k in args.models]  # table order
     return args
 
@@ -358,8 +416,7 @@ def main(argv=None) -> None:
     load_before = os.getloadavg()[0]
     cases = make_cases(args.device)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()} CPU"
-    # which CPU path the attention layers take (compiles the kernels now, outside any timed step)
-    kernels = "" if args.device == "cuda" else f", C++ kernels {fast_ops.describe_kernels()}"
+    kernels = kernel_note(args)
     out = [
         f"ela_hf benchmark, {datetime.date.today().isoformat()}: torch {torch.__version__}, timm {timm.__version__}, "
         f"{device_name}, threads={torch.get_num_threads()}, amp={args.amp}, channels_last={args.channels_last}"
@@ -368,6 +425,7 @@ def main(argv=None) -> None:
         "command: `python " + " ".join(["bench/bench_models.py"] + (argv if argv is not None else sys.argv[1:])) + "`",
         "",
     ]
+    print("\n".join(out), flush=True)  # each case's table follows as soon as it is done
     for name in args.cases:
         case = cases[name]
         if args.batch_size is not None:
@@ -380,14 +438,13 @@ def main(argv=None) -> None:
         if args.inference:
             print(f"[{name}] inference throughput ...", file=sys.stderr)
             infer = throughput_case(case, args)
-        out += [render(case, runners, infer, args), ""]
+        print(render(case, runners, infer, args) + "\n", flush=True)
         del runners
         gc.collect()
-    out.append(
+    print(
         f"load average (1 min) {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
         f"({os.cpu_count()} CPUs; other processes share them)"
     )
-    print("\n".join(out))
 
 
 if __name__ == "__main__":

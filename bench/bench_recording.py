@@ -17,6 +17,7 @@ swing by 10x or more from one step to the next, which drowns a few-percent effec
     python bench/bench_recording.py --repeats 9 --steps 3 --models ela_resnet50
 """
 import argparse
+import re
 import statistics
 import tempfile
 import time
@@ -77,7 +78,7 @@ def bench_model(name, repeats, steps, warmup, device):
     def run(record, n):
         set_kl_recording(model, record)
         if device != "cpu":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         for _ in range(n):
             loss = F.cross_entropy(model(x), y)
@@ -87,7 +88,7 @@ def bench_model(name, repeats, steps, warmup, device):
             if record:
                 callback.on_step_end(args, state, control)  # drains the accumulators
         if device != "cpu":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         return (time.perf_counter() - t0) / n
 
     if warmup:
@@ -110,16 +111,20 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--repeats", type=int, default=11, help="samples per mode (interleaved)")
     parser.add_argument("--steps", type=int, default=1, help="training steps per sample")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per mode before timing")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:<index>")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: torch's default)")
     a = parser.parse_args(argv)
     for flag, value, least in (("--repeats", a.repeats, 1), ("--steps", a.steps, 1), ("--warmup", a.warmup, 0),
                                ("--threads", a.threads, 0)):
         if value < least:
             parser.error(f"{flag} must be at least {least}, got {value}")
+    if a.device != "cpu" and re.fullmatch(r"cuda(:\d+)?", a.device) is None:
+        parser.error(f"--device must be cpu, cuda or cuda:<index>, got {a.device!r}")
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {a.device} was given but torch.cuda.is_available() is False")
+    if a.device.startswith("cuda:") and int(a.device[5:]) >= torch.cuda.device_count():
+        parser.error(f"--device {a.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, device {a.device}, threads {torch.get_num_threads()}, "

@@ -628,12 +628,17 @@ def test_kernel_bench_prints_ratios_and_restores_the_size_limits(capsys, monkeyp
     bench = _load_bench("bench_kernels", monkeypatch)
     monkeypatch.setattr(fast_ops, "LIGHT_MIN_PLANE", 100)  # 16x16 fused, 4x4 not
     limits = (fast_ops.DEPTHWISE_MIN_PLANE, fast_ops.TAIL_MIN_PLANE, fast_ops.LIGHT_MIN_PLANE)
-    bench.SHAPES["cifar"] = [(2, 64, 16, 16), (2, 64, 4, 4)]
+    bench.SHAPES["cifar"] = [(2, 64, 16, 16), (2, 64, 8, 8), (2, 64, 4, 4)]
     bench.main(["--cases", "cifar", "--repeats", "1", "--threads", "1"])
     rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| cifar")]
-    assert len(rows) == 8 and all(float(r[6]) > 0 for r in rows)
+    assert len(rows) == 12 and all(float(r[6]) > 0 for r in rows)
     used = {(r[2].strip(), r[3].strip()): r[7].strip() for r in rows}
-    assert used[("[2, 64, 16, 16]", "depthwise conv + pooling")] == "kernel"
+    # 16x16: MRLA-L runs its fused layer there, not the separate conv or tail kernels
+    assert used[("[2, 64, 16, 16]", "depthwise conv + pooling")] == "kernel (MRLA-B); fused layer (MRLA-L)"
+    assert used[("[2, 64, 16, 16]", "MRLA-L tail")] == "fused layer"
+    assert used[("[2, 64, 16, 16]", "MRLA-B tail")] == "kernel"
+    assert used[("[2, 64, 8, 8]", "depthwise conv + pooling")] == "kernel"
+    assert used[("[2, 64, 8, 8]", "MRLA-L tail")] == "kernel"
     assert used[("[2, 64, 4, 4]", "MRLA-B tail")] == "PyTorch"
     fused_row = "MRLA-L layer, fused (baseline: conv + tail kernels)"
     assert used[("[2, 64, 16, 16]", fused_row)] == "fused" and used[("[2, 64, 4, 4]", fused_row)] == "not fused"
@@ -653,6 +658,7 @@ def test_kernel_bench_prints_ratios_and_restores_the_size_limits(capsys, monkeyp
 def test_bench_scripts_refuse_bad_arguments_before_any_work(monkeypatch, capsys):
     models = _load_bench("bench_models", monkeypatch)
     recording = _load_bench("bench_recording", monkeypatch)
+    kernels = _load_bench("bench_kernels", monkeypatch)
     cases = [
         (models.parse_args, ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
         (models.parse_args, ["--image-size", "-3"], "--image-size must be at least 1, got -3"),
@@ -661,6 +667,14 @@ def test_bench_scripts_refuse_bad_arguments_before_any_work(monkeypatch, capsys)
         (recording.main, ["--steps", "0"], "--steps must be at least 1, got 0"),
         (recording.main, ["--repeats", "0"], "--repeats must be at least 1, got 0"),
         (recording.main, ["--warmup", "-1"], "--warmup must be at least 0, got -1"),
+        (recording.main, ["--device", "mps"], "--device must be cpu, cuda or cuda:<index>, got 'mps'"),
+        (kernels.parse_args, ["--threads", "-1"], "--threads must be at least 0, got -1"),
+        # the before/after kinds would time the same network twice where no C++ kernel runs
+        (models.parse_args, ["--models", "mrla_b", "mrla_b_plain", "--amp", "bf16"], "no kernel runs"),
+        (models.parse_args, ["--models", "mrla_l", "mrla_l_unfused", "--channels-last"], "never runs with --channels-last"),
+        # batch norm in training needs more than one value per channel in the last stage
+        (models.parse_args, ["--cases", "imagenet", "--batch-size", "1", "--image-size", "32"],
+         "[imagenet] batch 1 at 32x32 leaves one value per channel"),
     ]
     if not torch.cuda.is_available():
         cases += [(models.parse_args, ["--device", "cuda"], "torch.cuda.is_available() is False"),
@@ -669,6 +683,49 @@ def test_bench_scripts_refuse_bad_arguments_before_any_work(monkeypatch, capsys)
         with pytest.raises(SystemExit) as exit_info:
             fn(argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err, argv
+
+
+def test_model_bench_options_data_quartiles_and_memory_baseline(monkeypatch, capsys):
+    bench = _load_bench("bench_models", monkeypatch)
+    args = bench.parse_args(["--quick", "--warmup", "3"])
+    assert (args.warmup, args.repeats, args.compile) == (3, 3, False), "explicit flags win over --quick"
+    assert bench.parse_args(["--quick"]).warmup == 1 and bench.parse_args([]).warmup == 2
+    bench.parse_args(["--cases", "imagenet", "--batch-size", "2", "--image-size", "32"])  # 2 values per channel
+    bench.parse_args(["--models", "mrla_b", "mrla_b_bmm", "--channels-last"])  # the slot kernels run there
+    # every model trains on the same batch
+    args = bench.parse_args(["--cases", "cifar", "--models", "resnet", "mrla_b", "--batch-size", "2"])
+    case = bench.make_cases("cpu")["cifar"]
+    case.batch_size = 2
+    a, b = bench.build_runner(case, "resnet", args), bench.build_runner(case, "mrla_b", args)
+    assert all(torch.equal(u, v) for u, v in zip(a.batch, b.batch))
+    # quartiles of two rounds stay within the two observed ratios
+    base = bench.Runner("resnet", a.model, a.step, times=[1.0, 1.0])
+    runner = bench.Runner("mrla_b", b.model, b.step, times=[2.513, 2.751])
+    assert bench.round_quartiles(runner, base) == "2.57-2.69"
+    # peak memory is measured from a state without gradients (as CUDA's counters see it too)
+    b.step()
+    seen = []
+    real_step = b.step
+    b.step = lambda: seen.append(all(p.grad is None for p in b.model.parameters())) or real_step()
+    assert bench.peak_step_bytes(b, "cpu") > sum(p.numel() * 4 for p in b.model.parameters())
+    assert seen == [True]
+
+
+def test_model_bench_prints_each_case_when_it_is_done(monkeypatch, capsys):
+    """A failure (or Ctrl-C) in a later case keeps the tables of the cases before it."""
+    bench = _load_bench("bench_models", monkeypatch)
+    real = bench.run_training_case
+
+    def run(case, args):
+        if case.name == "imagenet":
+            raise KeyboardInterrupt
+        return real(case, args)
+
+    monkeypatch.setattr(bench, "run_training_case", run)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--threads", "1", "--cases", "cifar", "imagenet", "--models", "resnet", "--batch-size", "2",
+                    "--repeats", "1", "--warmup", "0", "--no-inference", "--no-memory"])
+    assert "| ResNet | 1.00 |" in capsys.readouterr().out
 
 
 def test_recording_bench_runs_without_warmup_and_leaves_no_folder(monkeypatch, capsys, tmp_path):
