@@ -412,6 +412,24 @@ def test_sixteen_bit_grey_images_keep_their_contrast():
     np.testing.assert_array_equal(pixels[..., 0], np.rint(ramp / 257.0).astype(np.uint8))
 
 
+@pytest.mark.parametrize("pixels, want", [
+    (np.linspace(0, 1, 64, dtype=np.float32), np.linspace(0, 255, 64)),  # float in [0, 1]: not black
+    (np.linspace(0, 255, 64, dtype=np.float32), np.linspace(0, 255, 64)),  # float in [0, 255]
+    (np.linspace(0, 65535, 64).astype(np.int32), np.linspace(0, 255, 64)),  # 16-bit data in a 32-bit image
+    (np.linspace(0, 2**31 - 1, 64).astype(np.int32), np.linspace(0, 255, 64)),  # full 32-bit range: not clipped
+    (np.arange(64, dtype=np.int32), np.arange(64)),  # 8-bit values stay
+])
+def test_float_and_32_bit_grey_images_are_scaled_to_8_bits(pixels, want):
+    img = PILImage.fromarray(pixels.reshape(8, 8))
+    assert img.mode in ("F", "I")
+    transform = ImageClassificationTransform(lambda im: np.asarray(im), "image", "label")
+    (out,) = transform({"image": [img], "label": [0]})["pixel_values"]
+    np.testing.assert_allclose(out[..., 0].reshape(-1).astype(float), want, atol=1.0)
+    from ela_hf.hf.image_processing_ela import _ConvertMode
+
+    assert repr(_ConvertMode("L")) == "_ConvertMode(mode='L')"
+
+
 def test_parquet_style_image_columns_become_images_and_classes_come_from_the_whole_train_split():
     images = [_image(seed=i) for i in range(6)]
     raw = Dataset.from_dict({"image": [_png_bytes(im) for im in images], "label": [0, 0, 1, 1, 2, 2]})

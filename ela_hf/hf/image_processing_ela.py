@@ -240,19 +240,32 @@ class _ConvertMode:
     def __call__(self, image: Image.Image) -> Image.Image:
         return image if image.mode == self.mode else _eight_bit(image).convert(self.mode)
 
-
-def _eight_bit(image: Image.Image) -> Image.Image:
-    """16-bit and 32-bit integer grey images scaled to 8 bits (Pillow's own conversion clips them at 255, which
-    turns most of a 16-bit image white); other images unchanged."""
-    if not (image.mode.startswith("I;16") or image.mode == "I"):
-        return image
-    pixels = np.asarray(image).astype(np.float64)
-    if image.mode.startswith("I;16") or pixels.max(initial=0) > 255:
-        pixels = pixels / 257.0
-    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="L")
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}(mode={self.mode!r})"
+
+
+_INT32_MAX = 2**31 - 1
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """Grey images of more than 8 bits scaled to 8 bits (Pillow's own conversion clips them at 255, which turns
+    most of a 16-bit image white and a float image in [0, 1] black); other images unchanged.
+
+    16-bit (``I;16*``) images are scaled by 65535 / 255; 32-bit integer (``I``) images by their range: 8-bit
+    values as they are, values up to 65535 as 16-bit data, larger ones over the whole int32 range; float (``F``)
+    images in [0, 1] by 255, others clipped to [0, 255]."""
+    if not (image.mode.startswith("I;16") or image.mode in ("I", "F")):
+        return image
+    pixels = np.asarray(image).astype(np.float64)
+    top = pixels.max(initial=0)
+    if image.mode == "F":
+        if top <= 1.0:
+            pixels = pixels * 255.0
+    elif image.mode.startswith("I;16") or 255 < top <= 65535:
+        pixels = pixels / 257.0
+    elif top > 65535:
+        pixels = pixels * (255.0 / _INT32_MAX)
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="L")
 
 
 def _prepend(first: list, transform):
