@@ -529,3 +529,49 @@ def test_a_pruning_run_turns_on_ddps_unused_parameter_search(tmp_path):
     chosen = TrainingArguments(output_dir=str(tmp_path), report_to="none", ddp_find_unused_parameters=False)
     ddp_for_pruning(chosen, schedule(((1, 1),)))
     assert chosen.ddp_find_unused_parameters is False  # the callback then refuses it with a clear error
+
+
+def test_a_class_with_evaluation_images_only_is_an_error(tmp_path):
+    """datasets takes an image folder's classes from every split: validation/owl/ (or Cat/ beside train/cat/)
+    would become a class that is never trained."""
+    _write_image_folder(tmp_path / "imgs")
+    _write_image_folder(tmp_path / "imgs", splits=("validation",), classes=("owl",), per_class=1)
+    data = load_image_dataset(str(tmp_path / "imgs"), cache_dir=str(tmp_path / "cache"))
+    assert class_names(data["train"], "label") == ["cat", "dog", "owl"]
+    with pytest.raises(ValueError, match=r"split 'validation' has images of 1 class\(es\) the training split has "
+                                         r"no image of: 'owl'"):
+        prepare_splits(data["train"], data["validation"], "validation", class_source=data["train"])
+    # a class the training split has but the evaluation split lacks is fine
+    _write_image_folder(tmp_path / "ok")
+    _write_image_folder(tmp_path / "ok", splits=("train",), classes=("owl",), per_class=1)
+    data = load_image_dataset(str(tmp_path / "ok"), cache_dir=str(tmp_path / "cache"))
+    assert prepare_splits(data["train"], data["validation"], "validation")[4] == ["cat", "dog", "owl"]
+
+
+def test_split_folders_datasets_would_misread_are_named(tmp_path, caplog):
+    # capitalised split folders: datasets reads everything as training data (validation would leak into it)
+    _write_image_folder(tmp_path / "caps", splits=("Train", "Validation"))
+    with pytest.raises(ValueError, match=r"the folders Train/, Validation/ look like splits.*lower case"):
+        load_image_dataset(str(tmp_path / "caps"), cache_dir=str(tmp_path / "cache"))
+    # a folder beside the split folders is not read at all
+    _write_image_folder(tmp_path / "extra", splits=("train", "val", "holdout"))
+    with caplog.at_level("WARNING"):
+        data = load_image_dataset(str(tmp_path / "extra"), cache_dir=str(tmp_path / "cache"))
+    assert set(data) == {"train", "validation"}
+    assert "the folders holdout/ are not read" in caplog.text
+    caplog.clear()
+    # the usual layouts say nothing: split folders, a flat folder of classes, split folders one level down
+    _write_image_folder(tmp_path / "plain")
+    _write_image_folder(tmp_path / "flat", splits=(".",))
+    _write_image_folder(tmp_path / "nested", splits=("imagenet/train", "imagenet/validation"))
+    with caplog.at_level("WARNING"):
+        for name in ("plain", "flat", "nested"):
+            load_image_dataset(str(tmp_path / name), cache_dir=str(tmp_path / "cache"))
+    assert "not read" not in caplog.text and "look like splits" not in caplog.text
+
+
+def test_a_folder_with_one_class_is_told_it_needs_two(tmp_path):
+    _write_image_folder(tmp_path / "one", classes=("cat",))
+    data = load_image_dataset(str(tmp_path / "one"), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="a folder with a single class"):
+        prepare_splits(data["train"], data["validation"], "validation")

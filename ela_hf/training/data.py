@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -93,7 +94,56 @@ def load_image_dataset(
     # only a local folder that datasets read as parquet: an image folder's tree is not walked again
     if os.path.isdir(path) and any(split.info.builder_name == "parquet" for split in loaded.values()):
         _check_parquet_class_names(path)
+    if os.path.isdir(path) and any(split.info.builder_name == "imagefolder" for split in loaded.values()):
+        _check_split_folders(path, dataset)
     return loaded
+
+
+def _split_folder_regex(flags: int = 0) -> re.Pattern:
+    """A folder name that ``datasets`` reads as a split: a split keyword, alone or set off by ``-._ 0-9``."""
+    from datasets.data_files import SPLIT_KEYWORDS
+
+    keywords = "|".join(re.escape(k) for names in SPLIT_KEYWORDS.values() for k in names)
+    return re.compile(rf"(.*[-._ 0-9])?({keywords})([-._ 0-9].*)?", flags)
+
+
+def _subfolders(path: str) -> List[str]:
+    return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+
+
+def _check_split_folders(path: str, dataset: str) -> None:
+    """Top-level folders of an image folder that ``datasets`` silently mis-reads (only the first two levels
+    are listed, never the images).
+
+    - Split-like names it does not recognise (``Train/``, ``Validation/``: it matches lower case only) make it
+      read the folder as one split whose classes are those names' sub-folders: validation images would be
+      trained on. Two or more such folders are an error, one a warning (it may be a class).
+    - Beside recognised split folders, any other folder (``holdout/``) is not read at all: a warning.
+    """
+    exact, loose = _split_folder_regex(), _split_folder_regex(re.IGNORECASE)
+    top = _subfolders(path)
+    splits = [name for name in top if exact.fullmatch(name)]
+    if not splits:
+        nested = [name for name in top if any(exact.fullmatch(child) for child in _subfolders(os.path.join(path, name)))]
+        look_alike = [name for name in top if loose.fullmatch(name) and name not in nested]
+        if look_alike:
+            message = (
+                f"--dataset {dataset!r}: the folders {', '.join(n + '/' for n in look_alike)} look like splits, but "
+                "datasets recognises split folders in lower case only (train/, validation/, test/, ...), so it reads "
+                "every image as training data, with these folders' sub-folders as classes. Rename them in lower case"
+            )
+            if len(look_alike) > 1:
+                raise ValueError(message)
+            logger.warning(message + " (or ignore this if it is a class)")
+        return
+    ignored = [name for name in top if name not in splits
+               and not any(exact.fullmatch(child) for child in _subfolders(os.path.join(path, name)))]
+    if ignored:
+        logger.warning(
+            f"--dataset {dataset!r}: the folders {', '.join(n + '/' for n in ignored)} are not read: beside the split "
+            f"folders ({', '.join(n + '/' for n in splits)}) datasets takes only folders named like a split "
+            "(train, validation, test, ... in lower case)"
+        )
 
 
 def _check_parquet_class_names(path: str) -> None:
@@ -189,7 +239,8 @@ def resolve_columns(
                     f"the dataset has images but no labels (columns: {described}). For a folder of images the "
                     "classes are the sub-folder names: every image must sit exactly one level below train/ (and "
                     "validation/), e.g. train/cat/1.png; a single image at another depth (train/x.png, "
-                    "train/cat/more/y.png) turns the labels off for the whole dataset"
+                    "train/cat/more/y.png) turns the labels off for the whole dataset, and so does a folder with a "
+                    "single class (a classifier needs at least 2)"
                 )
             raise ValueError(
                 f"the dataset has no usable label column (a ClassLabel or an integer column named one of "
@@ -270,17 +321,38 @@ def prepare_splits(
     resolve_columns(evaluation, image_column, label_column)
     train = _as_image(train, image_column, decode_images)
     evaluation = _as_image(evaluation, image_column, decode_images)
-    labels = class_names(train if class_source is None else class_source, label_column)
+    source = train if class_source is None else class_source
+    labels = class_names(source, label_column)
     check_labels(evaluation, label_column, len(labels), eval_name)
+    _check_eval_classes_are_trained(source, evaluation, label_column, labels, eval_name)
     train = take_samples(train, max_train_samples, seed)
     evaluation = take_samples(evaluation, max_eval_samples, seed)
     _warn_missing_classes(train, label_column, labels, subset=max_train_samples is not None)
     return train, evaluation, image_column, label_column, labels
 
 
+def _label_ids(dataset: Dataset, label_column: str) -> set:
+    return set(np.unique(np.asarray(dataset.with_format("numpy")[label_column])).tolist())
+
+
+def _check_eval_classes_are_trained(source: Dataset, evaluation: Dataset, label_column: str, labels: List[str],
+                                    eval_name: str) -> None:
+    """Every class the evaluation split has images of must have training images: an image folder's classes
+    are the sub-folders of every split, so ``validation/owl/`` (or ``Cat/`` beside ``train/cat/``) would add a
+    class that is never trained and always scored wrong."""
+    untrained = sorted(_label_ids(evaluation, label_column) - _label_ids(source, label_column))
+    if untrained:
+        names = ", ".join(repr(labels[i]) for i in untrained[:10]) + (", ..." if len(untrained) > 10 else "")
+        raise ValueError(
+            f"split {eval_name!r} has images of {len(untrained)} class(es) the training split has no image of: "
+            f"{names}. The classes are those of the training split; for a folder of images the class folders "
+            "must have the same names (case included) under every split"
+        )
+
+
 def _warn_missing_classes(train: Dataset, label_column: str, labels: List[str], subset: bool) -> None:
     """Log a warning naming the classes that ``train`` has no image of (the model can never learn them)."""
-    present = set(np.unique(np.asarray(train.with_format("numpy")[label_column])).tolist())
+    present = _label_ids(train, label_column)
     missing = [name for i, name in enumerate(labels) if i not in present]
     if not missing:
         return
