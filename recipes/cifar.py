@@ -31,12 +31,14 @@ from ela_hf.training import (
     DIGITS_DATASET,
     EpochTimerCallback,
     ImageClassificationTransform,
+    avoid_single_image_batch,
     PaperSchedule,
     RecipeArguments,
     build_selector,
     build_transforms,
     card_settings,
     check_export_dir,
+    check_training_arguments,
     ddp_for_pruning,
     collate_image_batch,
     compute_accuracy,
@@ -48,7 +50,9 @@ from ela_hf.training import (
     log_rank_result,
     prepare_splits,
     pruned_by_default,
+    recipe_help,
     release_name,
+    remove_stale_pruning_history,
     resolve_checkpoint,
     resolve_schedule,
     scale_learning_rate,
@@ -117,6 +121,7 @@ def main(argv=None):
     args, training_args, base_schedule = parse_arguments(argv)
     setup_logging(logger, training_args)
     validate_recipe_arguments(args)
+    check_training_arguments(args, training_args, timm.models.get_pretrained_cfg(args.model).input_size[-1], argv)
     has_attention = MODEL_ARGS[args.model]["attn_type"] is not None
     prune = pruned_by_default(args.model)  # ela_* yes; mrla_* baselines only with --kl_windows
     resolve_schedule(base_schedule, args, training_args.num_train_epochs, training_args.max_steps,
@@ -146,6 +151,9 @@ def main(argv=None):
         class_source=data[args.train_split], max_train_samples=args.max_train_samples,
         max_eval_samples=args.max_eval_samples, seed=training_args.seed, decode_images=False,
     )
+    train_ds = avoid_single_image_batch(train_ds, args.model, data_config["input_size"][-1],
+                                        training_args.per_device_train_batch_size, training_args.world_size,
+                                        training_args.dataloader_drop_last)
     train_transform, eval_transform = build_transforms(data_config, "cifar", hflip=args.hflip)
     train_ds.set_transform(ImageClassificationTransform(train_transform, image_column, label_column))
     eval_ds.set_transform(ImageClassificationTransform(eval_transform, image_column, label_column))
@@ -188,6 +196,7 @@ def main(argv=None):
         callbacks.append(pruning)
     else:
         selector = None  # nothing is pruned: the card names no selector
+    remove_stale_pruning_history(training_args, resuming=checkpoint is not None, pruning=pruning is not None)
 
     # ---------------------------------------------------------------------------------------------
     # 5. train
@@ -244,6 +253,7 @@ def parse_arguments(argv) -> Tuple[CifarArguments, TrainingArguments, PaperSched
     (the paper's or the demo's) is what ``resolve_schedule`` rescales to another ``--num_train_epochs``."""
     parser = HfArgumentParser((CifarArguments, TrainingArguments))
     parser.set_defaults(**PAPER_DEFAULTS)
+    recipe_help(parser)
     demo = _demo_requested(argv)
     if demo:
         parser.set_defaults(**DEMO_DEFAULTS)

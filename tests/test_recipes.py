@@ -190,6 +190,24 @@ def test_imagenet_recipe_on_parquet_with_lr_scaling_warmup_and_resume(tmp_path, 
     assert [logged[s] for s in (1, 2, 3, 4)] == pytest.approx([base * 0.5, base, base * 0.1, base * 0.1])
 
 
+def test_imagenet_recipe_at_a_1x1_last_stage_never_trains_on_a_batch_of_one(tmp_path, monkeypatch, caplog):
+    """ela_resnet18 at 32x32 ends in a 1x1 stage: 5 images in batches of 4 would end each epoch with a batch of
+    one image, which batch norm refuses in training."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    data = _parquet_folder(tmp_path / "pq")
+    out = tmp_path / "out"
+    (out).mkdir()
+    (out / "pruning_history.json").write_text('{"decisions": [{"epoch": 1}]}')  # an earlier run's
+    with caplog.at_level("INFO"):
+        metrics = _load_recipe("imagenet").main(_common(out, data, tmp_path / "cache") + [
+            "--model", "ela_resnet18", "--image_size", "32", "--max_train_samples", "5", "--num_train_epochs", "1",
+            "--kl_windows", "none",
+        ])  # fmt: skip
+    assert "eval_top1" in metrics and "one image (drawn at random) is left out" in caplog.text
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 1
+    assert not (out / "pruning_history.json").exists(), "an earlier run's decisions are not this run's"
+
+
 def test_push_to_hub_uploads_the_slim_release_once(tmp_path, monkeypatch, local_hub):
     from transformers import AutoModelForImageClassification
 

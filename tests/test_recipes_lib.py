@@ -575,3 +575,142 @@ def test_a_folder_with_one_class_is_told_it_needs_two(tmp_path):
     data = load_image_dataset(str(tmp_path / "one"), cache_dir=str(tmp_path / "cache"))
     with pytest.raises(ValueError, match="a folder with a single class"):
         prepare_splits(data["train"], data["validation"], "validation")
+
+
+# ------------------------------------------------------------------------------------------------
+# TrainingArguments against the recipes, resume, output folder
+
+
+def _training_args(tmp_path, **kw):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", **kw)
+
+
+def test_training_arguments_the_recipes_would_ignore_are_refused(tmp_path, monkeypatch):
+    from ela_hf.training import check_training_arguments
+
+    targs = _training_args(tmp_path)
+    for argv, name in [(["--optim", "adamw_torch"], "optim"), (["--lr_scheduler_type=cosine"], "lr_scheduler_type"),
+                       (["--warmup-steps", "3"], "warmup_steps")]:
+        with pytest.raises(ValueError, match=f"--{name} is not used: the recipes"):
+            check_training_arguments(_args(), targs, 32, argv)
+    check_training_arguments(_args(), targs, 32, ["--learning_rate", "0.1", "--bf16"])
+    # a batch of one image cannot be batch-normalised where the last stage is 1x1
+    one = _training_args(tmp_path, per_device_train_batch_size=1)
+    with pytest.raises(ValueError, match="--per_device_train_batch_size 1 with ela_resnet18 at 32x32: its last stage is 1x1"):
+        check_training_arguments(_args(model="ela_resnet18", image_size=32), one, 224, [])
+    check_training_arguments(_args(model="ela_resnet18", image_size=64), one, 224, [])  # 2x2
+    # --push_to_hub without a token fails now, not after training
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    with pytest.raises(ValueError, match="--push_to_hub needs a Hugging Face token"):
+        check_training_arguments(_args(), _training_args(tmp_path, push_to_hub=True), 32, [])
+    check_training_arguments(_args(), _training_args(tmp_path, push_to_hub=True, hub_token="hf_x"), 32, [])
+
+
+def test_an_epochs_last_batch_never_holds_a_single_image_where_the_last_stage_is_1x1():
+    import torch.nn.functional as F
+    from ela_hf.training import avoid_single_image_batch, final_feature_size
+
+    assert final_feature_size("ela_resnet18", 32) == 1 and final_feature_size("ela_resnet18", 64) == 2
+    assert final_feature_size("ela_resnet20_cifar", 32) == 8
+    ds = Dataset.from_dict({"label": list(range(9))})
+    assert len(avoid_single_image_batch(ds, "ela_resnet18", 32, 4)) == 8  # 4 + 4 + 1 -> 4 + 4
+    assert len(avoid_single_image_batch(ds, "ela_resnet18", 64, 4)) == 9  # 2x2: a batch of one is fine
+    assert len(avoid_single_image_batch(ds, "ela_resnet18", 32, 4, world_size=2)) == 9  # padded by Accelerate
+    assert len(avoid_single_image_batch(ds, "ela_resnet18", 32, 3)) == 9  # 3 + 3 + 3
+    # why: batch norm refuses one value per channel in training
+    import timm
+
+    model = timm.create_model("ela_resnet18", num_classes=3).train()
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        F.cross_entropy(model(torch.randn(1, 3, 32, 32)), torch.tensor([0]))
+
+
+def test_a_resume_keeps_this_runs_lr_schedule_and_says_the_checkpoint_had_another(caplog):
+    from ela_hf.training import create_step_scheduler
+
+    def scheduler(steps_per_epoch, decay, lr=0.1):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+        return opt, create_step_scheduler(opt, steps_per_epoch, 0.0, decay)
+
+    opt, old = scheduler(2, [1])
+    for _ in range(3):
+        opt.step()
+        old.step()
+    state = old.state_dict()
+    opt, same = scheduler(2, [1])
+    with caplog.at_level("WARNING"):
+        same.load_state_dict(state)
+    assert caplog.text == "" and same.last_epoch == 3
+    opt, new = scheduler(5, [2], lr=0.2)  # the run was resumed with other epochs and batch size
+    with caplog.at_level("WARNING"):
+        new.load_state_dict(state)
+    assert new.last_epoch == 3, "the step count comes from the checkpoint"
+    assert new.lr_lambdas[0].decay_steps == [10] and new.base_lrs == [0.2], "the schedule and lr from this run"
+    opt.step()
+    new.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.2)  # step 4 < 10: no decay yet (the old schedule: 0.01)
+    assert "the checkpoint's learning-rate schedule differs" in caplog.text
+    assert "the checkpoint's learning rate differs" in caplog.text
+
+
+def test_max_steps_and_fractional_epochs_rescale_the_lr_to_the_real_length(tmp_path, caplog):
+    from ela_hf.training import card_settings
+
+    schedule = resolve_schedule(IMAGENET_PAPER, _args(kl_windows="1-1"), 100, max_steps=7, steps_per_epoch=5)
+    assert schedule.num_epochs == 2 and schedule.run_epochs == pytest.approx(1.4)
+    assert schedule.lr_decay_epochs == pytest.approx([0.42, 0.84, 1.26])
+    card = card_settings("imagenet", _args(kl_windows="1-1"), _training_args(tmp_path, max_steps=7), schedule, 0.1, 4)
+    assert card["epochs"] == 1.4 and card["max_steps"] == 7
+    whole = resolve_schedule(IMAGENET_PAPER, _args(), 10, steps_per_epoch=5)
+    assert card_settings("imagenet", _args(), _training_args(tmp_path), whole, 0.1, 4)["epochs"] == 10
+    half = resolve_schedule(IMAGENET_PAPER, _args(kl_windows="1-1"), 1.5, steps_per_epoch=5)
+    assert half.lr_decay_epochs == pytest.approx([0.45, 0.9, 1.35]) and half.num_epochs == 2
+    with caplog.at_level("WARNING"):
+        resolve_schedule(IMAGENET_PAPER, _args(kl_windows="1-1", warmup_epochs=5), 2, steps_per_epoch=5)
+    assert "--warmup_epochs 5 is longer than the run (2 epochs)" in caplog.text
+
+
+def test_output_folder_checks_before_training(tmp_path):
+    from ela_hf.training import check_export_dir, remove_stale_pruning_history
+
+    out = tmp_path / "out"
+    (out / "export").mkdir(parents=True)
+    (out / "export" / "config.json").write_text("{}")
+    check_export_dir(None, str(out))  # an earlier export is replaced at the end
+    (tmp_path / "other_run" / "checkpoint-5").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"--export_dir '.*other_run': .* is not an earlier export: it holds checkpoint-5/"):
+        check_export_dir(str(tmp_path / "other_run"), str(out))
+    # an earlier run's pruning history does not describe a run without windows
+    (out / "pruning_history.json").write_text("{}")
+    targs = _training_args(tmp_path)
+    remove_stale_pruning_history(targs, resuming=True, pruning=False)
+    remove_stale_pruning_history(targs, resuming=False, pruning=True)  # the callback replaces it
+    assert (out / "pruning_history.json").exists()
+    remove_stale_pruning_history(targs, resuming=False, pruning=False)
+    assert not (out / "pruning_history.json").exists()
+
+
+def test_lr_batch_size_zero_means_no_scaling_and_dot_names_the_folder(tmp_path, monkeypatch):
+    assert scale_learning_rate(0.1, 0, 512) == 0.1 and scale_learning_rate(0.1, 256, 512) == 0.2
+    validate_recipe_arguments(_args(lr_batch_size=0))
+    with pytest.raises(ValueError, match="--lr_batch_size must be positive"):
+        validate_recipe_arguments(_args(lr_batch_size=-1))
+    (tmp_path / "flowers").mkdir()
+    monkeypatch.chdir(tmp_path / "flowers")
+    assert release_name("ela_resnet18", ".") == "ela_resnet18-flowers"
+    assert release_name("ela_resnet18", "./") == "ela_resnet18-flowers"
+
+
+def test_recipe_help_describes_what_the_recipes_do(capsys):
+    from transformers import HfArgumentParser, TrainingArguments
+    from ela_hf.training import recipe_help
+
+    parser = HfArgumentParser((RecipeArguments, TrainingArguments))
+    recipe_help(parser)
+    text = parser.format_help()
+    assert "'last' for the newest complete checkpoint-*" in " ".join(text.split())
+    assert "Not used by the recipes (refused)" in text

@@ -26,6 +26,9 @@ __all__ = [
     "rescale_windows",
     "resolve_schedule",
     "validate_recipe_arguments",
+    "check_training_arguments",
+    "recipe_help",
+    "final_feature_size",
     "build_selector",
     "check_export_dir",
     "resolve_checkpoint",
@@ -78,7 +81,7 @@ class RecipeArguments:
         default=None,
         metadata={
             "help": "--learning_rate is given for this total batch size and scaled linearly to the actual one "
-            "(ImageNet recipe: 256). Unset: --learning_rate is used as it is."
+            "(ImageNet recipe: 256). 0 or unset: --learning_rate is used as it is."
         },
     )
     warmup_epochs: Optional[float] = field(
@@ -132,6 +135,9 @@ class TrainingSchedule:
     window_unit: str
     rescaled_from: Optional[int] = None
     rescaled_name: str = "the paper's"
+    # the run's length in epochs, fractional with --max_steps or a fractional --num_train_epochs (num_epochs
+    # is that rounded up: the epochs that at least start); None while the steps per epoch are unknown
+    run_epochs: Optional[float] = None
 
     @property
     def total_steps(self) -> Optional[int]:
@@ -171,6 +177,17 @@ def min_image_size(name: str) -> int:
     args = MODEL_ARGS[name]
     stem_stride = 1 if args.get("stem_type") == "cifar" else 4
     return stem_stride * 2 ** (len(args["layers"]) - 1)
+
+
+def final_feature_size(name: str, image_size: int) -> int:
+    """Side of the last stage's feature map for ``image_size`` inputs (every stride-2 step rounds up)."""
+    from ela_hf.models import MODEL_ARGS
+
+    args = MODEL_ARGS[name]
+    halvings = len(args["layers"]) - 1 + (0 if args.get("stem_type") == "cifar" else 2)
+    for _ in range(halvings):
+        image_size = -(-image_size // 2)
+    return image_size
 
 
 def check_image_size(name: str, image_size: Optional[int]) -> None:
@@ -256,13 +273,17 @@ def resolve_schedule(
     if args.window_unit not in ("epoch", "step"):
         raise ValueError(f"--window_unit must be 'epoch' or 'step', got {args.window_unit!r}")
     if max_steps > 0:
-        num_epochs = math.ceil(max_steps / steps_per_epoch) if steps_per_epoch else None
+        run_epochs = max_steps / steps_per_epoch if steps_per_epoch else None
     else:
         if num_train_epochs <= 0:
             raise ValueError(f"--num_train_epochs must be positive, got {num_train_epochs}")
-        num_epochs = math.ceil(num_train_epochs)
+        run_epochs = float(num_train_epochs)
+    num_epochs = math.ceil(run_epochs) if run_epochs is not None else None
+    # windows are whole epochs: rescaled to the epochs that start; lr milestones and warm-up to the run's
+    # actual length (1.4 epochs of a 100-epoch schedule: decays after 0.42, 0.84, 1.26)
     rescale = num_epochs is not None and num_epochs != paper.epochs
-    ratio = num_epochs / paper.epochs if rescale else 1.0
+    lr_rescale = run_epochs is not None and run_epochs != paper.epochs
+    ratio = run_epochs / paper.epochs if lr_rescale else 1.0
 
     explicit_windows = parse_windows(args.kl_windows)
     if explicit_windows is not None:
@@ -288,22 +309,27 @@ def resolve_schedule(
     decay = parse_epochs(args.lr_decay_epochs)
     if decay is None:
         decay = [e * ratio for e in paper.lr_decay_epochs]
-    elif steps_per_epoch is not None and num_epochs is not None and any(e >= num_epochs for e in decay):
+    elif steps_per_epoch is not None and run_epochs is not None and any(e >= run_epochs for e in decay):
         # said once, when the schedule is final (the recipes call this again after loading the data)
         logger.warning(
-            "--lr_decay_epochs %s: a decay at epoch %s never happens, the run has %d epochs",
-            args.lr_decay_epochs, ", ".join(f"{e:g}" for e in decay if e >= num_epochs), num_epochs,
+            "--lr_decay_epochs %s: a decay at epoch %s never happens, the run has %g epochs",
+            args.lr_decay_epochs, ", ".join(f"{e:g}" for e in decay if e >= run_epochs), run_epochs,
         )
     warmup = args.warmup_epochs if args.warmup_epochs is not None else paper.warmup_epochs * ratio
     if warmup < 0:
         raise ValueError(f"--warmup_epochs must be >= 0, got {warmup}")
+    if args.warmup_epochs is not None and steps_per_epoch is not None and run_epochs is not None \
+            and warmup > run_epochs:
+        logger.warning(
+            "--warmup_epochs %g is longer than the run (%g epochs): the learning rate never reaches its full value",
+            warmup, run_epochs,
+        )
 
     # say "rescaled" only when a paper value was actually moved
-    rescaled = rescale and (
-        (explicit_windows is None and windows != list(paper.kl_windows))
-        or (args.lr_decay_epochs is None and bool(paper.lr_decay_epochs))
+    rescaled = (rescale and explicit_windows is None and windows != list(paper.kl_windows)) or (lr_rescale and (
+        (args.lr_decay_epochs is None and bool(paper.lr_decay_epochs))
         or (args.warmup_epochs is None and paper.warmup_epochs > 0)
-    )
+    ))
     schedule = TrainingSchedule(
         num_epochs=num_epochs if num_epochs is not None else paper.epochs,
         steps_per_epoch=steps_per_epoch,
@@ -313,6 +339,7 @@ def resolve_schedule(
         window_unit=args.window_unit,
         rescaled_from=paper.epochs if rescaled else None,
         rescaled_name=paper.name,
+        run_epochs=run_epochs if steps_per_epoch is not None or max_steps <= 0 else None,
     )
     if windows:
         last = windows[-1][1]
@@ -344,14 +371,78 @@ def validate_recipe_arguments(args: RecipeArguments) -> None:
         raise ValueError(f"--drop_path_rate must be in [0, 1), got {args.drop_path_rate}")
     if not 0.0 <= args.momentum < 1.0:
         raise ValueError(f"--momentum must be in [0, 1), got {args.momentum}")
-    if args.lr_batch_size is not None and args.lr_batch_size <= 0:
-        raise ValueError(f"--lr_batch_size must be positive, got {args.lr_batch_size}")
+    if args.lr_batch_size is not None and args.lr_batch_size < 0:
+        raise ValueError(f"--lr_batch_size must be positive (or 0: no scaling), got {args.lr_batch_size}")
     if not 0.0 < args.lr_decay_rate <= 1.0:
         raise ValueError(f"--lr_decay_rate must be in (0, 1], got {args.lr_decay_rate}")
     if MODEL_ARGS[args.model]["attn_type"] is None and any(
         getattr(args, f"ebqm_{p}") is not None for p in ("q", "alpha", "beta", "tau")
     ):
         raise ValueError(f"--ebqm_* given, but --model {args.model} has no attention layers to prune")
+
+
+# TrainingArguments the recipes do not use: they build the paper's SGD and step schedule themselves
+_REPLACED_OPTIONS = {
+    "optim": "the recipes train with the paper's SGD (--momentum, --weight_decay, --learning_rate)",
+    "optim_args": "the recipes train with the paper's SGD (--momentum, --weight_decay, --learning_rate)",
+    "lr_scheduler_type": "the recipes use the paper's step schedule (--lr_decay_epochs, --lr_decay_rate)",
+    "lr_scheduler_kwargs": "the recipes use the paper's step schedule (--lr_decay_epochs, --lr_decay_rate)",
+    "warmup_steps": "the recipes warm up by epochs (--warmup_epochs)",
+    "warmup_ratio": "the recipes warm up by epochs (--warmup_epochs)",
+}
+
+
+def check_training_arguments(
+    args: RecipeArguments, training_args, default_image_size: int, argv: Optional[Sequence[str]] = None
+) -> None:
+    """Checks of ``TrainingArguments`` against the recipe, before any data is loaded.
+
+    - Options the recipe would silently ignore (``--optim``, ``--lr_scheduler_type``, ``--warmup_steps``, ...) are
+      refused when given on the command line (``argv``; default ``sys.argv[1:]``), naming the recipe's own
+      arguments.
+    - Where the last stage is 1x1 (small ``--image_size``), a batch of one image leaves batch norm one value per
+      channel, which PyTorch refuses in training: ``--per_device_train_batch_size 1`` is refused (and
+      :func:`~ela_hf.training.data.avoid_single_image_batch` keeps an epoch's last batch from holding one image).
+    - ``--push_to_hub`` needs a token (``--hub_token``, ``HF_TOKEN`` or ``hf auth login``): checked now, not after
+      training.
+    """
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for name, why in _REPLACED_OPTIONS.items():
+        flags = (f"--{name}", f"--{name.replace('_', '-')}")
+        if any(arg in flags or arg.startswith(tuple(f + "=" for f in flags)) for arg in argv):
+            raise ValueError(f"--{name} is not used: {why}; write your own Trainer script with "
+                             "ela_hf.ElaPruningCallback for another one")
+    size = args.image_size or default_image_size
+    if final_feature_size(args.model, size) == 1:
+        if training_args.per_device_train_batch_size < 2:
+            raise ValueError(
+                f"--per_device_train_batch_size 1 with {args.model} at {size}x{size}: its last stage is 1x1, so a batch "
+                "of one image leaves batch norm a single value per channel, which training cannot normalise; use a "
+                "batch of 2 or more, or a larger --image_size"
+            )
+    if training_args.push_to_hub and not training_args.hub_token:
+        from huggingface_hub import get_token
+
+        if not get_token():
+            raise ValueError("--push_to_hub needs a Hugging Face token: pass --hub_token, set HF_TOKEN, or run "
+                             "`hf auth login` (checked before training, so the run is not lost at the end)")
+
+
+def recipe_help(parser) -> None:
+    """``--help`` texts of the ``TrainingArguments`` options whose meaning the recipes change or refuse."""
+    texts = {
+        "--resume_from_checkpoint": "A Trainer checkpoint folder, or 'last' for the newest complete checkpoint-* in "
+        "--output_dir (pruning state included).",
+        "--push_to_hub": "Push the slim release (model card included) to --hub_model_id once, at the end; training "
+        "checkpoints are not pushed.",
+    }
+    texts.update({f"--{name}": f"Not used by the recipes (refused): {why}." for name, why in _REPLACED_OPTIONS.items()})
+    for action in parser._actions:
+        for option in action.option_strings:
+            if option.replace("-", "_").replace("__", "--", 1) in texts:
+                action.help = texts[option.replace("-", "_").replace("__", "--", 1)]
 
 
 def build_selector(args: RecipeArguments, preset):
@@ -374,16 +465,26 @@ def build_selector(args: RecipeArguments, preset):
 
 
 def check_export_dir(export_dir: Optional[str], output_dir: str) -> None:
-    """The slim export replaces its folder: it must not be ``--output_dir`` or a folder containing it."""
-    if not export_dir:
-        return
-    export_path, output_path = os.path.realpath(export_dir), os.path.realpath(output_dir)
-    if os.path.commonpath([export_path, output_path]) == export_path:
-        raise ValueError(
-            f"--export_dir {export_dir!r} is --output_dir {output_dir!r} or contains it; the export replaces its "
-            "folder and would delete the training output (checkpoints, trainer_state.json). Choose another "
-            f"folder, e.g. {os.path.join(output_dir, 'export')!r} (the default)"
-        )
+    """The slim export replaces its folder (``--export_dir``, default ``<output_dir>/export``): it must not be
+    ``--output_dir`` or a folder containing it, and an existing folder must be an earlier export (checked now,
+    not after training)."""
+    from pathlib import Path
+
+    from ela_hf.hub import _check_replaceable
+
+    if export_dir:
+        export_path, output_path = os.path.realpath(export_dir), os.path.realpath(output_dir)
+        if os.path.commonpath([export_path, output_path]) == export_path:
+            raise ValueError(
+                f"--export_dir {export_dir!r} is --output_dir {output_dir!r} or contains it; the export replaces its "
+                "folder and would delete the training output (checkpoints, trainer_state.json). Choose another "
+                f"folder, e.g. {os.path.join(output_dir, 'export')!r} (the default)"
+            )
+    target = export_dir or os.path.join(output_dir, "export")
+    try:
+        _check_replaceable(Path(target), overwrite=True)
+    except FileExistsError as err:
+        raise ValueError(f"--export_dir {target!r}: {err}") from None
 
 
 def _fmt(windows: Sequence[Window]) -> str:

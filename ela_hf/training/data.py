@@ -331,6 +331,26 @@ def prepare_splits(
     return train, evaluation, image_column, label_column, labels
 
 
+def avoid_single_image_batch(
+    train: Dataset, model: str, image_size: int, per_device_batch_size: int, world_size: int = 1,
+    drop_last: bool = False,
+) -> Dataset:
+    """``train``, one image shorter where an epoch's last batch would hold a single image and the model's last
+    stage is 1x1 at ``image_size``: batch norm cannot normalise one value per channel in training.
+
+    Only a single process can get such a batch (with several, Accelerate fills the last batch up with images from
+    the start of the epoch); evaluation is not affected (batch norm uses its running statistics there).
+    """
+    from .arguments import final_feature_size
+
+    if (world_size > 1 or drop_last or final_feature_size(model, image_size) > 1
+            or len(train) % per_device_batch_size != 1 or len(train) <= 1):
+        return train
+    logger.info(f"{model} at {image_size}x{image_size} has a 1x1 last stage and {len(train)} training images would "
+                f"leave a batch of one image at the end of each epoch: one image (drawn at random) is left out")
+    return take_samples(train, len(train) - 1)
+
+
 def _label_ids(dataset: Dataset, label_column: str) -> set:
     return set(np.unique(np.asarray(dataset.with_format("numpy")[label_column])).tolist())
 

@@ -6,6 +6,7 @@ arithmetic so that "x0.1 at epoch 30" happens exactly when the Trainer starts ep
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Sequence
 
@@ -19,6 +20,8 @@ __all__ = [
     "scale_learning_rate",
     "update_steps_per_epoch",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 def update_steps_per_epoch(
@@ -44,8 +47,8 @@ def update_steps_per_epoch(
 
 
 def scale_learning_rate(learning_rate: float, reference_batch_size: int | None, total_batch_size: int) -> float:
-    """Linear scaling rule: ``learning_rate`` is given for ``reference_batch_size`` (None: no scaling)."""
-    if reference_batch_size is None:
+    """Linear scaling rule: ``learning_rate`` is given for ``reference_batch_size`` (None or 0: no scaling)."""
+    if reference_batch_size is None or reference_batch_size == 0:
         return learning_rate
     if reference_batch_size <= 0:
         raise ValueError(f"the reference batch size for learning-rate scaling must be positive, got {reference_batch_size}")
@@ -63,7 +66,7 @@ class StepScheduleWithWarmup:
 
     ``warmup_epochs`` and ``decay_epochs`` are in epochs (warm-up may be fractional); "decay at epoch 30"
     means the factor drops once 30 full epochs are done. A plain object, not a closure, so that
-    ``LambdaLR.state_dict`` saves it and resume restores it.
+    ``LambdaLR.state_dict`` saves it: a resume compares it with the run's own (:class:`StepLR`).
     """
 
     def __init__(
@@ -90,8 +93,40 @@ class StepScheduleWithWarmup:
         return factor
 
 
+class StepLR(LambdaLR):
+    """``LambdaLR`` over a :class:`StepScheduleWithWarmup` whose resume keeps this run's schedule.
+
+    ``LambdaLR.load_state_dict`` would replace the schedule with the checkpoint's, so a run resumed with other
+    epochs, windows or batch size trained on the old milestones while its log and model card showed the new
+    ones. Here the step count comes from the checkpoint and the schedule and base learning rate from the run's
+    arguments; a checkpoint saved with another schedule or learning rate is named in a warning.
+    """
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        saved_lrs = state_dict.pop("base_lrs", None)
+        if saved_lrs is not None and [float(x) for x in saved_lrs] != [float(x) for x in self.base_lrs]:
+            logger.warning("the checkpoint's learning rate differs from this run's, which is used from here on: "
+                           "%s (checkpoint) -> %s (this run)", saved_lrs, self.base_lrs)
+        saved = state_dict.pop("lr_lambdas", None) or []
+        for fn, old in zip(self.lr_lambdas, saved):
+            if isinstance(old, dict) and old and old != fn.__dict__:
+                logger.warning(
+                    "the checkpoint's learning-rate schedule differs from this run's, which is used from here on: "
+                    "%s (checkpoint) -> %s (this run)", _describe(old), _describe(fn.__dict__)
+                )
+                break
+        state_dict["lr_lambdas"] = [None] * len(self.lr_lambdas)
+        super().load_state_dict(state_dict)
+
+
+def _describe(schedule: dict) -> str:
+    keys = ("steps_per_epoch", "warmup_steps", "decay_steps", "decay_rate")
+    return ", ".join(f"{k} {schedule.get(k)}" for k in keys)
+
+
 def create_step_scheduler(
     optimizer: torch.optim.Optimizer, steps_per_epoch: int, warmup_epochs: float = 0.0,
     decay_epochs: Sequence[float] = (), decay_rate: float = 0.1,
 ) -> LambdaLR:
-    return LambdaLR(optimizer, StepScheduleWithWarmup(steps_per_epoch, warmup_epochs, decay_epochs, decay_rate))
+    return StepLR(optimizer, StepScheduleWithWarmup(steps_per_epoch, warmup_epochs, decay_epochs, decay_rate))

@@ -174,6 +174,18 @@ def log_rank_result(logger: logging.Logger, training_args, metrics: Dict[str, fl
     return result
 
 
+def remove_stale_pruning_history(training_args, resuming: bool, pruning: bool) -> None:
+    """A fresh run without pruning windows deletes the ``pruning_history.json`` an earlier run left in
+    ``--output_dir`` (a pruning run's callback replaces it itself): it would describe another model."""
+    from ela_hf.pruning.callback import HISTORY_FILE_NAME
+
+    path = os.path.join(training_args.output_dir, HISTORY_FILE_NAME)
+    if resuming or pruning or training_args.process_index != 0 or not os.path.isfile(path):
+        return
+    os.remove(path)
+    logging.getLogger(__name__).info(f"removed {path}: an earlier run's pruning decisions, not this run's")
+
+
 def card_settings(
     recipe: str, args, training_args, schedule, learning_rate: float, total_batch_size: int, selector=None
 ) -> Dict[str, Any]:
@@ -183,7 +195,9 @@ def card_settings(
     return {
         "recipe": f"recipes/{recipe}.py",
         "dataset": _dataset_label(args.dataset),
-        "epochs": schedule.num_epochs,
+        # the run's real length: fractional with --max_steps (shown too) or a fractional --num_train_epochs
+        "epochs": _whole_or_rounded(schedule.run_epochs if schedule.run_epochs is not None else schedule.num_epochs),
+        "max_steps": training_args.max_steps if training_args.max_steps > 0 else None,
         "optimizer": f"SGD, momentum {args.momentum:g}",
         "learning_rate": learning_rate,
         "total_batch_size": total_batch_size,
@@ -197,17 +211,29 @@ def card_settings(
     }
 
 
+def _whole_or_rounded(value: float):
+    return int(value) if float(value).is_integer() else round(float(value), 3)
+
+
 def _dataset_label(dataset: str) -> str:
     # a local path would leak the training machine's layout into a published card: keep its last part
     from .data import DIGITS_DATASET, hub_dataset_id
 
     if dataset == DIGITS_DATASET or hub_dataset_id(dataset) is not None:
         return dataset
-    return f"local: {os.path.basename(os.path.normpath(dataset))}"
+    return f"local: {_last_part(dataset)}"
+
+
+def _last_part(dataset: str) -> str:
+    """The last path component; a local path is resolved first (``.`` or ``train/..`` name the folder itself)."""
+    path = os.path.expanduser(dataset)
+    if os.path.exists(path):
+        path = os.path.realpath(path)
+    return os.path.basename(os.path.normpath(path))
 
 
 def release_name(model: str, dataset: str) -> str:
     """A folder/repo-style name for the release, e.g. ``ela_resnet56_cifar-cifar100``."""
-    last = os.path.basename(os.path.normpath(dataset)).replace(":", "-")
+    last = _last_part(dataset).replace(":", "-")
     stem = last[: -len(".parquet")] if last.endswith(".parquet") else last
     return f"{model}-{stem}"
