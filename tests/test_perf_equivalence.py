@@ -596,6 +596,27 @@ def test_mrla_b_graph_retained_across_a_later_forward_keeps_its_values():
 
 
 @pytest.mark.slow
+def test_compiling_single_blocks_of_a_stage_is_a_clear_error_in_training_and_inference():
+    """Regional compilation of MRLA-B blocks would mix the eager stage buffer's per-head values with the
+    compiled blocks' plain formulation: refused with the same message with and without autograd."""
+    torch._dynamo.reset()
+    model = _tiny("mrla_b", layers=(3,))
+    for j, blk in enumerate(model.layer1):
+        if j > 0:
+            blk.compile(backend="eager")
+    x = torch.randn(2, 3, 8, 8)
+    for training in (True, False):
+        model.train(training)
+        with torch.set_grad_enabled(training), pytest.raises(RuntimeError, match="ran partly eagerly and partly"):
+            model(x)
+
+
+def test_torch_fx_tracing_is_refused_with_the_ways_that_work():
+    for name in ("ela_resnet20_cifar", "resnet20_cifar"):
+        with pytest.raises(TypeError, match="torch.fx symbolic tracing cannot trace the ela_hf models.*torch.export"):
+            torch.fx.symbolic_trace(timm.create_model(name))
+
+
 def test_torch_compile_inductor_training_step_matches_reference():
     """The default backend (C++ code generation on CPU) on MRLA-B, whose compiled path differs from eager."""
     torch._dynamo.reset()

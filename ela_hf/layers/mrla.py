@@ -770,7 +770,7 @@ class MrlaBase(_LayerAttentionBase):
         where nothing is gained)."""
         cache = state.value_buffer
         if self._plain_attention(state):
-            if cache is not None and torch.is_grad_enabled():
+            if cache is not None:  # the eager blocks' values are per-head views in the stage buffer
                 raise RuntimeError(
                     "an MRLA-B stage ran partly eagerly and partly under torch.compile; compile the whole "
                     "model or the whole stage (LayerAttentionStage), not single blocks"

@@ -525,6 +525,13 @@ class LayerAttentionResNet(nn.Module):
 
 
 def _check_images(x: torch.Tensor, in_chans: int) -> None:
+    if isinstance(x, torch.fx.Proxy):
+        raise TypeError(
+            "torch.fx symbolic tracing cannot trace the ela_hf models (their input check and attention layers "
+            "branch on tensor shapes, dtypes and devices); capture them with torch.compile, torch.export or "
+            "torch.jit.trace, and take feature maps with features_only=True (the default feature_cls, or "
+            "feature_cls='getter'), not feature_cls='fx'"
+        )
     if x.ndim != 4:
         raise ValueError(f"expected images of shape [batch, {in_chans}, height, width], got shape {tuple(x.shape)}")
     if x.shape[1] != in_chans:
