@@ -417,6 +417,8 @@ def test_sixteen_bit_grey_images_keep_their_contrast():
     (np.linspace(0, 255, 64, dtype=np.float32), np.linspace(0, 255, 64)),  # float in [0, 255]
     (np.linspace(0, 65535, 64).astype(np.int32), np.linspace(0, 255, 64)),  # 16-bit data in a 32-bit image
     (np.linspace(0, 2**31 - 1, 64).astype(np.int32), np.linspace(0, 255, 64)),  # full 32-bit range: not clipped
+    (np.linspace(0, 100_000, 64).astype(np.int32), np.linspace(0, 100_000 * 255 / (2**17 - 1), 64)),  # 17 bits
+    (np.linspace(0, 1_000_000, 64).astype(np.int32), np.linspace(0, 1_000_000 * 255 / (2**20 - 1), 64)),
     (np.arange(64, dtype=np.int32), np.arange(64)),  # 8-bit values stay
 ])
 def test_float_and_32_bit_grey_images_are_scaled_to_8_bits(pixels, want):
@@ -560,12 +562,18 @@ def test_split_folders_datasets_would_misread_are_named(tmp_path, caplog):
     assert set(data) == {"train", "validation"}
     assert "the folders holdout/ are not read" in caplog.text
     caplog.clear()
-    # the usual layouts say nothing: split folders, a flat folder of classes, split folders one level down
+    # a class folder named like a split: datasets reads its images into that split as well
+    _write_image_folder(tmp_path / "birds", classes=("cat", "val_birds"))
+    with pytest.raises(ValueError, match=r"the class folders train/val_birds/, validation/val_birds/ are named like a split"):
+        load_image_dataset(str(tmp_path / "birds"), cache_dir=str(tmp_path / "cache"))
+    # the usual layouts say nothing: split folders, a flat folder of classes (also ones named "Train" or
+    # "Test_Tube": folders of images are classes), split folders one level down
     _write_image_folder(tmp_path / "plain")
     _write_image_folder(tmp_path / "flat", splits=(".",))
+    _write_image_folder(tmp_path / "flat_caps", splits=(".",), classes=("Train", "Test_Tube", "beaker"))
     _write_image_folder(tmp_path / "nested", splits=("imagenet/train", "imagenet/validation"))
     with caplog.at_level("WARNING"):
-        for name in ("plain", "flat", "nested"):
+        for name in ("plain", "flat", "flat_caps", "nested"):
             load_image_dataset(str(tmp_path / name), cache_dir=str(tmp_path / "cache"))
     assert "not read" not in caplog.text and "look like splits" not in caplog.text
 
@@ -592,10 +600,11 @@ def test_training_arguments_the_recipes_would_ignore_are_refused(tmp_path, monke
 
     targs = _training_args(tmp_path)
     for argv, name in [(["--optim", "adamw_torch"], "optim"), (["--lr_scheduler_type=cosine"], "lr_scheduler_type"),
-                       (["--warmup-steps", "3"], "warmup_steps")]:
+                       (["--warmup-steps", "3"], "warmup_steps"), (["--warmup_st", "3"], "warmup_steps"),
+                       (["--lr_scheduler_ty", "cosine"], "lr_scheduler_type"), (["--optim_ar", "x=1"], "optim_args")]:
         with pytest.raises(ValueError, match=f"--{name} is not used: the recipes"):
             check_training_arguments(_args(), targs, 32, argv)
-    check_training_arguments(_args(), targs, 32, ["--learning_rate", "0.1", "--bf16"])
+    check_training_arguments(_args(), targs, 32, ["--learning_rate", "0.1", "--bf16", "--warmup_epochs", "1", "--lr", "1"])
     # a batch of one image cannot be batch-normalised where the last stage is 1x1
     one = _training_args(tmp_path, per_device_train_batch_size=1)
     with pytest.raises(ValueError, match="--per_device_train_batch_size 1 with ela_resnet18 at 32x32: its last stage is 1x1"):
@@ -646,10 +655,18 @@ def test_a_resume_keeps_this_runs_lr_schedule_and_says_the_checkpoint_had_anothe
         same.load_state_dict(state)
     assert caplog.text == "" and same.last_epoch == 3
     opt, new = scheduler(5, [2], lr=0.2)  # the run was resumed with other epochs and batch size
+    # as the Trainer resumes: the optimizer's state (with the checkpoint's lr, 0.1 * 0.1) first, then the schedule
+    saved_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    saved_opt.load_state_dict(opt.state_dict())
+    saved_opt.param_groups[0]["lr"] = 0.01
+    opt.load_state_dict(saved_opt.state_dict())
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)
     with caplog.at_level("WARNING"):
         new.load_state_dict(state)
     assert new.last_epoch == 3, "the step count comes from the checkpoint"
     assert new.lr_lambdas[0].decay_steps == [10] and new.base_lrs == [0.2], "the schedule and lr from this run"
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.2) and new.get_last_lr() == pytest.approx([0.2]), \
+        "the first step after the resume already runs at this run's lr"
     opt.step()
     new.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.2)  # step 4 < 10: no decay yet (the old schedule: 0.01)
@@ -664,7 +681,7 @@ def test_max_steps_and_fractional_epochs_rescale_the_lr_to_the_real_length(tmp_p
     assert schedule.num_epochs == 2 and schedule.run_epochs == pytest.approx(1.4)
     assert schedule.lr_decay_epochs == pytest.approx([0.42, 0.84, 1.26])
     card = card_settings("imagenet", _args(kl_windows="1-1"), _training_args(tmp_path, max_steps=7), schedule, 0.1, 4)
-    assert card["epochs"] == 1.4 and card["max_steps"] == 7
+    assert card["epochs"] == 1.4 and card["max_steps"] == 7 and schedule.describe().startswith("1.4 epochs;")
     whole = resolve_schedule(IMAGENET_PAPER, _args(), 10, steps_per_epoch=5)
     assert card_settings("imagenet", _args(), _training_args(tmp_path), whole, 0.1, 4)["epochs"] == 10
     half = resolve_schedule(IMAGENET_PAPER, _args(kl_windows="1-1"), 1.5, steps_per_epoch=5)
@@ -703,6 +720,8 @@ def test_lr_batch_size_zero_means_no_scaling_and_dot_names_the_folder(tmp_path, 
     monkeypatch.chdir(tmp_path / "flowers")
     assert release_name("ela_resnet18", ".") == "ela_resnet18-flowers"
     assert release_name("ela_resnet18", "./") == "ela_resnet18-flowers"
+    (tmp_path / "roses").symlink_to(tmp_path / "flowers")
+    assert release_name("ela_resnet18", str(tmp_path / "roses")) == "ela_resnet18-roses", "a link keeps its name"
 
 
 def test_recipe_help_describes_what_the_recipes_do(capsys):

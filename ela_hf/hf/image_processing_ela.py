@@ -244,16 +244,14 @@ class _ConvertMode:
         return f"{type(self).__name__}(mode={self.mode!r})"
 
 
-_INT32_MAX = 2**31 - 1
-
-
 def _eight_bit(image: Image.Image) -> Image.Image:
     """Grey images of more than 8 bits scaled to 8 bits (Pillow's own conversion clips them at 255, which turns
     most of a 16-bit image white and a float image in [0, 1] black); other images unchanged.
 
-    16-bit (``I;16*``) images are scaled by 65535 / 255; 32-bit integer (``I``) images by their range: 8-bit
-    values as they are, values up to 65535 as 16-bit data, larger ones over the whole int32 range; float (``F``)
-    images in [0, 1] by 255, others clipped to [0, 255]."""
+    16-bit (``I;16*``) images are scaled by 65535 / 255; 32-bit integer (``I``) images by their bit depth, read
+    off the largest value: 8-bit values as they are, values up to 65535 as 16-bit data, larger ones as data of
+    ``max.bit_length()`` bits (a 20-bit sensor's image keeps its range); float (``F``) images in [0, 1] by 255,
+    others clipped to [0, 255]."""
     if not (image.mode.startswith("I;16") or image.mode in ("I", "F")):
         return image
     pixels = np.asarray(image).astype(np.float64)
@@ -264,7 +262,7 @@ def _eight_bit(image: Image.Image) -> Image.Image:
     elif image.mode.startswith("I;16") or 255 < top <= 65535:
         pixels = pixels / 257.0
     elif top > 65535:
-        pixels = pixels * (255.0 / _INT32_MAX)
+        pixels = pixels * (255.0 / (2 ** int(top).bit_length() - 1))
     return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="L")
 
 

@@ -146,8 +146,9 @@ class TrainingSchedule:
     def describe(self) -> str:
         windows = ", ".join(f"{s}-{e}" for s, e in self.kl_windows) or "none"
         decay = ", ".join(f"{e:g}" for e in self.lr_decay_epochs) or "none"
+        length = self.num_epochs if self.run_epochs is None else f"{self.run_epochs:g}"
         text = (
-            f"{self.num_epochs} epochs; warm-up {self.warmup_epochs:g} epochs; lr decay after epochs {decay}; "
+            f"{length} epochs; warm-up {self.warmup_epochs:g} epochs; lr decay after epochs {decay}; "
             f"KL windows ({self.window_unit}s) {windows}"
         )
         if self.rescaled_from is not None:
@@ -406,13 +407,19 @@ def check_training_arguments(
     - ``--push_to_hub`` needs a token (``--hub_token``, ``HF_TOKEN`` or ``hf auth login``): checked now, not after
       training.
     """
+    import dataclasses
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    for name, why in _REPLACED_OPTIONS.items():
-        flags = (f"--{name}", f"--{name.replace('_', '-')}")
-        if any(arg in flags or arg.startswith(tuple(f + "=" for f in flags)) for arg in argv):
-            raise ValueError(f"--{name} is not used: {why}; write your own Trainer script with "
+    options = {f.name for cls in (type(args), type(training_args)) for f in dataclasses.fields(cls)}
+    for arg in argv:
+        if not arg.startswith("--"):
+            continue
+        key = arg[2:].split("=", 1)[0].replace("-", "_")
+        matches = [n for n in options if n.startswith(key)]  # argparse also takes an unambiguous prefix
+        name = key if key in options else matches[0] if len(matches) == 1 else None
+        if name in _REPLACED_OPTIONS:
+            raise ValueError(f"--{name} is not used: {_REPLACED_OPTIONS[name]}; write your own Trainer script with "
                              "ela_hf.ElaPruningCallback for another one")
     size = args.image_size or default_image_size
     if final_feature_size(args.model, size) == 1:

@@ -119,13 +119,17 @@ def _check_split_folders(path: str, dataset: str) -> None:
       read the folder as one split whose classes are those names' sub-folders: validation images would be
       trained on. Two or more such folders are an error, one a warning (it may be a class).
     - Beside recognised split folders, any other folder (``holdout/``) is not read at all: a warning.
+    - A class folder named like a split (``train/val_birds/``, CIFAR-100's ``train/``) is read into that split
+      too: training images would be evaluated (or the reverse). An error.
     """
     exact, loose = _split_folder_regex(), _split_folder_regex(re.IGNORECASE)
     top = _subfolders(path)
     splits = [name for name in top if exact.fullmatch(name)]
     if not splits:
         nested = [name for name in top if any(exact.fullmatch(child) for child in _subfolders(os.path.join(path, name)))]
-        look_alike = [name for name in top if loose.fullmatch(name) and name not in nested]
+        # a look-alike holds class folders; a folder of images directly is a class (Open Images' "Train")
+        look_alike = [name for name in top if loose.fullmatch(name) and name not in nested
+                      and _subfolders(os.path.join(path, name))]
         if look_alike:
             message = (
                 f"--dataset {dataset!r}: the folders {', '.join(n + '/' for n in look_alike)} look like splits, but "
@@ -136,6 +140,14 @@ def _check_split_folders(path: str, dataset: str) -> None:
                 raise ValueError(message)
             logger.warning(message + " (or ignore this if it is a class)")
         return
+    claimed = sorted(f"{split}/{cls}/" for split in splits for cls in _subfolders(os.path.join(path, split))
+                     if exact.fullmatch(cls))
+    if claimed:
+        raise ValueError(
+            f"--dataset {dataset!r}: the class folders {', '.join(claimed[:5])}{' ...' if len(claimed) > 5 else ''} "
+            "are named like a split (train, val, test, ... alone or set off by -._ or digits), so datasets also puts "
+            "their images into that split: training and evaluation images would mix. Rename these class folders"
+        )
     ignored = [name for name in top if name not in splits
                and not any(exact.fullmatch(child) for child in _subfolders(os.path.join(path, name)))]
     if ignored:

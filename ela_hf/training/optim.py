@@ -118,6 +118,12 @@ class StepLR(LambdaLR):
                 break
         state_dict["lr_lambdas"] = [None] * len(self.lr_lambdas)
         super().load_state_dict(state_dict)
+        # the Trainer loads the optimizer first, which brought back the checkpoint's lr: the next step must
+        # already run at this run's (LambdaLR only rewrites it at its next step())
+        lrs = [base * fn(self.last_epoch) for base, fn in zip(self.base_lrs, self.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self._last_lr = lrs
 
 
 def _describe(schedule: dict) -> str:

@@ -225,10 +225,11 @@ def _dataset_label(dataset: str) -> str:
 
 
 def _last_part(dataset: str) -> str:
-    """The last path component; a local path is resolved first (``.`` or ``train/..`` name the folder itself)."""
+    """The last path component; a local path is made absolute first (``.`` or ``train/..`` name the folder itself;
+    a symlink keeps its own name)."""
     path = os.path.expanduser(dataset)
     if os.path.exists(path):
-        path = os.path.realpath(path)
+        path = os.path.abspath(path)
     return os.path.basename(os.path.normpath(path))
 
 
