@@ -171,22 +171,22 @@ def check_model_name(name: str) -> None:
         raise ValueError(f"--model {name!r} is not a model registered by ela_hf{hint}")
 
 
-def min_image_size(name: str) -> int:
-    """The model's total stride: a smaller input leaves its last stage less than one pixel of real image."""
+def _stride_steps(name: str) -> int:
+    """The model's stride-2 steps: two in the ImageNet stems (conv, max-pool), one per stage after the first."""
     from ela_hf.models import MODEL_ARGS
 
     args = MODEL_ARGS[name]
-    stem_stride = 1 if args.get("stem_type") == "cifar" else 4
-    return stem_stride * 2 ** (len(args["layers"]) - 1)
+    return len(args["layers"]) - 1 + (0 if args.get("stem_type") == "cifar" else 2)
+
+
+def min_image_size(name: str) -> int:
+    """The model's total stride: a smaller input leaves its last stage less than one pixel of real image."""
+    return 2 ** _stride_steps(name)
 
 
 def final_feature_size(name: str, image_size: int) -> int:
     """Side of the last stage's feature map for ``image_size`` inputs (every stride-2 step rounds up)."""
-    from ela_hf.models import MODEL_ARGS
-
-    args = MODEL_ARGS[name]
-    halvings = len(args["layers"]) - 1 + (0 if args.get("stem_type") == "cifar" else 2)
-    for _ in range(halvings):
+    for _ in range(_stride_steps(name)):
         image_size = -(-image_size // 2)
     return image_size
 
@@ -448,8 +448,9 @@ def recipe_help(parser) -> None:
     texts.update({f"--{name}": f"Not used by the recipes (refused): {why}." for name, why in _REPLACED_OPTIONS.items()})
     for action in parser._actions:
         for option in action.option_strings:
-            if option.replace("-", "_").replace("__", "--", 1) in texts:
-                action.help = texts[option.replace("-", "_").replace("__", "--", 1)]
+            name = "--" + option[2:].replace("-", "_")  # --resume-from-checkpoint too
+            if name in texts:
+                action.help = texts[name]
 
 
 def build_selector(args: RecipeArguments, preset):

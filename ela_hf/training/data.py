@@ -112,8 +112,9 @@ def _subfolders(path: str) -> List[str]:
 
 
 def _check_split_folders(path: str, dataset: str) -> None:
-    """Top-level folders of an image folder that ``datasets`` silently mis-reads (only the first two levels
-    are listed, never the images).
+    """Top-level folders of an image folder that ``datasets`` silently mis-reads. Only folders are listed: the
+    top level, the split folders, and the few other top-level folders the checks below ask about (each once), so
+    a flat folder of classes is not walked through its images.
 
     - Split-like names it does not recognise (``Train/``, ``Validation/``: it matches lower case only) make it
       read the folder as one split whose classes are those names' sub-folders: validation images would be
@@ -125,11 +126,15 @@ def _check_split_folders(path: str, dataset: str) -> None:
     exact, loose = _split_folder_regex(), _split_folder_regex(re.IGNORECASE)
     top = _subfolders(path)
     splits = [name for name in top if exact.fullmatch(name)]
+
+    def holds_splits(children: List[str]) -> bool:  # e.g. imagenet/train/: datasets reads it one level down
+        return any(exact.fullmatch(child) for child in children)
+
     if not splits:
-        nested = [name for name in top if any(exact.fullmatch(child) for child in _subfolders(os.path.join(path, name)))]
-        # a look-alike holds class folders; a folder of images directly is a class (Open Images' "Train")
-        look_alike = [name for name in top if loose.fullmatch(name) and name not in nested
-                      and _subfolders(os.path.join(path, name))]
+        children = {name: _subfolders(os.path.join(path, name)) for name in top if loose.fullmatch(name)}
+        # a look-alike holds class folders (and no split folders); a folder of images directly is a class
+        # (Open Images' "Train")
+        look_alike = [name for name, sub in children.items() if sub and not holds_splits(sub)]
         if look_alike:
             message = (
                 f"--dataset {dataset!r}: the folders {', '.join(n + '/' for n in look_alike)} look like splits, but "
@@ -148,8 +153,7 @@ def _check_split_folders(path: str, dataset: str) -> None:
             "are named like a split (train, val, test, ... alone or set off by -._ or digits), so datasets also puts "
             "their images into that split: training and evaluation images would mix. Rename these class folders"
         )
-    ignored = [name for name in top if name not in splits
-               and not any(exact.fullmatch(child) for child in _subfolders(os.path.join(path, name)))]
+    ignored = [name for name in top if name not in splits and not holds_splits(_subfolders(os.path.join(path, name)))]
     if ignored:
         logger.warning(
             f"--dataset {dataset!r}: the folders {', '.join(n + '/' for n in ignored)} are not read: beside the split "
