@@ -621,8 +621,9 @@ def test_training_arguments_the_recipes_would_ignore_are_refused(tmp_path, monke
 
 def test_an_epochs_last_batch_never_holds_a_single_image_where_the_last_stage_is_1x1():
     import torch.nn.functional as F
-    from ela_hf.training import avoid_single_image_batch, final_feature_size
+    from ela_hf.training import avoid_single_image_batch, final_feature_size, min_image_size
 
+    assert min_image_size("ela_resnet50d") == 32 and min_image_size("ela_resnet20_cifar") == 4
     assert final_feature_size("ela_resnet18", 32) == 1 and final_feature_size("ela_resnet18", 64) == 2
     assert final_feature_size("ela_resnet20_cifar", 32) == 8
     ds = Dataset.from_dict({"label": list(range(9))})
