@@ -197,6 +197,24 @@ def test_corrupt_or_missing_weight_file_is_a_clear_error(tmp_path):
         AutoModelForImageClassification.from_pretrained(tmp_path / "v", variant="fp16")
 
 
+def test_errors_loading_from_a_local_subfolder_are_the_real_ones(tmp_path):
+    ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=2)).save_pretrained(tmp_path / "sub")
+    # a size mismatch and a mask that does not fit keep their own messages (not "no weight file" for the
+    # folder above, which holds no config.json either)
+    with pytest.raises(Exception, match="size mismatch|ignore_mismatched_sizes") as info:
+        AutoModelForImageClassification.from_pretrained(tmp_path, subfolder="sub", num_labels=7)
+    assert "no weight file" not in str(info.value)
+    with pytest.raises(ValueError, match="skip_mask"):
+        AutoModelForImageClassification.from_pretrained(tmp_path, subfolder="sub", skip_mask=[[False]])
+    weights = tmp_path / "sub" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"sub[/\\]model\.safetensors is corrupt or truncated"):
+        AutoModelForImageClassification.from_pretrained(tmp_path, subfolder="sub")
+    weights.unlink()
+    with pytest.raises(ValueError, match=r"sub has a config.json but no weight file"):
+        AutoModelForImageClassification.from_pretrained(tmp_path, subfolder="sub")
+
+
 def test_mask_in_config_json_that_does_not_fit_is_a_clear_error(tmp_path):
     ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=2)).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
@@ -245,6 +263,22 @@ def test_a_save_in_another_layout_removes_the_earlier_weight_files(tmp_path, mon
     copy.deepcopy(new).half().save_pretrained(tmp_path, variant="fp16")
     assert {"model.safetensors", "model.fp16.safetensors"} <= {p.name for p in tmp_path.iterdir()}
     assert load_file(str(tmp_path / "model.safetensors")).keys() == before.keys()
+
+
+def test_a_variant_with_another_skip_mask_is_refused_next_to_default_weights(tmp_path, images):
+    model = ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=2)).eval()
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        expected = model(images).logits
+    model.set_skip_mask(MASK)  # pruned further: the shared config.json would no longer fit the default weights
+    with pytest.raises(ValueError, match=r"skip mask .* differs from this model's .*its own folder"):
+        model.save_pretrained(tmp_path, variant="pruned")
+    assert not (tmp_path / "model.pruned.safetensors").exists()
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForImageClassification.from_pretrained(tmp_path).eval()(images).logits,
+                                   expected)
+    model.save_pretrained(tmp_path / "alone", variant="pruned")  # without default weights there: fine
+    assert AutoModelForImageClassification.from_pretrained(tmp_path / "alone", variant="pruned").skip_mask == MASK
 
 
 def test_a_model_with_frozen_batchnorm_exports_and_loads(tmp_path, images):

@@ -8,6 +8,7 @@ and ``timm.create_model("local-dir:<dir>", pretrained=True)`` reads the same fil
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -234,6 +235,8 @@ class ElaPreTrainedModel(PreTrainedModel):
         writes = kwargs.get("is_main_process", True)
         if hasattr(self, "should_save_on_this_rank"):  # under torch.distributed only rank 0 writes
             writes = self.should_save_on_this_rank(writes)
+        if writes and kwargs.get("variant"):
+            _check_variant_shares_the_mask(save_directory, self.config)
         plain = (
             not writes
             or not os.path.isdir(save_directory)
@@ -275,7 +278,7 @@ class ElaPreTrainedModel(PreTrainedModel):
                 pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
             )
         except Exception as err:  # noqa: BLE001 - re-raised with the file named, or unchanged
-            _raise_for_unreadable_weights(pretrained_model_name_or_path, err)
+            _raise_for_unreadable_weights(pretrained_model_name_or_path, err, kwargs.get("subfolder") or "")
             raise
         model._check_loaded_weights(info, pretrained_model_name_or_path)
         return (model, info) if output_loading_info else model
@@ -344,6 +347,27 @@ def _remove_abandoned_saves(folder) -> None:
             pass
 
 
+def _check_variant_shares_the_mask(folder, config) -> None:
+    """A ``variant=`` save rewrites the ``config.json`` that the folder's default weights are loaded with:
+    refuse one whose skip mask differs from that of default weights already there (they would no longer load)."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isdir(folder) or not _weight_files(folder) or not os.path.isfile(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return
+    mine = [config.skip_mask, (config.model_args or {}).get("skip_mask")]
+    theirs = [saved.get("skip_mask"), (saved.get("model_args") or {}).get("skip_mask")]
+    if json.loads(json.dumps(mine)) != theirs:
+        raise ValueError(
+            f"{folder} holds default weights whose skip mask {theirs[0]} differs from this model's {mine[0]}; "
+            "a variant= save shares their config.json and would make them unloadable. Save this model into "
+            "its own folder (or ela_hf.export_pruned for a slim release)"
+        )
+
+
 def _weight_files(folder) -> list[str]:
     """The weight files (any layout transformers writes) in ``folder``."""
     return sorted(e.name for e in os.scandir(folder) if e.is_file() and _WEIGHT_FILE.fullmatch(e.name))
@@ -361,24 +385,27 @@ def _is_head_key(key: str) -> bool:
     return _strip_prefix(key).startswith(CLASSIFIER_PREFIX)
 
 
-def _raise_for_unreadable_weights(source, err: Exception) -> None:
-    """Name the weight file when a checkpoint's weights are missing or cannot be read."""
-    if not isinstance(source, (str, os.PathLike)) or not os.path.isdir(source):
+def _raise_for_unreadable_weights(source, err: Exception, subfolder: str = "") -> None:
+    """Name the weight file when a checkpoint's weights are missing or cannot be read; any other error
+    (a size mismatch, a bad override) is left to propagate unchanged."""
+    folder = os.path.join(source, subfolder) if isinstance(source, (str, os.PathLike)) else source
+    if not isinstance(source, (str, os.PathLike)) or not os.path.isdir(folder):
         if type(err).__name__ == "SafetensorError":  # a Hub (or cached) file that safetensors cannot parse
             raise ValueError(
                 f"the weights of {source} are corrupt or truncated and cannot be read ({err}); a broken "
                 "upload or download? Load again with force_download=True"
             ) from err
         return
+    source = folder
     names = os.listdir(source)
     if not any(_ANY_WEIGHT_FILE.fullmatch(f) for f in names):
-        raise ValueError(f"{source} has a config.json but no weight file (model.safetensors)") from err
+        if "config.json" in names:
+            raise ValueError(f"{source} has a config.json but no weight file (model.safetensors)") from err
+        return
     from safetensors import safe_open
 
     index = os.path.join(source, "model.safetensors.index.json")
     if os.path.isfile(index) and not os.path.isfile(os.path.join(source, "model.safetensors")):
-        import json
-
         try:
             with open(index, encoding="utf-8") as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
