@@ -281,6 +281,18 @@ def test_a_variant_with_another_skip_mask_is_refused_next_to_default_weights(tmp
     assert AutoModelForImageClassification.from_pretrained(tmp_path / "alone", variant="pruned").skip_mask == MASK
 
 
+def test_a_folder_saved_by_timm_itself_loads_with_the_mask_of_its_weights(tmp_path, images):
+    from timm.models import save_for_hf
+
+    pruned = _pruned_timm_model().eval()  # pruned in place: every weight kept, the flags say skipped
+    save_for_hf(pruned, tmp_path)  # timm's own Hub format: config.json names no mask
+    assert "skip_mask" not in json.loads((tmp_path / "config.json").read_text())
+    loaded = ElaForImageClassification.from_pretrained(tmp_path).eval()
+    assert loaded.skip_mask == loaded.config.skip_mask == MASK
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images).logits, pruned(images), rtol=0, atol=0)
+
+
 def test_a_model_with_frozen_batchnorm_exports_and_loads(tmp_path, images):
     from timm.layers import freeze_batch_norm_2d
 

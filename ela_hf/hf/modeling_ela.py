@@ -302,11 +302,17 @@ class ElaPreTrainedModel(PreTrainedModel):
             return
         # the transformers loader copies tensors without calling the blocks' load hooks: compare the loaded
         # `attn_skipped` flags with the mask the model was built with (config.skip_mask)
-        disagree = []
-        for i, stage in enumerate(find_stages(self.timm_model)):
-            for j, blk in enumerate(stage):
-                if bool(blk.attn_skipped) != blk.is_skipped:
-                    disagree.append((i, j))
+        stages = find_stages(self.timm_model)
+        disagree = [(i, j) for i, stage in enumerate(stages) for j, blk in enumerate(stage)
+                    if bool(blk.attn_skipped) != blk.is_skipped]
+        if disagree and self.config.skip_mask is None:
+            # a config.json that names no mask (timm's save_for_hf / push_to_hf_hub of a model pruned in place):
+            # the flags stored with the weights are the mask, as timm's loader reads them
+            for i, j in disagree:
+                if bool(stages[i][j].attn_skipped):
+                    stages[i][j].skip_attention()
+            self._skip_mask_changed()
+            disagree = [(i, j) for i, j in disagree if bool(stages[i][j].attn_skipped) != stages[i][j].is_skipped]
         if disagree:
             raise ValueError(
                 f"config.json of {source} and its weights disagree on which attention layers are skipped "
