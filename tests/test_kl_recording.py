@@ -134,6 +134,29 @@ def test_mrla_l_recorded_kl_equals_hand_computation(skip_mask):
         assert stats[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
 
 
+def test_mrla_l_distribution_survives_gates_that_underflow():
+    """Gate logits below about -100 give float32 gates of exactly 0 (and a float64 model's tiny gates became
+    0 in a float32 cast): a lone layer's distribution is still [1], and float64 keeps the ratio of tiny gates."""
+    from ela_hf.layers import MrlaLight, StageState
+
+    attn = MrlaLight(64, dim_per_head=32)
+    with torch.no_grad():
+        attn.lam.fill_(1.0)
+    state = StageState()
+    attn._record(torch.zeros(2, 2), state)  # every weight of the stage's first layer underflowed
+    assert torch.equal(state.prev_alpha, torch.ones(2, 1))
+    attn._record(torch.full((2, 2), 0.5), state)
+    kl = attn.kl_sum.item() / attn.kl_count.item()
+    assert kl == pytest.approx(_by_hand_kl([1.0], [0.0, 1.0]), rel=1e-5)  # ~18.4: not a repeat of layer t-1
+    assert kl > 18
+
+    state = StageState()
+    attn.double()._record(torch.full((1, 2), 1e-60, dtype=torch.float64), state)
+    attn._record(torch.full((1, 2), 1e-50, dtype=torch.float64), state)
+    assert state.prev_alpha.dtype == torch.float64
+    assert state.prev_alpha[0].tolist() == pytest.approx([1e-10, 1.0], rel=1e-9)
+
+
 def test_kl_helper_direction_and_limits():
     prev = torch.tensor([[0.3, 0.7]])
     cur = torch.tensor([[0.3, 0.7, 0.0]])

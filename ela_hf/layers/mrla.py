@@ -700,13 +700,19 @@ class MrlaLight(_LayerAttentionBase):
     def _record(self, gate: torch.Tensor, state: StageState) -> None:
         # w_{t,s,c} = a_{s,h(c)} * prod_{active j, s<j<=t} lambda_{j,c}: scale the earlier layers by this
         # layer's lambda, then append this layer's own gate (empty product).
-        own = self._per_channel(gate.detach().float()).unsqueeze(1)  # [B, 1, C]; statistics only, no graph
+        # statistics only, no graph; in float32, or float64 for a float64 model (whose tiny gates float32
+        # would flush to zero)
+        dtype = torch.float64 if gate.dtype == torch.float64 else torch.float32
+        own = self._per_channel(gate.detach().to(dtype)).unsqueeze(1)  # [B, 1, C]
         if state.unrolled is None:
             unrolled = own
         else:
-            unrolled = torch.cat([state.unrolled * self.lam.detach().float().view(1, 1, -1), own], dim=1)
+            unrolled = torch.cat([state.unrolled * self.lam.detach().to(dtype).view(1, 1, -1), own], dim=1)
         alpha = unrolled.abs().mean(dim=-1)
-        alpha = alpha / alpha.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(alpha.dtype).tiny)
+        total = alpha.sum(dim=-1, keepdim=True)
+        # weights that all underflowed to zero (gate logits below about -100) carry no ranking: uniform, so
+        # that a lone layer's distribution is [1] as the formula gives, not [0]
+        alpha = torch.where(total > 0, alpha / total.clamp_min(torch.finfo(dtype).tiny), 1.0 / alpha.shape[-1])
         if state.prev_alpha is not None:
             self._accumulate(kl_with_appended_eps(state.prev_alpha, alpha, self.kl_eps))
         state.unrolled = unrolled
