@@ -568,6 +568,8 @@ def render_model_card(
         hf_id=hub_ref,
         revision=revision if repo_id else None,
         headless=headless,
+        num_channels=config.num_channels,
+        image_mode={1: "L", 3: "RGB", 4: "RGBA"}.get(config.num_channels),
     )
     # the template's control blocks leave runs of blank lines; markdown needs at most one
     return ModelCard(re.sub(r"\n{3,}", "\n\n", str(card)))

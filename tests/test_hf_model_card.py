@@ -234,3 +234,28 @@ def test_card_training_table_shows_what_decided_the_length(tmp_path):
     by_epochs = TrainingArguments(output_dir=str(tmp_path / "o"), num_train_epochs=3, report_to="none")
     card = ModelCard.load(ela_hf.export_pruned(model, tmp_path / "b", training_args=by_epochs, verify=False) / "README.md")
     assert "| num_train_epochs | 3" in card.text and "max_steps" not in card.text
+
+
+@pytest.mark.parametrize("in_chans", [1, 3])
+def test_the_cards_usage_snippets_run_as_copied_on_an_rgb_photo(tmp_path, in_chans):
+    """A user pastes the card's code with their own `image` (a PIL photo, RGB): both front doors give the
+    model's logits, also for a grey checkpoint (timm's transforms keep the image's mode: the card converts)."""
+    import re
+
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = timm.create_model("ela_resnet20_cifar", num_classes=4, in_chans=in_chans).eval()
+    out = ela_hf.export_pruned(model, tmp_path / "release")
+    card = (out / "README.md").read_text()
+    snippets = [re.sub(r"path/to/[\w.-]+", str(out), code) for code in re.findall(r"```python\n(.*?)```", card, re.S)]
+    assert len(snippets) == 2
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    results = []
+    for code in snippets:
+        namespace = {"image": photo}
+        with torch.no_grad():
+            exec(code, namespace)
+        results.append(namespace["logits"])
+    assert results[0].shape == results[1].shape == (1, 4)
+    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-5)
