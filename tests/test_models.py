@@ -489,6 +489,17 @@ def test_drop_block_rate_acts_on_the_conv_path_of_stages_3_and_4():
         timm.create_model("ela_resnet18", drop_block_rate=1.5)
 
 
+@pytest.mark.parametrize("name,rate", [("drop_rate", -1.0), ("drop_rate", 1.5), ("drop_path_rate", 2.0),
+                                       ("drop_path_rate", -0.1)])
+def test_drop_rates_outside_0_1_are_refused_at_construction(name, rate):
+    with pytest.raises(ValueError, match=f"{name} must be in \\[0, 1\\), got {rate}"):
+        timm.create_model("ela_resnet20_cifar", **{name: rate})
+    from ela_hf import ElaConfig, ElaForImageClassification
+
+    with pytest.raises(ValueError, match=f"{name} must be in"):
+        ElaForImageClassification(ElaConfig(architecture="ela_resnet20_cifar", **{name: rate}))
+
+
 def test_getter_backbone_drops_the_unused_stages_and_matches_the_full_network():
     """``feature_cls='getter'`` calls prune_intermediate_layers: later stages and the head are removed."""
     torch.manual_seed(0)

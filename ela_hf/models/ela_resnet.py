@@ -291,8 +291,10 @@ class LayerAttentionResNet(nn.Module):
                 f"output_stride={output_stride} is for the ImageNet stems; the CIFAR stem keeps full resolution "
                 "and the CIFAR nets' last stage already runs at stride 4"
             )
-        if not 0.0 <= drop_block_rate < 1.0:
-            raise ValueError(f"drop_block_rate must be in [0, 1), got {drop_block_rate!r}")
+        for name, rate in (("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate),
+                           ("drop_block_rate", drop_block_rate)):
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {rate!r}")
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
