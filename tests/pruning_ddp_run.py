@@ -92,6 +92,26 @@ def run(out_dir, name, resume_from=None):
     return trainer, model, callback
 
 
+class TwoForwardsTrainer(Trainer):
+    """Two forward passes per step (R-Drop / consistency losses): DDP broadcasts buffers before each."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        first = model(**inputs)
+        second = model(**inputs)
+        loss = (first["loss"] + second["loss"]) / 2
+        return (loss, first) if return_outputs else loss
+
+
+def run_two_forwards(out_dir):
+    model = TinyElaClassifier()
+    tally = {}
+    tap_recorded_kl(model, tally)
+    callback = SpyingPruningCallback(windows=[(1, 2)], window_unit="step", tally=tally)
+    args = training_args(os.path.join(out_dir, "two"), per_device_train_batch_size=2, max_steps=3)
+    TwoForwardsTrainer(model=model, args=args, train_dataset=RandomImages(n=16), callbacks=[callback]).train()
+    return callback
+
+
 def run_checkpointed(out_dir):
     """A transformers model with --gradient_checkpointing: left None, the Trainer would run DDP without the
     unused-parameter search and fail at the first skip, so the callback refuses it up front; with
@@ -141,6 +161,7 @@ def main(out_dir):
 
     _, model_b, callback_b = run(out_dir, "b", resume_from=os.path.join(out_dir, "a", "checkpoint-5"))
     gc_default_error, gc_mask, gc_ddp, gc_model = run_checkpointed(out_dir)
+    two = run_two_forwards(out_dir)
     shared_files = save_from_every_rank(out_dir, gc_model)
     result = {
         "rank": rank,
@@ -159,6 +180,9 @@ def main(out_dir):
         "gc_mask": gc_mask,
         "gc_ddp": gc_ddp,
         "shared_files": shared_files,
+        "two_forwards_local": two.local_at_decisions,
+        "two_forwards_tally": two.tally_at_decisions,
+        "two_forwards_history": two.history,
     }
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)

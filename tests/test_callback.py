@@ -262,6 +262,68 @@ def test_windows_never_reached_are_reported(tmp_path, caplog):
     assert "training ended (epoch 0.38, step 3) before pruning window(s) 2 (5-5 steps), 3 (7-7 steps)" in caplog.text
 
 
+def test_an_early_stop_in_a_windows_last_epoch_decides_nothing(tmp_path, caplog):
+    """A stop asked for after an evaluation, before training's length (what EarlyStoppingCallback does), leaves
+    the window undecided in its last epoch as in its others; the last checkpoint and the final model agree."""
+    class StopLikeEarlyStopping(TrainerCallback):
+        def on_evaluate(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step >= 10
+            return control
+
+    # 28 images / batch 4 = 7 steps per epoch: step 10 lies in epoch 2, the window's last epoch
+    callback = ElaPruningCallback(windows=[(1, 2)], window_unit="epoch", selector=FixedCountSelector(1))
+    args = training_args(tmp_path, max_steps=-1, num_train_epochs=3, eval_strategy="steps", eval_steps=2,
+                         save_strategy="steps", save_steps=2)
+    trainer = Trainer(model=TinyElaClassifier(), args=args, train_dataset=RandomImages(n=28),
+                      eval_dataset=RandomImages(n=4, seed=1), callbacks=[callback, StopLikeEarlyStopping()])
+    with caplog.at_level("WARNING", logger="ela_hf.pruning.callback"):
+        trainer.train()
+    assert trainer.state.global_step == 10
+    assert callback.history == []
+    assert ela_hf.get_skip_mask(trainer.model) == [[False, False]] * 3
+    assert "training ended inside pruning window 1 (1-2 epochs); no decision was made" in caplog.text
+    state = json.load(open(tmp_path / "checkpoint-10" / "trainer_state.json"))
+    assert state["stateful_callbacks"]["ElaPruningCallback"]["attributes"]["history"] == []
+
+
+def test_an_epoch_cut_short_by_should_epoch_stop_does_not_shift_the_epoch_windows(tmp_path):
+    class CutEpochOne(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_epoch_stop = state.global_step == 2  # epoch 1 stops after 2 of its 7 steps
+            return control
+
+    model = TinyElaClassifier()
+    tally = tap_recorded_kl(model)
+    callback = ElaPruningCallback(windows=[(2, 2)], window_unit="epoch", selector=FixedCountSelector(1))
+    args = training_args(tmp_path, max_steps=-1, num_train_epochs=3)
+    trainer = Trainer(model=model, args=args, train_dataset=RandomImages(n=28), callbacks=[CutEpochOne(), callback])
+    trainer.train()
+    (decision,) = callback.history
+    assert decision["global_step"] == 9 and decision["epoch"] == 2.0  # the end of epoch 2 (2 + 7 steps)
+    assert [e["samples"] for e in decision["layers"]] == [28, 28, 28]  # all of epoch 2, nothing of epoch 1
+    assert all(v[1] == 28 for v in tally.values() if v[1])
+
+
+def test_a_callback_reused_after_a_crash_stops_recording_in_the_first_model(tmp_path):
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise RuntimeError("crash inside the window")
+
+    callback = ElaPruningCallback(windows=[(1, 4)], window_unit="step")
+    first = TinyElaClassifier()
+    trainer = Trainer(model=first, args=training_args(tmp_path), train_dataset=RandomImages(), callbacks=[callback, Crash()])
+    with pytest.raises(RuntimeError, match="crash inside the window"):
+        trainer.train()
+    assert any(blk.attn.recording for _, _, blk in attention_layers(first) if blk.attn is not None)
+    second = TinyElaClassifier(seed=1)
+    Trainer(model=second, args=training_args(tmp_path / "b"), train_dataset=RandomImages(),
+            callbacks=[callback]).train()
+    assert not any(blk.attn.recording for _, _, blk in attention_layers(first) if blk.attn is not None)
+    first.train()(**{k: v[None] for k, v in RandomImages()[0].items()})
+    assert all(float(count) == 0 for _, _, _, count in ela_hf.models.kl_accumulators(first))
+
+
 def test_epoch_windows_need_a_dataset_with_a_length(tmp_path):
     class Stream(torch.utils.data.IterableDataset):
         def __iter__(self):
@@ -381,6 +443,50 @@ def test_resume_with_a_different_configuration_raises(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     with pytest.raises(ValueError, match="resume with the same windows"):
         changed.on_train_begin(args, state, TrainerControl(), model=model)
+
+
+def test_restore_callback_states_keeps_the_given_configuration_and_history(tmp_path):
+    """restore_callback_states_from_checkpoint=True makes the Trainer replace the given callback by one built
+    from the checkpoint: different windows are still refused, and the given object gets the decisions."""
+    def run(name, windows, resume=None):
+        callback = ElaPruningCallback(windows=windows, window_unit="step", selector=FixedCountSelector(1))
+        args = training_args(tmp_path / name, max_steps=8, save_strategy="steps", save_steps=3,
+                             restore_callback_states_from_checkpoint=True)
+        trainer = Trainer(model=TinyElaClassifier(), args=args, train_dataset=RandomImages(), callbacks=[callback])
+        trainer.train(resume_from_checkpoint=resume)
+        return callback
+
+    first = run("a", [(2, 4), (6, 7)])
+    with pytest.raises(ValueError, match=r"resume with the same windows.*restore_callback_states_from_checkpoint"):
+        run("b", [(2, 5)], resume=str(tmp_path / "a" / "checkpoint-3"))
+    resumed = run("c", [(2, 4), (6, 7)], resume=str(tmp_path / "a" / "checkpoint-3"))
+    assert [h["window"] for h in resumed.history] == [1, 2]
+    _assert_same_decisions(first.history, resumed.history)
+
+
+def test_kl_accumulators_are_kept_out_of_ddps_buffer_broadcast(tmp_path):
+    """DDP copies rank 0's buffers over the others' at each synchronising forward; the accumulators are each
+    rank's own sums (the 2-process test checks the sums themselves with two forward passes per step)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from ela_hf import ElaConfig, ElaForImageClassification
+
+    timm_model = timm.create_model("ela_resnet20_cifar", num_classes=4)
+    hf_model = ElaForImageClassification(ElaConfig(architecture="ela_resnet20_cifar", num_labels=4))
+    wrapper = TinyElaClassifier()  # a user's module: the callback names them when the Trainer is built
+    Trainer(model=wrapper, args=training_args(tmp_path), train_dataset=RandomImages(),
+            callbacks=[ElaPruningCallback(windows=[(1, 1)], window_unit="step")])
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        for model in (timm_model, hf_model, wrapper):
+            kl = {id(t) for n, t in model.named_buffers() if n.endswith(("kl_sum", "kl_count"))}
+            assert len(kl) == 12
+            ddp = DistributedDataParallel(model, find_unused_parameters=True)
+            broadcast = {id(t) for t in ddp.modules_buffers}
+            assert broadcast and not broadcast & kl  # BatchNorm statistics still are broadcast
+    finally:
+        dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -83,5 +83,14 @@ def test_two_processes_reduce_decide_once_and_end_with_identical_masks(tmp_path)
         assert "with activation checkpointing" in r["gc_default_error"]
         assert r["gc_ddp"] and r["gc_mask"] is not None and sum(map(sum, r["gc_mask"])) == 1
     assert r0["gc_mask"] == r1["gc_mask"]
+    # two forward passes per step (DDP broadcasts rank 0's buffers before each): every rank's totals are
+    # still exactly what its own layers recorded, 2 steps x 2 passes x 2 images
+    assert r0["two_forwards_history"] == r1["two_forwards_history"]
+    for r in (r0, r1):
+        (local,), (tally,) = r["two_forwards_local"], r["two_forwards_tally"]
+        for n, e in enumerate(r["two_forwards_history"][0]["layers"]):
+            assert local[1][n] == tally[e["name"]][1] == 8
+            assert local[0][n] == pytest.approx(tally[e["name"]][0], rel=1e-6)
+    assert r0["two_forwards_local"] != r1["two_forwards_local"]
     # save_pretrained called on every rank over an earlier save: the weights are still there
     assert "model.safetensors" in r0["shared_files"] and "config.json" in r0["shared_files"]

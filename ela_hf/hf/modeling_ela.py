@@ -31,7 +31,7 @@ from transformers.modeling_outputs import (
 )
 
 from ela_hf.layers.mrla import MrlaLight, _LayerAttentionBase
-from ela_hf.models import find_stages, get_skip_mask, set_skip_mask
+from ela_hf.models import find_stages, get_skip_mask, keep_kl_statistics_out_of_ddp, set_skip_mask
 from ela_hf.models.ela_resnet import LayerAttentionResNet, _LayerAttentionBlockMixin
 
 from .configuration_ela import ElaConfig
@@ -184,6 +184,7 @@ class ElaPreTrainedModel(PreTrainedModel):
         # a state dict loaded into this model (Trainer resume, load_best_model_at_end, a user's
         # load_state_dict, also through a parent module) carries its skip flags: the config follows them
         self.register_load_state_dict_post_hook(_config_follows_loaded_mask)
+        keep_kl_statistics_out_of_ddp(self)  # with the wrapper's prefix: DDP reads the module it wraps
 
     def _forward_features(self, pixel_values, output_hidden_states):
         """Final feature map and, when asked (argument or config), the stem and stage outputs."""

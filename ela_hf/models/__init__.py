@@ -6,6 +6,7 @@ from .ela_resnet import (
     LayerAttentionResNet,
     LayerAttentionStage,
     SkipMask,
+    keep_kl_statistics_out_of_ddp,
     validate_skip_mask,
 )
 from .attention_tools import (
@@ -29,6 +30,7 @@ __all__ = [
     "LayerAttentionStage",
     "SkipMask",
     "validate_skip_mask",
+    "keep_kl_statistics_out_of_ddp",
     "attention_layers",
     "find_stages",
     "get_skip_mask",

@@ -30,6 +30,7 @@ __all__ = [
     "ElaBottleneck",
     "SkipMask",
     "validate_skip_mask",
+    "keep_kl_statistics_out_of_ddp",
 ]
 
 SkipMask = List[List[bool]]
@@ -37,6 +38,21 @@ SkipMask = List[List[bool]]
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 ATTN_TYPES = ("mrla_l", "mrla_b")
+
+
+def keep_kl_statistics_out_of_ddp(module: nn.Module) -> None:
+    """Name the attention layers' KL accumulators in ``module._ddp_params_and_buffers_to_ignore``.
+
+    DDP copies rank 0's buffers to the other ranks at every synchronising forward pass; the accumulators
+    hold each rank's own running sums (reduced explicitly at a window's end), which a step with several
+    forward passes (R-Drop, consistency losses) would otherwise lose. Only the module that DDP wraps is
+    read: the models call this on themselves, the pruning callback on the Trainer's model.
+    """
+    names = {name for name, _ in module.named_buffers() if name.rsplit(".", 1)[-1] in ("kl_sum", "kl_count")}
+    if names:
+        module._ddp_params_and_buffers_to_ignore = sorted(
+            set(getattr(module, "_ddp_params_and_buffers_to_ignore", ())) | names
+        )
 
 
 class _LayerAttentionBlockMixin:
@@ -367,6 +383,7 @@ class LayerAttentionResNet(nn.Module):
         self.num_features = self.head_hidden_size = channels[-1] * block_cls.expansion
         self.global_pool, self.fc = create_classifier(self.num_features, self.num_classes, pool_type=global_pool)
         self.init_weights(zero_init_last=zero_init_last)
+        keep_kl_statistics_out_of_ddp(self)
 
     # ----------------------------------------------------------------------------------------------
     # timm model interface

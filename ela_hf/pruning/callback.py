@@ -9,10 +9,12 @@ applies the same skip mask. Skipped layers never come back.
 How the per-rank statistics stay exact:
 
 * the attention layers accumulate into small on-device buffers; the callback moves ("drains") them into
-  its own float64 totals after every micro-batch (``on_substep_end`` / ``on_step_end``), so the buffers
-  are zero before every forward pass. That matters under DDP, which broadcasts rank 0's module buffers to
-  the other ranks at the start of a synchronising forward pass (``broadcast_buffers=True``): without the
-  drain, that broadcast would overwrite the other ranks' running sums.
+  its own float64 totals after every micro-batch (``on_substep_end`` / ``on_step_end``). DDP broadcasts
+  rank 0's module buffers to the other ranks at the start of every synchronising forward pass
+  (``broadcast_buffers=True``): the accumulators are named in ``_ddp_params_and_buffers_to_ignore`` of
+  the module DDP wraps (the models do it themselves, the callback for the Trainer's model when the
+  Trainer is built), so that broadcast never overwrites another rank's running sums, also with several
+  forward passes per step.
 * a checkpoint saved inside a window stores the window's partial sums *reduced over all processes*
   (the reduction runs on every rank right before the save: ``control.should_save`` at step/epoch end,
   and after each evaluation for ``save_strategy="best"``), in ``TrainerState`` via ``ExportableState``.
@@ -24,6 +26,7 @@ import math
 import numbers
 import os
 import warnings
+import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -34,6 +37,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import has_length
 from transformers.utils import logging
 
+from ..models import LayerAttentionStage, keep_kl_statistics_out_of_ddp
 from ..models.attention_tools import (
     attention_layers,
     get_skip_mask,
@@ -81,6 +85,10 @@ def _validate_windows(windows: Any) -> List[Window]:
             raise ValueError(f"windows must be given in increasing order, got {out[-1]} before {(start, end)}")
         out.append((int(start), int(end)))
     return out
+
+
+# the Trainer's model -> the callback the Trainer was constructed with (see on_init_end)
+_CONFIGURED: "weakref.WeakKeyDictionary[nn.Module, ElaPruningCallback]" = weakref.WeakKeyDictionary()
 
 
 def _world() -> Tuple[int, int]:
@@ -172,6 +180,8 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         self._pending_logs: Optional[Dict[str, Any]] = None
         self._output_dir: Optional[str] = None
         self._names: Dict[int, str] = {}  # id(block) -> its qualified name in the model, for logs
+        self._epochs_ended = 0  # epochs of this run that ended (cut short too), counted from train begin
+        self._given: Optional["ElaPruningCallback"] = None  # see _check_not_rebuilt_differently
 
     # ------------------------------------------------------------------------------------------------
     # presets (SPEC section 4 table)
@@ -309,8 +319,8 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         if self.window_unit == "epoch" and state.epoch is not None and state.epoch < end - 1e-6:
             warnings.warn(
                 f"ElaPruningCallback: pruning window {idx + 1} ({start}-{end} epochs) is decided at epoch "
-                f"{state.epoch:.2f}, before its end, because training stops there (max_steps or a fractional "
-                f"num_train_epochs); its average covers only the part of epoch {end} that ran."
+                f"{state.epoch:.2f}, before its end, because that epoch ends there (max_steps, a fractional "
+                f"num_train_epochs, or an epoch cut short); its average covers only the part of epoch {end} that ran."
             )
         totals = self._reduced_totals()
         rank, world = _world()
@@ -425,9 +435,15 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
                 self._open_window(self.windows_done)
             return
 
-    def _last_epoch_window(self, state) -> bool:
+    def _last_epoch_window(self) -> bool:
         """The open epoch window ends in the epoch now running (which may stop before its end)."""
-        return self.window_unit == "epoch" and math.ceil(state.epoch or 0.0) >= self.windows[self._open][1]
+        return self.window_unit == "epoch" and self._epochs_ended + 1 >= self.windows[self._open][1]
+
+    @staticmethod
+    def _stopped_early(state, control) -> bool:
+        """Training stops before its length (max_steps, or num_train_epochs' steps): a callback such as
+        EarlyStoppingCallback asked it to."""
+        return bool(control.should_training_stop) and not (state.max_steps and state.global_step >= state.max_steps)
 
     def _window_ended(self, state) -> bool:
         end = self.windows[self._open][1]
@@ -438,18 +454,26 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
 
     # ------------------------------------------------------------------------------------------------
     # TrainerCallback events
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if model is not None and any(isinstance(m, LayerAttentionStage) for m in model.modules()):
+            _CONFIGURED[model] = self
+            keep_kl_statistics_out_of_ddp(model)  # before the Trainer wraps it in DDP
+        return control
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None:
             raise ValueError("ElaPruningCallback needs the Trainer's model")
+        if self._open is not None:  # left open by an interrupted earlier train() call on this instance
+            self._close_window()
+        self._check_not_rebuilt_differently(model)
         self._model = model
+        self._epochs_ended = int(math.floor(state.epoch or 0.0))
         self._names = {id(m): name for name, m in model.named_modules()}
         list(attention_layers(model))  # ValueError when the model has no layer-attention stages
         self._output_dir = args.output_dir
         self._check_epochs_exist(kwargs.get("train_dataloader"))
         self._check_training_length(state)
         self._check_ddp(args, model)
-        if self._open is not None:  # left open by an interrupted earlier train() call on this instance
-            self._close_window()
         if state.global_step > 0 and self._restore(state):
             self._reapply_history()
             if self.partial_window is not None and self.partial_window == self.windows_done:
@@ -472,6 +496,20 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
                 "pruning decision, the model restored at the end runs the attention layers skipped after it."
             )
         return control
+
+    def _check_not_rebuilt_differently(self, model) -> None:
+        """With ``restore_callback_states_from_checkpoint=True`` the Trainer replaces the callback it was
+        given by one built from the checkpoint's arguments: that one must not silently drop the given ones."""
+        given = _CONFIGURED.get(model)
+        if given is None or given is self or type(given) is not type(self):
+            return
+        if json.loads(json.dumps(given._args())) != json.loads(json.dumps(self._args())):
+            raise ValueError(
+                f"the checkpoint was written by an ElaPruningCallback with {self._args()}, but this one has "
+                f"{given._args()}; resume with the same windows, selector and window_unit "
+                "(restore_callback_states_from_checkpoint=True rebuilt the callback from the checkpoint)"
+            )
+        self._given = given  # the object the user holds: it gets this run's decisions at train end
 
     def _check_epochs_exist(self, dataloader) -> None:
         if self.window_unit != "epoch" or dataloader is None:
@@ -558,7 +596,9 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         if self.window_unit == "epoch":
-            self._advance_to(int(math.floor(state.epoch or 0.0)) + 1)
+            # counted, not read off state.epoch: an epoch cut short (should_epoch_stop, an iterator shorter
+            # than its len) leaves state.epoch short of its index
+            self._advance_to(self._epochs_ended + 1)
         return control
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -574,9 +614,11 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         if self._open is None:
             return control
         self._drain()
-        if self._window_ended(state) or (control.should_training_stop and self._last_epoch_window(state)):
-            # also when training stops inside the last epoch (max_steps): decided before the final save, so
-            # that the last checkpoint carries the decision
+        if self._window_ended(state) or (
+            control.should_training_stop and self._last_epoch_window() and not self._stopped_early(state, control)
+        ):
+            # also when training reaches its length inside the last epoch (max_steps): decided before the
+            # final save, so that the last checkpoint carries the decision
             self._decide(state)
             control.should_log = True  # a log entry at this very step carries the decision
         elif control.should_save:
@@ -584,14 +626,16 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         return control
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if self._open is None:
-            return control
-        # the last epoch can be cut short (max_steps, an exhausted iterator): its window then ends here
-        if self._last_epoch_window(state):
-            self._decide(state)
-            control.should_log = True
-        elif control.should_save:
-            self._take_snapshot()
+        # the last epoch can be cut short (max_steps, should_epoch_stop, an exhausted iterator): its window
+        # then ends here. A stop before training's length (EarlyStoppingCallback) decides nothing, in the
+        # last epoch as in the others: on_train_end names the window.
+        if self._open is not None:
+            if self._last_epoch_window() and not self._stopped_early(state, control):
+                self._decide(state)
+                control.should_log = True
+            elif control.should_save:
+                self._take_snapshot()
+        self._epochs_ended += 1
         return control
 
     def on_evaluate(self, args, state, control, **kwargs):
@@ -637,6 +681,8 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
                           for k, (a, b) in enumerate(self.windows) if k >= first_unreached),
             )
         self._warn_if_skips_were_undone()
+        if self._given is not None:
+            self._given.windows_done, self._given.history = self.windows_done, self.history
         return control
 
     def _warn_if_skips_were_undone(self) -> None:
