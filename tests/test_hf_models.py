@@ -1,5 +1,6 @@
 """transformers front door: config, models, image processor, and the one folder format both libraries read."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -397,6 +398,15 @@ def test_image_processor_of_a_four_channel_checkpoint(tmp_path):
     torch.testing.assert_close(processor(torch.from_numpy(hwc).permute(2, 0, 1))["pixel_values"], from_pil)
     with pytest.raises(ValueError, match="takes 4-channel images, got a 3-channel 'RGB' image"):
         processor(Image.fromarray(hwc[..., :3]))
+
+
+@pytest.mark.parametrize("shape", [(40, 48, 2), (5, 40, 48), (40, 48, 6)])
+def test_image_processor_names_an_array_without_a_channel_axis_it_takes(shape):
+    processor = ElaImageProcessor(pretrained_cfg=ElaConfig(architecture=ARCH, num_labels=2).pretrained_cfg)
+    array = np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8)
+    with pytest.raises(ValueError, match=rf"shape {re.escape(str(shape))} has no axis of \[1, 3, 4\] channels: "
+                                         "this checkpoint takes 3-channel images"):
+        processor(array)
 
 
 def test_backbone_returns_the_selected_feature_maps(tmp_path, images):

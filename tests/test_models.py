@@ -222,7 +222,7 @@ def test_mrla_b_later_block_attends_exactly_over_active_layers():
     stage = LayerAttentionResNet(layers=(4,), channels=(16,), stem_type="cifar", stem_width=16, dim_per_head=32,
                                  skip_mask=[[False, False, True, False]], num_classes=3).eval().layer1
     x = torch.randn(2, 16, 8, 8)
-    ys, outs = [], []
+    outs = []
     for blk in stage:
         blk.register_forward_hook(lambda m, i, o: outs.append(o))
     stage(x)

@@ -210,6 +210,13 @@ class ElaImageProcessor(BaseImageProcessor):
                         break
                     except ValueError:
                         pass
+                else:
+                    raise ValueError(
+                        f"an image of shape {tuple(image.shape)} has no axis of {sorted({1, 3, 4, channels})} "
+                        f"channels: this checkpoint takes {channels}-channel images (grey and RGB ones are "
+                        "converted); give [H, W], [H, W, C] or [C, H, W] images, with input_data_format= "
+                        "where the channel axis is ambiguous"
+                    )
             image = to_pil_image(image, input_data_format=input_data_format)
         if channels in _PIL_MODES:
             return image  # the transforms convert it
