@@ -464,6 +464,25 @@ def test_restore_callback_states_keeps_the_given_configuration_and_history(tmp_p
     _assert_same_decisions(first.history, resumed.history)
 
 
+def test_several_trainers_on_one_model_and_freed_models(tmp_path):
+    """Only a callback the Trainer rebuilt from a checkpoint is compared with the one it was given: a second
+    Trainer on the same model with other windows trains, and nothing keeps trained models alive."""
+    import gc
+    import weakref
+
+    model = TinyElaClassifier()
+    first = ElaPruningCallback(windows=[(1, 2)], window_unit="step", selector=FixedCountSelector(1))
+    Trainer(model=model, args=training_args(tmp_path / "a"), train_dataset=RandomImages(), callbacks=[first]).train()
+    later = Trainer(model=model, args=training_args(tmp_path / "b"), train_dataset=RandomImages())
+    later.add_callback(ElaPruningCallback(windows=[(3, 4)], window_unit="step", selector=FixedCountSelector(1)))
+    later.train()
+    assert sum(map(sum, ela_hf.get_skip_mask(model))) == 2 and len(first.history) == 1
+    alive = weakref.ref(model)
+    del model, first, later
+    gc.collect()
+    assert alive() is None
+
+
 def test_kl_accumulators_are_kept_out_of_ddps_buffer_broadcast(tmp_path):
     """DDP copies rank 0's buffers over the others' at each synchronising forward; the accumulators are each
     rank's own sums (the 2-process test checks the sums themselves with two forward passes per step)."""

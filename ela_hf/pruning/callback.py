@@ -87,8 +87,9 @@ def _validate_windows(windows: Any) -> List[Window]:
     return out
 
 
-# the Trainer's model -> the callback the Trainer was constructed with (see on_init_end)
-_CONFIGURED: "weakref.WeakKeyDictionary[nn.Module, ElaPruningCallback]" = weakref.WeakKeyDictionary()
+# the Trainer's model -> a weak reference to the callback the Trainer was constructed with (on_init_end);
+# weak both ways, so that neither keeps a model alive
+_CONFIGURED: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 
 
 def _world() -> Tuple[int, int]:
@@ -182,6 +183,7 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         self._names: Dict[int, str] = {}  # id(block) -> its qualified name in the model, for logs
         self._epochs_ended = 0  # epochs of this run that ended (cut short too), counted from train begin
         self._given: Optional["ElaPruningCallback"] = None  # see _check_not_rebuilt_differently
+        self.restored_by_trainer = False
 
     # ------------------------------------------------------------------------------------------------
     # presets (SPEC section 4 table)
@@ -222,6 +224,9 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
                 "history": self.history,
                 "partial_window": self._open,
                 "partial_kl": self._partial_for_checkpoint(),
+                # set on the object that restore_callback_states_from_checkpoint=True makes the Trainer
+                # build from this state (it sets every attribute), never on the one the user built
+                "restored_by_trainer": True,
             },
         }
 
@@ -456,7 +461,7 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
     # TrainerCallback events
     def on_init_end(self, args, state, control, model=None, **kwargs):
         if model is not None and any(isinstance(m, LayerAttentionStage) for m in model.modules()):
-            _CONFIGURED[model] = self
+            _CONFIGURED[model] = weakref.ref(self)
             keep_kl_statistics_out_of_ddp(model)  # before the Trainer wraps it in DDP
         return control
 
@@ -500,8 +505,16 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
     def _check_not_rebuilt_differently(self, model) -> None:
         """With ``restore_callback_states_from_checkpoint=True`` the Trainer replaces the callback it was
         given by one built from the checkpoint's arguments: that one must not silently drop the given ones."""
-        given = _CONFIGURED.get(model)
+        if not self.restored_by_trainer:
+            return
+        ref = _CONFIGURED.get(model)
+        given = ref() if ref is not None else None
         if given is None or given is self or type(given) is not type(self):
+            logger.warning(
+                "ElaPruningCallback: restore_callback_states_from_checkpoint=True rebuilt this callback from the "
+                "checkpoint, with its settings %s; the settings of the callback you gave could not be compared "
+                "(pass it to the Trainer's constructor for that)", self._args(),
+            )
             return
         if json.loads(json.dumps(given._args())) != json.loads(json.dumps(self._args())):
             raise ValueError(
