@@ -293,6 +293,18 @@ def test_a_folder_saved_by_timm_itself_loads_with_the_mask_of_its_weights(tmp_pa
         torch.testing.assert_close(loaded(images).logits, pruned(images), rtol=0, atol=0)
 
 
+def test_a_variant_next_to_weights_timm_saved_is_checked_against_their_skip_flags(tmp_path):
+    from timm.models import save_for_hf
+
+    save_for_hf(_pruned_timm_model(), tmp_path)  # config.json names no mask: the weights' flags are it
+    model = ElaForImageClassification.from_pretrained(tmp_path)
+    model.half().save_pretrained(tmp_path, variant="fp16")  # the same mask: fine
+    assert ElaForImageClassification.from_pretrained(tmp_path).skip_mask == MASK
+    model.set_skip_mask([[False, True], [False, True], [False, True]])
+    with pytest.raises(ValueError, match=r"skip mask \[\[False, True\], \[False, False\], \[False, True\]\] differs"):
+        model.save_pretrained(tmp_path, variant="more")
+
+
 def test_a_model_with_frozen_batchnorm_exports_and_loads(tmp_path, images):
     from timm.layers import freeze_batch_norm_2d
 

@@ -237,7 +237,8 @@ class ElaPreTrainedModel(PreTrainedModel):
         if hasattr(self, "should_save_on_this_rank"):  # under torch.distributed only rank 0 writes
             writes = self.should_save_on_this_rank(writes)
         if writes and kwargs.get("variant"):
-            _check_variant_shares_the_mask(save_directory, self.config)
+            _check_variant_shares_the_mask(save_directory, self.config, get_skip_mask(self.timm_model)
+                                           if self.timm_model.attn_type is not None else None)
         plain = (
             not writes
             or not os.path.isdir(save_directory)
@@ -354,7 +355,7 @@ def _remove_abandoned_saves(folder) -> None:
             pass
 
 
-def _check_variant_shares_the_mask(folder, config) -> None:
+def _check_variant_shares_the_mask(folder, config, mask) -> None:
     """A ``variant=`` save rewrites the ``config.json`` that the folder's default weights are loaded with:
     refuse one whose skip mask differs from that of default weights already there (they would no longer load)."""
     path = os.path.join(folder, "config.json")
@@ -367,12 +368,42 @@ def _check_variant_shares_the_mask(folder, config) -> None:
         return
     mine = [config.skip_mask, (config.model_args or {}).get("skip_mask")]
     theirs = [saved.get("skip_mask"), (saved.get("model_args") or {}).get("skip_mask")]
+    if theirs == [None, None] and mask is not None:
+        # timm's own config.json names no mask: the default weights' skip flags are theirs (see from_pretrained)
+        flags = _saved_skip_flags(folder)
+        if flags is not None:
+            mine = [mask, None]
+            theirs = [[[flags.get(f"{blk}.attn_skipped", False) for blk in stage] for stage in _block_names(mask)], None]
     if json.loads(json.dumps(mine)) != theirs:
         raise ValueError(
             f"{folder} holds default weights whose skip mask {theirs[0]} differs from this model's {mine[0]}; "
             "a variant= save shares their config.json and would make them unloadable. Save this model into "
             "its own folder (or ela_hf.export_pruned for a slim release)"
         )
+
+
+def _saved_skip_flags(folder) -> dict[str, bool] | None:
+    """``{"layer1.1.attn_skipped": True, ...}``: the skip flags stored with the default weights in ``folder``
+    (safetensors or PyTorch files, single or sharded); None when there are none."""
+    from safetensors import safe_open
+
+    flags = {}
+    for name in _weight_files(folder):
+        file = os.path.join(folder, name)
+        if name.endswith(".safetensors"):
+            with safe_open(file, framework="pt") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys() if k.endswith(".attn_skipped")}
+        elif name.endswith(".bin"):
+            tensors = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        else:
+            continue
+        flags.update({_strip_prefix(k): bool(v) for k, v in tensors.items() if k.endswith(".attn_skipped")})
+    return flags or None
+
+
+def _block_names(mask) -> list[list[str]]:
+    """timm's block names (``layer1.0``, ...) in the shape of ``mask``."""
+    return [[f"layer{i + 1}.{j}" for j in range(len(stage))] for i, stage in enumerate(mask)]
 
 
 def _weight_files(folder) -> list[str]:
