@@ -30,6 +30,7 @@ window's end) are optional.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import json
 import logging
 import math
@@ -679,6 +680,15 @@ _OTHER_WEIGHT_FILES = (
 )
 
 
+def _export_may_hold(name: str) -> bool:
+    """A file an export writes, or that the Hub / transformers tools add beside one."""
+    return (
+        name in _EXPORT_FILES
+        or name in ("preprocessor_config.json", ".gitattributes")
+        or any(fnmatch.fnmatch(name, pattern) for pattern in _OTHER_WEIGHT_FILES)
+    )
+
+
 def _check_replaceable(out_dir: Path, overwrite: bool) -> None:
     """An existing ``out_dir`` is replaced only with ``overwrite``, and never when it holds training output."""
     if not out_dir.exists():
@@ -689,6 +699,11 @@ def _check_replaceable(out_dir: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{out_dir} exists and is not a folder; export_pruned writes a folder")
     kept = sorted(p.name + "/" for p in out_dir.iterdir() if p.is_dir())
     kept += [name for name in _TRAINER_FILES if (out_dir / name).exists()]
+    # files an export does not write (a dataset, notes): the folder is not an earlier export
+    kept += sorted(
+        p.name for p in out_dir.iterdir()
+        if not p.is_dir() and p.name not in _TRAINER_FILES and not _export_may_hold(p.name)
+    )
     if kept:
         shown = ", ".join(kept[:5]) + (f" and {len(kept) - 5} more" if len(kept) > 5 else "")
         raise FileExistsError(

@@ -97,9 +97,9 @@ def test_export_is_atomic_and_does_not_overwrite_by_accident(tmp_path, monkeypat
     ela_hf.export_pruned(model, target, verify=False)
     with pytest.raises(FileExistsError, match="already exists"):
         ela_hf.export_pruned(model, target, verify=False)
-    (target / "stale.txt").write_text("from an older release")
+    (target / "pruning_history.json").write_text("{}")  # an older release's, which this one does not have
     ela_hf.export_pruned(model, target, overwrite=True, verify=False)
-    assert not (target / "stale.txt").exists()
+    assert not (target / "pruning_history.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["release"]
 
 
@@ -123,7 +123,8 @@ def test_a_failed_replace_puts_the_earlier_export_back(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["release"], "no parked or partial folder left"
 
 
-@pytest.mark.parametrize("training_output", ["checkpoint-2/", "trainer_state.json", "training_args.bin"])
+@pytest.mark.parametrize("training_output", ["checkpoint-2/", "trainer_state.json", "training_args.bin",
+                                             "digits.parquet", "notes.txt"])
 def test_overwrite_never_replaces_a_training_output_dir(tmp_path, training_output):
     out = tmp_path / "out"
     ela_hf.export_pruned(_pruned_timm_model(), out, verify=False)  # looks like a release, plus:
@@ -137,6 +138,15 @@ def test_overwrite_never_replaces_a_training_output_dir(tmp_path, training_outpu
         ela_hf.export_pruned(_pruned_timm_model(), out, overwrite=True, verify=False)
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no temporary folder left behind"
+
+
+def test_overwrite_replaces_an_earlier_export_with_what_tools_add_beside_it(tmp_path):
+    out = ela_hf.export_pruned(_pruned_timm_model(), tmp_path / "out", verify=False)
+    (out / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    (out / "preprocessor_config.json").write_text("{}")
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"a sharded re-save")
+    ela_hf.export_pruned(_pruned_timm_model(), out, overwrite=True, verify=False)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
 
 
 def test_export_rejects_what_it_cannot_describe(tmp_path):
