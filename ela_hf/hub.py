@@ -530,12 +530,15 @@ def render_model_card(
         eval_results=eval_results,
     )
     hub_ref = repo_id or f"path/to/{name}"
-    summary = (
-        f"`{architecture}` ({attention_kind}) with {skipped_layers} of {total_layers} attention layers skipped by "
-        "ELA's KL/EBQM pruning."
-        if attn_type
-        else f"`{architecture}`, a plain ResNet baseline of the ELA experiments."
-    )
+    if not attn_type:
+        summary = f"`{architecture}`, a plain ResNet baseline of the ELA experiments."
+    elif windows:
+        summary = (f"`{architecture}` ({attention_kind}) with {skipped_layers} of {total_layers} attention layers "
+                   "skipped by ELA's KL/EBQM pruning.")
+    elif skipped_layers:
+        summary = f"`{architecture}` ({attention_kind}) with {skipped_layers} of {total_layers} attention layers skipped."
+    else:
+        summary = f"`{architecture}` ({attention_kind}) with all {total_layers} attention layers active (no ELA pruning)."
     pcfg = config.pretrained_cfg or {}
     card = ModelCard.from_template(
         card_data,

@@ -23,7 +23,6 @@ from typing import Tuple
 import timm
 import transformers
 from transformers import HfArgumentParser, Trainer, TrainingArguments
-from transformers.hf_argparser import string_to_bool
 
 from ela_hf import ElaConfig, ElaForImageClassification, ElaPruningCallback, export_pruned, push_pruned_to_hub
 from ela_hf.models import MODEL_ARGS, get_skip_mask
@@ -50,6 +49,7 @@ from ela_hf.training import (
     log_rank_result,
     prepare_splits,
     pruned_by_default,
+    recipe_pretrained_cfg,
     recipe_help,
     release_name,
     remove_stale_pruning_history,
@@ -126,7 +126,7 @@ def main(argv=None):
     prune = pruned_by_default(args.model)  # ela_* yes; mrla_* baselines only with --kl_windows
     resolve_schedule(base_schedule, args, training_args.num_train_epochs, training_args.max_steps,
                      has_attention=has_attention, pruned_by_default=prune)
-    checkpoint = resolve_checkpoint(training_args)
+    checkpoint = resolve_checkpoint(training_args, args.model)
     check_export_dir(args.export_dir, training_args.output_dir)
     selector = build_selector(args, PRUNING_PRESET.selector) if has_attention else None
     # the release is the slim export pushed at the end, not the Trainer's full training checkpoints
@@ -136,9 +136,7 @@ def main(argv=None):
 
     # ---------------------------------------------------------------------------------------------
     # 2. data: timm's data config of the model, CIFAR augmentation
-    pretrained_cfg = timm.models.get_pretrained_cfg(args.model).to_dict()
-    if args.image_size is not None:
-        pretrained_cfg["input_size"] = (3, args.image_size, args.image_size)
+    pretrained_cfg = recipe_pretrained_cfg(args.model, "cifar", args.image_size)  # also the export's
     data_config = timm.data.resolve_data_config(pretrained_cfg=pretrained_cfg)
     # the main process fills the datasets cache first; the others then read it
     with training_args.main_process_first(desc="loading the dataset"):
@@ -187,7 +185,7 @@ def main(argv=None):
     learning_rate = scale_learning_rate(training_args.learning_rate, args.lr_batch_size, total_batch_size)
     optimizer = create_sgd(model, learning_rate, args.momentum, training_args.weight_decay)
     scheduler = create_step_scheduler(optimizer, steps_per_epoch, schedule.warmup_epochs,
-                                      schedule.lr_decay_epochs, args.lr_decay_rate)
+                                      schedule.lr_decay_epochs, args.lr_decay_rate, schedule.run_steps)
     timer = EpochTimerCallback()
     callbacks = [timer]
     pruning = None
@@ -254,21 +252,11 @@ def parse_arguments(argv) -> Tuple[CifarArguments, TrainingArguments, PaperSched
     parser = HfArgumentParser((CifarArguments, TrainingArguments))
     parser.set_defaults(**PAPER_DEFAULTS)
     recipe_help(parser)
-    demo = _demo_requested(argv)
+    demo = bool(parser.parse_known_args(argv)[0].demo)  # as argparse reads it: --demo, --dem, --demo=false
     if demo:
         parser.set_defaults(**DEMO_DEFAULTS)
     args, training_args = parser.parse_args_into_dataclasses(argv)
     return args, training_args, DEMO_SCHEDULE if demo else PAPER_SCHEDULE
-
-
-def _demo_requested(argv) -> bool:
-    for i, arg in enumerate(argv):
-        if arg == "--demo":
-            nxt = argv[i + 1] if i + 1 < len(argv) else None
-            return True if nxt is None or nxt.startswith("--") else string_to_bool(nxt)
-        if arg.startswith("--demo="):
-            return string_to_bool(arg.split("=", 1)[1])
-    return False
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ from ela_hf.training import (
     log_rank_result,
     prepare_splits,
     pruned_by_default,
+    recipe_pretrained_cfg,
     recipe_help,
     release_name,
     remove_stale_pruning_history,
@@ -99,7 +100,7 @@ def main(argv=None):
     prune = pruned_by_default(args.model)  # ela_* yes; mrla_* baselines only with --kl_windows
     resolve_schedule(PAPER_SCHEDULE, args, training_args.num_train_epochs, training_args.max_steps,
                      has_attention=has_attention, pruned_by_default=prune)
-    checkpoint = resolve_checkpoint(training_args)
+    checkpoint = resolve_checkpoint(training_args, args.model)
     check_export_dir(args.export_dir, training_args.output_dir)
     selector = build_selector(args, PRUNING_PRESET.selector) if has_attention else None
     # the release is the slim export pushed at the end, not the Trainer's full training checkpoints
@@ -109,9 +110,7 @@ def main(argv=None):
 
     # ---------------------------------------------------------------------------------------------
     # 2. data: timm's data config of the model, ImageNet augmentation
-    pretrained_cfg = timm.models.get_pretrained_cfg(args.model).to_dict()
-    if args.image_size is not None:
-        pretrained_cfg["input_size"] = (3, args.image_size, args.image_size)
+    pretrained_cfg = recipe_pretrained_cfg(args.model, "imagenet", args.image_size)  # also the export's
     data_config = timm.data.resolve_data_config(pretrained_cfg=pretrained_cfg)
     # the main process fills the datasets cache first; the others then read it
     with training_args.main_process_first(desc="loading the dataset"):
@@ -160,7 +159,7 @@ def main(argv=None):
     learning_rate = scale_learning_rate(training_args.learning_rate, args.lr_batch_size, total_batch_size)
     optimizer = create_sgd(model, learning_rate, args.momentum, training_args.weight_decay)
     scheduler = create_step_scheduler(optimizer, steps_per_epoch, schedule.warmup_epochs,
-                                      schedule.lr_decay_epochs, args.lr_decay_rate)
+                                      schedule.lr_decay_epochs, args.lr_decay_rate, schedule.run_steps)
     timer = EpochTimerCallback()
     callbacks = [timer]
     pruning = None

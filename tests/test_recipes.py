@@ -162,6 +162,7 @@ def test_an_mrla_baseline_trains_unpruned_by_default(tmp_path, monkeypatch):
     config, card = _check_export(out, len(CLASSES))
     assert not any(map(any, config["skip_mask"] or [])) and not (out / "pruning_history.json").exists()
     assert "Pruning history" not in card
+    assert "with all 6 attention layers active (no ELA pruning)" in card and "KL/EBQM pruning" not in card
 
 
 def test_imagenet_recipe_on_parquet_with_lr_scaling_warmup_and_resume(tmp_path, monkeypatch):
@@ -425,3 +426,7 @@ def test_the_demo_schedule_is_rescaled_to_other_epochs(tmp_path):
     args, training_args, base = cifar.parse_arguments(["--num_train_epochs", "18"] + out)
     schedule = resolve_schedule(base, args, training_args.num_train_epochs)
     assert schedule.kl_windows == [(1, 1), (5, 5), (10, 10)] and "the paper's 180-epoch" in schedule.describe()
+    # --demo as argparse reads it: an abbreviation gets the demo's defaults too, --demo false does not
+    for argv, demo in ((["--dem"], True), (["--demo=yes"], True), (["--demo", "false"], False)):
+        args, _, base = cifar.parse_arguments(argv + out)
+        assert args.demo is demo and (args.dataset == "sklearn:digits") is demo and (base.epochs == 8) is demo

@@ -734,3 +734,61 @@ def test_recipe_help_describes_what_the_recipes_do(capsys):
     text = parser.format_help()
     assert "'last' for the newest complete checkpoint-*" in " ".join(text.split())
     assert "Not used by the recipes (refused)" in text
+
+
+def test_the_cifar_releases_preprocessing_is_the_recipes_evaluation_on_any_image_shape():
+    """The export's pretrained_cfg drives timm's transforms and the image processor: for the CIFAR recipe they
+    must squash every image to the input size as its evaluation did, not resize and centre-crop."""
+    import timm
+
+    from ela_hf import ElaImageProcessor
+    from ela_hf.training import recipe_pretrained_cfg
+
+    for model, size in (("ela_resnet20_cifar", None), ("ela_resnet20_cifar", 40), ("ela_resnet18", 64)):
+        cfg = recipe_pretrained_cfg(model, "cifar", size)
+        _, evaluate = build_transforms(timm.data.resolve_data_config(pretrained_cfg=cfg), "cifar")
+        processor = ElaImageProcessor(pretrained_cfg=cfg)
+        timm_eval = timm.data.create_transform(**timm.data.resolve_data_config(pretrained_cfg=cfg))
+        for shape in ((48, 24, 3), (20, 33, 3), (32, 32, 3)):
+            image = PILImage.fromarray(np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8))
+            expected = evaluate(image)
+            torch.testing.assert_close(processor(image)["pixel_values"][0], expected, rtol=0, atol=1e-6)
+            torch.testing.assert_close(timm_eval(image), expected, rtol=0, atol=1e-6)
+    imagenet = recipe_pretrained_cfg("ela_resnet18", "imagenet", 96)
+    assert imagenet["input_size"] == (3, 96, 96) and imagenet["crop_mode"] == "center"
+
+
+def test_argument_checks_added_after_a_users_review(tmp_path, caplog):
+    """Batch sizes of 0, a resume from another model's checkpoint, an export into a Trainer-managed folder,
+    and a rescaled lr step that rounds past the run's last step."""
+    import json
+
+    from ela_hf.training import check_export_dir, check_training_arguments, create_sgd, create_step_scheduler
+
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size"):
+        with pytest.raises(ValueError, match=f"--{name} must be at least 1, got 0"):
+            check_training_arguments(_args(), _training_args(tmp_path, **{name: 0}), 32, [])
+
+    checkpoint = tmp_path / "out" / "checkpoint-4"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    (checkpoint / "config.json").write_text(json.dumps({"architecture": "ela_resnet20_cifar"}))
+    targs = _training_args(tmp_path, resume_from_checkpoint=str(checkpoint))
+    assert resolve_checkpoint(targs, "ela_resnet20_cifar") == str(checkpoint)
+    with pytest.raises(ValueError, match=r"holds a ela_resnet20_cifar \(its config.json\), not the --model ela_l_res"):
+        resolve_checkpoint(targs, "ela_l_resnet20_cifar")
+
+    out = tmp_path / "out"
+    for inside in ("checkpoint-8", "runs"):
+        with pytest.raises(ValueError, match=f"lies in '{inside}' of --output_dir"):
+            check_export_dir(str(out / inside / "export"), str(out))
+    check_export_dir(str(out / "release"), str(out))
+
+    optimizer = create_sgd(torch.nn.Linear(2, 2), 0.1, 0.9, 0.0)
+    with caplog.at_level("WARNING"):
+        create_step_scheduler(optimizer, 1, 0.0, [1.5], 0.1, total_steps=2)
+    assert "the lr step after epoch 1.5 falls on optimizer step 3, past the last of this run's 2 steps" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        create_step_scheduler(optimizer, 4, 0.0, [1.5], 0.1, total_steps=8)
+    assert "never happens" not in caplog.text

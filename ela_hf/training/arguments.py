@@ -6,6 +6,7 @@ Every check here runs before any data is loaded or any model is trained, and fai
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import math
 import os
@@ -142,6 +143,16 @@ class TrainingSchedule:
     @property
     def total_steps(self) -> Optional[int]:
         return None if self.steps_per_epoch is None else self.num_epochs * self.steps_per_epoch
+
+    @property
+    def run_steps(self) -> Optional[int]:
+        """The optimizer steps the run takes (as the Trainer counts them: ``max_steps``, or the epochs' steps
+        rounded up); None while the steps per epoch are unknown."""
+        if self.steps_per_epoch is None:
+            return None
+        if self.run_epochs is None:
+            return self.total_steps
+        return math.ceil(round(self.run_epochs * self.steps_per_epoch, 6))
 
     def describe(self) -> str:
         windows = ", ".join(f"{s}-{e}" for s, e in self.kl_windows) or "none"
@@ -406,6 +417,7 @@ def check_training_arguments(
       :func:`~ela_hf.training.data.avoid_single_image_batch` keeps an epoch's last batch from holding one image).
     - ``--push_to_hub`` needs a token (``--hub_token``, ``HF_TOKEN`` or ``hf auth login``): checked now, not after
       training.
+    - Batch sizes and ``--gradient_accumulation_steps`` must be at least 1.
     """
     import dataclasses
     import sys
@@ -421,6 +433,9 @@ def check_training_arguments(
         if name in _REPLACED_OPTIONS:
             raise ValueError(f"--{name} is not used: {_REPLACED_OPTIONS[name]}; write your own Trainer script with "
                              "ela_hf.ElaPruningCallback for another one")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(training_args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(training_args, name)}")
     size = args.image_size or default_image_size
     if final_feature_size(args.model, size) == 1:
         if training_args.per_device_train_batch_size < 2:
@@ -488,6 +503,13 @@ def check_export_dir(export_dir: Optional[str], output_dir: str) -> None:
                 "folder and would delete the training output (checkpoints, trainer_state.json). Choose another "
                 f"folder, e.g. {os.path.join(output_dir, 'export')!r} (the default)"
             )
+        inside = os.path.relpath(export_path, output_path).split(os.sep)[0]
+        if re.fullmatch(r"checkpoint-\d+|runs", inside):
+            raise ValueError(
+                f"--export_dir {export_dir!r} lies in {inside!r} of --output_dir, which the Trainer writes (and "
+                "rotates) during training; choose another folder, e.g. the default "
+                f"{os.path.join(output_dir, 'export')!r}"
+            )
     target = export_dir or os.path.join(output_dir, "export")
     try:
         _check_replaceable(Path(target), overwrite=True)
@@ -499,9 +521,26 @@ def _fmt(windows: Sequence[Window]) -> str:
     return ", ".join(f"{s}-{e}" for s, e in windows)
 
 
-def resolve_checkpoint(training_args) -> Optional[str]:
+def resolve_checkpoint(training_args, model: Optional[str] = None) -> Optional[str]:
     """The checkpoint folder of ``--resume_from_checkpoint``: a path, or ``last`` for the newest
-    ``checkpoint-*`` in ``--output_dir`` that is complete (has ``trainer_state.json``). None when not resuming."""
+    ``checkpoint-*`` in ``--output_dir`` that is complete (has ``trainer_state.json``). None when not resuming.
+    With ``model``, a checkpoint of another architecture (its ``config.json``) is refused."""
+    checkpoint = _resolve_checkpoint(training_args)
+    if checkpoint is not None and model is not None:
+        try:
+            with open(os.path.join(checkpoint, "config.json"), encoding="utf-8") as f:
+                saved = json.load(f).get("architecture")
+        except (OSError, ValueError):
+            saved = None
+        if saved is not None and saved != model:
+            raise ValueError(
+                f"--resume_from_checkpoint {checkpoint!r} holds a {saved} (its config.json), not the --model {model}; "
+                f"resume with --model {saved}, or start a fresh run"
+            )
+    return checkpoint
+
+
+def _resolve_checkpoint(training_args) -> Optional[str]:
     checkpoint = training_args.resume_from_checkpoint
     if checkpoint is None:
         return None

@@ -23,6 +23,7 @@ __all__ = [
     "EVAL_SPLIT_NAMES",
     "ImageClassificationTransform",
     "build_transforms",
+    "recipe_pretrained_cfg",
     "collate_image_batch",
     "load_digits_dataset",
     "load_image_dataset",
@@ -435,6 +436,21 @@ def split_train_eval(
         raise ValueError(f"the dataset has no evaluation split and eval_fraction={eval_fraction} is not in (0, 1)")
     parts = data[train_split].train_test_split(test_size=eval_fraction, seed=seed)
     return parts["train"], parts["test"], f"{train_split}[held out {eval_fraction:.0%}]"
+
+
+def recipe_pretrained_cfg(model: str, recipe: str, image_size: Optional[int] = None) -> Dict:
+    """The timm ``pretrained_cfg`` a recipe trains ``model`` with and writes into its export: the model's own,
+    at ``image_size``. For ``recipe="cifar"`` it describes the CIFAR evaluation transform (every image resized
+    to the input size, bilinear, no crop: ``crop_mode="squash"``, ``crop_pct=1``), so that timm's transforms
+    and the image processor of the release see images exactly as the recipe's evaluation did."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(model).to_dict()
+    if image_size is not None:
+        cfg["input_size"] = (cfg["input_size"][0], image_size, image_size)
+    if recipe == "cifar":
+        cfg.update(crop_mode="squash", crop_pct=1.0, interpolation="bilinear")
+    return cfg
 
 
 def build_transforms(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -133,6 +133,16 @@ def _describe(schedule: dict) -> str:
 
 def create_step_scheduler(
     optimizer: torch.optim.Optimizer, steps_per_epoch: int, warmup_epochs: float = 0.0,
-    decay_epochs: Sequence[float] = (), decay_rate: float = 0.1,
+    decay_epochs: Sequence[float] = (), decay_rate: float = 0.1, total_steps: Optional[int] = None,
 ) -> LambdaLR:
-    return StepLR(optimizer, StepScheduleWithWarmup(steps_per_epoch, warmup_epochs, decay_epochs, decay_rate))
+    """:class:`StepLR` over :class:`StepScheduleWithWarmup`. With ``total_steps`` (the run's optimizer steps), a
+    decay that rounds to a step the run never reaches (a rescaled schedule on very few steps per epoch) is
+    named in a warning."""
+    schedule = StepScheduleWithWarmup(steps_per_epoch, warmup_epochs, decay_epochs, decay_rate)
+    for epoch, step in zip(decay_epochs, schedule.decay_steps):
+        if total_steps is not None and step >= total_steps:
+            logger.warning(
+                "the lr step after epoch %g falls on optimizer step %d, past the last of this run's %d steps (%d per "
+                "epoch): it never happens", epoch, step + 1, total_steps, steps_per_epoch,
+            )
+    return StepLR(optimizer, schedule)
