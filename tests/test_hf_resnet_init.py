@@ -92,3 +92,27 @@ def test_a_headless_resnet_leaves_the_classifier_fresh_and_says_so():
     assert report.reinitialized_head == ["fc.bias", "fc.weight"]
     assert all(".attn." in k or k.endswith("attn_skipped") for k in report.missing)
     assert "classifier re-initialised: True" in str(report)
+
+
+@pytest.mark.parametrize("feature_cls", ["getter", "hook"])
+def test_a_features_only_backbone_is_initialised_through_its_wrapper(feature_cls):
+    backbone = timm.create_model("ela_resnet20_cifar", features_only=True, feature_cls=feature_cls)
+    resnet = _plain_cifar_resnet()
+    report = ela_hf.init_from_resnet(backbone, resnet)
+    assert len(report.mapped) > 50
+    inner = backbone.model if feature_cls == "getter" else backbone.body
+    torch.testing.assert_close(dict(inner.named_parameters())["layer1.0.conv1.weight"], resnet.layer1[0].conv1.weight)
+
+
+def test_other_models_and_half_fitting_heads():
+    model = timm.create_model("ela_resnet20_cifar", num_classes=10)
+    vit_like = {"blocks.0.attn.qkv.weight": torch.zeros(3, 3), "layers.0.blocks.0.norm1.weight": torch.zeros(3)}
+    with pytest.raises(ValueError, match="lacks .* backbone tensors.*plain ResNet") as info:
+        ela_hf.init_from_resnet(model, vit_like)
+    assert "layer-attention" not in str(info.value) and "deeper ResNet" not in str(info.value)
+    # a head whose weight differs but whose bias fits: the classifier stays fresh as a whole
+    catavgmax = timm.create_model("ela_resnet20_cifar", num_classes=10, global_pool="catavgmax")
+    fresh_bias = catavgmax.fc.bias.clone()
+    report = ela_hf.init_from_resnet(catavgmax, _plain_cifar_resnet())
+    assert report.reinitialized_head == ["fc.bias", "fc.weight"]
+    assert torch.equal(catavgmax.fc.bias, fresh_bias)

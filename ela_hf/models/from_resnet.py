@@ -6,6 +6,7 @@ flags are new. Fine-tuning from a pretrained ResNet is how the paper's ELA model
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Union
 
@@ -71,9 +72,16 @@ def init_from_resnet(
     model does not have, backbone weights the checkpoint lacks, or attention weights in the checkpoint (an
     ELA/MRLA model is not a plain ResNet) raise ``ValueError``.
     """
-    target = getattr(model, "timm_model", model)
+    target = model
+    for attr in ("timm_model", "model", "body"):  # transformers wrappers; timm's FeatureGetterNet, FeatureHookNet
+        inner = getattr(model, attr, None)
+        if isinstance(inner, nn.Module):
+            target = inner
+            break
     source = _state_dict_of(resnet)
-    attention = [k for k in source if ".attn." in k or k.endswith("attn_skipped")]
+    # a block's attention layer (layerN.M.attn.*): other models' ".attn." keys (ViT, Swin) are no ResNet either,
+    # which the checks below say
+    attention = [k for k in source if re.match(r"layer\d+\.\d+\.attn\.", k) or k.endswith("attn_skipped")]
     if attention:
         raise ValueError(
             f"the checkpoint has layer-attention weights ({len(attention)} tensors, e.g. {attention[:2]}): "
@@ -95,7 +103,11 @@ def init_from_resnet(
             mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}")
             continue
         to_load[key] = value
-    extra_blocks = [k for k in report.unexpected if k.startswith("layer")]
+    if report.reinitialized_head:  # the classifier is fresh as a whole, never half copied (fc.bias alone)
+        report.reinitialized_head = sorted({*report.reinitialized_head,
+                                            *(k for k in to_load if k.startswith(_CLASSIFIER_PREFIX))})
+        to_load = {k: v for k, v in to_load.items() if not k.startswith(_CLASSIFIER_PREFIX)}
+    extra_blocks = [k for k in report.unexpected if re.match(r"layer\d+\.\d+\.", k)]
     if extra_blocks:
         mismatched.append(f"blocks the model does not have, e.g. {extra_blocks[:2]} (a deeper ResNet?)")
     if mismatched:
