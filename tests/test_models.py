@@ -561,3 +561,25 @@ def test_torch_tensor_masks_are_accepted():
     model = timm.create_model("ela_resnet20_cifar", num_classes=5)
     model.set_skip_mask(torch.tensor([[False, True], [False, False], [False, True]]))
     assert model.skip_mask == [[False, True], [False, False], [False, True]]
+
+
+def test_a_model_ema_follows_the_skip_flags_copied_into_it():
+    """timm's ModelEma copies buffers in place: the EMA model must run the layers its flags skip, as the
+    checkpoint saved from it will."""
+    from timm.utils import ModelEmaV3
+
+    torch.manual_seed(0)
+    model = timm.create_model("ela_resnet20_cifar", num_classes=4)
+    ema = ModelEmaV3(model, decay=0.0)
+    ela_hf.set_skip_mask(model, [[False, True], [False, False], [False, True]])
+    ema.update(model)
+    x = torch.randn(2, 3, 16, 16)
+    model.eval()
+    ema.module.eval()
+    assert ema.module.skip_mask == model.skip_mask
+    with torch.no_grad():
+        torch.testing.assert_close(ema.module(x), model(x), rtol=0, atol=0)
+    reloaded = timm.create_model("ela_resnet20_cifar", num_classes=4).eval()
+    reloaded.load_state_dict(ema.module.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), ema.module(x), rtol=0, atol=0)

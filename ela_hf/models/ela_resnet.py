@@ -105,6 +105,17 @@ class _LayerAttentionBlockMixin:
         self._skip = True
         self.attn_skipped.fill_(True)
 
+    def train(self, mode: bool = True):
+        # a skip flag copied in place into the buffer (timm's ModelEma, AveragedModel(use_buffers=True), a
+        # user's copy_) bypasses skip_attention and the load hook: _skip follows the buffer whenever the mode
+        # changes and at every eval() (validation), never in the per-step train() calls of a training loop,
+        # where reading the buffer would be a host sync
+        if self.attn_type is not None and (not mode or mode != self.training) and not self.attn_skipped.is_meta:
+            skipped = bool(self.attn_skipped)
+            if skipped or self.attn is not None:
+                self._skip = skipped
+        return super().train(mode)
+
     def forward(self, x: torch.Tensor, state: Optional[StageState] = None) -> torch.Tensor:
         sc = x if self.downsample is None else self.downsample(x)
         y = self._conv_path(x)
