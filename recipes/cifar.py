@@ -173,7 +173,7 @@ def main(argv=None):
         architecture=args.model,
         id2label=dict(enumerate(labels)),
         label2id={name: i for i, name in enumerate(labels)},
-        drop_path_rate=args.drop_path_rate,
+        drop_path_rate=args.drop_path_rate if has_attention else 0.0,  # it acts on the attention branch
         pretrained_cfg=pretrained_cfg,
     )
     model = ElaForImageClassification(config)

@@ -583,3 +583,15 @@ def test_a_model_ema_follows_the_skip_flags_copied_into_it():
     reloaded.load_state_dict(ema.module.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), ema.module(x), rtol=0, atol=0)
+
+
+def test_drop_path_on_a_plain_resnet_is_said_to_do_nothing():
+    with pytest.warns(UserWarning, match=r"drop_path_rate=0.9 has no effect on a plain ResNet"):
+        plain = timm.create_model("resnet20_cifar", drop_path_rate=0.9)
+    assert not any("DropPath" in type(m).__name__ for m in plain.modules())
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        timm.create_model("resnet20_cifar")
+        timm.create_model("ela_resnet20_cifar", drop_path_rate=0.9)

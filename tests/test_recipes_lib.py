@@ -685,6 +685,10 @@ def test_max_steps_and_fractional_epochs_rescale_the_lr_to_the_real_length(tmp_p
     assert card["epochs"] == 1.4 and card["max_steps"] == 7 and schedule.describe().startswith("1.4 epochs;")
     whole = resolve_schedule(IMAGENET_PAPER, _args(), 10, steps_per_epoch=5)
     assert card_settings("imagenet", _args(), _training_args(tmp_path), whole, 0.1, 4)["epochs"] == 10
+    # drop path acts on the attention branch: a plain baseline's card does not claim one
+    assert card_settings("imagenet", _args(), _training_args(tmp_path), whole, 0.1, 4)["drop_path_rate"] == 0.2
+    plain = card_settings("imagenet", _args(model="resnet20_cifar"), _training_args(tmp_path), whole, 0.1, 4)
+    assert plain["drop_path_rate"] is None
     half = resolve_schedule(IMAGENET_PAPER, _args(kl_windows="1-1"), 1.5, steps_per_epoch=5)
     assert half.lr_decay_epochs == pytest.approx([0.45, 0.9, 1.35]) and half.num_epochs == 2
     with caplog.at_level("WARNING"):

@@ -9,6 +9,7 @@ timm ResNet checkpoint loads into an ELA model with only the attention keys miss
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -322,6 +323,11 @@ class LayerAttentionResNet(nn.Module):
                            ("drop_block_rate", drop_block_rate)):
             if not 0.0 <= rate < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {rate!r}")
+        if attn_type is None and drop_path_rate > 0:
+            warnings.warn(
+                f"drop_path_rate={drop_path_rate} has no effect on a plain ResNet (attn_type=None): ELA's drop path "
+                "acts on the attention branch only", UserWarning, stacklevel=2,
+            )
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate

@@ -204,11 +204,17 @@ def card_settings(
         "weight_decay": training_args.weight_decay,
         "lr_schedule": (f"x{args.lr_decay_rate:g} after epochs {decay}" if schedule.lr_decay_epochs else "constant")
         + f"; {schedule.warmup_epochs:g} warm-up epochs",
-        "drop_path_rate": args.drop_path_rate,
+        "drop_path_rate": args.drop_path_rate if _has_attention(args.model) else None,  # attention branch only
         "kl_windows": f"{windows} ({schedule.window_unit}s)",
         "selector": None if selector is None else json.dumps(selector.to_dict()),
         "seed": training_args.seed,
     }
+
+
+def _has_attention(model: str) -> bool:
+    from ela_hf.models import MODEL_ARGS
+
+    return MODEL_ARGS.get(model, {}).get("attn_type") is not None
 
 
 def _whole_or_rounded(value: float):
