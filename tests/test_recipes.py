@@ -141,6 +141,13 @@ def test_cifar_recipe_trains_prunes_exports_and_resumes(tmp_path, monkeypatch):
     for k in end:
         if k.endswith("attn_skipped"):
             assert bool(end[k]) == bool(load_file(str(full / "model.safetensors"))[k]), k
+    # resuming the finished run is refused before training (the Trainer would train a step past the end and
+    # replace the run's train metrics); a longer run trains on from it
+    assert (resumed / "checkpoint-4").is_dir()
+    before = json.loads((resumed / "train_results.json").read_text())
+    with pytest.raises(ValueError, match=r"checkpoint-4' has already trained 4 of this run's 4 steps"):
+        cifar.main(_common(resumed, data, tmp_path / "cache") + args + ["--resume_from_checkpoint", "last"])
+    assert json.loads((resumed / "train_results.json").read_text()) == before
 
     # a run without pruning in the same output_dir: the earlier run's pruning_history.json is not its history
     cifar.main(_common(full, data, tmp_path / "cache") + args + ["--kl_windows", "none", "--max_steps", "2"])

@@ -540,6 +540,23 @@ def resolve_checkpoint(training_args, model: Optional[str] = None) -> Optional[s
     return checkpoint
 
 
+def check_checkpoint_unfinished(checkpoint: Optional[str], run_steps: Optional[int]) -> None:
+    """A checkpoint that already ran all of this run's ``run_steps`` optimizer steps: the Trainer would train one
+    step past the end and replace the finished run's metrics, so it is refused (raise the run's length)."""
+    if checkpoint is None or run_steps is None:
+        return
+    try:
+        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
+            step = int(json.load(f).get("global_step", 0))
+    except (OSError, ValueError, TypeError):
+        return
+    if step >= run_steps:
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint!r} has already trained {step} of this run's {run_steps} steps: "
+            "nothing is left to train; raise --num_train_epochs or --max_steps to train on"
+        )
+
+
 def _resolve_checkpoint(training_args) -> Optional[str]:
     checkpoint = training_args.resume_from_checkpoint
     if checkpoint is None:
