@@ -716,7 +716,11 @@ def _check_replaceable(out_dir: Path, overwrite: bool) -> None:
 
 
 def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    os.chmod(tmp, 0o755)  # mkdtemp creates 0700
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates 0700
+    for file in tmp.iterdir():  # safetensors writes its files 0600: a release is for others to read
+        os.chmod(file, 0o666 & ~umask)
     if not out_dir.exists():
         os.rename(tmp, out_dir)
         return

@@ -140,6 +140,19 @@ def test_overwrite_never_replaces_a_training_output_dir(tmp_path, training_outpu
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no temporary folder left behind"
 
 
+def test_an_export_is_readable_by_others_as_the_umask_allows(tmp_path):
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = ela_hf.export_pruned(_pruned_timm_model(), tmp_path / "out", verify=False)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == dict.fromkeys(
+        ["README.md", "config.json", "model.safetensors"], 0o644)
+
+
 def test_overwrite_replaces_an_earlier_export_with_what_tools_add_beside_it(tmp_path):
     out = ela_hf.export_pruned(_pruned_timm_model(), tmp_path / "out", verify=False)
     (out / ".gitattributes").write_text("*.safetensors filter=lfs\n")
