@@ -302,19 +302,23 @@ class ElaPreTrainedModel(PreTrainedModel):
             )
         if self.timm_model.attn_type is None:
             return
-        # the transformers loader copies tensors without calling the blocks' load hooks: compare the loaded
-        # `attn_skipped` flags with the mask the model was built with (config.skip_mask)
+        # the transformers loader copies tensors without calling the blocks' load hooks (and its eval() makes the
+        # blocks run what the loaded flags say): compare the loaded `attn_skipped` flags with config.skip_mask
         stages = find_stages(self.timm_model)
-        disagree = [(i, j) for i, stage in enumerate(stages) for j, blk in enumerate(stage)
-                    if bool(blk.attn_skipped) != blk.is_skipped]
-        if disagree and self.config.skip_mask is None:
+        flags = [[bool(blk.attn_skipped) for blk in stage] for stage in stages]
+        if self.config.skip_mask is None:
             # a config.json that names no mask (timm's save_for_hf / push_to_hf_hub of a model pruned in place):
             # the flags stored with the weights are the mask, as timm's loader reads them
-            for i, j in disagree:
-                if bool(stages[i][j].attn_skipped):
-                    stages[i][j].skip_attention()
+            for stage, stage_flags in zip(stages, flags):
+                for blk, skipped in zip(stage, stage_flags):
+                    if skipped and not blk.is_skipped:
+                        blk.skip_attention()
             self._skip_mask_changed()
-            disagree = [(i, j) for i, j in disagree if bool(stages[i][j].attn_skipped) != stages[i][j].is_skipped]
+            disagree = [(i, j) for i, stage in enumerate(stages) for j, blk in enumerate(stage)
+                        if not flags[i][j] and blk.is_skipped]
+        else:
+            disagree = [(i, j) for i, stage in enumerate(self.config.skip_mask) for j, skipped in enumerate(stage)
+                        if flags[i][j] != bool(skipped)]
         if disagree:
             raise ValueError(
                 f"config.json of {source} and its weights disagree on which attention layers are skipped "
