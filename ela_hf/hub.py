@@ -683,12 +683,17 @@ _OTHER_WEIGHT_FILES = (
 )
 
 
+# what a user's save_pretrained(variant=...) adds beside an export (model.fp16.safetensors, its shards and index)
+_VARIANT_WEIGHT_FILES = ("model.*.safetensors", "model.safetensors.index.*.json", "pytorch_model.*.bin",
+                         "pytorch_model.bin.index.*.json")
+
+
 def _export_may_hold(name: str) -> bool:
     """A file an export writes, or that the Hub / transformers tools add beside one."""
     return (
         name in _EXPORT_FILES
         or name in ("preprocessor_config.json", ".gitattributes")
-        or any(fnmatch.fnmatch(name, pattern) for pattern in _OTHER_WEIGHT_FILES)
+        or any(fnmatch.fnmatch(name, pattern) for pattern in _OTHER_WEIGHT_FILES + _VARIANT_WEIGHT_FILES)
     )
 
 

@@ -1,6 +1,7 @@
 """ElaPruningCallback in real (tiny) Trainer runs on CPU: windows, decisions, logs, history, resume."""
 import json
 import os
+import shutil
 
 import pytest
 import timm
@@ -459,7 +460,21 @@ def test_restore_callback_states_keeps_the_given_configuration_and_history(tmp_p
     first = run("a", [(2, 4), (6, 7)])
     with pytest.raises(ValueError, match=r"resume with the same windows.*restore_callback_states_from_checkpoint"):
         run("b", [(2, 5)], resume=str(tmp_path / "a" / "checkpoint-3"))
-    resumed = run("c", [(2, 4), (6, 7)], resume=str(tmp_path / "a" / "checkpoint-3"))
+    # a callback written inline (the Trainer drops it when it rebuilds one: nothing else refers to it)
+    args = training_args(tmp_path / "inline", max_steps=8, restore_callback_states_from_checkpoint=True)
+    inline = Trainer(model=TinyElaClassifier(), args=args, train_dataset=RandomImages(),
+                     callbacks=[ElaPruningCallback(windows=[(2, 5)], window_unit="step")])
+    with pytest.raises(ValueError, match=r"resume with the same windows"):
+        inline.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+    # a checkpoint written before the state carried the rebuilt marker
+    older = tmp_path / "older"
+    shutil.copytree(tmp_path / "a" / "checkpoint-3", older)
+    state = json.loads((older / "trainer_state.json").read_text())
+    del state["stateful_callbacks"]["ElaPruningCallback"]["attributes"]["restored_by_trainer"]
+    (older / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"resume with the same windows"):
+        run("c", [(2, 5)], resume=str(older))
+    resumed = run("d", [(2, 4), (6, 7)], resume=str(tmp_path / "a" / "checkpoint-3"))
     assert [h["window"] for h in resumed.history] == [1, 2]
     _assert_same_decisions(first.history, resumed.history)
 

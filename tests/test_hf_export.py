@@ -158,6 +158,8 @@ def test_overwrite_replaces_an_earlier_export_with_what_tools_add_beside_it(tmp_
     (out / ".gitattributes").write_text("*.safetensors filter=lfs\n")
     (out / "preprocessor_config.json").write_text("{}")
     (out / "model-00001-of-00002.safetensors").write_bytes(b"a sharded re-save")
+    (out / "model.fp16.safetensors").write_bytes(b"a variant save")
+    (out / "model.safetensors.index.fp16.json").write_text("{}")
     ela_hf.export_pruned(_pruned_timm_model(), out, overwrite=True, verify=False)
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
 

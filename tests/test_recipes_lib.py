@@ -788,6 +788,11 @@ def test_argument_checks_added_after_a_users_review(tmp_path, caplog):
             check_export_dir(str(out / inside / "export"), str(out))
     check_export_dir(str(out / "release"), str(out))
 
+    # the run's steps as the Trainer counts them (0.28 x 50 is 14.000000000000002 in floating point: 15 steps)
+    assert resolve_schedule(IMAGENET_PAPER, _args(kl_windows="none"), 0.28, steps_per_epoch=50).run_steps == 15
+    assert resolve_schedule(IMAGENET_PAPER, _args(kl_windows="none"), 100, 7, steps_per_epoch=3).run_steps == 7
+    assert resolve_schedule(IMAGENET_PAPER, _args(kl_windows="none"), 2, steps_per_epoch=3).run_steps == 6
+
     optimizer = create_sgd(torch.nn.Linear(2, 2), 0.1, 0.9, 0.0)
     with caplog.at_level("WARNING"):
         create_step_scheduler(optimizer, 1, 0.0, [1.5], 0.1, total_steps=2)
@@ -795,4 +800,5 @@ def test_argument_checks_added_after_a_users_review(tmp_path, caplog):
     caplog.clear()
     with caplog.at_level("WARNING"):
         create_step_scheduler(optimizer, 4, 0.0, [1.5], 0.1, total_steps=8)
+        create_step_scheduler(optimizer, 4, 0.0, [2], 0.1, total_steps=8)  # at the end: resolve_schedule's warning
     assert "never happens" not in caplog.text

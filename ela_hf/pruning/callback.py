@@ -87,9 +87,10 @@ def _validate_windows(windows: Any) -> List[Window]:
     return out
 
 
-# the Trainer's model -> a weak reference to the callback the Trainer was constructed with (on_init_end);
-# weak both ways, so that neither keeps a model alive
-_CONFIGURED: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+# the Trainer's model -> (the settings of the callback the Trainer was constructed with, a weak reference to
+# it) (on_init_end): weak, so that nothing here keeps a model or a callback alive; the settings are a copy, so
+# that they outlive a callback the Trainer drops when it rebuilds one from a checkpoint
+_CONFIGURED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 def _world() -> Tuple[int, int]:
@@ -461,7 +462,7 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
     # TrainerCallback events
     def on_init_end(self, args, state, control, model=None, **kwargs):
         if model is not None and any(isinstance(m, LayerAttentionStage) for m in model.modules()):
-            _CONFIGURED[model] = weakref.ref(self)
+            _CONFIGURED[model] = (json.loads(json.dumps(self._args())), weakref.ref(self))
             keep_kl_statistics_out_of_ddp(model)  # before the Trainer wraps it in DDP
         return control
 
@@ -470,7 +471,7 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
             raise ValueError("ElaPruningCallback needs the Trainer's model")
         if self._open is not None:  # left open by an interrupted earlier train() call on this instance
             self._close_window()
-        self._check_not_rebuilt_differently(model)
+        self._check_not_rebuilt_differently(args, state, model)
         self._model = model
         self._epochs_ended = int(math.floor(state.epoch or 0.0))
         self._names = {id(m): name for name, m in model.named_modules()}
@@ -502,27 +503,34 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
             )
         return control
 
-    def _check_not_rebuilt_differently(self, model) -> None:
+    def _check_not_rebuilt_differently(self, args, state, model) -> None:
         """With ``restore_callback_states_from_checkpoint=True`` the Trainer replaces the callback it was
         given by one built from the checkpoint's arguments: that one must not silently drop the given ones."""
-        if not self.restored_by_trainer:
+        entry = _CONFIGURED.get(model)
+        given = entry[1]() if entry is not None else None
+        # the marker comes with the state of checkpoints written since it exists; for older ones, a resume with
+        # the flag set by another callback object than the one the Trainer was built with
+        rebuilt = self.restored_by_trainer or (
+            bool(getattr(args, "restore_callback_states_from_checkpoint", False)) and state.global_step > 0
+            and entry is not None and given is not self
+        )
+        if not rebuilt:
             return
-        ref = _CONFIGURED.get(model)
-        given = ref() if ref is not None else None
-        if given is None or given is self or type(given) is not type(self):
+        if entry is None:
             logger.warning(
                 "ElaPruningCallback: restore_callback_states_from_checkpoint=True rebuilt this callback from the "
                 "checkpoint, with its settings %s; the settings of the callback you gave could not be compared "
-                "(pass it to the Trainer's constructor for that)", self._args(),
+                "(one added with add_callback, or a model_init run)", self._args(),
             )
             return
-        if json.loads(json.dumps(given._args())) != json.loads(json.dumps(self._args())):
+        if entry[0] != json.loads(json.dumps(self._args())):
             raise ValueError(
                 f"the checkpoint was written by an ElaPruningCallback with {self._args()}, but this one has "
-                f"{given._args()}; resume with the same windows, selector and window_unit "
+                f"{entry[0]}; resume with the same windows, selector and window_unit "
                 "(restore_callback_states_from_checkpoint=True rebuilt the callback from the checkpoint)"
             )
-        self._given = given  # the object the user holds: it gets this run's decisions at train end
+        if given is not None and type(given) is type(self):
+            self._given = given  # the object the user holds: it gets this run's decisions at train end
 
     def _check_epochs_exist(self, dataloader) -> None:
         if self.window_unit != "epoch" or dataloader is None:

@@ -139,6 +139,7 @@ class TrainingSchedule:
     # the run's length in epochs, fractional with --max_steps or a fractional --num_train_epochs (num_epochs
     # is that rounded up: the epochs that at least start); None while the steps per epoch are unknown
     run_epochs: Optional[float] = None
+    max_steps: int = -1  # --max_steps (the run's length when positive)
 
     @property
     def total_steps(self) -> Optional[int]:
@@ -150,9 +151,11 @@ class TrainingSchedule:
         rounded up); None while the steps per epoch are unknown."""
         if self.steps_per_epoch is None:
             return None
+        if self.max_steps > 0:
+            return self.max_steps
         if self.run_epochs is None:
             return self.total_steps
-        return math.ceil(round(self.run_epochs * self.steps_per_epoch, 6))
+        return math.ceil(self.run_epochs * self.steps_per_epoch)  # the Trainer's own formula
 
     def describe(self) -> str:
         windows = ", ".join(f"{s}-{e}" for s, e in self.kl_windows) or "none"
@@ -352,6 +355,7 @@ def resolve_schedule(
         rescaled_from=paper.epochs if rescaled else None,
         rescaled_name=paper.name,
         run_epochs=run_epochs if steps_per_epoch is not None or max_steps <= 0 else None,
+        max_steps=max_steps,
     )
     if windows:
         last = windows[-1][1]

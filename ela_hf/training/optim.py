@@ -140,7 +140,8 @@ def create_step_scheduler(
     named in a warning."""
     schedule = StepScheduleWithWarmup(steps_per_epoch, warmup_epochs, decay_epochs, decay_rate)
     for epoch, step in zip(decay_epochs, schedule.decay_steps):
-        if total_steps is not None and step >= total_steps:
+        # (a decay at or past the run's last epoch is resolve_schedule's warning; this is the rounding case)
+        if total_steps is not None and step >= total_steps and epoch * steps_per_epoch < total_steps:
             logger.warning(
                 "the lr step after epoch %g falls on optimizer step %d, past the last of this run's %d steps (%d per "
                 "epoch): it never happens", epoch, step + 1, total_steps, steps_per_epoch,
