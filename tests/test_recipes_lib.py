@@ -355,6 +355,22 @@ def test_summary_pieces():
     assert "before pruning: no epoch of this run had all 6" in resumed and "6.0 s per epoch with 3" in resumed
     assert "no whole epoch ran with the final 3" in format_epoch_times(records[:3], num_layers=6, final_active=3)
     assert "no attention layers" in format_epoch_times(records, num_layers=None, final_active=None)
+    # an epoch cut short (max_steps: 2 of 5 steps) counts per step, not as a whole epoch
+    cut = [EpochRecord(1, 10.0, 6, 5), EpochRecord(2, 2.0, 3, 2)]
+    assert "after pruning:  5.0 s per epoch with 3 attention layers (epoch 2): 0.50x" in format_epoch_times(
+        cut, num_layers=6, final_active=3)
+
+
+def test_epoch_timer_names_and_counts_an_epoch_cut_short():
+    from types import SimpleNamespace
+
+    from ela_hf.training import EpochTimerCallback
+
+    timer = EpochTimerCallback()
+    for begin, end, epoch in ((0, 5, 1.0), (5, 7, 1.4)):
+        timer.on_epoch_begin(None, SimpleNamespace(global_step=begin, epoch=epoch - 1), None, model=None)
+        timer.on_epoch_end(None, SimpleNamespace(global_step=end, epoch=epoch), None)
+    assert [(r.epoch, r.steps) for r in timer.records] == [(1, 5), (2, 2)]
 
 
 def test_release_names_are_folder_names():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -29,6 +30,7 @@ class EpochRecord:
     epoch: int                 # 1-indexed
     seconds: float             # training only: the evaluation that follows an epoch is not counted
     active_layers: Optional[int]  # active attention layers while the epoch ran (None: no attention layers)
+    steps: int = 0             # optimizer steps it ran (fewer in an epoch cut short or resumed midway; 0: unknown)
 
 
 class EpochTimerCallback(TrainerCallback):
@@ -42,12 +44,15 @@ class EpochTimerCallback(TrainerCallback):
     def on_epoch_begin(self, args, state, control, model=None, **kwargs):
         self._start = time.perf_counter()
         self._active = _active_layers(model)
+        self._first_step = state.global_step
 
     def on_epoch_end(self, args, state, control, **kwargs):
         if self._start is None:
             return
-        epoch = int(round(state.epoch)) if state.epoch is not None else len(self.records) + 1
-        self.records.append(EpochRecord(epoch, time.perf_counter() - self._start, self._active))
+        # state.epoch is fractional after an epoch cut short (max_steps): that is still the epoch ceil() names
+        epoch = math.ceil(round(state.epoch, 6)) if state.epoch is not None else len(self.records) + 1
+        steps = state.global_step - self._first_step
+        self.records.append(EpochRecord(epoch, time.perf_counter() - self._start, self._active, steps))
         self._start = None
 
 
@@ -83,7 +88,12 @@ def _epoch_span(records: List[EpochRecord]) -> str:
     return f"epoch {epochs[0]}" if len(epochs) == 1 else f"epochs {epochs[0]}-{epochs[-1]}"
 
 
-def _mean_seconds(records: List[EpochRecord]) -> float:
+def _mean_seconds(records: List[EpochRecord], full_steps: int = 0) -> float:
+    """Seconds per epoch; with the steps of a whole epoch known, per step times that, so that an epoch cut
+    short (max_steps) or resumed midway counts for what it ran."""
+    steps = sum(r.steps for r in records)
+    if full_steps and steps and all(r.steps for r in records):
+        return sum(r.seconds for r in records) / steps * full_steps
     return sum(r.seconds for r in records) / len(records)
 
 
@@ -95,21 +105,22 @@ def format_epoch_times(records: List[EpochRecord], num_layers: Optional[int], fi
     """
     if not records:
         return "  (no epoch ran in this process)"
+    full = max(r.steps for r in records)  # the longest epoch: a whole one unless every epoch was cut short
     if num_layers is None:
-        return f"  {_mean_seconds(records):.1f} s per epoch ({_epoch_span(records)}; no attention layers)"
+        return f"  {_mean_seconds(records, full):.1f} s per epoch ({_epoch_span(records)}; no attention layers)"
     before = [r for r in records if r.active_layers == num_layers]
     after = [r for r in records if r.active_layers == final_active]
     if final_active == num_layers:
-        return f"  {_mean_seconds(before):.1f} s per epoch with all {num_layers} attention layers " \
+        return f"  {_mean_seconds(before, full):.1f} s per epoch with all {num_layers} attention layers " \
                f"({_epoch_span(before)}); nothing was pruned"
     lines = []
     if before:
-        t0 = _mean_seconds(before)
+        t0 = _mean_seconds(before, full)
         lines.append(f"  before pruning: {t0:.1f} s per epoch with {num_layers} attention layers ({_epoch_span(before)})")
     else:
         lines.append(f"  before pruning: no epoch of this run had all {num_layers} attention layers (resumed?)")
     if after:
-        t1 = _mean_seconds(after)
+        t1 = _mean_seconds(after, full)
         ratio = f": {t1 / t0:.2f}x" if before else ""
         lines.append(f"  after pruning:  {t1:.1f} s per epoch with {final_active} attention layers "
                      f"({_epoch_span(after)}){ratio}")
