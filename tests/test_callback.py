@@ -474,6 +474,15 @@ def test_restore_callback_states_keeps_the_given_configuration_and_history(tmp_p
     (older / "trainer_state.json").write_text(json.dumps(state))
     with pytest.raises(ValueError, match=r"resume with the same windows"):
         run("c", [(2, 5)], resume=str(older))
+    # an earlier Trainer on the same model does not stand in for a later one's callback (added with add_callback:
+    # not comparable, a warning)
+    model = TinyElaClassifier()
+    Trainer(model=model, args=training_args(tmp_path / "e"), train_dataset=RandomImages(),
+            callbacks=[ElaPruningCallback(windows=[(1, 1)], window_unit="step")])
+    later = Trainer(model=model, train_dataset=RandomImages(), args=training_args(
+        tmp_path / "f", max_steps=8, save_strategy="no", restore_callback_states_from_checkpoint=True))
+    later.add_callback(ElaPruningCallback(windows=[(2, 4), (6, 7)], window_unit="step", selector=FixedCountSelector(1)))
+    later.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
     resumed = run("d", [(2, 4), (6, 7)], resume=str(tmp_path / "a" / "checkpoint-3"))
     assert [h["window"] for h in resumed.history] == [1, 2]
     _assert_same_decisions(first.history, resumed.history)

@@ -87,10 +87,19 @@ def _validate_windows(windows: Any) -> List[Window]:
     return out
 
 
-# the Trainer's model -> (the settings of the callback the Trainer was constructed with, a weak reference to
-# it) (on_init_end): weak, so that nothing here keeps a model or a callback alive; the settings are a copy, so
-# that they outlive a callback the Trainer drops when it rebuilds one from a checkpoint
+# the Trainer's model -> (its TrainingArguments, the settings of the callback the Trainer was constructed with,
+# a weak reference to that callback), from on_init_end. Weak, so that nothing here keeps a model, arguments or
+# a callback alive; the settings are a copy, so that they outlive a callback the Trainer drops when it rebuilds
+# one from a checkpoint; the arguments object tells that Trainer from an earlier one on the same model
 _CONFIGURED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _weak(obj: Any):
+    """A weak reference, or a function returning None where ``obj`` cannot have one."""
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return lambda: None
 
 
 def _world() -> Tuple[int, int]:
@@ -462,7 +471,7 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
     # TrainerCallback events
     def on_init_end(self, args, state, control, model=None, **kwargs):
         if model is not None and any(isinstance(m, LayerAttentionStage) for m in model.modules()):
-            _CONFIGURED[model] = (json.loads(json.dumps(self._args())), weakref.ref(self))
+            _CONFIGURED[model] = (_weak(args), json.loads(json.dumps(self._args())), weakref.ref(self))
             keep_kl_statistics_out_of_ddp(model)  # before the Trainer wraps it in DDP
         return control
 
@@ -507,7 +516,9 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         """With ``restore_callback_states_from_checkpoint=True`` the Trainer replaces the callback it was
         given by one built from the checkpoint's arguments: that one must not silently drop the given ones."""
         entry = _CONFIGURED.get(model)
-        given = entry[1]() if entry is not None else None
+        if entry is not None and entry[0]() is not args:  # registered by another Trainer on this model
+            entry = None
+        given = entry[2]() if entry is not None else None
         # the marker comes with the state of checkpoints written since it exists; for older ones, a resume with
         # the flag set by another callback object than the one the Trainer was built with
         rebuilt = self.restored_by_trainer or (
@@ -523,10 +534,10 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
                 "(one added with add_callback, or a model_init run)", self._args(),
             )
             return
-        if entry[0] != json.loads(json.dumps(self._args())):
+        if entry[1] != json.loads(json.dumps(self._args())):
             raise ValueError(
                 f"the checkpoint was written by an ElaPruningCallback with {self._args()}, but this one has "
-                f"{entry[0]}; resume with the same windows, selector and window_unit "
+                f"{entry[1]}; resume with the same windows, selector and window_unit "
                 "(restore_callback_states_from_checkpoint=True rebuilt the callback from the checkpoint)"
             )
         if given is not None and type(given) is type(self):
