@@ -316,6 +316,15 @@ def test_a_folder_saved_by_timm_itself_loads_with_the_mask_of_its_weights(tmp_pa
     assert loaded.skip_mask == loaded.config.skip_mask == MASK
     with torch.no_grad():
         torch.testing.assert_close(loaded(images).logits, pruned(images), rtol=0, atol=0)
+    # a slim model (layers not built: model_args' mask) pruned further in place, saved by timm
+    structural = [[False, True], [False, False], [False, False]]
+    slim = timm.create_model(ARCH, num_classes=10, skip_mask=structural).eval()
+    slim.set_skip_mask(MASK)
+    save_for_hf(slim, tmp_path / "slim", model_args={"skip_mask": structural})
+    loaded = ElaForImageClassification.from_pretrained(tmp_path / "slim").eval()
+    assert loaded.skip_mask == loaded.config.skip_mask == MASK
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images).logits, slim(images), rtol=0, atol=0)
 
 
 def test_a_variant_next_to_weights_timm_saved_is_checked_against_their_skip_flags(tmp_path):

@@ -306,9 +306,11 @@ class ElaPreTrainedModel(PreTrainedModel):
         # blocks run what the loaded flags say): compare the loaded `attn_skipped` flags with config.skip_mask
         stages = find_stages(self.timm_model)
         flags = [[bool(blk.attn_skipped) for blk in stage] for stage in stages]
-        if self.config.skip_mask is None:
-            # a config.json that names no mask (timm's save_for_hf / push_to_hf_hub of a model pruned in place):
-            # the flags stored with the weights are the mask, as timm's loader reads them
+        structural = (self.config.model_args or {}).get("skip_mask")
+        if self.config.skip_mask is None or (structural is not None and self.config.skip_mask == structural):
+            # a config.json that names no mask beyond the layers not built (timm's save_for_hf / push_to_hf_hub of a
+            # model pruned in place, slim or not): the flags stored with the weights are the mask, as timm's
+            # loader reads them
             for stage, stage_flags in zip(stages, flags):
                 for blk, skipped in zip(stage, stage_flags):
                     if skipped and not blk.is_skipped:
