@@ -192,6 +192,10 @@ def test_config_and_weights_disagreeing_on_the_mask_is_an_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"disagree on which attention layers are skipped.*\(0, 1\)"):
         AutoModelForImageClassification.from_pretrained(tmp_path)
+    config["skip_mask"] = MASK
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"or skip_mask= given to from_pretrained.*\(1, 1\).*set_skip_mask after"):
+        AutoModelForImageClassification.from_pretrained(tmp_path, skip_mask=[[False, True], [False, True], [False, True]])
 
 
 def test_corrupt_or_missing_weight_file_is_a_clear_error(tmp_path):

@@ -710,6 +710,13 @@ def test_max_steps_and_fractional_epochs_rescale_the_lr_to_the_real_length(tmp_p
     with caplog.at_level("WARNING"):
         resolve_schedule(IMAGENET_PAPER, _args(kl_windows="1-1", warmup_epochs=5), 2, steps_per_epoch=5)
     assert "--warmup_epochs 5 is longer than the run (2 epochs)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # 0.5 epochs = 2.5 -> 2 steps of a 2-step run: the full lr is reached
+        resolve_schedule(IMAGENET_PAPER, _args(kl_windows="1-1", warmup_epochs=0.5), 100, 2, steps_per_epoch=5)
+    assert "never reaches" not in caplog.text and "none happens" not in caplog.text
+    with caplog.at_level("WARNING"):  # the paper's 3 of 100 epochs rescaled to 1.4: 0.042 epochs, 0.21 steps
+        resolve_schedule(IMAGENET_PAPER, _args(kl_windows="1-1"), 100, 7, steps_per_epoch=5)
+    assert "a warm-up of 0.042 epochs is less than half an optimizer step (5 per epoch): none happens" in caplog.text
 
 
 def test_output_folder_checks_before_training(tmp_path):

@@ -323,8 +323,10 @@ class ElaPreTrainedModel(PreTrainedModel):
                         if flags[i][j] != bool(skipped)]
         if disagree:
             raise ValueError(
-                f"config.json of {source} and its weights disagree on which attention layers are skipped "
-                f"(stage, block) {disagree}: the config says {self.config.skip_mask}"
+                f"the config's skip_mask (config.json of {source}, or skip_mask= given to from_pretrained) and "
+                f"the weights' skip flags disagree on which attention layers are skipped (stage, block) {disagree}: "
+                f"the config says {self.config.skip_mask}; a checkpoint's mask cannot be changed at load time "
+                "(set_skip_mask after loading can skip more)"
             )
 
 
