@@ -243,7 +243,7 @@ def main(argv=None):
                                private=training_args.hub_private_repo, **export_kwargs)
             logger.info(f"pushed the slim release to {push_repo}")
         print(format_summary(args.model, args.dataset, metrics, len(eval_ds), skip_mask, timer.records,
-                             export_dir))
+                             export_dir, steps_per_epoch))
     trainer.accelerator.wait_for_everyone()
     return metrics
 

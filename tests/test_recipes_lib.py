@@ -352,13 +352,16 @@ def test_summary_pieces():
     assert "after pruning:  6.0 s per epoch with 3 attention layers (epochs 4-5): 0.55x" in times
     assert "nothing was pruned" in format_epoch_times(records[:2], num_layers=6, final_active=6)
     resumed = format_epoch_times(records[3:], num_layers=6, final_active=3)
-    assert "before pruning: no epoch of this run had all 6" in resumed and "6.0 s per epoch with 3" in resumed
+    assert "before pruning: no whole epoch of this run had all 6" in resumed and "6.0 s per epoch with 3" in resumed
     assert "no whole epoch ran with the final 3" in format_epoch_times(records[:3], num_layers=6, final_active=3)
     assert "no attention layers" in format_epoch_times(records, num_layers=None, final_active=None)
-    # an epoch cut short (max_steps: 2 of 5 steps) counts per step, not as a whole epoch
-    cut = [EpochRecord(1, 10.0, 6, 5), EpochRecord(2, 2.0, 3, 2)]
-    assert "after pruning:  5.0 s per epoch with 3 attention layers (epoch 2): 0.50x" in format_epoch_times(
-        cut, num_layers=6, final_active=3)
+    # an epoch cut short (max_steps: 2 of 5 steps) is left out, said so, not compared with whole ones
+    cut = [EpochRecord(1, 10.0, 6, 5), EpochRecord(2, 9.0, 3, 5), EpochRecord(3, 2.0, 3, 2)]
+    text = format_epoch_times(cut, num_layers=6, final_active=3, steps_per_epoch=5)
+    assert "after pruning:  9.0 s per epoch with 3 attention layers (epoch 2): 0.90x" in text
+    assert "(epoch 3 ran only part of 5 steps: left out)" in text
+    assert "no whole epoch ran with the final 3" in format_epoch_times(cut[:1] + cut[2:], 6, 3, steps_per_epoch=5)
+    assert "no whole epoch ran in this process" in format_epoch_times(cut[2:], 6, 3, steps_per_epoch=5)
 
 
 def test_epoch_timer_names_and_counts_an_epoch_cut_short():

@@ -88,50 +88,55 @@ def _epoch_span(records: List[EpochRecord]) -> str:
     return f"epoch {epochs[0]}" if len(epochs) == 1 else f"epochs {epochs[0]}-{epochs[-1]}"
 
 
-def _mean_seconds(records: List[EpochRecord], full_steps: int = 0) -> float:
-    """Seconds per epoch; with the steps of a whole epoch known, per step times that, so that an epoch cut
-    short (max_steps) or resumed midway counts for what it ran."""
-    steps = sum(r.steps for r in records)
-    if full_steps and steps and all(r.steps for r in records):
-        return sum(r.seconds for r in records) / steps * full_steps
+def _mean_seconds(records: List[EpochRecord]) -> float:
     return sum(r.seconds for r in records) / len(records)
 
 
-def format_epoch_times(records: List[EpochRecord], num_layers: Optional[int], final_active: Optional[int]) -> str:
+def format_epoch_times(records: List[EpochRecord], num_layers: Optional[int], final_active: Optional[int],
+                       steps_per_epoch: Optional[int] = None) -> str:
     """Mean epoch time with every attention layer active vs. with the final mask.
 
-    ``num_layers``: attention layers of the model (None for a plain ResNet). A resumed run may have no
-    epoch of one kind; that is said rather than guessed.
+    ``num_layers``: attention layers of the model (None for a plain ResNet). With ``steps_per_epoch``, epochs
+    that ran fewer steps (cut short by ``max_steps``, or resumed midway) are left out: their fixed costs
+    (dataloader workers starting) would not compare. A resumed run may have no whole epoch of one kind; that
+    is said rather than guessed.
     """
     if not records:
         return "  (no epoch ran in this process)"
-    full = max(r.steps for r in records)  # the longest epoch: a whole one unless every epoch was cut short
+    whole = [r for r in records if not steps_per_epoch or not r.steps or r.steps >= steps_per_epoch]
+    note = ""
+    if len(whole) < len(records):
+        cut = [r.epoch for r in records if r not in whole]
+        note = f"\n  (epoch{'s' if len(cut) > 1 else ''} {', '.join(map(str, cut))} ran only part of " \
+               f"{steps_per_epoch} steps: left out)"
+    if not whole:
+        return "  no whole epoch ran in this process" + note
     if num_layers is None:
-        return f"  {_mean_seconds(records, full):.1f} s per epoch ({_epoch_span(records)}; no attention layers)"
-    before = [r for r in records if r.active_layers == num_layers]
-    after = [r for r in records if r.active_layers == final_active]
+        return f"  {_mean_seconds(whole):.1f} s per epoch ({_epoch_span(whole)}; no attention layers)" + note
+    before = [r for r in whole if r.active_layers == num_layers]
+    after = [r for r in whole if r.active_layers == final_active]
     if final_active == num_layers:
-        return f"  {_mean_seconds(before, full):.1f} s per epoch with all {num_layers} attention layers " \
-               f"({_epoch_span(before)}); nothing was pruned"
+        return f"  {_mean_seconds(before):.1f} s per epoch with all {num_layers} attention layers " \
+               f"({_epoch_span(before)}); nothing was pruned" + note
     lines = []
     if before:
-        t0 = _mean_seconds(before, full)
+        t0 = _mean_seconds(before)
         lines.append(f"  before pruning: {t0:.1f} s per epoch with {num_layers} attention layers ({_epoch_span(before)})")
     else:
-        lines.append(f"  before pruning: no epoch of this run had all {num_layers} attention layers (resumed?)")
+        lines.append(f"  before pruning: no whole epoch of this run had all {num_layers} attention layers (resumed?)")
     if after:
-        t1 = _mean_seconds(after, full)
+        t1 = _mean_seconds(after)
         ratio = f": {t1 / t0:.2f}x" if before else ""
         lines.append(f"  after pruning:  {t1:.1f} s per epoch with {final_active} attention layers "
                      f"({_epoch_span(after)}){ratio}")
     else:
         lines.append(f"  after pruning:  no whole epoch ran with the final {final_active} attention layers")
-    return "\n".join(lines)
+    return "\n".join(lines) + note
 
 
 def format_summary(
     model_name: str, dataset: str, metrics: Dict[str, float], num_eval: int, skip_mask, records: List[EpochRecord],
-    export_dir: Optional[str] = None,
+    export_dir: Optional[str] = None, steps_per_epoch: Optional[int] = None,
 ) -> str:
     num_layers = None if skip_mask is None else sum(len(stage) for stage in skip_mask)
     final_active = None if skip_mask is None else sum(not s for stage in skip_mask for s in stage)
@@ -144,7 +149,7 @@ def format_summary(
         "attention layers skipped per stage:",
         format_skip_mask(skip_mask),
         "time per training epoch (this process, evaluation excluded):",
-        format_epoch_times(records, num_layers, final_active),
+        format_epoch_times(records, num_layers, final_active, steps_per_epoch),
     ]
     if export_dir is not None:
         lines.append(f"slim Hub-ready export (weights, config, model card): {export_dir}")
