@@ -483,6 +483,20 @@ def test_restore_callback_states_keeps_the_given_configuration_and_history(tmp_p
         tmp_path / "f", max_steps=8, save_strategy="no", restore_callback_states_from_checkpoint=True))
     later.add_callback(ElaPruningCallback(windows=[(2, 4), (6, 7)], window_unit="step", selector=FixedCountSelector(1)))
     later.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+    # one TrainingArguments for two Trainers on one model, resuming a checkpoint that has no pruning state:
+    # nothing was rebuilt, nothing to compare
+    model, shared = TinyElaClassifier(), training_args(tmp_path / "g", max_steps=4, save_strategy="steps", save_steps=2,
+                                                       restore_callback_states_from_checkpoint=True)
+    Trainer(model=model, args=shared, train_dataset=RandomImages()).train()  # no callback: no pruning state
+    Trainer(model=model, args=shared, train_dataset=RandomImages(),
+            callbacks=[ElaPruningCallback(windows=[(1, 1)], window_unit="step")])
+    again = Trainer(model=model, args=shared, train_dataset=RandomImages())
+    added = ElaPruningCallback(windows=[(3, 4)], window_unit="step", selector=FixedCountSelector(1))
+    again.add_callback(added)  # (not in the Trainer's state until train begins: saving must still work)
+    again.train(resume_from_checkpoint=str(tmp_path / "g" / "checkpoint-2"))
+    assert len(added.history) == 1
+    saved = json.loads((tmp_path / "g" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert saved["stateful_callbacks"]["ElaPruningCallback"]["attributes"]["history"] == added.history
     resumed = run("d", [(2, 4), (6, 7)], resume=str(tmp_path / "a" / "checkpoint-3"))
     assert [h["window"] for h in resumed.history] == [1, 2]
     _assert_same_decisions(first.history, resumed.history)

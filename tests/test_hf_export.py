@@ -192,6 +192,16 @@ def test_config_and_weights_disagreeing_on_the_mask_is_an_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"disagree on which attention layers are skipped.*\(0, 1\)"):
         AutoModelForImageClassification.from_pretrained(tmp_path)
+    # a slim release whose config.json names the same mask at the top and in model_args, with weights that
+    # skip one more layer (hand-edited): still refused, only timm's config.json (no top-level mask) adopts flags
+    release = ela_hf.export_pruned(_pruned_timm_model(), tmp_path / "release", verify=False)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(release / "model.safetensors"))
+    weights["layer2.1.attn_skipped"] = torch.tensor(True)
+    save_file(weights, str(release / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"disagree on which attention layers are skipped.*\(1, 1\)"):
+        AutoModelForImageClassification.from_pretrained(release)
     config["skip_mask"] = MASK
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"or skip_mask= given to from_pretrained.*\(1, 1\).*set_skip_mask after"):

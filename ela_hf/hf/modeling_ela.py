@@ -21,7 +21,7 @@ from typing import Any
 import timm
 import torch
 import torch.nn as nn
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.backbone_utils import BackboneMixin
 from transformers.modeling_outputs import (
@@ -282,10 +282,11 @@ class ElaPreTrainedModel(PreTrainedModel):
         except Exception as err:  # noqa: BLE001 - re-raised with the file named, or unchanged
             _raise_for_unreadable_weights(pretrained_model_name_or_path, err, kwargs.get("subfolder") or "")
             raise
-        model._check_loaded_weights(info, pretrained_model_name_or_path)
+        model._check_loaded_weights(info, pretrained_model_name_or_path,
+                                    names_mask=_names_a_mask(pretrained_model_name_or_path, kwargs))
         return (model, info) if output_loading_info else model
 
-    def _check_loaded_weights(self, info: dict[str, Any], source) -> None:
+    def _check_loaded_weights(self, info: dict[str, Any], source, names_mask: bool = True) -> None:
         # (BatchNorm step counters are not reported missing: _keys_to_ignore_on_load_missing)
         missing = sorted(_strip_prefix(k) for k in info.get("missing_keys", ()) if not _is_head_key(k))
         if missing:
@@ -306,8 +307,7 @@ class ElaPreTrainedModel(PreTrainedModel):
         # blocks run what the loaded flags say): compare the loaded `attn_skipped` flags with config.skip_mask
         stages = find_stages(self.timm_model)
         flags = [[bool(blk.attn_skipped) for blk in stage] for stage in stages]
-        structural = (self.config.model_args or {}).get("skip_mask")
-        if self.config.skip_mask is None or (structural is not None and self.config.skip_mask == structural):
+        if self.config.skip_mask is None or not names_mask:
             # a config.json that names no mask beyond the layers not built (timm's save_for_hf / push_to_hf_hub of a
             # model pruned in place, slim or not): the flags stored with the weights are the mask, as timm's
             # loader reads them
@@ -328,6 +328,23 @@ class ElaPreTrainedModel(PreTrainedModel):
                 f"the config says {self.config.skip_mask}; a checkpoint's mask cannot be changed at load time "
                 "(set_skip_mask after loading can skip more)"
             )
+
+
+def _names_a_mask(source, kwargs: dict) -> bool:
+    """Whether the checkpoint's config.json (or the caller, with ``skip_mask=`` or ``config=``) names a run-time
+    skip mask. timm's own config.json does not (only ``model_args``' layers not built): the weights' skip flags
+    are then the mask. Unknown counts as named, so that a disagreement stays an error."""
+    if "skip_mask" in kwargs or isinstance(kwargs.get("config"), PretrainedConfig):
+        return True
+    try:
+        from transformers.utils import cached_file
+
+        hub = ("cache_dir", "revision", "subfolder", "token", "local_files_only", "force_download", "proxies")
+        path = cached_file(str(source), "config.json", **{k: kwargs[k] for k in hub if k in kwargs})
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("skip_mask") is not None
+    except Exception:  # noqa: BLE001 - unreadable here: keep the strict check
+        return True
 
 
 # any weight file transformers may have written, variants included (model.fp16.safetensors, ...)

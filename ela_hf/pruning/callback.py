@@ -481,6 +481,10 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         if self._open is not None:  # left open by an interrupted earlier train() call on this instance
             self._close_window()
         self._check_not_rebuilt_differently(args, state, model)
+        if isinstance(state.stateful_callbacks, dict):
+            # a callback added with trainer.add_callback is missing here, where the Trainer's checkpoint saving
+            # looks its entry up (a KeyError at the first save otherwise)
+            state.stateful_callbacks.setdefault(type(self).__name__, self.state())
         self._model = model
         self._epochs_ended = int(math.floor(state.epoch or 0.0))
         self._names = {id(m): name for name, m in model.named_modules()}
@@ -523,6 +527,7 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         # the flag set by another callback object than the one the Trainer was built with
         rebuilt = self.restored_by_trainer or (
             bool(getattr(args, "restore_callback_states_from_checkpoint", False)) and state.global_step > 0
+            and (state.stateful_callbacks or {}).get(type(self).__name__) is not None
             and entry is not None and given is not self
         )
         if not rebuilt:
