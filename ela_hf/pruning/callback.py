@@ -94,6 +94,12 @@ def _validate_windows(windows: Any) -> List[Window]:
 _CONFIGURED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
+def _as_json(obj: Any) -> Any:
+    """``obj`` as a JSON round trip gives it back (tuples become lists): how a checkpoint stores a callback's
+    arguments, so that settings compare equal to stored ones."""
+    return json.loads(json.dumps(obj))
+
+
 def _weak(obj: Any):
     """A weak reference, or a function returning None where ``obj`` cannot have one."""
     try:
@@ -471,7 +477,7 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
     # TrainerCallback events
     def on_init_end(self, args, state, control, model=None, **kwargs):
         if model is not None and any(isinstance(m, LayerAttentionStage) for m in model.modules()):
-            _CONFIGURED[model] = (_weak(args), json.loads(json.dumps(self._args())), weakref.ref(self))
+            _CONFIGURED[model] = (_weak(args), _as_json(self._args()), weakref.ref(self))
             keep_kl_statistics_out_of_ddp(model)  # before the Trainer wraps it in DDP
         return control
 
@@ -539,7 +545,7 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
                 "(one added with add_callback, or a model_init run)", self._args(),
             )
             return
-        if entry[1] != json.loads(json.dumps(self._args())):
+        if entry[1] != _as_json(self._args()):
             raise ValueError(
                 f"the checkpoint was written by an ElaPruningCallback with {self._args()}, but this one has "
                 f"{entry[1]}; resume with the same windows, selector and window_unit "
@@ -609,8 +615,8 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         if saved is None:
             return False
         candidates = saved if isinstance(saved, list) else [saved]
-        mine = json.loads(json.dumps(self._args()))
-        matching = [c for c in candidates if json.loads(json.dumps(c.get("args", {}))) == mine]
+        mine = _as_json(self._args())
+        matching = [c for c in candidates if _as_json(c.get("args", {})) == mine]
         if not matching:
             raise ValueError(
                 f"the checkpoint was written by an ElaPruningCallback with {candidates[0].get('args')}, "

@@ -333,18 +333,6 @@ def resolve_schedule(
     warmup = args.warmup_epochs if args.warmup_epochs is not None else paper.warmup_epochs * ratio
     if warmup < 0:
         raise ValueError(f"--warmup_epochs must be >= 0, got {warmup}")
-    if steps_per_epoch is not None and run_epochs is not None and warmup > 0:
-        # in whole optimizer steps, rounded as StepScheduleWithWarmup does
-        warmup_steps = int(round(warmup * steps_per_epoch))
-        run_steps = max_steps if max_steps > 0 else math.ceil(run_epochs * steps_per_epoch)
-        if warmup_steps > run_steps:
-            logger.warning(
-                "--warmup_epochs %g is longer than the run (%g epochs): the learning rate never reaches its full "
-                "value", warmup, run_epochs,
-            )
-        elif warmup_steps == 0:
-            logger.warning("a warm-up of %g epochs is less than half an optimizer step (%d per epoch): none happens",
-                           warmup, steps_per_epoch)
 
     # say "rescaled" only when a paper value was actually moved
     rescaled = (rescale and explicit_windows is None and windows != list(paper.kl_windows)) or (lr_rescale and (
@@ -363,6 +351,17 @@ def resolve_schedule(
         run_epochs=run_epochs if steps_per_epoch is not None or max_steps <= 0 else None,
         max_steps=max_steps,
     )
+    if steps_per_epoch is not None and run_epochs is not None and warmup > 0:
+        # in whole optimizer steps, rounded as StepScheduleWithWarmup does
+        warmup_steps = int(round(warmup * steps_per_epoch))
+        if warmup_steps > schedule.run_steps:
+            logger.warning(
+                "--warmup_epochs %g is longer than the run (%g epochs): the learning rate never reaches its full "
+                "value", warmup, run_epochs,
+            )
+        elif warmup_steps == 0:
+            logger.warning("a warm-up of %g epochs is less than half an optimizer step (%d per epoch): none happens",
+                           warmup, steps_per_epoch)
     if windows:
         last = windows[-1][1]
         if args.window_unit == "epoch" and num_epochs is not None and last > num_epochs:
