@@ -808,6 +808,15 @@ def test_argument_checks_added_after_a_users_review(tmp_path, caplog):
     with pytest.raises(ValueError, match=r"holds a ela_resnet20_cifar \(its config.json\), not the --model ela_l_res"):
         resolve_checkpoint(targs, "ela_l_resnet20_cifar")
 
+    # a checkpoint that already ran every step of this run (the Trainer would train one step past the end)
+    from ela_hf.training import check_checkpoint_unfinished
+
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
+    with pytest.raises(ValueError, match=r"has already trained 4 of this run's 4 steps"):
+        check_checkpoint_unfinished(str(checkpoint), 4)
+    check_checkpoint_unfinished(str(checkpoint), 5)
+    check_checkpoint_unfinished(None, 4)
+
     out = tmp_path / "out"
     for inside in ("checkpoint-8", "runs"):
         with pytest.raises(ValueError, match=f"lies in '{inside}' of --output_dir"):
