@@ -534,15 +534,18 @@ def test_kl_accumulators_are_kept_out_of_ddps_buffer_broadcast(tmp_path):
     wrapper = TinyElaClassifier()  # a user's module: the callback names them when the Trainer is built
     Trainer(model=wrapper, args=training_args(tmp_path), train_dataset=RandomImages(),
             callbacks=[ElaPruningCallback(windows=[(1, 1)], window_unit="step")])
-    # by hand, for a module the models and the callback do not see: a timm features_only backbone; names the
-    # module already listed stay listed
-    backbone = timm.create_model("ela_resnet20_cifar", features_only=True)
-    backbone._ddp_params_and_buffers_to_ignore = ["layer1.0.bn1.running_mean"]
-    ela_hf.models.keep_kl_statistics_out_of_ddp(backbone)
-    assert "layer1.0.bn1.running_mean" in backbone._ddp_params_and_buffers_to_ignore
+    # timm features_only backbones (every feature_cls that works) list theirs under the wrapper's names
+    backbones = [timm.create_model("ela_resnet20_cifar", features_only=True, feature_cls=c) for c in ("hook", "getter")]
+    backbones.append(timm.create_model("ela_resnet20_cifar", features_only=True))
+    # by hand, for a module the models and the callback do not see (a detector around a backbone); names
+    # the module already listed stay listed
+    detector = torch.nn.Sequential(timm.create_model("ela_resnet20_cifar", features_only=True))
+    detector._ddp_params_and_buffers_to_ignore = ["0.layer1.0.bn1.running_mean"]
+    ela_hf.models.keep_kl_statistics_out_of_ddp(detector)
+    assert "0.layer1.0.bn1.running_mean" in detector._ddp_params_and_buffers_to_ignore
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
-        for model in (timm_model, hf_model, wrapper, backbone):
+        for model in (timm_model, hf_model, wrapper, *backbones, detector):
             kl = {id(t) for n, t in model.named_buffers() if n.endswith(("kl_sum", "kl_count"))}
             assert len(kl) == 12
             ddp = DistributedDataParallel(model, find_unused_parameters=True)

@@ -600,9 +600,13 @@ def _create_ela_resnet(variant: str, pretrained: bool = False, **kwargs) -> Laye
             )
     # the CIFAR nets have three stages: default features are the stem plus every stage
     out_indices = tuple(range(len(kwargs["layers"]) + 1))
-    return build_model_with_cfg(
+    model = build_model_with_cfg(
         LayerAttentionResNet, variant, pretrained, feature_cfg=dict(out_indices=out_indices), **kwargs
     )
+    if not isinstance(model, LayerAttentionResNet):
+        # a features_only wrapper (any feature_cls) under its own buffer names: DDP reads the wrapped module
+        keep_kl_statistics_out_of_ddp(model)
+    return model
 
 
 def _cfg(variant: str, **kwargs) -> Dict[str, Any]:
