@@ -318,6 +318,20 @@ def test_a_variant_with_another_skip_mask_is_refused_next_to_default_weights(tmp
                                    expected)
     model.save_pretrained(tmp_path / "alone", variant="pruned")  # without default weights there: fine
     assert AutoModelForImageClassification.from_pretrained(tmp_path / "alone", variant="pruned").skip_mask == MASK
+    # another variant beside it shares the same config.json: the same mask is fine, another one is refused
+    model.half().save_pretrained(tmp_path / "alone", variant="fp16", max_shard_size="100KB")
+    assert any(p.name.startswith("model.fp16-") for p in (tmp_path / "alone").iterdir())  # sharded
+    unpruned = ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=2))
+    with pytest.raises(ValueError, match=r"holds weights \(model\.fp16-00001-of-00008\.safetensors, .* and 7 more\) whose skip mask"):
+        unpruned.save_pretrained(tmp_path / "alone", variant="ema")
+    assert not (tmp_path / "alone" / "model.ema.safetensors").exists()
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "alone", variant="pruned")
+    assert loaded.skip_mask == MASK
+    # a variant's own earlier files do not count: re-saving it with another mask replaces it
+    (tmp_path / "own").mkdir()
+    model.float().save_pretrained(tmp_path / "own", variant="pruned", max_shard_size="100KB")
+    unpruned.save_pretrained(tmp_path / "own", variant="pruned", max_shard_size="100KB")
+    assert not any(AutoModelForImageClassification.from_pretrained(tmp_path / "own", variant="pruned").skip_mask[0])
 
 
 def test_a_folder_saved_by_timm_itself_loads_with_the_mask_of_its_weights(tmp_path, images):

@@ -238,7 +238,8 @@ class ElaPreTrainedModel(PreTrainedModel):
             writes = self.should_save_on_this_rank(writes)
         if writes and kwargs.get("variant"):
             _check_variant_shares_the_mask(save_directory, self.config, get_skip_mask(self.timm_model)
-                                           if self.timm_model.attn_type is not None else None)
+                                           if self.timm_model.attn_type is not None else None,
+                                           kwargs["variant"])
         plain = (
             not writes
             or not os.path.isdir(save_directory)
@@ -380,11 +381,17 @@ def _remove_abandoned_saves(folder) -> None:
             pass
 
 
-def _check_variant_shares_the_mask(folder, config, mask) -> None:
-    """A ``variant=`` save rewrites the ``config.json`` that the folder's default weights are loaded with:
-    refuse one whose skip mask differs from that of default weights already there (they would no longer load)."""
+def _check_variant_shares_the_mask(folder, config, mask, variant: str) -> None:
+    """A ``variant=`` save rewrites the ``config.json`` that the folder's other weights (the default ones, other
+    variants) are loaded with: refuse one whose skip mask differs from theirs (they would no longer load)."""
     path = os.path.join(folder, "config.json")
-    if not os.path.isdir(folder) or not _weight_files(folder) or not os.path.isfile(path):
+    if not os.path.isdir(folder) or not os.path.isfile(path):
+        return
+    own = re.compile(rf"(model|pytorch_model)\.{re.escape(variant)}(-\d+-of-\d+)?\.(safetensors|bin)"
+                     rf"|(model\.safetensors|pytorch_model\.bin)\.index\.{re.escape(variant)}\.json")
+    others = sorted(e.name for e in os.scandir(folder)
+                    if e.is_file() and _ANY_WEIGHT_FILE.fullmatch(e.name) and not own.fullmatch(e.name))
+    if not others:
         return
     try:
         with open(path, encoding="utf-8") as f:
@@ -401,10 +408,14 @@ def _check_variant_shares_the_mask(folder, config, mask) -> None:
             theirs = [[[flags.get(f"{blk}.attn_skipped", False) for blk in stage] for stage in _block_names(mask)], None]
     if json.loads(json.dumps(mine)) != theirs:
         raise ValueError(
-            f"{folder} holds default weights whose skip mask {theirs[0]} differs from this model's {mine[0]}; "
-            "a variant= save shares their config.json and would make them unloadable. Save this model into "
-            "its own folder (or ela_hf.export_pruned for a slim release)"
+            f"{folder} holds weights ({_some(others)}) whose skip mask {theirs[0]} differs from this "
+            f"model's {mine[0]}; a variant= save shares their config.json and would make them unloadable. "
+            "Save this model into its own folder (or ela_hf.export_pruned for a slim release)"
         )
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _saved_skip_flags(folder) -> dict[str, bool] | None:
