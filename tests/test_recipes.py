@@ -296,6 +296,14 @@ def test_argument_errors_come_before_the_data_is_loaded(tmp_path, monkeypatch, n
     argv = _common(out, tmp_path / "missing", tmp_path / "cache") + ["--model", "ela_resnet20_cifar"]
     with pytest.raises(ValueError, match=r"--ebqm_beta: beta must be > 0"):
         module.main(argv + ["--ebqm_beta", "-1"])
+    # transformers' example-script stages: asking for less than "train, then evaluate" must not train
+    for stages in (["--do_eval"], ["--do-train"], ["--do_train", "--do_eval", "False"], ["--do_train=false", "--do_eval"]):
+        with pytest.raises(ValueError, match=r"the recipes always train and then evaluate \(--do_train --do_eval\)"):
+            module.main(argv + stages)
+    with pytest.raises(ValueError, match=r"--do_predict is not used: the recipes evaluate on --eval_split"):
+        module.main(argv + ["--do_train", "--do_eval", "--do_predict"])
+    with pytest.raises(AssertionError, match="the dataset was loaded"):  # both: what the recipes do
+        module.main(argv + ["--do_train", "--do_eval"])
     # the export replaces its folder: the output_dir itself, or a folder above it, would lose the training
     (out / "checkpoint-2").mkdir(parents=True)
     for export_dir in (out, tmp_path):

@@ -427,21 +427,36 @@ def check_training_arguments(
     - ``--push_to_hub`` needs a token (``--hub_token``, ``HF_TOKEN`` or ``hf auth login``): checked now, not after
       training.
     - Batch sizes and ``--gradient_accumulation_steps`` must be at least 1.
+    - ``--do_train`` / ``--do_eval`` given on the command line must both be on (the recipes always train, then
+      evaluate), ``--do_predict`` is refused.
     """
     import dataclasses
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
     options = {f.name for cls in (type(args), type(training_args)) for f in dataclasses.fields(cls)}
+    given = set()
     for arg in argv:
         if not arg.startswith("--"):
             continue
         key = arg[2:].split("=", 1)[0].replace("-", "_")
         matches = [n for n in options if n.startswith(key)]  # argparse also takes an unambiguous prefix
         name = key if key in options else matches[0] if len(matches) == 1 else None
+        given.add(name)
         if name in _REPLACED_OPTIONS:
             raise ValueError(f"--{name} is not used: {_REPLACED_OPTIONS[name]}; write your own Trainer script with "
                              "ela_hf.ElaPruningCallback for another one")
+    # transformers' example scripts run only the stages named by --do_train/--do_eval/--do_predict; the recipes
+    # always train, then evaluate on --eval_split. `--do_train --do_eval` (copied from such a command) is what
+    # they do; asking for less (e.g. --do_eval alone, to evaluate a checkpoint) must not start a training run
+    if "do_predict" in given and training_args.do_predict:
+        raise ValueError("--do_predict is not used: the recipes evaluate on --eval_split (top-1/top-5) after training")
+    if ({"do_train", "do_eval"} & given) and not (training_args.do_train and training_args.do_eval):
+        raise ValueError(
+            "the recipes always train and then evaluate (--do_train --do_eval); to evaluate a checkpoint without "
+            "training, load it with ElaForImageClassification.from_pretrained or pipeline('image-classification', "
+            "...) (see the README's transformers section)"
+        )
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if getattr(training_args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(training_args, name)}")
