@@ -427,8 +427,8 @@ def check_training_arguments(
     - ``--push_to_hub`` needs a token (``--hub_token``, ``HF_TOKEN`` or ``hf auth login``): checked now, not after
       training.
     - Batch sizes and ``--gradient_accumulation_steps`` must be at least 1.
-    - ``--do_train`` / ``--do_eval`` given on the command line must both be on (the recipes always train, then
-      evaluate), ``--do_predict`` is refused.
+    - ``--do_eval`` without ``--do_train`` (or ``--do_train False``) is refused: the recipes always train, then
+      evaluate; ``--do_predict`` is refused.
     """
     import dataclasses
     import sys
@@ -447,11 +447,11 @@ def check_training_arguments(
             raise ValueError(f"--{name} is not used: {_REPLACED_OPTIONS[name]}; write your own Trainer script with "
                              "ela_hf.ElaPruningCallback for another one")
     # transformers' example scripts run only the stages named by --do_train/--do_eval/--do_predict; the recipes
-    # always train, then evaluate on --eval_split. `--do_train --do_eval` (copied from such a command) is what
-    # they do; asking for less (e.g. --do_eval alone, to evaluate a checkpoint) must not start a training run
+    # always train, then evaluate on --eval_split. `--do_train [--do_eval]` (copied from such a command) is what
+    # they do; --do_eval without training (to evaluate a checkpoint) must not start a training run
     if "do_predict" in given and training_args.do_predict:
         raise ValueError("--do_predict is not used: the recipes evaluate on --eval_split (top-1/top-5) after training")
-    if ({"do_train", "do_eval"} & given) and not (training_args.do_train and training_args.do_eval):
+    if ({"do_train", "do_eval"} & given) and not training_args.do_train:
         raise ValueError(
             "the recipes always train and then evaluate (--do_train --do_eval); to evaluate a checkpoint without "
             "training, load it with ElaForImageClassification.from_pretrained or pipeline('image-classification', "
