@@ -1,5 +1,4 @@
 """The recipes' shared pieces (ela_hf.training): data, transforms, schedule, metrics, argument checks."""
-import math
 import os
 
 import numpy as np
