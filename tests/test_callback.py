@@ -436,6 +436,32 @@ def test_resume_mid_epoch_inside_an_epoch_window(tmp_path):
     assert ela_hf.get_skip_mask(model_b) == ela_hf.get_skip_mask(model_a)
 
 
+def test_resume_with_other_steps_per_epoch_is_refused_while_epoch_windows_remain(tmp_path):
+    """The Trainer re-counts a resumed run's epochs as global_step // (the new run's steps per epoch): with
+    another process count, batch size or accumulation the epoch windows would move (an open one decided at once)."""
+    def setup(name, windows=((1, 2),), restore=False, **overrides):
+        callback = ElaPruningCallback(windows=list(windows), window_unit="epoch", selector=FixedCountSelector(1))
+        args = training_args(tmp_path / name, max_steps=-1, num_train_epochs=4, save_strategy="steps", save_steps=6,
+                             restore_callback_states_from_checkpoint=restore, **overrides)
+        return Trainer(model=TinyElaClassifier(), args=args, train_dataset=RandomImages(n=16), callbacks=[callback])
+
+    setup("a").train()  # 4 steps per epoch; checkpoint-6 is half way through epoch 2 of the window
+    saved = json.load(open(tmp_path / "a" / "checkpoint-6" / "trainer_state.json"))
+    assert saved["stateful_callbacks"]["ElaPruningCallback"]["attributes"]["steps_per_epoch"] == 4
+    for name, overrides in [("batch", dict(per_device_train_batch_size=8)), ("accum", dict(gradient_accumulation_steps=2)),
+                            ("rebuilt", dict(per_device_train_batch_size=8, restore=True))]:
+        trainer = setup(name, **overrides)
+        with pytest.raises(ValueError, match=r"took 4 optimizer steps per epoch, this one takes 2 .* window\(s\) 1-2 "):
+            trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-6"))
+        assert not (tmp_path / name / "checkpoint-7").exists()
+    # every window decided (checkpoint-12, epoch 3): nothing moves, the resume goes on
+    resumed = setup("done", per_device_train_batch_size=8)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-12"))
+    assert [h["window"] for h in _current_callback(resumed).history] == [1]
+    # the same steps per epoch: resumed as before
+    setup("same").train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-6"))
+
+
 def test_resume_with_a_different_configuration_raises(tmp_path):
     model = timm.create_model("ela_resnet20_cifar", num_classes=4)
     original = ElaPruningCallback(windows=[(2, 4)], window_unit="step")

@@ -94,6 +94,14 @@ def _validate_windows(windows: Any) -> List[Window]:
 _CONFIGURED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
+def _update_steps_per_epoch(dataloader, args) -> Optional[int]:
+    """Optimizer steps per epoch as the Trainer counts them (None without a dataloader length)."""
+    if dataloader is None or not has_length(dataloader):
+        return None
+    batches, accumulation = len(dataloader), max(int(getattr(args, "gradient_accumulation_steps", 1) or 1), 1)
+    return max(batches // accumulation + int(batches % accumulation > 0), 1)
+
+
 def _as_json(obj: Any) -> Any:
     """``obj`` as a JSON round trip gives it back (tuples become lists): how a checkpoint stores a callback's
     arguments, so that settings compare equal to stored ones."""
@@ -186,6 +194,7 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         self.history: List[Dict[str, Any]] = []
         self.partial_window: Optional[int] = None
         self.partial_kl: Optional[List[Dict[str, Any]]] = None
+        self.steps_per_epoch: Optional[int] = None  # optimizer steps per epoch of the run (epoch windows)
 
         # run-time only
         self._model: Optional[nn.Module] = None
@@ -199,6 +208,7 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         self._names: Dict[int, str] = {}  # id(block) -> its qualified name in the model, for logs
         self._epochs_ended = 0  # epochs of this run that ended (cut short too), counted from train begin
         self._given: Optional["ElaPruningCallback"] = None  # see _check_not_rebuilt_differently
+        self._saved_steps_per_epoch: Optional[int] = None  # read from a resumed checkpoint's state
         self.restored_by_trainer = False
 
     # ------------------------------------------------------------------------------------------------
@@ -240,6 +250,7 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
                 "history": self.history,
                 "partial_window": self._open,
                 "partial_kl": self._partial_for_checkpoint(),
+                "steps_per_epoch": self.steps_per_epoch,
                 # set on the object that restore_callback_states_from_checkpoint=True makes the Trainer
                 # build from this state (it sets every attribute), never on the one the user built
                 "restored_by_trainer": True,
@@ -499,7 +510,9 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         self._check_epochs_exist(kwargs.get("train_dataloader"))
         self._check_training_length(state)
         self._check_ddp(args, model)
+        self.steps_per_epoch = _update_steps_per_epoch(kwargs.get("train_dataloader"), args)
         if state.global_step > 0 and self._restore(state):
+            self._check_same_epochs(self._saved_steps_per_epoch)
             self._reapply_history()
             if self.partial_window is not None and self.partial_window == self.windows_done:
                 if self.partial_kl is None:
@@ -623,11 +636,29 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
                 f"but this one has {mine}; resume with the same windows, selector and window_unit"
             )
         attrs = matching[0].get("attributes", {})
+        self._saved_steps_per_epoch = attrs.get("steps_per_epoch")
         self.windows_done = int(attrs.get("windows_done", 0))
         self.history = list(attrs.get("history", []))
         self.partial_window = attrs.get("partial_window")
         self.partial_kl = attrs.get("partial_kl")
         return True
+
+    def _check_same_epochs(self, saved: Optional[int]) -> None:
+        """The Trainer re-counts a resumed run's epochs as ``global_step // steps per epoch`` with the new run's
+        steps per epoch: where that changed, the epoch windows still to come would cover other data than the
+        checkpoint's run, and an open one would be decided at once."""
+        current = self.steps_per_epoch
+        if self.window_unit != "epoch" or self.windows_done >= len(self.windows) or not saved or not current:
+            return
+        if int(saved) != current:
+            left = ", ".join(f"{a}-{b}" for a, b in self.windows[self.windows_done:])
+            raise ValueError(
+                f"the checkpoint's run took {int(saved)} optimizer steps per epoch, this one takes {current} (the "
+                "number of processes, the per-device batch size, gradient_accumulation_steps or the training set "
+                f"changed): the Trainer counts the resumed run's epochs from its step count with the new value, "
+                f"which would move the epoch pruning window(s) {left} still to be decided. Resume with the "
+                "checkpoint's settings, or give the windows in optimizer steps (window_unit='step')"
+            )
 
     def _reapply_history(self) -> None:
         """The checkpoint's weights already carry the mask; this keeps a model loaded some other way in step."""
