@@ -163,7 +163,7 @@ def main(argv=None):
     schedule = resolve_schedule(base_schedule, args, training_args.num_train_epochs, training_args.max_steps,
                                 steps_per_epoch, has_attention=has_attention, pruned_by_default=prune)
     check_checkpoint_unfinished(checkpoint, schedule.run_steps)
-    ddp_for_pruning(training_args, schedule)  # DDP must search for the skipped layers' unused parameters
+    ddp_for_pruning(training_args, schedule, checkpoint)  # DDP must search for skipped layers' unused parameters
     logger.info(f"{args.dataset}: {len(train_ds)} training images, {len(eval_ds)} from {eval_name!r}, "
                 f"{len(labels)} classes; input {data_config['input_size']}")
     logger.info(f"schedule: {schedule.describe()}")

@@ -1,5 +1,6 @@
 """The recipes' shared pieces (ela_hf.training): data, transforms, schedule, metrics, argument checks."""
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -384,17 +385,23 @@ def test_release_names_are_folder_names():
 def test_resume_last_passes_over_a_checkpoint_cut_short(tmp_path, caplog):
     from types import SimpleNamespace
 
-    for step, complete in ((4, True), (6, True), (8, False), (10, False)):
+    for step, state in ((4, '{"global_step": 4}'), (6, '{"global_step": 6}'), (8, None), (10, None), (12, ""),
+                        (14, '{"global_st')):
         folder = tmp_path / f"checkpoint-{step}"
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(b"")
-        if complete:
-            (folder / "trainer_state.json").write_text("{}")
+        if state is not None:  # 12 and 14: a state file cut short
+            (folder / "trainer_state.json").write_text(state)
     (tmp_path / "checkpoint-notes").mkdir()  # not a checkpoint
     args = SimpleNamespace(resume_from_checkpoint="last", output_dir=str(tmp_path))
     with caplog.at_level("WARNING"):
         assert resolve_checkpoint(args) == str(tmp_path / "checkpoint-6")
-    assert "checkpoint-10" in caplog.text and "checkpoint-8" in caplog.text and "no trainer_state.json" in caplog.text
+    assert all(f"checkpoint-{n}" in caplog.text for n in (8, 10, 12, 14))
+    assert "no readable trainer_state.json" in caplog.text
+    with pytest.raises(ValueError, match=r"checkpoint-14'?: its trainer_state.json is not a readable Trainer state"):
+        resolve_checkpoint(SimpleNamespace(resume_from_checkpoint=str(tmp_path / "checkpoint-14"), output_dir=""))
+    for n in (12, 14):
+        shutil.rmtree(tmp_path / f"checkpoint-{n}")
     (tmp_path / "checkpoint-4" / "trainer_state.json").unlink()
     (tmp_path / "checkpoint-6" / "trainer_state.json").unlink()
     with pytest.raises(ValueError, match=r"no complete checkpoint in .*checkpoint-10, .*checkpoint-8, .*checkpoint-6"):
@@ -531,7 +538,7 @@ def test_classes_without_training_images_are_warned_about(caplog):
     assert "2 of the 3 classes have no training images (--max_train_samples drew a subset" in caplog.text
 
 
-def test_a_pruning_run_turns_on_ddps_unused_parameter_search(tmp_path):
+def test_a_pruning_run_turns_on_ddps_unused_parameter_search(tmp_path, monkeypatch):
     from transformers import TrainingArguments
 
     from ela_hf.training import ddp_for_pruning
@@ -549,6 +556,24 @@ def test_a_pruning_run_turns_on_ddps_unused_parameter_search(tmp_path):
     chosen = TrainingArguments(output_dir=str(tmp_path), report_to="none", ddp_find_unused_parameters=False)
     ddp_for_pruning(chosen, schedule(((1, 1),)))
     assert chosen.ddp_find_unused_parameters is False  # the callback then refuses it with a clear error
+    # a resume without windows of a checkpoint whose layers are skipped: the search too
+    from ela_hf import ElaConfig, ElaForImageClassification
+
+    model = ElaForImageClassification(ElaConfig(architecture="ela_resnet20_cifar", num_labels=2))
+    model.save_pretrained(tmp_path / "unpruned")
+    model.set_skip_mask([[False, False], [False, True], [False, False]])
+    model.save_pretrained(tmp_path / "pruned")
+    resumed = TrainingArguments(output_dir=str(tmp_path), report_to="none")
+    ddp_for_pruning(resumed, schedule(()), str(tmp_path / "pruned"))
+    assert resumed.ddp_find_unused_parameters is True
+    unpruned = TrainingArguments(output_dir=str(tmp_path), report_to="none")
+    ddp_for_pruning(unpruned, schedule(()), str(tmp_path / "unpruned"))
+    assert unpruned.ddp_find_unused_parameters is None
+    off = TrainingArguments(output_dir=str(tmp_path), report_to="none", ddp_find_unused_parameters=False)
+    ddp_for_pruning(off, schedule(()), str(tmp_path / "pruned"))  # one process: no DDP, nothing to refuse
+    monkeypatch.setattr(type(off), "world_size", property(lambda self: 2))
+    with pytest.raises(ValueError, match=r"has skipped attention layers.*--ddp_find_unused_parameters True"):
+        ddp_for_pruning(off, schedule(()), str(tmp_path / "pruned"))
 
 
 def test_a_class_with_evaluation_images_only_is_an_error(tmp_path):

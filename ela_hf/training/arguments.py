@@ -569,11 +569,10 @@ def check_checkpoint_unfinished(checkpoint: Optional[str], run_steps: Optional[i
     step past the end and replace the finished run's metrics, so it is refused (raise the run's length)."""
     if checkpoint is None or run_steps is None:
         return
-    try:
-        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
-            step = int(json.load(f).get("global_step", 0))
-    except (OSError, ValueError, TypeError):
+    state = _trainer_state(checkpoint)
+    if state is None:
         return
+    step = state["global_step"]
     if step >= run_steps:
         raise ValueError(
             f"--resume_from_checkpoint {checkpoint!r} has already trained {step} of this run's {run_steps} steps: "
@@ -594,30 +593,64 @@ def _resolve_checkpoint(training_args) -> Optional[str]:
                 found.append((int(match.group(1)), os.path.join(output_dir, name)))
         if not found:
             raise ValueError(f"--resume_from_checkpoint {checkpoint}: no checkpoint-* folder in {output_dir}")
-        # newest first; a save cut short (no trainer_state.json, written last by the Trainer) is passed over
+        # newest first; a save cut short (no readable trainer_state.json, written last by the Trainer) is passed over
         incomplete = []
         for _, path in sorted(found, reverse=True):
-            if os.path.isfile(os.path.join(path, "trainer_state.json")):
+            if _trainer_state(path) is not None:
                 if incomplete:
                     logger.warning(
-                        "--resume_from_checkpoint %s: %s %s no trainer_state.json (a save cut short?); resuming "
-                        "from %s", checkpoint, ", ".join(incomplete), "has" if len(incomplete) == 1 else "have", path,
+                        "--resume_from_checkpoint %s: %s %s no readable trainer_state.json (a save cut short?); "
+                        "resuming from %s", checkpoint, ", ".join(incomplete),
+                        "has" if len(incomplete) == 1 else "have", path,
                     )
                 return path
             incomplete.append(path)
         raise ValueError(
             f"--resume_from_checkpoint {checkpoint}: no complete checkpoint in {output_dir} "
-            f"({', '.join(incomplete)} {'has' if len(incomplete) == 1 else 'have'} no trainer_state.json)"
+            f"({', '.join(incomplete)} {'has' if len(incomplete) == 1 else 'have'} no readable trainer_state.json)"
         )
     if not os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
         raise ValueError(f"--resume_from_checkpoint {checkpoint!r} is not a Trainer checkpoint folder "
                          "(it has no trainer_state.json)")
+    if _trainer_state(checkpoint) is None:
+        raise ValueError(f"--resume_from_checkpoint {checkpoint!r}: its trainer_state.json is not a readable Trainer "
+                         "state (empty or cut short?); resume from an earlier checkpoint")
     return checkpoint
 
 
-def ddp_for_pruning(training_args, schedule: TrainingSchedule) -> None:
+def _trainer_state(checkpoint: str) -> Optional[dict]:
+    """The checkpoint's trainer_state.json, or None where it is missing or not a Trainer state (cut short)."""
+    try:
+        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and isinstance(state.get("global_step"), int) else None
+
+
+def ddp_for_pruning(training_args, schedule: TrainingSchedule, checkpoint: Optional[str] = None) -> None:
     """Skipped layers get no gradients, so DDP must search for unused parameters: turn the search on for a run
-    that prunes when ``ddp_find_unused_parameters`` was left unset (the Trainer would turn it off with
-    activation checkpointing). Runs without windows keep the Trainer's choice (no search overhead)."""
-    if schedule.kl_windows and training_args.ddp_find_unused_parameters is None:
+    that prunes, or resumes a ``checkpoint`` with skipped layers (its ``config.json``), when
+    ``ddp_find_unused_parameters`` was left unset (the Trainer would turn it off with activation checkpointing).
+    Other runs keep the Trainer's choice (no search overhead). A resume of skipped layers with the search turned
+    off under several processes is refused (DDP would stop at the first step)."""
+    skipped = checkpoint is not None and _checkpoint_skips_layers(checkpoint)
+    if not (schedule.kl_windows or skipped):
+        return
+    if training_args.ddp_find_unused_parameters is None:
         training_args.ddp_find_unused_parameters = True
+    elif training_args.ddp_find_unused_parameters is False and skipped and training_args.world_size > 1:
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint!r} has skipped attention layers, whose parameters get no "
+            "gradients: DDP needs --ddp_find_unused_parameters True (or leave it unset)"
+        )
+
+
+def _checkpoint_skips_layers(checkpoint: str) -> bool:
+    try:
+        with open(os.path.join(checkpoint, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    masks = [config.get("skip_mask"), (config.get("model_args") or {}).get("skip_mask")]
+    return any(isinstance(m, list) and any(any(stage) for stage in m if isinstance(stage, list)) for m in masks)
