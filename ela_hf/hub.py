@@ -38,6 +38,7 @@ import numbers
 import os
 import re
 import shutil
+import socket
 import tempfile
 import warnings
 from pathlib import Path
@@ -47,7 +48,7 @@ import torch
 import torch.nn as nn
 
 from .hf.configuration_ela import ElaConfig, default_pretrained_cfg
-from .hf.modeling_ela import ElaPreTrainedModel, build_timm_network
+from .hf.modeling_ela import ElaPreTrainedModel, _process_gone, build_timm_network
 from .models import get_skip_mask, slim_state_dict
 from .models.ela_resnet import LayerAttentionResNet, LayerAttentionStage
 
@@ -625,6 +626,8 @@ def export_pruned(
     ``training_args.bin``): a training ``output_dir`` is never replaced.
     """
     out_dir = Path(out_dir)
+    if out_dir.parent.is_dir():
+        _clean_up_abandoned_exports(out_dir)
     _check_replaceable(out_dir, overwrite)
     net, config = _network_and_config(model, id2label)
     mask = get_skip_mask(net) if net.attn_type is not None else None
@@ -635,7 +638,7 @@ def export_pruned(
     history = load_pruning_history(pruning_history)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-{_process_tag()}-", dir=out_dir.parent))
     try:
         from safetensors.torch import save_file
 
@@ -720,6 +723,27 @@ def _check_replaceable(out_dir: Path, overwrite: bool) -> None:
         )
 
 
+def _process_tag() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _clean_up_abandoned_exports(out_dir: Path) -> None:
+    """What exports into ``out_dir`` left when their process died (killed, out of memory), on this host: a
+    half-written ``.<name>.partial-*`` folder is deleted; an earlier export parked as ``.<name>.old-*`` while
+    the new one was renamed into place goes back to ``out_dir`` when that is missing, and is deleted otherwise."""
+    pattern = re.compile(re.escape(f".{out_dir.name}.") + r"(?P<kind>partial|old)-(?P<host>.+)-(?P<pid>\d+)-\w{8}")
+    for entry in sorted(os.scandir(out_dir.parent), key=lambda e: e.name):
+        match = pattern.fullmatch(entry.name)
+        if match is None or not entry.is_dir(follow_symlinks=False) or not _process_gone(match["host"], match["pid"]):
+            continue
+        if match["kind"] == "old" and not out_dir.exists():
+            os.rename(entry.path, out_dir)
+            logger.warning("export_pruned: an export into %s was interrupted while replacing the earlier one; "
+                           "the earlier export was put back", out_dir)
+        else:
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
 def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     umask = os.umask(0)
     os.umask(umask)
@@ -732,7 +756,7 @@ def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     if not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
     # park the old folder first: a crash between the two renames leaves no out_dir, never a mixed one
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-{_process_tag()}-", dir=out_dir.parent))
     os.rmdir(old)
     os.rename(out_dir, old)
     try:

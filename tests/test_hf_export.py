@@ -430,3 +430,43 @@ def test_the_next_save_deletes_the_hidden_folder_of_a_killed_save(tmp_path):
     model = ElaForImageClassification.from_pretrained(target)  # the earlier weights are intact
     model.save_pretrained(target)
     assert sorted(p.name for p in target.iterdir() if p.name.startswith(".")) == sorted([running.name, elsewhere.name])
+
+
+@pytest.mark.parametrize("killed_at", ["writing", "replacing"])
+def test_the_next_export_cleans_up_after_a_killed_one(tmp_path, killed_at):
+    """A process killed while writing an export leaves its hidden `.partial-` folder (deleted by the next export
+    there); one killed between parking the earlier export and renaming the new one into place leaves no release
+    at all: the next export puts the earlier one back first (then replaces it only with overwrite=True)."""
+    import socket
+    import subprocess
+    import sys
+    import textwrap
+
+    target = tmp_path / "release"
+    kill = {"writing": "safetensors.torch.save_file = lambda *a, **k: os._exit(3)",
+            "replacing": "real = os.rename\nos.rename = lambda a, b: os._exit(3) if '.partial-' in str(a) else real(a, b)"}
+    script = textwrap.dedent(f"""
+        import os, timm, ela_hf, ela_hf.hub, safetensors.torch
+        model = timm.create_model({ARCH!r}, num_classes=3)
+        model.set_skip_mask([[False, True], [False, False], [False, False]])
+        ela_hf.export_pruned(model, {str(target)!r}, verify=False)
+        model.set_skip_mask([[False, True], [False, True], [False, False]])
+    """) + kill[killed_at] + f"\nela_hf.export_pruned(model, {str(target)!r}, overwrite=True, verify=False)\n"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr
+    hidden = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+    if killed_at == "writing":
+        assert target.is_dir() and [h.split("-")[0] for h in hidden] == [".release.partial"]
+    else:
+        assert not target.exists() and [h.split("-")[0] for h in hidden] == [".release.old", ".release.partial"]
+    host = socket.gethostname()
+    running = tmp_path / f".release.partial-{host}-{os.getpid()}-abcd1234"  # this process: alive
+    running.mkdir()
+    pruned = _pruned_timm_model(mask=[[False, True], [False, True], [False, True]])
+    if killed_at == "replacing":
+        with pytest.raises(FileExistsError, match="already exists"):  # the earlier release is back
+            ela_hf.export_pruned(pruned, target, verify=False)
+        assert json.loads((target / "config.json").read_text())["skip_mask"] == [[False, True], [False, False],
+                                                                                  [False, False]]
+    ela_hf.export_pruned(pruned, target, overwrite=True, verify=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([running.name, "release"])

@@ -368,17 +368,23 @@ def _remove_abandoned_saves(folder) -> None:
 
     Only folders of this host's processes that no longer exist: a save running elsewhere keeps its folder.
     """
-    host = socket.gethostname()
     for entry in os.scandir(folder):
         match = _SAVE_FOLDER.fullmatch(entry.name)
-        if match is None or match["host"] != host or not entry.is_dir(follow_symlinks=False):
-            continue
-        try:
-            os.kill(int(match["pid"]), 0)
-        except ProcessLookupError:
+        if match is not None and entry.is_dir(follow_symlinks=False) and _process_gone(match["host"], match["pid"]):
             shutil.rmtree(entry.path, ignore_errors=True)
-        except OSError:  # alive, another user's
-            pass
+
+
+def _process_gone(host: str, pid) -> bool:
+    """The process ``pid`` of ``host`` no longer exists (False for other hosts: they cannot be checked)."""
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        pass
+    return False
 
 
 def _check_variant_shares_the_mask(folder, config, mask, variant: str) -> None:
