@@ -836,7 +836,8 @@ def test_argument_checks_added_after_a_users_review(tmp_path, caplog):
     from ela_hf.training import check_checkpoint_unfinished
 
     (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
-    with pytest.raises(ValueError, match=r"has already trained 4 of this run's 4 steps"):
+    with pytest.raises(ValueError, match=r"has already trained 4 of this run's 4 steps.*that checkpoint is the "
+                                         r"trained model; export it with ela_hf.export_pruned\(ela_hf.ElaForImage"):
         check_checkpoint_unfinished(str(checkpoint), 4)
     check_checkpoint_unfinished(str(checkpoint), 5)
     check_checkpoint_unfinished(None, 4)

@@ -576,7 +576,10 @@ def check_checkpoint_unfinished(checkpoint: Optional[str], run_steps: Optional[i
     if step >= run_steps:
         raise ValueError(
             f"--resume_from_checkpoint {checkpoint!r} has already trained {step} of this run's {run_steps} steps: "
-            "nothing is left to train; raise --num_train_epochs or --max_steps to train on"
+            "nothing is left to train; raise --num_train_epochs or --max_steps to train on. (A run stopped after its "
+            "last checkpoint, e.g. during the final evaluation or export: that checkpoint is the trained model; "
+            f"export it with ela_hf.export_pruned(ela_hf.ElaForImageClassification.from_pretrained({checkpoint!r}), "
+            "<export_dir>, pruning_history=<output_dir>/pruning_history.json, overwrite=True))"
         )
 
 
