@@ -219,6 +219,11 @@ def _verify_slim(net: LayerAttentionResNet, config: ElaConfig, state: Dict[str, 
     finally:
         net.train(was_training)
     rtol, atol = (1e-4, 1e-5) if param.dtype == torch.float32 else (2e-2, 1e-3)
+    if not torch.isfinite(expected).all():
+        raise ValueError(
+            "the model's outputs are not finite (NaN/inf): its weights are (training diverged?), so the export "
+            "cannot be checked; export a checkpoint from before, or pass verify=False to write it anyway"
+        )
     if not torch.allclose(expected, got, rtol=rtol, atol=atol):
         raise RuntimeError(
             "the slim export does not reproduce the masked model "

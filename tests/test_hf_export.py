@@ -470,3 +470,12 @@ def test_the_next_export_cleans_up_after_a_killed_one(tmp_path, killed_at):
                                                                                   [False, False]]
     ela_hf.export_pruned(pruned, target, overwrite=True, verify=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([running.name, "release"])
+
+
+def test_a_model_with_non_finite_outputs_is_named_at_export(tmp_path):
+    model = _pruned_timm_model()
+    model.fc.weight.data.fill_(float("nan"))  # a diverged run
+    with pytest.raises(ValueError, match=r"outputs are not finite \(NaN/inf\).*verify=False"):
+        ela_hf.export_pruned(model, tmp_path / "release")
+    assert not any(tmp_path.iterdir())
+    ela_hf.export_pruned(model, tmp_path / "release", verify=False)  # written anyway when asked

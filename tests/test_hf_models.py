@@ -117,6 +117,29 @@ def test_wrong_channel_count_is_a_clear_error(images):
         gray(images)
 
 
+def test_raw_integer_pixels_are_refused_not_cast(images):
+    """uint8 0-255 images would run as if normalised: every front door of the transformers models refuses them."""
+    from ela_hf import ElaBackbone
+
+    raw = (images.clamp(-1, 1) * 127 + 128).to(torch.uint8)
+    for cls in (ElaForImageClassification, ElaModel, ElaBackbone):
+        model = cls(ElaConfig(architecture=ARCH, num_labels=2)).eval()
+        for pixels in (raw, raw.long(), raw.bool()):
+            with pytest.raises(ValueError, match=r"pixel_values must be a floating-point tensor .* image processor"):
+                model(pixels)
+        model(raw.float())  # floats of any kind still run
+        model(images.double())
+
+
+def test_id2label_must_name_every_logit_from_zero():
+    with pytest.raises(ValueError, match=r"id2label must have the keys 0..2 \(one per logit\), got \[1, 2, 3\]"):
+        ElaConfig(architecture=ARCH, id2label={1: "cat", 2: "dog", 3: "owl"})
+    assert ElaConfig(architecture=ARCH, id2label={"1": "dog", "0": "cat"}).id2label == {0: "cat", 1: "dog"}
+    model = timm.create_model(ARCH, num_classes=3)
+    with pytest.raises(ValueError, match="id2label must have the keys 0..2"):
+        ela_hf.export_pruned(model, "never-written", id2label={1: "cat", 2: "dog", 3: "owl"}, verify=False)
+
+
 def test_fresh_model_initialises_like_the_timm_constructor():
     torch.manual_seed(0)
     hf = ElaForImageClassification(ElaConfig(architecture="ela_l_resnet20_cifar", num_labels=10)).timm_model

@@ -648,6 +648,20 @@ def test_training_arguments_the_recipes_would_ignore_are_refused(tmp_path, monke
         with pytest.raises(ValueError, match=f"--{name} is not used: the recipes"):
             check_training_arguments(_args(), targs, 32, argv)
     check_training_arguments(_args(), targs, 32, ["--learning_rate", "0.1", "--bf16", "--warmup_epochs", "1", "--lr", "1"])
+    # NaN would train NaN weights for the whole run and fail only at the export
+    for name, value in [("learning_rate", float("nan")), ("weight_decay", float("inf")), ("learning_rate", -0.1)]:
+        with pytest.raises(ValueError, match=f"--{name} must be a finite number >= 0"):
+            check_training_arguments(_args(), _training_args(tmp_path, **{name: value}), 32, [])
+    from ela_hf.training.arguments import parse_epochs
+
+    assert parse_epochs("30,60.5") == [30.0, 60.5]
+    for text in ("1,1", "nan", "2,inf", "3,2", "0"):
+        with pytest.raises(ValueError, match="must be finite, positive and strictly increasing"):
+            parse_epochs(text)
+    paper = PaperSchedule(epochs=4, lr_decay_epochs=(), warmup_epochs=0, kl_windows=())
+    for warmup in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="--warmup_epochs must be finite and >= 0"):
+            resolve_schedule(paper, _args(warmup_epochs=warmup), 4)
     # a batch of one image cannot be batch-normalised where the last stage is 1x1
     one = _training_args(tmp_path, per_device_train_batch_size=1)
     with pytest.raises(ValueError, match="--per_device_train_batch_size 1 with ela_resnet18 at 32x32: its last stage is 1x1"):

@@ -192,6 +192,11 @@ class ElaConfig(BackboneConfigMixin, PretrainedConfig):
             out_features=kwargs.pop("out_features", None), out_indices=kwargs.pop("out_indices", None)
         )
         super().__post_init__(**kwargs)
+        if self.id2label and sorted(self.id2label) != list(range(len(self.id2label))):
+            # the classifier's logit i is class i: other keys leave logits without a label (and timm's
+            # label_names, written in key order, would name them differently from transformers)
+            raise ValueError(f"id2label must have the keys 0..{len(self.id2label) - 1} (one per logit), got "
+                             f"{sorted(self.id2label)}")
         if self.num_channels < 1:
             raise ValueError(f"num_channels must be positive, got {self.num_channels}")
         input_size = self.pretrained_cfg.get("input_size")

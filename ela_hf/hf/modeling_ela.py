@@ -210,6 +210,12 @@ class ElaPreTrainedModel(PreTrainedModel):
                 f"{self.config.num_channels} (config.num_channels); input shape {tuple(pixel_values.shape)}, "
                 "images must be channels-first"
             )
+        if not torch.is_floating_point(pixel_values):
+            # raw 0-255 pixels would run through the network as if they were normalised values
+            raise ValueError(
+                f"pixel_values must be a floating-point tensor of normalised images, got {pixel_values.dtype}; "
+                "run the image processor (AutoImageProcessor / ElaImageProcessor) on the images first"
+            )
         return pixel_values.to(self.dtype)
 
     # ----------------------------------------------------------------------------------------------

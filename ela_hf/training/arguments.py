@@ -250,8 +250,8 @@ def parse_epochs(text: Optional[str]) -> Optional[List[float]]:
         epochs = [float(x) for x in text.split(",")]
     except ValueError:
         raise ValueError(f"--lr_decay_epochs {text!r} is not a comma-separated list of epochs") from None
-    if any(e <= 0 for e in epochs) or epochs != sorted(epochs):
-        raise ValueError(f"--lr_decay_epochs {text!r} must be positive and increasing")
+    if not all(math.isfinite(e) and e > 0 for e in epochs) or any(b <= a for a, b in zip(epochs, epochs[1:])):
+        raise ValueError(f"--lr_decay_epochs {text!r} must be finite, positive and strictly increasing")
     return epochs
 
 
@@ -331,8 +331,8 @@ def resolve_schedule(
             args.lr_decay_epochs, ", ".join(f"{e:g}" for e in decay if e >= run_epochs), run_epochs,
         )
     warmup = args.warmup_epochs if args.warmup_epochs is not None else paper.warmup_epochs * ratio
-    if warmup < 0:
-        raise ValueError(f"--warmup_epochs must be >= 0, got {warmup}")
+    if not (math.isfinite(warmup) and warmup >= 0):
+        raise ValueError(f"--warmup_epochs must be finite and >= 0, got {warmup}")
 
     # say "rescaled" only when a paper value was actually moved
     rescaled = (rescale and explicit_windows is None and windows != list(paper.kl_windows)) or (lr_rescale and (
@@ -460,6 +460,10 @@ def check_training_arguments(
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if getattr(training_args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(training_args, name)}")
+    for name in ("learning_rate", "weight_decay"):  # NaN would train NaN weights for the whole run
+        value = float(getattr(training_args, name))
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"--{name} must be a finite number >= 0, got {value}")
     size = args.image_size or default_image_size
     if final_feature_size(args.model, size) == 1:
         if training_args.per_device_train_batch_size < 2:
