@@ -839,7 +839,7 @@ def test_argument_checks_added_after_a_users_review(tmp_path, caplog):
 
     checkpoint = tmp_path / "out" / "checkpoint-4"
     checkpoint.mkdir(parents=True)
-    (checkpoint / "trainer_state.json").write_text("{}")
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
     (checkpoint / "config.json").write_text(json.dumps({"architecture": "ela_resnet20_cifar"}))
     targs = _training_args(tmp_path, resume_from_checkpoint=str(checkpoint))
     assert resolve_checkpoint(targs, "ela_resnet20_cifar") == str(checkpoint)
