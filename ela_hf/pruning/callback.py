@@ -98,8 +98,7 @@ def _update_steps_per_epoch(dataloader, args) -> Optional[int]:
     """Optimizer steps per epoch as the Trainer counts them (None without a dataloader length)."""
     if dataloader is None or not has_length(dataloader):
         return None
-    batches, accumulation = len(dataloader), max(int(getattr(args, "gradient_accumulation_steps", 1) or 1), 1)
-    return max(batches // accumulation + int(batches % accumulation > 0), 1)
+    return max(math.ceil(len(dataloader) / getattr(args, "gradient_accumulation_steps", 1)), 1)
 
 
 def _as_json(obj: Any) -> Any:
@@ -208,7 +207,6 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         self._names: Dict[int, str] = {}  # id(block) -> its qualified name in the model, for logs
         self._epochs_ended = 0  # epochs of this run that ended (cut short too), counted from train begin
         self._given: Optional["ElaPruningCallback"] = None  # see _check_not_rebuilt_differently
-        self._saved_steps_per_epoch: Optional[int] = None  # read from a resumed checkpoint's state
         self.restored_by_trainer = False
 
     # ------------------------------------------------------------------------------------------------
@@ -512,7 +510,6 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         self._check_ddp(args, model)
         self.steps_per_epoch = _update_steps_per_epoch(kwargs.get("train_dataloader"), args)
         if state.global_step > 0 and self._restore(state):
-            self._check_same_epochs(self._saved_steps_per_epoch)
             self._reapply_history()
             if self.partial_window is not None and self.partial_window == self.windows_done:
                 if self.partial_kl is None:
@@ -636,11 +633,11 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
                 f"but this one has {mine}; resume with the same windows, selector and window_unit"
             )
         attrs = matching[0].get("attributes", {})
-        self._saved_steps_per_epoch = attrs.get("steps_per_epoch")
         self.windows_done = int(attrs.get("windows_done", 0))
         self.history = list(attrs.get("history", []))
         self.partial_window = attrs.get("partial_window")
         self.partial_kl = attrs.get("partial_kl")
+        self._check_same_epochs(attrs.get("steps_per_epoch"))
         return True
 
     def _check_same_epochs(self, saved: Optional[int]) -> None:
