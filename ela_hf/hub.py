@@ -38,7 +38,6 @@ import numbers
 import os
 import re
 import shutil
-import socket
 import tempfile
 import warnings
 from pathlib import Path
@@ -48,7 +47,7 @@ import torch
 import torch.nn as nn
 
 from .hf.configuration_ela import ElaConfig, default_pretrained_cfg
-from .hf.modeling_ela import ElaPreTrainedModel, _process_gone, build_timm_network
+from .hf.modeling_ela import _PROCESS_TAGGED, ElaPreTrainedModel, _process_gone, _process_tag, build_timm_network
 from .models import get_skip_mask, slim_state_dict
 from .models.ela_resnet import LayerAttentionResNet, LayerAttentionStage
 
@@ -728,15 +727,11 @@ def _check_replaceable(out_dir: Path, overwrite: bool) -> None:
         )
 
 
-def _process_tag() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
-
-
 def _clean_up_abandoned_exports(out_dir: Path) -> None:
     """What exports into ``out_dir`` left when their process died (killed, out of memory), on this host: a
     half-written ``.<name>.partial-*`` folder is deleted; an earlier export parked as ``.<name>.old-*`` while
     the new one was renamed into place goes back to ``out_dir`` when that is missing, and is deleted otherwise."""
-    pattern = re.compile(re.escape(f".{out_dir.name}.") + r"(?P<kind>partial|old)-(?P<host>.+)-(?P<pid>\d+)-\w{8}")
+    pattern = re.compile(re.escape(f".{out_dir.name}.") + r"(?P<kind>partial|old)-" + _PROCESS_TAGGED)
     for entry in sorted(os.scandir(out_dir.parent), key=lambda e: e.name):
         match = pattern.fullmatch(entry.name)
         if match is None or not entry.is_dir(follow_symlinks=False) or not _process_gone(match["host"], match["pid"]):

@@ -261,7 +261,7 @@ class ElaPreTrainedModel(PreTrainedModel):
         # loadable until the new ones are complete (an interrupted save leaves them, and a hidden folder that
         # the next save here deletes)
         _remove_abandoned_saves(save_directory)
-        prefix = f"{_SAVE_PREFIX}{socket.gethostname()}-{os.getpid()}-"
+        prefix = f"{_SAVE_PREFIX}{_process_tag()}-"
         with tempfile.TemporaryDirectory(prefix=prefix, dir=save_directory) as tmp:
             result = super().save_pretrained(tmp, *args, state_dict=state_dict, **kwargs)
             written = sorted(os.listdir(tmp))
@@ -366,7 +366,9 @@ _WEIGHT_FILE = re.compile(
 
 _SAVE_PREFIX = ".save-"
 # .save-<host>-<pid>-<tempfile's 8 random characters>
-_SAVE_FOLDER = re.compile(re.escape(_SAVE_PREFIX) + r"(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]{8}")
+# hidden folders named after the process writing them (<host>-<pid>-), then tempfile's 8 random characters
+_PROCESS_TAGGED = r"(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]{8}"
+_SAVE_FOLDER = re.compile(re.escape(_SAVE_PREFIX) + _PROCESS_TAGGED)
 
 
 def _remove_abandoned_saves(folder) -> None:
@@ -378,6 +380,11 @@ def _remove_abandoned_saves(folder) -> None:
         match = _SAVE_FOLDER.fullmatch(entry.name)
         if match is not None and entry.is_dir(follow_symlinks=False) and _process_gone(match["host"], match["pid"]):
             shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _process_tag() -> str:
+    """``<host>-<pid>`` of this process, as hidden working folders are named (see :func:`_process_gone`)."""
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 def _process_gone(host: str, pid) -> bool:
