@@ -12,7 +12,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 __all__ = [
     "RecipeArguments",
@@ -555,11 +555,8 @@ def resolve_checkpoint(training_args, model: Optional[str] = None) -> Optional[s
     With ``model``, a checkpoint of another architecture (its ``config.json``) is refused."""
     checkpoint = _resolve_checkpoint(training_args)
     if checkpoint is not None and model is not None:
-        try:
-            with open(os.path.join(checkpoint, "config.json"), encoding="utf-8") as f:
-                saved = json.load(f).get("architecture")
-        except (OSError, ValueError):
-            saved = None
+        config = _read_json(os.path.join(checkpoint, "config.json"))
+        saved = config.get("architecture") if config is not None else None
         if saved is not None and saved != model:
             raise ValueError(
                 f"--resume_from_checkpoint {checkpoint!r} holds a {saved} (its config.json), not the --model {model}; "
@@ -625,13 +622,18 @@ def _resolve_checkpoint(training_args) -> Optional[str]:
     return checkpoint
 
 
-def _trainer_state(checkpoint: str) -> Optional[dict]:
-    """The checkpoint's trainer_state.json, or None where it is missing or not a Trainer state (cut short)."""
+def _read_json(path: str) -> Any:
+    """The file's JSON value, or None where it is missing or not JSON (e.g. a write cut short)."""
     try:
-        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
-            state = json.load(f)
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
     except (OSError, ValueError):
         return None
+
+
+def _trainer_state(checkpoint: str) -> Optional[dict]:
+    """The checkpoint's trainer_state.json, or None where it is missing or not a Trainer state (cut short)."""
+    state = _read_json(os.path.join(checkpoint, "trainer_state.json"))
     return state if isinstance(state, dict) and isinstance(state.get("global_step"), int) else None
 
 
@@ -654,10 +656,8 @@ def ddp_for_pruning(training_args, schedule: TrainingSchedule, checkpoint: Optio
 
 
 def _checkpoint_skips_layers(checkpoint: str) -> bool:
-    try:
-        with open(os.path.join(checkpoint, "config.json"), encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError):
+    config = _read_json(os.path.join(checkpoint, "config.json"))
+    if config is None:
         return False
     masks = [config.get("skip_mask"), (config.get("model_args") or {}).get("skip_mask")]
     return any(isinstance(m, list) and any(any(stage) for stage in m if isinstance(stage, list)) for m in masks)
