@@ -7,7 +7,8 @@ its ``config.json`` carries the mask in ``model_args["skip_mask"]``, so both
 pretrained=True)`` build the reduced network, whose outputs equal the masked model's.
 
 ``pruning_history.json``, the record of the pruning windows written by ``ElaPruningCallback``, is read
-defensively (unknown keys are ignored, malformed layer entries skipped). The callback's layout::
+defensively (unknown keys are ignored, malformed layer entries skipped), except where the card would be
+wrong: a ``skip`` that is not a boolean, and (at export) layers the model does not have. The callback's layout::
 
     {
       "windows": [[1, 3], [45, 48], [91, 93]], "window_unit": "epoch",       # the schedule
@@ -43,6 +44,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -243,14 +245,7 @@ def load_pruning_history(history: Union[None, PathLike, Mapping, Sequence]) -> O
     """
     if history is None:
         return None
-    source = "pruning history"
-    if isinstance(history, (str, os.PathLike)):
-        source = str(history)
-        try:
-            with open(history, encoding="utf-8") as f:
-                history = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{source} is not valid JSON: {err}") from None
+    history, source = _read_history(history)
     if isinstance(history, Mapping):
         selector = history.get("selector")
         windows = history.get("decisions")
@@ -275,13 +270,23 @@ def load_pruning_history(history: Union[None, PathLike, Mapping, Sequence]) -> O
         for entry in window.get("layers") or ():
             if not isinstance(entry, Mapping) or not _is_int(entry.get("stage")) or not _is_int(entry.get("block")):
                 continue
+            stage, block = int(entry["stage"]), int(entry["block"])
+            skip = entry.get("skip", False)
+            if isinstance(skip, np.bool_):
+                skip = bool(skip)
+            if not isinstance(skip, bool):
+                # "false" or 0.3 read as bool() would mark a layer the run kept as skipped
+                raise ValueError(
+                    f"{source}: window {idx + 1}, layer stage {stage} block {block}: 'skip' must be true or false, "
+                    f"got {skip!r}"
+                )
             layers.append(
                 dict(
-                    stage=int(entry["stage"]),
-                    block=int(entry["block"]),
+                    stage=stage,
+                    block=block,
                     d=_as_float(entry.get("d_t", entry.get("d"))),
                     mapped=_as_float(entry.get("mapped")),
-                    skip=bool(entry.get("skip", False)),
+                    skip=skip,
                 )
             )
         layers.sort(key=lambda e: (e["stage"], e["block"]))
@@ -289,8 +294,57 @@ def load_pruning_history(history: Union[None, PathLike, Mapping, Sequence]) -> O
     return dict(selector=selector if isinstance(selector, Mapping) else None, windows=out)
 
 
+def _read_history(history: Any) -> Tuple[Any, str]:
+    """The parsed content of a history given as a path (or as content), and how to name it in errors."""
+    if not isinstance(history, (str, os.PathLike)):
+        return history, "pruning history"
+    try:
+        with open(history, encoding="utf-8") as f:
+            return json.load(f), str(history)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{history} is not valid JSON: {err}") from None
+
+
+def _plain_json(obj: Any) -> Any:
+    """``obj`` with NumPy / one-element torch scalars as Python numbers, tuples as lists and NaN / inf as
+    None: what ``json.dump(..., allow_nan=False)`` writes as standard JSON (bare ``NaN`` is not JSON)."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain_json(v) for v in obj]
+    if isinstance(obj, (np.ndarray, torch.Tensor)):
+        return _plain_json(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _check_history_fits(history: Optional[Dict[str, Any]], net: LayerAttentionResNet, architecture: str) -> None:
+    """Refuse a pruning history that names layers ``net`` does not have, or skips a layer that can never be
+    skipped: the history of another model, whose card would describe layers this release does not have."""
+    if not history:
+        return
+    sizes = net.stage_sizes
+    for window in history["windows"]:
+        for layer in window["layers"]:
+            i, j = layer["stage"], layer["block"]
+            where = f"pruning history ({window['label']}) names attention layer {i}.{j} (stage {i}, block {j})"
+            if net.attn_type is None:
+                raise ValueError(f"{where}, but {architecture} is a plain ResNet without attention layers")
+            if not (0 <= i < len(sizes) and 0 <= j < sizes[i]):
+                raise ValueError(
+                    f"{where}, which {architecture} (blocks per stage {sizes}) does not have: "
+                    "is it the history of another model?"
+                )
+            if layer["skip"] and j == 0:
+                raise ValueError(f"{where} as skipped, but the first block of a stage is never skipped")
+
+
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    # NumPy integers too (numbers.Integral), so that a history built in Python is not silently dropped
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 def _as_float(value: Any) -> Optional[float]:
@@ -403,6 +457,9 @@ def _metric_value(name: str, value: Any) -> Any:
     if isinstance(value, numbers.Integral):
         return int(value)
     if isinstance(value, numbers.Real):
+        if not math.isfinite(value):
+            # bare NaN is not JSON, and the Hub's model-index needs a number
+            raise ValueError(f"metric {name!r} is {value}: a model card's results must be finite (leave it out of metrics)")
         return round(float(value), 4)
     raise ValueError(f"metric {name!r} must be a number or a string, got {type(value).__name__}: {value!r}")
 
@@ -454,6 +511,7 @@ def render_model_card(
             "pass template_path="
         )
     architecture = config.architecture
+    _check_history_fits(history, net, architecture)
     arch_args = dict(MODEL_ARGS[architecture], **(config.model_args or {}))
     mask = config.skip_mask
     attn_type = arch_args.get("attn_type")
@@ -640,6 +698,7 @@ def export_pruned(
     if verify:
         _verify_slim(net, slim_config, state)
     history = load_pruning_history(pruning_history)
+    _check_history_fits(history, net, config.architecture)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-{_process_tag()}-", dir=out_dir.parent))
@@ -650,11 +709,8 @@ def export_pruned(
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         plot_file = None
         if history is not None:
-            if isinstance(pruning_history, (str, os.PathLike)):
-                shutil.copyfile(pruning_history, tmp / HISTORY_NAME)
-            else:
-                with open(tmp / HISTORY_NAME, "w", encoding="utf-8") as f:
-                    json.dump(pruning_history, f, indent=2)
+            with open(tmp / HISTORY_NAME, "w", encoding="utf-8") as f:
+                json.dump(_plain_json(_read_history(pruning_history)[0]), f, indent=2, allow_nan=False)
             if _plot_history(history, tmp / PLOT_NAME):
                 plot_file = PLOT_NAME
         card = render_model_card(

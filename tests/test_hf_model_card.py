@@ -175,6 +175,69 @@ def test_bad_history_files_are_clear_errors(tmp_path):
         ela_hf.load_pruning_history(42)
 
 
+def test_a_history_that_does_not_fit_the_model_is_refused(tmp_path):
+    """The history of another model (ela_resnet56's stage 2 block 5 on ela_resnet20) would describe layers
+    this release does not have; a string "false" is not read as skipped; nothing is written."""
+    model = timm.create_model("ela_resnet20_cifar", num_classes=10).eval()
+    other = [{"epochs": [1, 3], "layers": [{"stage": 2, "block": 5, "d": 0.01, "skip": True}]}]
+    with pytest.raises(ValueError, match=r"names attention layer 2.5 .* ela_resnet20_cifar \(blocks per stage \[2, 2, 2\]\) "
+                                         "does not have: is it the history of another model"):
+        ela_hf.export_pruned(model, tmp_path / "r", pruning_history=other, verify=False)
+    with pytest.raises(ValueError, match="names attention layer 3.1"):
+        ela_hf.render_model_card(
+            ela_hf.hub.config_from_timm_model(model), model,
+            history=ela_hf.load_pruning_history([{"layers": [{"stage": 3, "block": 1}]}]),
+        )
+    with pytest.raises(ValueError, match="layer 1.0 .* as skipped, but the first block of a stage is never skipped"):
+        ela_hf.export_pruned(model, tmp_path / "r", verify=False,
+                             pruning_history=[{"layers": [{"stage": 1, "block": 0, "skip": True}]}])
+    with pytest.raises(ValueError, match="window 1, layer stage 0 block 1: 'skip' must be true or false, got 'false'"):
+        ela_hf.export_pruned(model, tmp_path / "r", verify=False,
+                             pruning_history=[{"layers": [{"stage": 0, "block": 1, "skip": "false"}]}])
+    plain = timm.create_model("resnet20_cifar", num_classes=10).eval()
+    with pytest.raises(ValueError, match="resnet20_cifar is a plain ResNet without attention layers"):
+        ela_hf.export_pruned(plain, tmp_path / "r", pruning_history=HISTORY, verify=False)
+    assert not (tmp_path / "r").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_history_built_in_python_is_written_as_standard_json(tmp_path):
+    """NumPy scalars (a history assembled from arrays) are read, not dropped, and written as numbers; NaN
+    d_t (a window that saw no data) becomes null, not the bare NaN that strict JSON readers reject."""
+    np = pytest.importorskip("numpy")
+    model = timm.create_model("ela_resnet20_cifar", num_classes=10).eval()
+    model.set_skip_mask(MASK)
+    history = {"selector": {"name": "ebqm", "q": np.float64(0.5)}, "windows": [{"epochs": (1, 3), "layers": [
+        {"stage": np.int64(0), "block": np.int64(1), "d": np.float32(0.25), "skip": np.bool_(True)},
+        {"stage": 2, "block": 1, "d": float("nan"), "mapped": torch.tensor(0.5), "skip": False},
+    ]}]}
+    out = ela_hf.export_pruned(model, tmp_path / "r", pruning_history=history, verify=False)
+
+    def no_constants(name):
+        raise AssertionError(f"{name} in pruning_history.json")
+
+    written = json.loads((out / "pruning_history.json").read_text(), parse_constant=no_constants)
+    assert written["windows"][0]["layers"] == [
+        {"stage": 0, "block": 1, "d": 0.25, "skip": True},
+        {"stage": 2, "block": 1, "d": None, "mapped": 0.5, "skip": False},
+    ]
+    assert written["windows"][0]["epochs"] == [1, 3] and written["selector"]["q"] == 0.5
+    text = (out / "README.md").read_text()
+    assert "| 0 | 2 | 1 | Window 1 (epochs 1-3) |" in text and "| 0.1 | 0.25 |  | yes |" in text
+    # and the same history as a file with bare NaN (Python's json.dump writes it) is written back without it
+    (tmp_path / "h.json").write_text('{"windows": [{"layers": [{"stage": 0, "block": 1, "d": NaN}]}]}')
+    out = ela_hf.export_pruned(model, tmp_path / "r2", pruning_history=tmp_path / "h.json", verify=False)
+    assert json.loads((out / "pruning_history.json").read_text(), parse_constant=no_constants)["windows"][0][
+        "layers"] == [{"stage": 0, "block": 1, "d": None}]
+
+
+def test_a_nan_metric_is_refused_not_written_into_the_model_index(tmp_path):
+    model = timm.create_model("ela_resnet20_cifar", num_classes=10).eval()
+    with pytest.raises(ValueError, match="metric 'eval_loss' is nan: a model card's results must be finite"):
+        ela_hf.export_pruned(model, tmp_path / "r", metrics={"eval_accuracy": 0.9, "eval_loss": float("nan")},
+                             dataset="uoft-cs/cifar10", verify=False)
+    assert not (tmp_path / "r").exists()
+
+
 def test_card_without_history_or_metrics_still_renders(tmp_path):
     model = timm.create_model("ela_l_resnet20_cifar", num_classes=0).eval()  # a feature extractor
     out = ela_hf.export_pruned(model, tmp_path / "plain", verify=False)
