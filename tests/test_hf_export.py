@@ -355,6 +355,38 @@ def test_a_folder_saved_by_timm_itself_loads_with_the_mask_of_its_weights(tmp_pa
         torch.testing.assert_close(loaded(images).logits, slim(images), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("flag, problem", [
+    ("first", "skips the first block of a stage, which can never be skipped"),
+    ("fraction", "a skip flag must be a single boolean, got tensor(0.3"),
+])
+def test_invalid_skip_flags_stored_with_the_weights_are_refused_at_load(tmp_path, flag, problem):
+    """A hand-edited or corrupted checkpoint: a flag on a stage's first block (which starts the stage's MRLA
+    state) or a flag of 0.3 (a bool buffer reads it as skipped) loaded silently into a model running other
+    layers than any valid mask."""
+    from safetensors.torch import load_file, save_file
+    from timm.models import save_for_hf
+
+    state = timm.create_model(ARCH, num_classes=10).state_dict()
+    if flag == "first":
+        state["layer2.0.attn_skipped"] = torch.tensor(True)
+    else:
+        state["layer2.1.attn_skipped"] = torch.tensor(0.3)
+    with pytest.raises(RuntimeError, match=problem.replace("(", r"\(")):
+        timm.create_model(ARCH, num_classes=10).load_state_dict(state)
+    # a folder timm wrote (no mask in config.json: the flags are the mask), through both front doors
+    save_for_hf(timm.create_model(ARCH, num_classes=10), tmp_path, safe_serialization=True)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights.update({k: v for k, v in state.items() if k.endswith("attn_skipped")})
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(RuntimeError, match=problem.replace("(", r"\(")):
+        timm.create_model(f"local-dir:{tmp_path}", pretrained=True)
+    # transformers' loader casts the stored flag to the model's bool buffer: 0.3 arrives as a plain True (and
+    # is then a valid mask); a skipped first block is still one
+    if flag == "first":
+        with pytest.raises(ValueError, match=r"skip flags stored with the weights in .*skip_mask\[1\]\[0\] skips the first"):
+            ElaForImageClassification.from_pretrained(tmp_path)
+
+
 def test_a_variant_next_to_weights_timm_saved_is_checked_against_their_skip_flags(tmp_path):
     from timm.models import save_for_hf
 

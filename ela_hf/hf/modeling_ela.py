@@ -32,7 +32,7 @@ from transformers.modeling_outputs import (
 
 from ela_hf.layers.mrla import MrlaLight, _LayerAttentionBase
 from ela_hf.models import find_stages, get_skip_mask, keep_kl_statistics_out_of_ddp, set_skip_mask
-from ela_hf.models.ela_resnet import LayerAttentionResNet, _LayerAttentionBlockMixin
+from ela_hf.models.ela_resnet import LayerAttentionResNet, _LayerAttentionBlockMixin, validate_skip_mask
 
 from .configuration_ela import ElaConfig
 
@@ -317,7 +317,11 @@ class ElaPreTrainedModel(PreTrainedModel):
         if self.config.skip_mask is None or not names_mask:
             # a config.json that names no mask beyond the layers not built (timm's save_for_hf / push_to_hf_hub of a
             # model pruned in place, slim or not): the flags stored with the weights are the mask, as timm's
-            # loader reads them
+            # loader reads them (and refuses a skipped first block, as timm's loader does)
+            try:
+                validate_skip_mask(flags, [len(stage) for stage in stages])
+            except ValueError as err:
+                raise ValueError(f"the skip flags stored with the weights in {source}: {err}") from None
             for stage, stage_flags in zip(stages, flags):
                 for blk, skipped in zip(stage, stage_flags):
                     if skipped and not blk.is_skipped:

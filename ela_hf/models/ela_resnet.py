@@ -137,7 +137,12 @@ class _LayerAttentionBlockMixin:
         key = prefix + "attn_skipped"
         if self.attn_type is None or key not in state_dict:
             return
-        skipped = bool(state_dict[key])
+        flag = state_dict[key]
+        if isinstance(flag, torch.Tensor) and not flag.is_meta and (flag.numel() != 1 or flag.item() not in (0, 1)):
+            # a bool buffer takes 0.3 (or any nonzero value) as True: a corrupted flag would silently skip a layer
+            error_msgs.append(f"{key}: a skip flag must be a single boolean, got {flag!r}")
+            return
+        skipped = bool(flag)
         if not skipped and self.attn is None:
             error_msgs.append(
                 f"{prefix.rstrip('.')}: the checkpoint marks this attention layer active, but the model was "
@@ -212,6 +217,14 @@ class LayerAttentionStage(nn.Module):
     @property
     def has_attention(self) -> bool:
         return any(blk.attn_type is not None for blk in self)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        key = prefix + "0.attn_skipped"
+        flag = state_dict.get(key)
+        if isinstance(flag, torch.Tensor) and not flag.is_meta and flag.numel() == 1 and bool(flag):
+            # the stage's first layer starts its MRLA state and has no predecessor to be redundant with
+            error_msgs.append(f"{key}: the checkpoint skips the first block of a stage, which can never be skipped")
 
     @property
     def skip_mask(self) -> List[bool]:
