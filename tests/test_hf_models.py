@@ -1,4 +1,5 @@
 """transformers front door: config, models, image processor, and the one folder format both libraries read."""
+import copy
 import json
 import re
 
@@ -406,6 +407,54 @@ def test_image_processor_keeps_the_contrast_of_16_bit_images():
     grey = ElaImageProcessor(pretrained_cfg=ElaConfig(architecture=ARCH, num_channels=1).pretrained_cfg)
     converted = grey.train_transforms.transforms[0](Image.fromarray(ramp))
     assert converted.mode == "L" and np.array_equal(np.asarray(converted), np.asarray(as_8_bit))
+
+
+def test_image_processor_reads_arrays_by_their_dtype():
+    """transformers' heuristic read float images whose values are all 0 or 1 (an all-white 1.0 image, a binary
+    mask) and bool arrays as 8-bit values (nearly black), and refused uint16 arrays that PIL scales."""
+    processor = ElaImageProcessor(architecture=ARCH)
+
+    def same(array, reference):
+        torch.testing.assert_close(processor(array)["pixel_values"], processor(reference)["pixel_values"])
+
+    white = np.full((20, 24, 3), 255, dtype=np.uint8)
+    same(np.ones((20, 24, 3), dtype=np.float32), white)
+    same(torch.ones(3, 20, 24), white)
+    mask = np.zeros((20, 24), dtype=bool)
+    mask[5:, 3:] = True
+    as_image = Image.fromarray(mask.astype(np.uint8) * 255)
+    same(mask, as_image)
+    same(mask.astype(np.float64), as_image)
+    ramp = np.linspace(0, 65535, 20 * 24).astype(np.uint16).reshape(20, 24)
+    same(ramp, Image.fromarray(ramp))
+    pixels = np.random.default_rng(0).uniform(0, 255, (20, 24, 3))
+    same(pixels, np.rint(pixels).astype(np.uint8))  # float 0-255 values are rounded, not refused
+    same(pixels.astype(np.int64).clip(0, 255), pixels.astype(np.uint8))
+    with pytest.raises(ValueError, match=r"float image must hold values in \[0, 1\] \(or 0-255\), got \[-.*the processor normalises"):
+        processor(processor(pixels.astype(np.uint8))["pixel_values"][0].numpy())  # normalised already
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        processor(np.full((20, 24, 3), np.nan, dtype=np.float32))
+    with pytest.raises(ValueError, match=r"integer image of dtype int64 must hold 0-255 values, got \[0, 300\]"):
+        processor(np.linspace(0, 300, 20 * 24 * 3).astype(np.int64).reshape(20, 24, 3))
+
+
+def test_image_processor_data_config_cannot_be_edited_in_place(tmp_path):
+    """An edit in place was saved with the processor but did not change its transforms."""
+    processor = ElaImageProcessor(architecture=ARCH)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    before = processor(image)["pixel_values"]
+    with pytest.raises(TypeError, match=r"cannot be changed in place .* processor.pretrained_cfg = \{\*\*processor"):
+        processor.pretrained_cfg["input_size"] = (3, 16, 16)
+    with pytest.raises(TypeError, match="cannot be changed in place"):
+        processor.pretrained_cfg.update(mean=(0.0, 0.0, 0.0))
+    processor.save_pretrained(tmp_path)
+    assert ElaImageProcessor.from_pretrained(tmp_path).pretrained_cfg == processor.pretrained_cfg
+    torch.testing.assert_close(processor(image)["pixel_values"], before)
+    # copies are plain dicts to edit, and assigning one rebuilds the transforms
+    edited = copy.deepcopy(processor.pretrained_cfg)
+    edited["input_size"] = (3, 16, 16)
+    processor.pretrained_cfg = edited
+    assert processor(image)["pixel_values"].shape[-2:] == (16, 16)
 
 
 def test_image_processor_of_a_four_channel_checkpoint(tmp_path):

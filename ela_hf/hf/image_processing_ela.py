@@ -81,7 +81,8 @@ class ElaImageProcessor(BaseImageProcessor):
 
     @property
     def pretrained_cfg(self) -> dict[str, Any]:
-        return self._pretrained_cfg
+        """The data config, read-only: assign a new one to change what the processor does."""
+        return _ReadOnlyDataConfig(self._pretrained_cfg)
 
     @pretrained_cfg.setter
     def pretrained_cfg(self, pretrained_cfg: dict[str, Any]) -> None:
@@ -172,7 +173,8 @@ class ElaImageProcessor(BaseImageProcessor):
         """``images``: a PIL image, NumPy array or tensor, or a list of them -> ``{"pixel_values": [B, C, H, W]}``.
 
         Arrays and tensors may be channels-last or channels-first (``input_data_format`` says which when
-        the shape does not). The transform is the checkpoint's: other options raise ``ValueError``.
+        the shape does not); their pixels are read by dtype (float in [0, 1] or 0-255, bool, uint8, uint16:
+        see ``_as_8_bit``). The transform is the checkpoint's: other options raise ``ValueError``.
         """
         if kwargs:
             raise ValueError(f"ElaImageProcessor does not take the options {sorted(kwargs)}: {_OPTIONS_HINT}")
@@ -200,8 +202,9 @@ class ElaImageProcessor(BaseImageProcessor):
     def _to_pil(self, image, input_data_format) -> Image.Image:
         channels = self.num_channels
         if not isinstance(image, Image.Image):
-            if isinstance(image, torch.Tensor) and image.dtype in (torch.bfloat16, torch.float16):
-                image = image.float()
+            if isinstance(image, torch.Tensor):
+                image = image.detach().cpu()
+                image = (image.float() if image.dtype in (torch.bfloat16, torch.float16) else image).numpy()
             if input_data_format is None:
                 # transformers guesses 1 or 3 channels; then the checkpoint's count, then RGBA arrays
                 for counts in ((1, 3, channels), (4,)):
@@ -217,7 +220,7 @@ class ElaImageProcessor(BaseImageProcessor):
                         "converted); give [H, W], [H, W, C] or [C, H, W] images, with input_data_format= "
                         "where the channel axis is ambiguous"
                     )
-            image = to_pil_image(image, input_data_format=input_data_format)
+            image = to_pil_image(_as_8_bit(image), input_data_format=input_data_format)
         if channels in _PIL_MODES:
             return image  # the transforms convert it
         if len(image.getbands()) != channels:
@@ -229,6 +232,52 @@ class ElaImageProcessor(BaseImageProcessor):
 
 
 _PIL_MODES = {1: "L", 3: "RGB"}
+
+
+class _ReadOnlyDataConfig(dict):
+    """A copy of the processor's data config that refuses edits: an edit in place would be saved with the
+    processor but not change its transforms, which are built when the config is assigned."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError(
+            "processor.pretrained_cfg cannot be changed in place (the transforms would not follow): assign a new "
+            "one, e.g. processor.pretrained_cfg = {**processor.pretrained_cfg, 'crop_pct': 1.0}"
+        )
+
+    __setitem__ = __delitem__ = update = pop = popitem = setdefault = clear = __ior__ = _refuse
+
+    def __reduce__(self):
+        # copies and pickles are plain dicts, free to edit
+        return dict, (dict(self),)
+
+
+def _as_8_bit(image: np.ndarray) -> np.ndarray:
+    """An image array as 8-bit pixels, by its dtype: float in [0, 1] (torchvision's convention: all-white
+    1.0 and binary 0/1 masks included) times 255, float above 1 as 0-255 values, bool as 0/255, 16-bit
+    integers scaled by 255 / 65535 like 16-bit PIL images, other integers as 0-255 values. Values out of
+    those ranges (e.g. an image normalised already) are refused, naming the range."""
+    kind, bits = image.dtype.kind, image.dtype.itemsize * 8
+    if image.dtype == np.uint8:
+        return image
+    if kind == "b":
+        return image.astype(np.uint8) * 255
+    if kind not in "fiu":
+        raise ValueError(f"an image array of dtype {image.dtype} is not a picture: give 8-bit, 16-bit or float pixels")
+    low, high = (image.min(), image.max()) if image.size else (0, 0)
+    if kind == "f":
+        if not (np.isfinite(low) and np.isfinite(high)):
+            raise ValueError("the image holds NaN or infinite values")
+        if low < 0 or high > 255:
+            raise ValueError(
+                f"a float image must hold values in [0, 1] (or 0-255), got [{low:.4g}, {high:.4g}]: pass raw "
+                "images, the processor normalises them"
+            )
+        return np.rint(image * 255.0 if high <= 1 else image).astype(np.uint8)
+    if kind == "u" and bits == 16:
+        return np.rint(image / 257.0).astype(np.uint8)
+    if low < 0 or high > 255:
+        raise ValueError(f"an integer image of dtype {image.dtype} must hold 0-255 values, got [{low}, {high}]")
+    return image.astype(np.uint8)
 
 
 def _with_channels(image):
