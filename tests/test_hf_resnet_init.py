@@ -62,7 +62,7 @@ def test_shape_mismatch_and_foreign_checkpoints_are_refused():
     plain = _plain_cifar_resnet().state_dict()
     with pytest.raises(ValueError, match=r"conv1.weight: checkpoint \(8, 3, 3, 3\) vs model \(16, 3, 3, 3\)"):
         ela_hf.init_from_resnet(model, dict(plain, **{"conv1.weight": torch.zeros(8, 3, 3, 3)}))
-    with pytest.raises(ValueError, match=r"blocks the model does not have.*layer1\.2\."):
+    with pytest.raises(ValueError, match=r"blocks the model does not have, e.g. \['layer1\.2', 'layer1\.3'\] \(a deeper"):
         ela_hf.init_from_resnet(model, timm.create_model("resnet56_cifar", num_classes=10).state_dict())
     with pytest.raises(ValueError, match="lacks .* backbone tensors"):
         ela_hf.init_from_resnet(model, {"fc.weight": torch.zeros(10, 256)})
@@ -71,6 +71,36 @@ def test_shape_mismatch_and_foreign_checkpoints_are_refused():
     # a checkpoint saved from DDP carries a `module.` prefix on every key
     wrapped = {f"module.{k}": v for k, v in _plain_cifar_resnet().state_dict().items()}
     assert ela_hf.init_from_resnet(model, wrapped).mapped
+
+
+def test_resnets_of_another_kind_are_named_as_such():
+    """The hints said "a deeper ResNet?" for an SE-ResNet and "the same depth and width" for a ResNet-D stem."""
+    with pytest.raises(ValueError, match=r"weights a plain ResNet block does not have, e.g. \['layer1.0.se.fc1.weight'"
+                                         r".*squeeze-excitation.*timm's resnet18\)") as info:
+        ela_hf.init_from_resnet(timm.create_model("ela_resnet18"), timm.create_model("seresnet18"))
+    assert "deeper" not in str(info.value)
+    with pytest.raises(ValueError, match="another ResNet variant: 7x7 stem and strided-conv downsampling, where the "
+                                         "model has a deep 3x3 stem and average-pool downsampling.*timm's resnet50d"):
+        ela_hf.init_from_resnet(timm.create_model("ela_resnet50d"), timm.create_model("resnet50"))
+    with pytest.raises(ValueError, match="deep 3x3 stem and average-pool downsampling, where the model has a 7x7"):
+        ela_hf.init_from_resnet(timm.create_model("ela_resnet50"), timm.create_model("resnet50d"))
+    with pytest.raises(ValueError, match=r"it has no blocks \['layer1.2', 'layer2.2', 'layer2.3'\] \(a shallower ResNet\?\)"):
+        ela_hf.init_from_resnet(timm.create_model("ela_resnet34"), timm.create_model("resnet18"))
+
+
+def test_a_resnet_without_batchnorm_step_counters_initialises_the_model():
+    """Frozen BatchNorms (timm's freeze_batch_norm_2d, detection backbones) and pre-0.4.1 checkpoints have no
+    num_batches_tracked; they were refused as "not a plain ResNet"."""
+    from timm.layers import freeze_batch_norm_2d
+
+    resnet = _plain_cifar_resnet()
+    frozen = freeze_batch_norm_2d(resnet)
+    assert not any(k.endswith("num_batches_tracked") for k in frozen.state_dict())
+    model = timm.create_model("ela_resnet20_cifar", num_classes=10)
+    report = ela_hf.init_from_resnet(model, frozen)
+    assert "layer1.0.bn1.num_batches_tracked" in report.missing
+    assert torch.equal(model.layer1[0].bn1.running_var, resnet.layer1[0].bn1.running_var)
+    assert torch.equal(model.layer3[1].conv2.weight, resnet.layer3[1].conv2.weight)
 
 
 def test_an_ela_checkpoint_is_not_taken_for_a_plain_resnet():

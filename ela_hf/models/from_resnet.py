@@ -23,8 +23,8 @@ class ResNetInitReport:
     """What :func:`init_from_resnet` did, key by key (timm key names).
 
     - ``mapped``: copied from the ResNet checkpoint.
-    - ``missing``: in the ELA model but not in the checkpoint (the attention layers and their skip flags);
-      they keep their fresh initialisation.
+    - ``missing``: in the ELA model but not in the checkpoint (the attention layers and their skip flags,
+      and BatchNorm step counters a checkpoint without them lacks); they keep their fresh initialisation.
     - ``unexpected``: in the checkpoint but not in the ELA model (ignored).
     - ``reinitialized_head``: classifier keys left fresh because the number of classes differs or the
       checkpoint has no classifier (a feature extractor).
@@ -55,6 +55,45 @@ def _state_dict_of(source: Union[nn.Module, Mapping[str, torch.Tensor]]) -> Dict
             source = {k[len(prefix):]: v for k, v in source.items()}
             keys = list(source)
     return dict(source)
+
+
+_BLOCK = re.compile(r"(layer\d+\.\d+)\.")
+
+
+def _blocks(keys) -> set:
+    """The blocks (``layer1.0``, ...) that ``keys`` hold weights of."""
+    return {m.group(1) for k in keys if (m := _BLOCK.match(k))}
+
+
+def _block_order(block: str):
+    return tuple(int(n) for n in re.findall(r"\d+", block))
+
+
+def _plain_name(model: nn.Module) -> str:
+    """timm's plain ResNet of ``model``'s architecture (``ela_resnet50d`` -> ``resnet50d``), or ''."""
+    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or ""
+    return re.sub(r"^(ela_l_|ela_|mrla_b_|mrla_l_)", "", arch) if arch else ""
+
+
+def _variant_mismatch(own: Mapping[str, torch.Tensor], source: Mapping[str, torch.Tensor], plain: str) -> str:
+    """Why ``source`` is another ResNet variant than the model (stem, downsampling), or ''."""
+
+    def kind(state) -> str:
+        stem = "deep 3x3" if "conv1.0.weight" in state else "7x7" if "conv1.weight" in state else None
+        # ResNet-D: average pool then 1x1 conv (downsample.1 is the conv); plain: strided conv then BN
+        down = next((state[k] for k in sorted(state) if re.match(r"layer\d+\.0\.downsample\.1\.weight$", k)), None)
+        pool = None if down is None else "average-pool" if down.dim() == 4 else "strided-conv"
+        return stem, pool
+
+    (own_stem, own_pool), (src_stem, src_pool) = kind(own), kind(source)
+    if own_stem and src_stem and own_stem != src_stem or own_pool and src_pool and own_pool != src_pool:
+        like = f" (timm's {plain})" if plain else ""
+        return (
+            f"the ResNet checkpoint is another ResNet variant: {src_stem or 'no'} stem and {src_pool or 'no'} "
+            f"downsampling, where the model has a {own_stem} stem and {own_pool} downsampling; start from a "
+            f"ResNet of the model's variant{like}"
+        )
+    return ""
 
 
 @torch.no_grad()
@@ -89,6 +128,10 @@ def init_from_resnet(
             "ELA/MRLA checkpoint, load it whole (from_pretrained, timm's pretrained_cfg_overlay, or load_state_dict)"
         )
     own = target.state_dict()
+    plain = _plain_name(target)
+    variant = _variant_mismatch(own, source, plain)
+    if variant:
+        raise ValueError(variant)
     report = ResNetInitReport()
     mismatched = []
     to_load = {}
@@ -107,20 +150,35 @@ def init_from_resnet(
         report.reinitialized_head = sorted({*report.reinitialized_head,
                                             *(k for k in to_load if k.startswith(_CLASSIFIER_PREFIX))})
         to_load = {k: v for k, v in to_load.items() if not k.startswith(_CLASSIFIER_PREFIX)}
-    extra_blocks = [k for k in report.unexpected if re.match(r"layer\d+\.\d+\.", k)]
+    own_blocks = _blocks(own)
+    extra_blocks = sorted(_blocks(report.unexpected) - own_blocks, key=_block_order)
     if extra_blocks:
         mismatched.append(f"blocks the model does not have, e.g. {extra_blocks[:2]} (a deeper ResNet?)")
+    in_blocks = [k for k in report.unexpected if _BLOCK.match(k) and _BLOCK.match(k).group(1) in own_blocks]
+    if in_blocks:
+        mismatched.append(
+            f"weights a plain ResNet block does not have, e.g. {in_blocks[:2]} (squeeze-excitation or another "
+            "block type?)"
+        )
+    like = f" (timm's {plain})" if plain else ""
     if mismatched:
         raise ValueError(
             f"the ResNet checkpoint does not fit this architecture ({len(mismatched)} mismatches, e.g. "
-            f"{mismatched[:3]}); use a ResNet of the same depth and width"
+            f"{mismatched[:3]}); use a plain ResNet of the same depth and width{like}"
         )
-    backbone = [k for k in own if ".attn." not in k and not k.endswith("attn_skipped") and not k.startswith(_CLASSIFIER_PREFIX)]
+    # BatchNorm step counters are bookkeeping, not weights: frozen BatchNorms and checkpoints older than
+    # torch 0.4.1 have none, and the model keeps its own
+    backbone = [k for k in own if ".attn." not in k and not k.endswith(("attn_skipped", "num_batches_tracked"))
+                and not k.startswith(_CLASSIFIER_PREFIX)]
     absent = [k for k in backbone if k not in to_load]
     if absent:
+        # blocks the checkpoint lacks while it has others (a checkpoint with none is no ResNet)
+        fewer = sorted(own_blocks - _blocks(source), key=_block_order) if _blocks(source) else []
+        why = (f"it has no blocks {fewer[:3]} (a shallower ResNet?); use a plain ResNet of the same depth{like}"
+               if fewer else f"is it a plain ResNet of the same architecture{like}?")
         raise ValueError(
             f"the ResNet checkpoint lacks {len(absent)} of the model's {len(backbone)} backbone tensors, e.g. "
-            f"{absent[:3]}; is it a plain ResNet of the same architecture?"
+            f"{absent[:3]}; {why}"
         )
     for key, value in to_load.items():
         own[key].copy_(value)
