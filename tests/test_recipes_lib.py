@@ -79,6 +79,12 @@ def test_missing_local_dataset_is_a_clear_error(tmp_path):
         load_image_dataset(str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="no such file or folder"):
         load_image_dataset("missing.parquet")
+    # were an IndexError inside datasets, and "Couldn't find any data file at <cwd>/sklearn:iris"
+    for empty in ("", "  "):
+        with pytest.raises(ValueError, match="--dataset is empty: give a Hub dataset id"):
+            load_image_dataset(empty)
+    with pytest.raises(ValueError, match="'sklearn:iris': the one scikit-learn dataset of images is sklearn:digits"):
+        load_image_dataset("sklearn:iris")
 
 
 def test_embedded_digits_are_rgb_at_the_requested_size():

@@ -78,6 +78,13 @@ def load_image_dataset(
     """
     if dataset == DIGITS_DATASET:
         return load_digits_dataset(image_size=image_size)
+    if not dataset.strip():
+        raise ValueError("--dataset is empty: give a Hub dataset id, a local folder, a .parquet file or " + DIGITS_DATASET)
+    if dataset.startswith("sklearn:"):
+        raise ValueError(
+            f"--dataset {dataset!r}: the one scikit-learn dataset of images is {DIGITS_DATASET} (its others, such "
+            "as iris, are tables)"
+        )
     looks_local = dataset.startswith((".", "/", "~")) or dataset.endswith(".parquet")
     path = os.path.expanduser(dataset)
     if looks_local and not os.path.exists(path):
