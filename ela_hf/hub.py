@@ -823,6 +823,23 @@ def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+_PUSH_PREFIX = "ela_hf-push-"
+
+
+def _clean_up_abandoned_pushes() -> None:
+    """Delete the temporary folders of pushes whose process died (killed mid-export or mid-upload) on this host:
+    ``TemporaryDirectory`` removes its folder only when the process lives to leave the ``with`` block."""
+    pattern = re.compile(re.escape(_PUSH_PREFIX) + _PROCESS_TAGGED)
+    try:
+        entries = list(os.scandir(tempfile.gettempdir()))
+    except OSError:
+        return
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match and entry.is_dir(follow_symlinks=False) and _process_gone(match["host"], match["pid"]):
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
 def push_pruned_to_hub(
     model: nn.Module,
     repo_id: str,
@@ -856,7 +873,8 @@ def push_pruned_to_hub(
     net, _ = _network_and_config(model)
     skipped = sum(sum(s) for s in get_skip_mask(net)) if net.attn_type is not None else 0
     card_revision = None if create_pr else revision
-    with tempfile.TemporaryDirectory(prefix="ela_hf-push-") as tmp:
+    _clean_up_abandoned_pushes()
+    with tempfile.TemporaryDirectory(prefix=f"{_PUSH_PREFIX}{_process_tag()}-") as tmp:
         folder = export_pruned(model, Path(tmp) / "release", repo_id=repo_id, revision=card_revision, **export_kwargs)
         # only asked when it matters: whether private= can take effect
         existed = private is not None and api.repo_exists(repo_id, repo_type="model")

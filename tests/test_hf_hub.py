@@ -80,6 +80,36 @@ def test_failed_export_uploads_nothing(local_hub, monkeypatch):
     assert not HfApi().repo_exists(repo_id)
 
 
+def test_the_next_push_deletes_the_temporary_folder_of_a_killed_one(local_hub, tmp_path, monkeypatch):
+    """A push killed mid-upload left its whole release (weights included) in the temp folder for good."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import textwrap
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    script = textwrap.dedent(f"""
+        import os, timm, ela_hf, huggingface_hub
+        huggingface_hub.HfApi.upload_folder = lambda *a, **k: os._exit(3)
+        model = timm.create_model("ela_resnet20_cifar", num_classes=10)
+        ela_hf.push_pruned_to_hub(model, "{local_hub.user}/ela-r20-killed", token={local_hub.token!r}, verify=False)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TMPDIR=str(temp)))
+    assert proc.returncode == 3, proc.stderr
+    left = [p.name for p in temp.iterdir()]
+    assert len(left) == 1 and left[0].startswith(f"ela_hf-push-{socket.gethostname()}-")
+    assert (temp / left[0] / "release" / "model.safetensors").is_file()
+    running = temp / f"ela_hf-push-{socket.gethostname()}-{os.getpid()}-abcd1234"  # this process: alive
+    running.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    ela_hf.push_pruned_to_hub(_pruned(), f"{local_hub.user}/ela-r20-killed", token=local_hub.token, verify=False)
+    assert [p.name for p in temp.iterdir()] == [running.name]
+
+
 def test_a_release_replaces_the_previous_one_and_its_card_names_what_loads(local_hub):
     # pushed with a bare name: the card must name the full id the repository got
     ela_hf.push_pruned_to_hub(_pruned(), "ela-r20-bare", token=local_hub.token, pruning_history=HISTORY, verify=False)
