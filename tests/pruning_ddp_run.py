@@ -150,9 +150,31 @@ def save_from_every_rank(out_dir, model):
     return sorted(os.listdir(folder))
 
 
+def warnings_said():
+    """What the callback's two ways of warning say on this rank: [UserWarnings, log records]."""
+    import logging
+    import warnings
+
+    from ela_hf.pruning import callback as module
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    module.logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            module._warn("ElaPruningCallback: a probe")
+            module.logger.warning("ElaPruningCallback: a probe")
+    finally:
+        module.logger.removeHandler(handler)
+    return [len(caught), len(records)]
+
+
 def main(out_dir):
     trainer, model, callback = run(out_dir, "a")
     rank, world = dist.get_rank(), dist.get_world_size()
+    said = warnings_said()
     try:
         callback._check_ddp(SimpleNamespace(ddp_find_unused_parameters=False, ddp_static_graph=None), model)
         ddp_check_raised = False
@@ -174,6 +196,7 @@ def main(out_dir):
         "tally_at_decisions": callback.tally_at_decisions,
         "local_at_snapshots": callback.local_at_snapshots,
         "ddp_check_raised": ddp_check_raised,
+        "warnings_said": said,
         "resumed_mask": ela_hf.get_skip_mask(model_b),
         "resumed_history": callback_b.history,
         "gc_default_error": gc_default_error,

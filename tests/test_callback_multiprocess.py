@@ -75,6 +75,9 @@ def test_two_processes_reduce_decide_once_and_end_with_identical_masks(tmp_path)
             assert (la["name"], la["skip"], la["samples"]) == (lb["name"], lb["skip"], lb["samples"])
             assert la["d_t"] == pytest.approx(lb["d_t"], rel=1e-5)
 
+    # the same decision on every rank: the callback's warnings are said once, by rank 0, not once per GPU
+    assert r0["warnings_said"] == [1, 1] and r1["warnings_said"] == [0, 0]
+
     # ddp_find_unused_parameters=False cannot work once layers are skipped: refused under DDP
     assert r0["ddp_check_raised"] and r1["ddp_check_raised"]
     # with activation checkpointing the Trainer would turn the search off: refused up front on every rank,

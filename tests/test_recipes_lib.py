@@ -882,3 +882,28 @@ def test_argument_checks_added_after_a_users_review(tmp_path, caplog):
         create_step_scheduler(optimizer, 4, 0.0, [1.5], 0.1, total_steps=8)
         create_step_scheduler(optimizer, 4, 0.0, [2], 0.1, total_steps=8)  # at the end: resolve_schedule's warning
     assert "never happens" not in caplog.text
+
+
+@pytest.mark.parametrize("replica_level, says_warnings", [("warning", False), ("info", True)])
+def test_replicas_leave_ela_hf_warnings_to_rank_0(replica_level, says_warnings):
+    """Every process parses the same arguments and data: their warnings were printed once per GPU."""
+    import logging
+    from types import SimpleNamespace
+
+    from ela_hf.training import setup_logging
+
+    levels = {"warning": logging.WARNING, "info": logging.INFO}
+    package = logging.getLogger("ela_hf")
+    recipe = logging.getLogger("recipe-under-test")
+    try:
+        replica = SimpleNamespace(should_log=False, get_process_log_level=lambda: levels[replica_level])
+        setup_logging(recipe, replica)
+        data_logger = logging.getLogger("ela_hf.training.data")
+        assert data_logger.isEnabledFor(logging.WARNING) is says_warnings
+        assert data_logger.isEnabledFor(logging.ERROR)
+        main = SimpleNamespace(should_log=True, get_process_log_level=lambda: logging.WARNING)
+        setup_logging(recipe, main)
+        assert data_logger.isEnabledFor(logging.WARNING)
+    finally:
+        package.setLevel(logging.NOTSET)
+        recipe.setLevel(logging.NOTSET)

@@ -22,6 +22,7 @@ How the per-rank statistics stay exact:
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import math
 import numbers
 import os
@@ -120,6 +121,23 @@ def _world() -> Tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+class _MainProcessOnly(std_logging.Filter):
+    """Every process decides the same (one decision, broadcast): the callback's log lines are said once, by
+    rank 0, not once per GPU."""
+
+    def filter(self, record) -> bool:
+        return _world()[0] == 0
+
+
+logger.addFilter(_MainProcessOnly())
+
+
+def _warn(message: str) -> None:
+    """``warnings.warn`` on rank 0 only, for the same reason."""
+    if _world()[0] == 0:
+        warnings.warn(message, stacklevel=3)
 
 
 def _finite_or_none(v: Optional[float]) -> Optional[float]:
@@ -347,7 +365,7 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         idx = self._open
         start, end = self.windows[idx]
         if self.window_unit == "epoch" and state.epoch is not None and state.epoch < end - 1e-6:
-            warnings.warn(
+            _warn(
                 f"ElaPruningCallback: pruning window {idx + 1} ({start}-{end} epochs) is decided at epoch "
                 f"{state.epoch:.2f}, before its end, because that epoch ends there (max_steps, a fractional "
                 f"num_train_epochs, or an epoch cut short); its average covers only the part of epoch {end} that ran."
@@ -450,7 +468,7 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         while self.windows_done < len(self.windows) and self._open is None:
             start, end = self.windows[self.windows_done]
             if position > end:
-                warnings.warn(
+                _warn(
                     f"ElaPruningCallback: pruning window {self.windows_done + 1} ({start}-{end} {self.window_unit}s) "
                     "was never observed (training resumed past it without its state); no decision is made for it."
                 )
@@ -458,7 +476,7 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
                 continue
             if position >= start:
                 if position > start:
-                    warnings.warn(
+                    _warn(
                         f"ElaPruningCallback: pruning window {self.windows_done + 1} opens late, at {self.window_unit} "
                         f"{position} instead of {start}; its average covers only the rest of the window."
                     )
@@ -513,7 +531,7 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
             self._reapply_history()
             if self.partial_window is not None and self.partial_window == self.windows_done:
                 if self.partial_kl is None:
-                    warnings.warn(
+                    _warn(
                         f"ElaPruningCallback: resuming inside pruning window {self.partial_window + 1} without its "
                         "partial statistics; its average covers only the steps after the resume."
                     )
