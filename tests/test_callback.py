@@ -229,6 +229,12 @@ def test_window_past_the_end_of_training_raises_at_train_begin(tmp_path):
     trainer = Trainer(model=model, args=args, train_dataset=RandomImages(n=8), callbacks=[epoch_cb])
     with pytest.raises(ValueError, match=r"\(3, 3\) ends after the end of training \(num_train_epochs = 2"):
         trainer.train()
+    # no training at all: said up front, not blamed on early stopping at the end
+    args = training_args(tmp_path, max_steps=-1, num_train_epochs=0)
+    trainer = Trainer(model=model, args=args, train_dataset=RandomImages(n=8),
+                      callbacks=[ElaPruningCallback(windows=[(1, 1)], window_unit="epoch")])
+    with pytest.raises(ValueError, match=r"\(1, 1\) ends after the end of training \(num_train_epochs = 0"):
+        trainer.train()
 
 
 def test_a_window_in_a_cut_short_last_epoch_is_decided_before_the_final_save(tmp_path):

@@ -598,7 +598,8 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
             limit, what = state.num_train_epochs, "num_train_epochs"
         else:
             limit, what = state.max_steps, "max_steps"
-        if limit and last_end > limit:
+        # (0 too: num_train_epochs=0 trains nothing, and a window there would only be named missing at the end)
+        if limit is not None and last_end > limit:
             raise ValueError(
                 f"pruning window ({last_start}, {last_end}) ends after the end of training "
                 f"({what} = {limit}, window_unit={self.window_unit!r})"
