@@ -39,6 +39,7 @@ from ela_hf.training import (
     check_checkpoint_unfinished,
     check_export_dir,
     check_training_arguments,
+    close_distributed,
     ddp_for_pruning,
     collate_image_batch,
     compute_accuracy,
@@ -263,3 +264,4 @@ def parse_arguments(argv) -> Tuple[CifarArguments, TrainingArguments, PaperSched
 
 if __name__ == "__main__":
     main()
+    close_distributed(logger)

@@ -36,6 +36,7 @@ from ela_hf.training import (
     check_checkpoint_unfinished,
     check_export_dir,
     check_training_arguments,
+    close_distributed,
     ddp_for_pruning,
     collate_image_batch,
     compute_accuracy,
@@ -224,3 +225,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    close_distributed(logger)

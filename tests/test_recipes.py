@@ -416,6 +416,8 @@ def test_two_process_launch_agrees_on_every_rank(tmp_path, recipe, model, size):
     assert r0["skip_mask"] == r1["skip_mask"] and sum(map(sum, r0["skip_mask"])) >= 1
     assert r0["eval_top1"] == r1["eval_top1"]
     assert r0["weights_sum"] == pytest.approx(r1["weights_sum"], rel=1e-9)
+    # each rank closes its process group before exiting (left to interpreter shutdown, a finished rank could abort)
+    assert "rank 0/2: process group closed" in output and "rank 1/2: process group closed" in output
     state = json.loads((out / "trainer_state.json").read_text())
     # 24 images, 4 per device on 2 processes: 3 steps per epoch, total batch 8
     assert state["global_step"] == 3 and state["train_batch_size"] == 4

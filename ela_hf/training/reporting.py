@@ -20,6 +20,7 @@ __all__ = [
     "format_epoch_times",
     "format_summary",
     "format_skip_mask",
+    "close_distributed",
     "log_rank_result",
     "setup_logging",
 ]
@@ -176,6 +177,19 @@ def setup_logging(logger: logging.Logger, training_args) -> None:
     if not training_args.should_log and level >= logging.WARNING:
         level = logging.ERROR
     logging.getLogger("ela_hf").setLevel(level)
+
+
+def close_distributed(logger: logging.Logger) -> None:
+    """Destroy the default process group (from ``accelerate launch``) before the interpreter exits, as torch
+    asks: left to interpreter shutdown, its threads can end a finished process with SIGABRT ("terminate
+    called without an active exception"). Nothing to do in a single process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dist.destroy_process_group()
+    logger.info(f"rank {rank}/{world}: process group closed")
 
 
 def log_rank_result(logger: logging.Logger, training_args, metrics: Dict[str, float], model) -> Dict[str, Any]:
