@@ -121,6 +121,21 @@ def test_default_dim_per_head():
     assert timm.create_model("ela_resnet56_cifar").layer1[0].attn.dim_per_head == 32
 
 
+@pytest.mark.parametrize("name", ["ela_resnet20_cifar", "ela_l_resnet20_cifar"])
+def test_bad_dim_per_head_is_refused_at_construction(name):
+    # 0 failed with ZeroDivisionError, -1 with "math domain error", "16" in `%`, 16.0 only at the first forward
+    for value in (0, -16):
+        with pytest.raises(ValueError, match=f"dim_per_head must be a positive number .*, got {value}"):
+            timm.create_model(name, dim_per_head=value)
+    for value, kind in (("16", "str"), (16.0, "float"), (True, "bool")):
+        with pytest.raises(TypeError, match=rf"dim_per_head must be an int .*, got {value!r} \({kind}\)"):
+            timm.create_model(name, dim_per_head=value)
+    with pytest.raises(ValueError, match=r"channels \(64\) must be a multiple of dim_per_head \(48\)"):
+        timm.create_model(name, dim_per_head=48)
+    model = timm.create_model(name, dim_per_head=np.int64(8))  # NumPy integers are integers
+    assert model.layer1[0].attn.dim_per_head == 8 and type(model.layer1[0].attn.dim_per_head) is int
+
+
 def _copy_conv_weights(src: nn.Module, dst: nn.Module):
     dst.load_state_dict({k: v for k, v in src.state_dict().items() if not k.startswith("attn")}, strict=True)
 

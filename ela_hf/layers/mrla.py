@@ -8,6 +8,7 @@ compute the adjacent-layer KL divergence of SPEC section 3.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import threading
 from collections import OrderedDict
@@ -502,6 +503,14 @@ class _LayerAttentionBase(nn.Module):
 
     def __init__(self, channels: int, dim_per_head: int, k_size: Optional[int], drop_path: float):
         super().__init__()
+        if isinstance(dim_per_head, bool) or not isinstance(dim_per_head, numbers.Integral):
+            raise TypeError(
+                f"dim_per_head must be an int (channels per attention head), got {dim_per_head!r} "
+                f"({type(dim_per_head).__name__})"
+            )
+        if dim_per_head < 1:
+            raise ValueError(f"dim_per_head must be a positive number of channels per attention head, got {dim_per_head}")
+        dim_per_head = int(dim_per_head)
         if channels % dim_per_head != 0:
             raise ValueError(
                 f"channels ({channels}) must be a multiple of dim_per_head ({dim_per_head}) for layer attention"
