@@ -572,6 +572,18 @@ def test_bad_inputs_raise_clear_errors():
     assert model.skip_mask == [[False, False]] * 3, "refused masks leave the model untouched"
 
 
+@pytest.mark.parametrize("name", ["ela_resnet18", "ela_resnet20_cifar", "ela_resnet50d"])
+def test_bad_in_chans_is_refused_at_construction(name):
+    # 0 built a model that no input fits, -1 failed in torch's Conv2d ("negative dimension"), "3" and 3.0 there too
+    for value in (0, -1):
+        with pytest.raises(ValueError, match=f"in_chans must be a positive number of input image channels, got {value}"):
+            timm.create_model(name, in_chans=value)
+    for value, kind in (("3", "str"), (3.0, "float")):
+        with pytest.raises(TypeError, match=rf"in_chans must be an int .*, got {value!r} \({kind}\)"):
+            timm.create_model(name, in_chans=value)
+    assert timm.create_model(name, in_chans=np.int64(2)).in_chans == 2
+
+
 def test_torch_tensor_masks_are_accepted():
     model = timm.create_model("ela_resnet20_cifar", num_classes=5)
     model.set_skip_mask(torch.tensor([[False, True], [False, False], [False, True]]))

@@ -9,6 +9,7 @@ timm ResNet checkpoint loads into an ELA model with only the attention keys miss
 """
 from __future__ import annotations
 
+import numbers
 import warnings
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -325,6 +326,11 @@ class LayerAttentionResNet(nn.Module):
             raise ValueError(f"stem_type must be '', 'deep' or 'cifar', got {stem_type!r}")
         if len(layers) != len(channels):
             raise ValueError(f"layers {tuple(layers)} and channels {tuple(channels)} must have one entry per stage")
+        if isinstance(in_chans, bool) or not isinstance(in_chans, numbers.Integral):
+            raise TypeError(f"in_chans must be an int (input image channels), got {in_chans!r} ({type(in_chans).__name__})")
+        if in_chans < 1:
+            raise ValueError(f"in_chans must be a positive number of input image channels, got {in_chans}")
+        in_chans = int(in_chans)
         if output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride!r}")
         if stem_type == "cifar" and output_stride != 32:
