@@ -515,6 +515,14 @@ def test_drop_rates_outside_0_1_are_refused_at_construction(name, rate):
         ElaForImageClassification(ElaConfig(architecture="ela_resnet20_cifar", **{name: rate}))
 
 
+@pytest.mark.parametrize("name", ["drop_rate", "drop_path_rate", "drop_block_rate"])
+def test_drop_rates_that_are_not_numbers_are_refused_at_construction(name):
+    # a string failed in the range check itself: "'<=' not supported between instances of 'float' and 'str'"
+    with pytest.raises(TypeError, match=rf"{name} must be a number in \[0, 1\), got '0.1' \(str\)"):
+        timm.create_model("ela_resnet20_cifar", **{name: "0.1"})
+    timm.create_model("ela_resnet20_cifar", **{name: np.float32(0.1)})  # NumPy numbers are numbers
+
+
 def test_getter_backbone_drops_the_unused_stages_and_matches_the_full_network():
     """``feature_cls='getter'`` calls prune_intermediate_layers: later stages and the head are removed."""
     torch.manual_seed(0)

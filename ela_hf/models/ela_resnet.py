@@ -340,6 +340,8 @@ class LayerAttentionResNet(nn.Module):
             )
         for name, rate in (("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate),
                            ("drop_block_rate", drop_block_rate)):
+            if not isinstance(rate, numbers.Real):
+                raise TypeError(f"{name} must be a number in [0, 1), got {rate!r} ({type(rate).__name__})")
             if not 0.0 <= rate < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {rate!r}")
         if attn_type is None and drop_path_rate > 0:
