@@ -78,6 +78,17 @@ def test_config_rejects_masks_that_do_not_fit(kwargs, message):
         ElaConfig(**kwargs)
 
 
+def test_config_refuses_a_num_channels_that_is_not_an_int():
+    # "3" failed in the range check ('<' not supported between 'str' and 'int'); model_args in_chans "x" in int()
+    # and 2.7 was cut to 2
+    for kwargs, bad in ((dict(num_channels="3"), "'3' (str)"), (dict(model_args={"in_chans": "x"}), "'x' (str)"),
+                        (dict(model_args={"in_chans": 2.7}), "2.7 (float)")):
+        with pytest.raises(TypeError, match=re.escape(f"num_channels (timm's in_chans) must be an int, got {bad}")):
+            ElaConfig(architecture=ARCH, **kwargs)
+    assert ElaConfig(architecture=ARCH, model_args={"in_chans": np.int64(1)}).num_channels == 1
+    assert type(ElaConfig(architecture=ARCH, num_channels=np.int64(1)).to_dict()["num_channels"]) is int
+
+
 def test_auto_classes_are_registered_on_import(tmp_path):
     config = AutoConfig.for_model("ela", architecture=ARCH, num_labels=3)
     assert isinstance(config, ElaConfig)

@@ -12,6 +12,7 @@ doors"):
 from __future__ import annotations
 
 import copy
+import numbers
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
@@ -137,7 +138,7 @@ class ElaConfig(BackboneConfigMixin, PretrainedConfig):
         for key in _TIMM_TOP_LEVEL_KEYS:
             kwargs.pop(key, None)
         if "in_chans" in model_args:
-            in_chans = int(model_args.pop("in_chans"))
+            in_chans = model_args.pop("in_chans")  # checked below, with num_channels
             if self.num_channels != 3 and in_chans != self.num_channels:
                 raise ValueError(f"num_channels={self.num_channels} disagrees with model_args in_chans={in_chans}")
             self.num_channels = in_chans
@@ -197,8 +198,14 @@ class ElaConfig(BackboneConfigMixin, PretrainedConfig):
             # label_names, written in key order, would name them differently from transformers)
             raise ValueError(f"id2label must have the keys 0..{len(self.id2label) - 1} (one per logit), got "
                              f"{sorted(self.id2label)}")
+        if isinstance(self.num_channels, bool) or not isinstance(self.num_channels, numbers.Integral):
+            raise TypeError(
+                f"num_channels (timm's in_chans) must be an int, got {self.num_channels!r} "
+                f"({type(self.num_channels).__name__})"
+            )
         if self.num_channels < 1:
             raise ValueError(f"num_channels must be positive, got {self.num_channels}")
+        self.num_channels = int(self.num_channels)
         input_size = self.pretrained_cfg.get("input_size")
         if input_size:
             self.pretrained_cfg["input_size"] = [self.num_channels, *list(input_size)[1:]]
