@@ -89,6 +89,18 @@ def test_config_refuses_a_num_channels_that_is_not_an_int():
     assert type(ElaConfig(architecture=ARCH, num_channels=np.int64(1)).to_dict()["num_channels"]) is int
 
 
+def test_config_refuses_timm_features_only_switches_in_model_args():
+    # features_only=True built a FeatureListNet that failed at the first forward ("no attribute 'forward_features'")
+    from ela_hf import ElaBackbone
+
+    for model_args in ({"features_only": True}, {"out_indices": [1]}, {"feature_cls": "getter"}):
+        with pytest.raises(ValueError, match=rf"model_args \['{next(iter(model_args))}'\] \(timm's features_only "
+                                             r"switches\) are not taken by ElaConfig.*ElaBackbone"):
+            ElaConfig(architecture=ARCH, model_args=model_args)
+    for cls in (ElaForImageClassification, ElaModel, ElaBackbone):
+        assert cls(ElaConfig(architecture=ARCH, model_args={"features_only": False}))(torch.randn(1, 3, 32, 32))
+
+
 def test_auto_classes_are_registered_on_import(tmp_path):
     config = AutoConfig.for_model("ela", architecture=ARCH, num_labels=3)
     assert isinstance(config, ElaConfig)

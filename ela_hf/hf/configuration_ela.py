@@ -26,6 +26,8 @@ _SOURCE_KEYS = ("url", "file", "hf_hub_id", "hf_hub_filename", "source", "state_
 # transformers classes whose checkpoints have no classifier (timm must build them with num_classes=0)
 HEADLESS_ARCHITECTURES = ("ElaModel", "ElaBackbone")
 # timm-only top-level keys: rebuilt from the fields by `to_dict`, never stored twice
+# timm.create_model's features_only arguments (a feature wrapper instead of the network)
+_FEATURE_KEYS = ("features_only", "feature_cls", "feature_cfg", "out_indices")
 _TIMM_TOP_LEVEL_KEYS = ("num_classes", "num_features", "global_pool", "label_names", "label_descriptions")
 
 
@@ -127,6 +129,14 @@ class ElaConfig(BackboneConfigMixin, PretrainedConfig):
             )
         slim = bool(kwargs.pop("slim", False))
         model_args = dict(self.model_args or {})
+        # timm's feature-extractor switches: built with them, the network is a FeatureListNet the models cannot run
+        features = sorted(k for k in _FEATURE_KEYS if k in model_args and (k != "features_only" or model_args[k]))
+        if features:
+            raise ValueError(
+                f"model_args {features} (timm's features_only switches) are not taken by ElaConfig: the transformers "
+                "models wrap the whole network; for feature maps use ElaBackbone (AutoBackbone) and choose them "
+                "with ElaConfig(out_features=...) or ElaConfig(out_indices=...)"
+            )
         pretrained_cfg = copy.deepcopy(self.pretrained_cfg) or default_pretrained_cfg(self.architecture)
 
         # timm's keys (from a config.json written by us or by timm): fold them into the fields.
