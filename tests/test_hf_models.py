@@ -361,6 +361,20 @@ def test_image_processor_refuses_normalisation_of_the_wrong_length():
         ElaImageProcessor(pretrained_cfg=dict(cfg, input_size=[4, 32, 32]))
 
 
+def test_input_size_must_be_channels_height_width():
+    # [32, 32] became [3, 32] in the config (timm's builder then failed with a bare AssertionError), and the
+    # processor read it as 32 channels; [3, 32] ran with a 3x32 crop
+    cfg = dict(ElaConfig(architecture=ARCH).pretrained_cfg)
+    for bad in ([32, 32], [3, 32], [3, 32, 32, 1], "3,32,32", [3, 0, 32], [3, 32.0, 32]):
+        message = re.escape(f"pretrained_cfg['input_size'] must be [channels, height, width] (three positive ints, "
+                            f"e.g. [3, 224, 224]), got {bad!r}")
+        with pytest.raises(ValueError, match=message):
+            ElaConfig(architecture=ARCH, pretrained_cfg=dict(cfg, input_size=bad))
+        with pytest.raises(ValueError, match=message):
+            ElaImageProcessor(pretrained_cfg=dict(cfg, input_size=bad))
+    assert ElaImageProcessor(pretrained_cfg=dict(cfg, input_size=(3, 16, 16))).size == {"height": 16, "width": 16}
+
+
 def test_image_processor_options_are_applied_through_pretrained_cfg_or_refused(tmp_path):
     ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=2)).save_pretrained(tmp_path)
     processor = AutoImageProcessor.from_pretrained(tmp_path)

@@ -217,7 +217,8 @@ class ElaConfig(BackboneConfigMixin, PretrainedConfig):
             raise ValueError(f"num_channels must be positive, got {self.num_channels}")
         self.num_channels = int(self.num_channels)
         input_size = self.pretrained_cfg.get("input_size")
-        if input_size:
+        if input_size is not None:
+            check_input_size(input_size)
             self.pretrained_cfg["input_size"] = [self.num_channels, *list(input_size)[1:]]
         for key in ("mean", "std"):
             if self.pretrained_cfg.get(key) is not None:
@@ -259,6 +260,19 @@ class ElaConfig(BackboneConfigMixin, PretrainedConfig):
         if self.id2label and not all(v == f"LABEL_{k}" for k, v in self.id2label.items()):
             output["label_names"] = [self.id2label[i] for i in sorted(self.id2label)]
         return output
+
+
+def check_input_size(input_size: Any) -> None:
+    """Raise ``ValueError`` unless ``input_size`` (a timm data config's) is ``(channels, height, width)``."""
+    if (
+        not isinstance(input_size, (list, tuple))
+        or len(input_size) != 3
+        or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in input_size)
+    ):
+        raise ValueError(
+            f"pretrained_cfg['input_size'] must be [channels, height, width] (three positive ints, e.g. [3, 224, 224]), "
+            f"got {input_size!r}"
+        )
 
 
 def registry_num_classes(architecture: str) -> int:

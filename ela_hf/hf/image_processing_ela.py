@@ -23,6 +23,8 @@ from transformers.image_utils import (
 from transformers.processing_utils import ImagesKwargs
 from transformers.utils import CONFIG_NAME, IMAGE_PROCESSOR_NAME
 
+from .configuration_ela import check_input_size
+
 __all__ = ["ElaImageProcessor"]
 
 # image-processing options of other processors (and timm data-config keys): this one takes them from
@@ -92,6 +94,7 @@ class ElaImageProcessor(BaseImageProcessor):
                 f"pretrained_cfg must be a timm data config with at least 'input_size' (and mean, std, crop_pct, "
                 f"interpolation), got {pretrained_cfg!r}"
             )
+        check_input_size(pretrained_cfg["input_size"])
         self._pretrained_cfg = dict(pretrained_cfg)
         self.data_config = timm.data.resolve_data_config(pretrained_cfg=self._pretrained_cfg, verbose=False)
         for key in ("mean", "std"):
