@@ -383,6 +383,22 @@ def test_features_only(name, size, channels, reductions):
     assert [f.shape[1] for f in sub(torch.randn(2, 3, size, size))] == channels[1:3]
 
 
+@pytest.mark.parametrize("feature_cls", ["list", "getter", "hook"])
+def test_features_only_out_indices_that_select_nothing_or_too_much_are_refused(feature_cls):
+    # [] and 0 gave a backbone returning no feature map ('getter': "max() arg is an empty sequence"), [9] an IndexError
+    maps = r"the model has 5 feature maps \(0 = the stem, 1..4 = the stages\)"
+    cases = [([], ValueError, "out_indices is empty: name at least one feature map; "),
+             ((), ValueError, "out_indices is empty"),
+             (0, ValueError, r"out_indices=0 \(the last n feature maps\) must be in 1..5: "),
+             ([9], ValueError, r"out_indices \[9\] has indices \[9\] out of range: "),
+             (["a"], TypeError, r"out_indices must be an int or a list of ints, got \['a'\]; ")]
+    for out_indices, error, message in cases:
+        with pytest.raises(error, match=message + (maps if message.endswith(" ") else "")):
+            timm.create_model("ela_resnet18", features_only=True, feature_cls=feature_cls, out_indices=out_indices)
+    backbone = timm.create_model("ela_resnet18", features_only=True, feature_cls=feature_cls, out_indices=(-5, 4))
+    assert [f.shape[1] for f in backbone(torch.randn(1, 3, 64, 64))] == [64, 512]
+
+
 def test_features_only_matches_forward_features():
     torch.manual_seed(0)
     model = timm.create_model("ela_resnet20_cifar").eval()

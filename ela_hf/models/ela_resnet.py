@@ -621,6 +621,8 @@ def _create_ela_resnet(variant: str, pretrained: bool = False, **kwargs) -> Laye
             )
     # the CIFAR nets have three stages: default features are the stem plus every stage
     out_indices = tuple(range(len(kwargs["layers"]) + 1))
+    if kwargs.get("features_only") and "out_indices" in kwargs:
+        _check_out_indices(kwargs["out_indices"], len(out_indices))
     model = build_model_with_cfg(
         LayerAttentionResNet, variant, pretrained, feature_cfg=dict(out_indices=out_indices), **kwargs
     )
@@ -628,6 +630,33 @@ def _create_ela_resnet(variant: str, pretrained: bool = False, **kwargs) -> Laye
         # a features_only wrapper (any feature_cls) under its own buffer names: DDP reads the wrapped module
         keep_kl_statistics_out_of_ddp(model)
     return model
+
+
+def _check_out_indices(out_indices: Any, num_features: int) -> None:
+    """timm's ``out_indices`` of a features_only model: an int n (the last n feature maps), or indices into the
+    ``num_features`` maps (0 = the stem, then the stages; negative ones count from the end).
+
+    An empty selection gave a backbone that returns no feature map (or, with ``feature_cls='getter'``, failed in
+    timm with "max() arg is an empty sequence"); an index past the end failed with a bare IndexError.
+    """
+    maps = f"the model has {num_features} feature maps (0 = the stem, 1..{num_features - 1} = the stages)"
+    if isinstance(out_indices, numbers.Integral) and not isinstance(out_indices, bool):
+        if not 1 <= out_indices <= num_features:
+            raise ValueError(f"out_indices={out_indices} (the last n feature maps) must be in 1..{num_features}: {maps}")
+        return
+    indices = None
+    if not isinstance(out_indices, (str, bytes)):
+        try:
+            indices = list(out_indices)
+        except TypeError:
+            pass
+    if indices is None or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in indices):
+        raise TypeError(f"out_indices must be an int or a list of ints, got {out_indices!r}; {maps}")
+    if not indices:
+        raise ValueError(f"out_indices is empty: name at least one feature map; {maps}")
+    outside = [i for i in indices if not -num_features <= i < num_features]
+    if outside:
+        raise ValueError(f"out_indices {indices} has indices {outside} out of range: {maps}")
 
 
 def _cfg(variant: str, **kwargs) -> Dict[str, Any]:
