@@ -534,6 +534,10 @@ def test_backbone_returns_the_selected_feature_maps(tmp_path, images):
     torch.testing.assert_close(everything.feature_maps[1], backbone.timm_model.forward_features(images))
     with pytest.raises(ValueError, match="out_features must be a subset of stage_names"):
         ElaConfig(architecture=ARCH, out_features=["stage4"])
+    # an empty selection failed at the backbone's forward, inside timm ("max() arg is an empty sequence")
+    for name in ("out_indices", "out_features"):
+        with pytest.raises(ValueError, match=rf"{name} is empty: name at least one of stage_names \['stem', 'stage1', "):
+            ElaConfig(architecture=ARCH, **{name: []})
     # the backbone folder is the same format (no classifier) and keeps the selection
     backbone.save_pretrained(tmp_path)
     again = ela_hf.ElaBackbone.from_pretrained(tmp_path).eval()

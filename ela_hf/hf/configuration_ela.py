@@ -199,9 +199,16 @@ class ElaConfig(BackboneConfigMixin, PretrainedConfig):
         # backbone outputs (AutoBackbone): the stem, then one feature map per stage
         kwargs.pop("stage_names", None)
         self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, len(stage_sizes) + 1)]
-        self.set_output_features_output_indices(
-            out_features=kwargs.pop("out_features", None), out_indices=kwargs.pop("out_indices", None)
-        )
+        out_features, out_indices = kwargs.pop("out_features", None), kwargs.pop("out_indices", None)
+        for name, value in (("out_features", out_features), ("out_indices", out_indices)):
+            if isinstance(value, (list, tuple)) and not value:
+                # an ElaBackbone that returns no feature map (its forward failed inside timm: "max() arg is an empty
+                # sequence")
+                raise ValueError(
+                    f"{name} is empty: name at least one of stage_names {self.stage_names} "
+                    "(or leave it None for the last stage)"
+                )
+        self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
         super().__post_init__(**kwargs)
         if self.id2label and sorted(self.id2label) != list(range(len(self.id2label))):
             # the classifier's logit i is class i: other keys leave logits without a label (and timm's
