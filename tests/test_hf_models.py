@@ -155,6 +155,18 @@ def test_raw_integer_pixels_are_refused_not_cast(images):
         model(images.double())
 
 
+def test_pixel_values_that_are_not_tensors_are_refused(images):
+    """NumPy arrays (e.g. from return_tensors="np") failed in torch.is_floating_point, lists on `.ndim`."""
+    from ela_hf import ElaBackbone
+
+    for cls in (ElaForImageClassification, ElaModel, ElaBackbone):
+        model = cls(ElaConfig(architecture=ARCH, num_labels=2)).eval()
+        for pixels, kind in ((images.numpy(), "numpy.ndarray"), (images.tolist(), "builtins.list")):
+            with pytest.raises(TypeError, match=rf"pixel_values must be a torch.Tensor, got {kind}; run the image "
+                                                r"processor .*torch.from_numpy"):
+                model(pixels)
+
+
 def test_id2label_must_name_every_logit_from_zero():
     with pytest.raises(ValueError, match=r"id2label must have the keys 0..2 \(one per logit\), got \[1, 2, 3\]"):
         ElaConfig(architecture=ARCH, id2label={1: "cat", 2: "dog", 3: "owl"})

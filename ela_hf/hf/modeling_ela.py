@@ -199,6 +199,12 @@ class ElaPreTrainedModel(PreTrainedModel):
     def _check_pixel_values(self, pixel_values: torch.Tensor | None) -> torch.Tensor:
         if pixel_values is None:
             raise ValueError("pixel_values is required (a [batch, channels, height, width] image tensor)")
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(
+                f"pixel_values must be a torch.Tensor, got {type(pixel_values).__module__}.{type(pixel_values).__name__}; "
+                "run the image processor (AutoImageProcessor / ElaImageProcessor, return_tensors='pt') on the images, "
+                "or convert normalised arrays with torch.from_numpy"
+            )
         if pixel_values.ndim != 4:
             raise ValueError(
                 f"pixel_values must have shape [batch, {self.config.num_channels}, height, width], "
