@@ -901,9 +901,10 @@ def test_replicas_leave_ela_hf_warnings_to_rank_0(replica_level, says_warnings):
         data_logger = logging.getLogger("ela_hf.training.data")
         assert data_logger.isEnabledFor(logging.WARNING) is says_warnings
         assert data_logger.isEnabledFor(logging.ERROR)
+        package.setLevel(logging.NOTSET)
         main = SimpleNamespace(should_log=True, get_process_log_level=lambda: logging.WARNING)
         setup_logging(recipe, main)
-        assert data_logger.isEnabledFor(logging.WARNING)
+        assert package.level == logging.NOTSET, "the main process's ela_hf loggers are left as they are"
     finally:
         package.setLevel(logging.NOTSET)
         recipe.setLevel(logging.NOTSET)

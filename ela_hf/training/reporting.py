@@ -160,9 +160,9 @@ def format_summary(
 
 def setup_logging(logger: logging.Logger, training_args) -> None:
     """The recipe's logger talks at INFO on the main process, replicas at ``--log_level_replica``
-    (default warning); transformers' own loggers follow ``--log_level`` / ``--log_level_replica``, and so do
-    ela_hf's, except that replicas leave out the warnings rank 0 already gives (at ``--log_level_replica``
-    warning, the default, they say errors only)."""
+    (default warning); transformers' own loggers follow ``--log_level`` / ``--log_level_replica``. On replicas
+    ela_hf's loggers follow ``--log_level_replica`` too, except that they leave out the warnings rank 0 already
+    gives (at warning, the default, they say errors only)."""
     import transformers
 
     logging.basicConfig(
@@ -173,10 +173,9 @@ def setup_logging(logger: logging.Logger, training_args) -> None:
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     # ela_hf's warnings about the run (arguments, data, resume) are the same on every process: replicas
     # repeat them only when asked for more than warnings (--log_level_replica info or debug)
-    level = training_args.get_process_log_level()
-    if not training_args.should_log and level >= logging.WARNING:
-        level = logging.ERROR
-    logging.getLogger("ela_hf").setLevel(level)
+    if not training_args.should_log:
+        level = training_args.get_process_log_level()
+        logging.getLogger("ela_hf").setLevel(logging.ERROR if level >= logging.WARNING else level)
 
 
 def close_distributed(logger: logging.Logger) -> None:
