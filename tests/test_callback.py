@@ -424,6 +424,31 @@ def test_resume_inside_windows_ends_with_the_same_mask_and_decisions(tmp_path):
     _assert_same_decisions(callback_a.history, restored.history)
 
 
+@pytest.mark.parametrize("edit, problem", [
+    (dict(windows_done="1"), r"windows_done must be a whole number in 0..2, got '1'"),
+    (dict(windows_done=7), r"windows_done must be a whole number in 0..2, got 7"),
+    (dict(partial_window=5), r"partial_window must be null or a window index in 0..1, got 5"),
+    (dict(partial_kl=[{"stage": 0, "block": 1}]), r"partial_kl must be null or a list of \{stage, block, sum, count\}"),
+    (dict(history=[{"window": 1}]), r"history must be a list of at most windows_done=0 window records"),
+    (dict(steps_per_epoch=0), r"steps_per_epoch must be null or a positive whole number, got 0"),
+])
+def test_a_damaged_callback_state_in_a_checkpoint_is_named(tmp_path, edit, problem):
+    """A hand-edited or damaged trainer_state.json failed with raw TypeErrors / KeyErrors inside the callback,
+    or resumed with windows_done past the schedule (nothing decided again, silently)."""
+    import shutil
+
+    trainer_a, _, _ = _resume_setup(tmp_path, "a")
+    trainer_a.train()
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tmp_path / "a" / "checkpoint-3", damaged)
+    state = json.loads((damaged / "trainer_state.json").read_text())
+    state["stateful_callbacks"]["ElaPruningCallback"]["attributes"].update(edit)
+    (damaged / "trainer_state.json").write_text(json.dumps(state))
+    trainer_b, _, _ = _resume_setup(tmp_path, "b")
+    with pytest.raises(ValueError, match=r"ElaPruningCallback state .* is damaged: " + problem):
+        trainer_b.train(resume_from_checkpoint=str(damaged))
+
+
 def test_resume_mid_epoch_inside_an_epoch_window(tmp_path):
     def setup(name):
         callback = ElaPruningCallback(windows=[(1, 2)], window_unit="epoch")

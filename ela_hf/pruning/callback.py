@@ -651,13 +651,53 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
                 f"the checkpoint was written by an ElaPruningCallback with {candidates[0].get('args')}, "
                 f"but this one has {mine}; resume with the same windows, selector and window_unit"
             )
-        attrs = matching[0].get("attributes", {})
-        self.windows_done = int(attrs.get("windows_done", 0))
-        self.history = list(attrs.get("history", []))
-        self.partial_window = attrs.get("partial_window")
-        self.partial_kl = attrs.get("partial_kl")
-        self._check_same_epochs(attrs.get("steps_per_epoch"))
+        attrs = self._checked_attributes(matching[0].get("attributes", {}))
+        self.windows_done = attrs["windows_done"]
+        self.history = attrs["history"]
+        self.partial_window = attrs["partial_window"]
+        self.partial_kl = attrs["partial_kl"]
+        self._check_same_epochs(attrs["steps_per_epoch"])
         return True
+
+    def _checked_attributes(self, attrs: Any) -> Dict[str, Any]:
+        """The stored progress, checked: a damaged or hand-edited trainer_state.json is named as such rather
+        than failing later inside the callback (or resuming with a mask no window decided)."""
+
+        def damaged(what: str) -> ValueError:
+            return ValueError(
+                f"the checkpoint's ElaPruningCallback state (stateful_callbacks in trainer_state.json) is damaged: "
+                f"{what}; resume from another checkpoint"
+            )
+
+        def whole(value, low, high) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+        if not isinstance(attrs, dict):
+            raise damaged(f"'attributes' is a {type(attrs).__name__}, not an object")
+        count = len(self.windows)
+        done = attrs.get("windows_done", 0)
+        if not whole(done, 0, count):
+            raise damaged(f"windows_done must be a whole number in 0..{count}, got {done!r}")
+        history = attrs.get("history", [])
+        if not isinstance(history, list) or not all(isinstance(h, dict) for h in history) or len(history) > done:
+            raise damaged(f"history must be a list of at most windows_done={done} window records, got {history!r:.200}")
+        if history and "skip_mask" not in history[-1]:
+            raise damaged("the last history record has no skip_mask")
+        partial = attrs.get("partial_window")
+        if partial is not None and not whole(partial, 0, count - 1):
+            raise damaged(f"partial_window must be null or a window index in 0..{count - 1}, got {partial!r}")
+        partial_kl = attrs.get("partial_kl")
+        numbers_ok = lambda e: all(isinstance(e.get(k), (int, float)) and not isinstance(e.get(k), bool)  # noqa: E731
+                                   for k in ("stage", "block", "sum", "count"))
+        if partial_kl is not None and not (
+            isinstance(partial_kl, list) and all(isinstance(e, dict) and numbers_ok(e) for e in partial_kl)
+        ):
+            raise damaged(f"partial_kl must be null or a list of {{stage, block, sum, count}}, got {partial_kl!r:.200}")
+        spe = attrs.get("steps_per_epoch")
+        if spe is not None and not whole(spe, 1, float("inf")):
+            raise damaged(f"steps_per_epoch must be null or a positive whole number, got {spe!r}")
+        return dict(windows_done=done, history=list(history), partial_window=partial, partial_kl=partial_kl,
+                    steps_per_epoch=spe)
 
     def _check_same_epochs(self, saved: Optional[int]) -> None:
         """The Trainer re-counts a resumed run's epochs as ``global_step // steps per epoch`` with the new run's
