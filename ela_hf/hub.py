@@ -245,7 +245,11 @@ def load_pruning_history(history: Union[None, PathLike, Mapping, Sequence]) -> O
     """
     if history is None:
         return None
-    history, source = _read_history(history)
+    return _parse_history(*_read_history(history))
+
+
+def _parse_history(history: Any, source: str) -> Dict[str, Any]:
+    """:func:`load_pruning_history` of content already read; ``source`` names it in errors."""
     if isinstance(history, Mapping):
         selector = history.get("selector")
         windows = history.get("decisions")
@@ -697,7 +701,10 @@ def export_pruned(
     state = {k: v.detach().to("cpu").contiguous() for k, v in slim_state_dict(net).items()}
     if verify:
         _verify_slim(net, slim_config, state)
-    history = load_pruning_history(pruning_history)
+    history = raw_history = None
+    if pruning_history is not None:  # read once: parsed for the card, written back as standard JSON
+        raw_history, source = _read_history(pruning_history)
+        history = _parse_history(raw_history, source)
     _check_history_fits(history, net, config.architecture)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -710,7 +717,7 @@ def export_pruned(
         plot_file = None
         if history is not None:
             with open(tmp / HISTORY_NAME, "w", encoding="utf-8") as f:
-                json.dump(_plain_json(_read_history(pruning_history)[0]), f, indent=2, allow_nan=False)
+                json.dump(_plain_json(raw_history), f, indent=2, allow_nan=False)
             if _plot_history(history, tmp / PLOT_NAME):
                 plot_file = PLOT_NAME
         card = render_model_card(
