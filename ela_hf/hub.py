@@ -30,6 +30,7 @@ window's end) are optional.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import json
@@ -49,7 +50,14 @@ import torch
 import torch.nn as nn
 
 from .hf.configuration_ela import ElaConfig, default_pretrained_cfg
-from .hf.modeling_ela import _PROCESS_TAGGED, ElaPreTrainedModel, _process_gone, _process_tag, build_timm_network
+from .hf.modeling_ela import (
+    _PROCESS_TAGGED,
+    ElaPreTrainedModel,
+    _process_gone,
+    _process_tag,
+    _remove_abandoned_folders,
+    build_timm_network,
+)
 from .models import get_skip_mask, slim_state_dict
 from .models.ela_resnet import LayerAttentionResNet, LayerAttentionStage
 
@@ -833,18 +841,8 @@ def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
 _PUSH_PREFIX = "ela_hf-push-"
 
 
-def _clean_up_abandoned_pushes() -> None:
-    """Delete the temporary folders of pushes whose process died (killed mid-export or mid-upload) on this host:
-    ``TemporaryDirectory`` removes its folder only when the process lives to leave the ``with`` block."""
-    pattern = re.compile(re.escape(_PUSH_PREFIX) + _PROCESS_TAGGED)
-    try:
-        entries = list(os.scandir(tempfile.gettempdir()))
-    except OSError:
-        return
-    for entry in entries:
-        match = pattern.fullmatch(entry.name)
-        if match and entry.is_dir(follow_symlinks=False) and _process_gone(match["host"], match["pid"]):
-            shutil.rmtree(entry.path, ignore_errors=True)
+# a push's temporary folder: TemporaryDirectory removes it only when the process lives to leave the with block
+_PUSH_FOLDER = re.compile(re.escape(_PUSH_PREFIX) + _PROCESS_TAGGED)
 
 
 def push_pruned_to_hub(
@@ -880,7 +878,8 @@ def push_pruned_to_hub(
     net, _ = _network_and_config(model)
     skipped = sum(sum(s) for s in get_skip_mask(net)) if net.attn_type is not None else 0
     card_revision = None if create_pr else revision
-    _clean_up_abandoned_pushes()
+    with contextlib.suppress(OSError):  # (a temp folder that cannot be listed has nothing to clean up)
+        _remove_abandoned_folders(tempfile.gettempdir(), _PUSH_FOLDER)  # of pushes killed mid-export or mid-upload
     with tempfile.TemporaryDirectory(prefix=f"{_PUSH_PREFIX}{_process_tag()}-") as tmp:
         folder = export_pruned(model, Path(tmp) / "release", repo_id=repo_id, revision=card_revision, **export_kwargs)
         # only asked when it matters: whether private= can take effect

@@ -266,7 +266,7 @@ class ElaPreTrainedModel(PreTrainedModel):
         # files in, then delete the earlier weight files this save did not replace: the earlier weights stay
         # loadable until the new ones are complete (an interrupted save leaves them, and a hidden folder that
         # the next save here deletes)
-        _remove_abandoned_saves(save_directory)
+        _remove_abandoned_folders(save_directory)
         prefix = f"{_SAVE_PREFIX}{_process_tag()}-"
         with tempfile.TemporaryDirectory(prefix=prefix, dir=save_directory) as tmp:
             result = super().save_pretrained(tmp, *args, state_dict=state_dict, **kwargs)
@@ -375,19 +375,20 @@ _WEIGHT_FILE = re.compile(
 
 
 _SAVE_PREFIX = ".save-"
-# .save-<host>-<pid>-<tempfile's 8 random characters>
-# hidden folders named after the process writing them (<host>-<pid>-), then tempfile's 8 random characters
+# working folders named after the process writing them (<host>-<pid>-), then tempfile's 8 random characters:
+# .save-<host>-<pid>-xxxxxxxx
 _PROCESS_TAGGED = r"(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]{8}"
 _SAVE_FOLDER = re.compile(re.escape(_SAVE_PREFIX) + _PROCESS_TAGGED)
 
 
-def _remove_abandoned_saves(folder) -> None:
-    """Delete the hidden folders of saves into ``folder`` whose process died mid-save (killed, out of memory).
+def _remove_abandoned_folders(folder, pattern: re.Pattern = _SAVE_FOLDER) -> None:
+    """Delete the working folders in ``folder`` named by ``pattern`` (default: those of saves into ``folder``)
+    whose process died before removing them (killed, out of memory).
 
     Only folders of this host's processes that no longer exist: a save running elsewhere keeps its folder.
     """
     for entry in os.scandir(folder):
-        match = _SAVE_FOLDER.fullmatch(entry.name)
+        match = pattern.fullmatch(entry.name)
         if match is not None and entry.is_dir(follow_symlinks=False) and _process_gone(match["host"], match["pid"]):
             shutil.rmtree(entry.path, ignore_errors=True)
 
