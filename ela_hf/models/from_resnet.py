@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Union
+from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -78,7 +78,7 @@ def _plain_name(model: nn.Module) -> str:
 def _variant_mismatch(own: Mapping[str, torch.Tensor], source: Mapping[str, torch.Tensor], plain: str) -> str:
     """Why ``source`` is another ResNet variant than the model (stem, downsampling), or ''."""
 
-    def kind(state) -> str:
+    def kind(state) -> Tuple[Optional[str], Optional[str]]:
         stem = "deep 3x3" if "conv1.0.weight" in state else "7x7" if "conv1.weight" in state else None
         # ResNet-D: average pool then 1x1 conv (downsample.1 is the conv); plain: strided conv then BN
         down = next((state[k] for k in sorted(state) if re.match(r"layer\d+\.0\.downsample\.1\.weight$", k)), None)
@@ -154,7 +154,7 @@ def init_from_resnet(
     extra_blocks = sorted(_blocks(report.unexpected) - own_blocks, key=_block_order)
     if extra_blocks:
         mismatched.append(f"blocks the model does not have, e.g. {extra_blocks[:2]} (a deeper ResNet?)")
-    in_blocks = [k for k in report.unexpected if _BLOCK.match(k) and _BLOCK.match(k).group(1) in own_blocks]
+    in_blocks = [k for k in report.unexpected if (m := _BLOCK.match(k)) and m.group(1) in own_blocks]
     if in_blocks:
         mismatched.append(
             f"weights a plain ResNet block does not have, e.g. {in_blocks[:2]} (squeeze-excitation or another "
@@ -173,7 +173,8 @@ def init_from_resnet(
     absent = [k for k in backbone if k not in to_load]
     if absent:
         # blocks the checkpoint lacks while it has others (a checkpoint with none is no ResNet)
-        fewer = sorted(own_blocks - _blocks(source), key=_block_order) if _blocks(source) else []
+        source_blocks = _blocks(source)
+        fewer = sorted(own_blocks - source_blocks, key=_block_order) if source_blocks else []
         why = (f"it has no blocks {fewer[:3]} (a shallower ResNet?); use a plain ResNet of the same depth{like}"
                if fewer else f"is it a plain ResNet of the same architecture{like}?")
         raise ValueError(
