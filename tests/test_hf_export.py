@@ -304,6 +304,131 @@ def test_a_save_in_another_layout_removes_the_earlier_weight_files(tmp_path, mon
     assert load_file(str(tmp_path / "model.safetensors")).keys() == before.keys()
 
 
+def _save_steps(model, folder, **kwargs) -> int:
+    """How many file-system changes (os.replace / os.remove / os.link) ``model.save_pretrained`` makes."""
+    calls = []
+    patched = {name: getattr(os, name) for name in ("replace", "remove", "link")}
+    try:
+        for name, real in patched.items():
+            setattr(os, name, lambda *a, _real=real, **k: (calls.append(a), _real(*a, **k))[1])
+        model.save_pretrained(folder, **kwargs)
+    finally:
+        for name, real in patched.items():
+            setattr(os, name, real)
+    return len(calls)
+
+
+class _Crash(BaseException):
+    pass
+
+
+def _save_interrupted(model, folder, step: int, **kwargs) -> None:
+    """``model.save_pretrained`` stopped just before its ``step``-th file-system change (0-based)."""
+    calls = []
+    patched = {name: getattr(os, name) for name in ("replace", "remove", "link")}
+
+    def change(real, *args, **kw):
+        if len(calls) == step:
+            raise _Crash
+        calls.append(args)
+        return real(*args, **kw)
+
+    try:
+        for name, real in patched.items():
+            setattr(os, name, lambda *a, _real=real, **k: change(_real, *a, **k))
+        with pytest.raises(_Crash):
+            model.save_pretrained(folder, **kwargs)
+    finally:
+        for name, real in patched.items():
+            setattr(os, name, real)
+
+
+def _which_save(folder, saves: dict):
+    """The name of the save in ``saves`` whose every tensor ``folder`` loads; 'none' when it loads no weights."""
+    try:
+        loaded = AutoModelForImageClassification.from_pretrained(folder).state_dict()
+    except (OSError, ValueError) as err:
+        names = sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+        read_first = {"model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"}
+        if read_first & set(names):  # weights with a config.json of another skip mask: refused by name
+            assert "skip" in str(err), (err, names)
+            return "refused"
+        return "none"  # no weights yet (shards without their index are not read)
+    whole = [name for name, model in saves.items()
+             if all(torch.equal(value, model.state_dict()[key]) for key, value in loaded.items())]
+    assert whole, f"{folder} loads a mix of saves: {sorted(p.name for p in folder.iterdir())}"
+    return whole[0]
+
+
+def _write_bin(model, folder):
+    """An earlier save in the PyTorch format (transformers 4 wrote it; transformers 5 still reads it)."""
+    folder.mkdir()
+    model.config.save_pretrained(folder)
+    torch.save({k.removeprefix("timm_model."): v for k, v in model.state_dict().items()}, folder / "pytorch_model.bin")
+
+
+@pytest.mark.parametrize("earlier, later, mask", [
+    ("300KB", "300KB", None),  # shards of the same names replaced one by one
+    ("300KB", "300KB", MASK),  # a config.json of another skip mask
+    (None, "300KB", None),  # model.safetensors (read first) under new shards
+    (None, None, MASK),
+    ("300KB", None, None),
+    ("bin", None, None),  # pytorch_model.bin under model.safetensors
+    ("bin", "300KB", None),
+    ("fresh", "300KB", None),  # no earlier save
+    ("fresh", None, None),
+])
+def test_an_interrupted_save_leaves_one_whole_save_loadable(tmp_path, earlier, later, mask):
+    torch.manual_seed(0)
+    old = ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=2)).eval()
+    torch.manual_seed(1)
+    new = ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=2)).eval()
+    if mask is not None:
+        new.set_skip_mask(mask)  # pruned since the earlier save
+    shard = {} if later is None else {"max_shard_size": later}
+
+    def earlier_save(folder):
+        if earlier == "bin":
+            _write_bin(old, folder)
+        elif earlier != "fresh":
+            old.save_pretrained(folder, **({} if earlier is None else {"max_shard_size": earlier}))
+
+    earlier_save(tmp_path / "count")
+    steps = _save_steps(new, tmp_path / "count", **shard)
+    assert steps >= 2
+    seen = []
+    for step in range(steps):
+        folder = tmp_path / f"step{step}"
+        earlier_save(folder)
+        _save_interrupted(new, folder, step, **shard)
+        seen.append(_which_save(folder, {"old": old, "new": new}))
+    before = "none" if earlier == "fresh" else "old"
+    # the earlier save is loaded, whole, until one step switches to the new one, whole; never back. With
+    # another mask, the step between config.json and the commit is refused by name, never loaded
+    assert seen[0] == before and seen == sorted(seen, key=[before, "refused", "new"].index)
+    assert seen.count("refused") == (mask is not None and earlier != "fresh"), seen
+    # and the next save there finishes the job: only its own files are left
+    new.save_pretrained(folder, **shard)
+    expected = sorted(os.listdir(tmp_path / "count"))
+    assert sorted(os.listdir(folder)) == expected and not [n for n in expected if n.startswith(".")]
+    assert _which_save(folder, {"new": new}) == "new"
+
+
+def test_a_first_save_that_fails_leaves_no_half_written_weights(tmp_path, monkeypatch):
+    import transformers.modeling_utils
+
+    def broken_save(tensors, filename, *args, **kwargs):
+        with open(filename, "wb") as f:
+            f.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", broken_save)
+    model = ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=2))
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(tmp_path / "fresh")
+    assert os.listdir(tmp_path / "fresh") == [], "no config.json without weights, no truncated model.safetensors"
+
+
 def test_a_variant_with_another_skip_mask_is_refused_next_to_default_weights(tmp_path, images):
     model = ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=2)).eval()
     model.save_pretrained(tmp_path)

@@ -254,29 +254,21 @@ class ElaPreTrainedModel(PreTrainedModel):
                                            kwargs["variant"])
         plain = (
             not writes
-            or not os.path.isdir(save_directory)
-            or not _weight_files(save_directory)
+            or os.path.isfile(save_directory)  # transformers' own error
             or kwargs.get("variant")  # model.<variant>.safetensors sits next to the default files on purpose
             or kwargs.get("push_to_hub")  # transformers pushes the folder it saved into
         )
         if plain:
             return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
-        # weight files of an earlier save in another layout (e.g. model.safetensors under a new sharded
-        # save) would be loaded instead of the new weights. Save into a hidden folder inside, move the new
-        # files in, then delete the earlier weight files this save did not replace: the earlier weights stay
-        # loadable until the new ones are complete (an interrupted save leaves them, and a hidden folder that
-        # the next save here deletes)
+        # Save into a hidden folder inside, then move the files in (see _move_in): the folder loads the
+        # earlier save, complete, until the new one is complete, never a half-written file or a mix of the
+        # two saves' shards. An interrupted save leaves a hidden folder that the next save here deletes.
+        os.makedirs(save_directory, exist_ok=True)
         _remove_abandoned_folders(save_directory)
         prefix = f"{_SAVE_PREFIX}{_process_tag()}-"
         with tempfile.TemporaryDirectory(prefix=prefix, dir=save_directory) as tmp:
             result = super().save_pretrained(tmp, *args, state_dict=state_dict, **kwargs)
-            written = sorted(os.listdir(tmp))
-            for name in written:
-                os.replace(os.path.join(tmp, name), os.path.join(save_directory, name))
-        if any(_WEIGHT_FILE.fullmatch(name) for name in written):  # only a save that wrote weights replaces them
-            for name in _weight_files(save_directory):
-                if name not in written:
-                    os.remove(os.path.join(save_directory, name))
+            _move_in(tmp, save_directory)
         return result
 
     @classmethod
@@ -411,6 +403,103 @@ def _process_gone(host: str, pid) -> bool:
     return False
 
 
+# the default weight files in the order transformers' from_pretrained (and the Trainer's resume) looks for
+# them in a folder: the first one present is the one read
+_LOAD_ORDER = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+# an earlier save's shard kept under another name while a new save replaces the shard (see _keep_shards_read)
+_KEPT_SHARD = re.compile(r"\.replaced-[0-9a-f]{8}-.+")
+
+
+def _read_first(names) -> str | None:
+    """Of the weight files ``names``, the one transformers reads (an index for sharded weights)."""
+    return next((name for name in _LOAD_ORDER if name in names), None)
+
+
+def _files_read(folder) -> list[str]:
+    """The default weight files transformers loads from ``folder``: its single file, or the shards its index
+    names (not leftovers beside them); empty when there are none or the index is unreadable."""
+    first = _read_first(_weight_files(folder))
+    if first is None or not first.endswith(".json"):
+        return [] if first is None else [first]
+    try:
+        with open(os.path.join(folder, first), encoding="utf-8") as f:
+            return sorted(set(json.load(f)["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+
+
+def _move_in(tmp, folder) -> None:
+    """Move a complete save from ``tmp`` into ``folder``, over an earlier save, so that an interruption at any
+    point leaves ``folder`` loading one save whole: the earlier one or the new one.
+
+    The commit is the step that makes the new save's first-read file (its single weight file or its index,
+    see ``_LOAD_ORDER``) the one transformers reads: it is moved in after the new shards, and an earlier
+    file read before it (``model.safetensors`` under a new ``pytorch_model.bin``) is deleted after it. Earlier
+    shards that a new shard of the same name replaces are first kept under hidden names that the earlier
+    index is rewritten to point to. Earlier weight files this save did not write go once it is committed
+    (they would be loaded instead of the new weights, or confuse a reader). ``config.json`` moves in just
+    before the commit: an interruption between the two leaves the new config with the earlier weights, which
+    ``from_pretrained`` refuses when their skip masks differ.
+    """
+    written = sorted(os.listdir(tmp))
+    weights = [name for name in written if _WEIGHT_FILE.fullmatch(name)]
+    commit = _read_first(weights)
+    if commit is None:  # a save without weights (only a config): nothing to replace
+        for name in written:
+            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+        return
+    earlier = _weight_files(folder)
+    first_read = _read_first(earlier)
+    if first_read is not None and first_read.endswith(".json"):
+        _keep_shards_read(folder, first_read, set(weights) - {commit})
+    # the new shards (not read before their index), the other files, then the commit
+    for name in [n for n in weights if n != commit] + [n for n in written if n not in weights] + [commit]:
+        os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+    # earlier files read before the new commit go from the least to the most preferred: the earlier save
+    # stays the one read until the last of them goes; then the rest (their shards, files read after)
+    stale = [name for name in earlier if name not in written]
+    ahead = [name for name in reversed(_LOAD_ORDER[:_LOAD_ORDER.index(commit)]) if name in stale]
+    for name in ahead + [name for name in stale if name not in ahead]:
+        os.remove(os.path.join(folder, name))
+    for entry in os.scandir(folder):  # shards kept for an earlier index: none is read any more
+        if _KEPT_SHARD.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            os.remove(entry.path)
+
+
+def _keep_shards_read(folder, index_name: str, replaced: set[str]) -> None:
+    """Point the index ``index_name`` in ``folder`` at hidden copies of its shards that a new save replaces
+    (``replaced``), so it keeps loading its own weights until the new index is moved in over it.
+
+    The copies are hard links where the file system has them (no data is written), full copies otherwise.
+    """
+    path = os.path.join(folder, index_name)
+    try:
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+        weight_map = dict(index["weight_map"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # an unreadable index loads nothing already: nothing to keep
+    shards = sorted(set(weight_map.values()) & replaced)
+    if not shards:
+        return
+    tag = os.urandom(4).hex()
+    kept = {}
+    for shard in shards:
+        target = f".replaced-{tag}-{shard}"
+        try:
+            os.link(os.path.join(folder, shard), os.path.join(folder, target))
+        except FileNotFoundError:
+            continue  # missing already: the index did not load before either
+        except OSError:  # no hard links on this file system
+            shutil.copyfile(os.path.join(folder, shard), os.path.join(folder, target))
+        kept[shard] = target
+    index["weight_map"] = {key: kept.get(shard, shard) for key, shard in weight_map.items()}
+    rewritten = os.path.join(folder, f".replaced-{tag}-{index_name}")
+    with open(rewritten, "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=2, sort_keys=True)
+    os.replace(rewritten, path)
+
+
 def _check_variant_shares_the_mask(folder, config, mask, variant: str) -> None:
     """A ``variant=`` save rewrites the ``config.json`` that the folder's other weights (the default ones, other
     variants) are loaded with: refuse one whose skip mask differs from theirs (they would no longer load)."""
@@ -454,7 +543,7 @@ def _saved_skip_flags(folder) -> dict[str, bool] | None:
     from safetensors import safe_open
 
     flags = {}
-    for name in _weight_files(folder):
+    for name in _files_read(folder):
         file = os.path.join(folder, name)
         if name.endswith(".safetensors"):
             with safe_open(file, framework="pt") as f:
