@@ -562,7 +562,6 @@ def test_a_features_only_backbone_is_exported_through_the_full_network(tmp_path)
 def test_the_next_save_deletes_the_hidden_folder_of_a_killed_save(tmp_path):
     """A process killed while moving a save's files in leaves its hidden folder (full weights); the next
     save into that folder deletes it, but not the folder of a save still running (or on another host)."""
-    import socket
     import subprocess
     import sys
     import textwrap
@@ -580,7 +579,7 @@ def test_the_next_save_deletes_the_hidden_folder_of_a_killed_save(tmp_path):
     assert proc.returncode == 3, proc.stderr
     left = [p for p in target.iterdir() if p.name.startswith(".save-")]
     assert len(left) == 1 and (left[0] / "model.safetensors").is_file()
-    host = socket.gethostname()
+    host = ela_hf.hf.modeling_ela._host_tag()
     running = target / f".save-{host}-{os.getpid()}-abcd1234"  # this process: alive
     elsewhere = target / f".save-otherhost-{left[0].name.split('-')[-2]}-abcd1234"  # a dead pid there
     running.mkdir(), elsewhere.mkdir()
@@ -589,12 +588,36 @@ def test_the_next_save_deletes_the_hidden_folder_of_a_killed_save(tmp_path):
     assert sorted(p.name for p in target.iterdir() if p.name.startswith(".")) == sorted([running.name, elsewhere.name])
 
 
+def test_a_save_of_another_pid_namespace_keeps_its_working_folder(tmp_path, monkeypatch):
+    """A container sharing this host's name and the folder numbers its processes apart: a PID that is gone
+    here may be its running save. Its working folder is named apart and left alone; ours of a dead PID goes."""
+    import subprocess
+    import sys
+
+    import ela_hf.hf.modeling_ela as modeling
+
+    ours = modeling._pid_namespace()
+    if ours is None:
+        pytest.skip("this system does not say which PID namespace a process is in")
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+    model = ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=2))
+    model.save_pretrained(tmp_path)
+    monkeypatch.setattr(modeling, "_pid_namespace", lambda: ours + 1)  # as the other container names it
+    theirs = tmp_path / f".save-{modeling._process_tag().rsplit('-', 1)[0]}-{dead}-abcd1234"
+    monkeypatch.undo()
+    mine = tmp_path / f".save-{modeling._process_tag().rsplit('-', 1)[0]}-{dead}-abcd1234"
+    assert theirs != mine
+    theirs.mkdir(), mine.mkdir()
+    model.save_pretrained(tmp_path)
+    assert theirs.is_dir() and not mine.exists()
+
+
 @pytest.mark.parametrize("killed_at", ["writing", "replacing"])
 def test_the_next_export_cleans_up_after_a_killed_one(tmp_path, killed_at):
     """A process killed while writing an export leaves its hidden `.partial-` folder (deleted by the next export
     there); one killed between parking the earlier export and renaming the new one into place leaves no release
     at all: the next export puts the earlier one back first (then replaces it only with overwrite=True)."""
-    import socket
     import subprocess
     import sys
     import textwrap
@@ -616,7 +639,7 @@ def test_the_next_export_cleans_up_after_a_killed_one(tmp_path, killed_at):
         assert target.is_dir() and [h.split("-")[0] for h in hidden] == [".release.partial"]
     else:
         assert not target.exists() and [h.split("-")[0] for h in hidden] == [".release.old", ".release.partial"]
-    host = socket.gethostname()
+    host = ela_hf.hf.modeling_ela._host_tag()
     running = tmp_path / f".release.partial-{host}-{os.getpid()}-abcd1234"  # this process: alive
     running.mkdir()
     pruned = _pruned_timm_model(mask=[[False, True], [False, True], [False, True]])

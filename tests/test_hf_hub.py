@@ -83,7 +83,6 @@ def test_failed_export_uploads_nothing(local_hub, monkeypatch):
 def test_the_next_push_deletes_the_temporary_folder_of_a_killed_one(local_hub, tmp_path, monkeypatch):
     """A push killed mid-upload left its whole release (weights included) in the temp folder for good."""
     import os
-    import socket
     import subprocess
     import sys
     import tempfile
@@ -101,9 +100,9 @@ def test_the_next_push_deletes_the_temporary_folder_of_a_killed_one(local_hub, t
                           env=dict(os.environ, TMPDIR=str(temp)))
     assert proc.returncode == 3, proc.stderr
     left = [p.name for p in temp.iterdir()]
-    assert len(left) == 1 and left[0].startswith(f"ela_hf-push-{socket.gethostname()}-")
+    assert len(left) == 1 and left[0].startswith(f"ela_hf-push-{ela_hf.hf.modeling_ela._host_tag()}-")
     assert (temp / left[0] / "release" / "model.safetensors").is_file()
-    running = temp / f"ela_hf-push-{socket.gethostname()}-{os.getpid()}-abcd1234"  # this process: alive
+    running = temp / f"ela_hf-push-{ela_hf.hf.modeling_ela._host_tag()}-{os.getpid()}-abcd1234"  # this process: alive
     running.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
     ela_hf.push_pruned_to_hub(_pruned(), f"{local_hub.user}/ela-r20-killed", token=local_hub.token, verify=False)

@@ -387,12 +387,29 @@ def _remove_abandoned_folders(folder, pattern: re.Pattern = _SAVE_FOLDER) -> Non
 
 def _process_tag() -> str:
     """``<host>-<pid>`` of this process, as hidden working folders are named (see :func:`_process_gone`)."""
-    return f"{socket.gethostname()}-{os.getpid()}"
+    return f"{_host_tag()}-{os.getpid()}"
+
+
+def _host_tag() -> str:
+    """This host as working folders name it: its name and, where the system says, its PID namespace
+    (``<name>~<namespace>``): a container that shares the host's name and a folder with us numbers its
+    processes apart, so its PIDs cannot be checked here."""
+    namespace = _pid_namespace()
+    return socket.gethostname() if namespace is None else f"{socket.gethostname()}~{namespace}"
+
+
+def _pid_namespace() -> int | None:
+    """The PID namespace of this process (Linux), None where the system does not say."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
 
 
 def _process_gone(host: str, pid) -> bool:
-    """The process ``pid`` of ``host`` no longer exists (False for other hosts: they cannot be checked)."""
-    if host != socket.gethostname():
+    """The process ``pid`` of ``host`` no longer exists (False for other hosts and other PID namespaces: their
+    processes cannot be checked from here)."""
+    if host != _host_tag():
         return False
     try:
         os.kill(int(pid), 0)
