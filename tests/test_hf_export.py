@@ -304,31 +304,18 @@ def test_a_save_in_another_layout_removes_the_earlier_weight_files(tmp_path, mon
     assert load_file(str(tmp_path / "model.safetensors")).keys() == before.keys()
 
 
-def _save_steps(model, folder, **kwargs) -> int:
-    """How many file-system changes (os.replace / os.remove / os.link) ``model.save_pretrained`` makes."""
-    calls = []
-    patched = {name: getattr(os, name) for name in ("replace", "remove", "link")}
-    try:
-        for name, real in patched.items():
-            setattr(os, name, lambda *a, _real=real, **k: (calls.append(a), _real(*a, **k))[1])
-        model.save_pretrained(folder, **kwargs)
-    finally:
-        for name, real in patched.items():
-            setattr(os, name, real)
-    return len(calls)
-
-
 class _Crash(BaseException):
     pass
 
 
-def _save_interrupted(model, folder, step: int, **kwargs) -> None:
-    """``model.save_pretrained`` stopped just before its ``step``-th file-system change (0-based)."""
+def _save_counting_changes(model, folder, crash_at: int | None = None, **kwargs) -> int:
+    """``model.save_pretrained``, counting its file-system changes (os.replace / os.remove / os.link); with
+    ``crash_at``, stopped just before that change (0-based), as a kill would stop it."""
     calls = []
     patched = {name: getattr(os, name) for name in ("replace", "remove", "link")}
 
     def change(real, *args, **kw):
-        if len(calls) == step:
+        if len(calls) == crash_at:
             raise _Crash
         calls.append(args)
         return real(*args, **kw)
@@ -336,11 +323,15 @@ def _save_interrupted(model, folder, step: int, **kwargs) -> None:
     try:
         for name, real in patched.items():
             setattr(os, name, lambda *a, _real=real, **k: change(_real, *a, **k))
-        with pytest.raises(_Crash):
+        if crash_at is None:
             model.save_pretrained(folder, **kwargs)
+        else:
+            with pytest.raises(_Crash):
+                model.save_pretrained(folder, **kwargs)
     finally:
         for name, real in patched.items():
             setattr(os, name, real)
+    return len(calls)
 
 
 def _which_save(folder, saves: dict):
@@ -394,13 +385,13 @@ def test_an_interrupted_save_leaves_one_whole_save_loadable(tmp_path, earlier, l
             old.save_pretrained(folder, **({} if earlier is None else {"max_shard_size": earlier}))
 
     earlier_save(tmp_path / "count")
-    steps = _save_steps(new, tmp_path / "count", **shard)
+    steps = _save_counting_changes(new, tmp_path / "count", **shard)
     assert steps >= 2
     seen = []
     for step in range(steps):
         folder = tmp_path / f"step{step}"
         earlier_save(folder)
-        _save_interrupted(new, folder, step, **shard)
+        _save_counting_changes(new, folder, crash_at=step, **shard)
         seen.append(_which_save(folder, {"old": old, "new": new}))
     before = "none" if earlier == "fresh" else "old"
     # the earlier save is loaded, whole, until one step switches to the new one, whole; never back. With

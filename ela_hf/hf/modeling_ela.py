@@ -451,7 +451,7 @@ def _move_in(tmp, folder) -> None:
 
     The commit is the step that makes the new save's first-read file (its single weight file or its index,
     see ``_LOAD_ORDER``) the one transformers reads: it is moved in after the new shards, and an earlier
-    file read before it (``model.safetensors`` under a new ``pytorch_model.bin``) is deleted after it. Earlier
+    file read before it (``model.safetensors`` under new shards) is deleted last. Earlier
     shards that a new shard of the same name replaces are first kept under hidden names that the earlier
     index is rewritten to point to. Earlier weight files this save did not write go once it is committed
     (they would be loaded instead of the new weights, or confuse a reader). ``config.json`` moves in just
@@ -472,11 +472,10 @@ def _move_in(tmp, folder) -> None:
     # the new shards (not read before their index), the other files, then the commit
     for name in [n for n in weights if n != commit] + [n for n in written if n not in weights] + [commit]:
         os.replace(os.path.join(tmp, name), os.path.join(folder, name))
-    # earlier files read before the new commit go from the least to the most preferred: the earlier save
-    # stays the one read until the last of them goes; then the rest (their shards, files read after)
-    stale = [name for name in earlier if name not in written]
-    ahead = [name for name in reversed(_LOAD_ORDER[:_LOAD_ORDER.index(commit)]) if name in stale]
-    for name in ahead + [name for name in stale if name not in ahead]:
+    # earlier files this save did not write; the one transformers read goes last: while it is there it is
+    # read (the earlier save, whole), so deleting it is the commit when it is read before the new one
+    stale = sorted(set(earlier) - set(written), key=lambda name: (name == first_read, name))
+    for name in stale:
         os.remove(os.path.join(folder, name))
     for entry in os.scandir(folder):  # shards kept for an earlier index: none is read any more
         if _KEPT_SHARD.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
