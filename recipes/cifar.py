@@ -13,6 +13,8 @@ rescaled to fit. Every ``TrainingArguments`` option works too (``--bf16``, ``--g
 Writes to ``--output_dir``: Trainer checkpoints (full structure: ``--resume_from_checkpoint`` continues
 them), the final full model, ``pruning_history.json``, ``eval_results.json``, and the slim Hub-ready
 release with its model card in ``<output_dir>/export`` (pushed with ``--push_to_hub --hub_model_id ...``).
+The run's command plus ``--resume_from_checkpoint last --export_only`` evaluates and exports (pushes) a
+finished run again without training, e.g. after a run stopped during its export.
 """
 import logging
 import os
@@ -36,6 +38,7 @@ from ela_hf.training import (
     build_selector,
     build_transforms,
     card_settings,
+    check_checkpoint_finished,
     check_checkpoint_unfinished,
     check_export_dir,
     check_training_arguments,
@@ -47,6 +50,7 @@ from ela_hf.training import (
     create_step_scheduler,
     format_summary,
     hub_dataset_id,
+    load_finished_run,
     load_image_dataset,
     log_rank_result,
     prepare_splits,
@@ -163,7 +167,10 @@ def main(argv=None):
     )
     schedule = resolve_schedule(base_schedule, args, training_args.num_train_epochs, training_args.max_steps,
                                 steps_per_epoch, has_attention=has_attention, pruned_by_default=prune)
-    check_checkpoint_unfinished(checkpoint, schedule.run_steps)
+    if args.export_only:
+        check_checkpoint_finished(checkpoint, schedule.run_steps)
+    else:
+        check_checkpoint_unfinished(checkpoint, schedule.run_steps)
     ddp_for_pruning(training_args, schedule, checkpoint)  # DDP must search for skipped layers' unused parameters
     logger.info(f"{args.dataset}: {len(train_ds)} training images, {len(eval_ds)} from {eval_name!r}, "
                 f"{len(labels)} classes; input {data_config['input_size']}")
@@ -179,7 +186,10 @@ def main(argv=None):
         drop_path_rate=args.drop_path_rate if has_attention else 0.0,  # it acts on the attention branch
         pretrained_cfg=pretrained_cfg,
     )
-    model = ElaForImageClassification(config)
+    if args.export_only:  # the finished run's trained model, and the pruning decisions its checkpoint keeps
+        model, finished_history = load_finished_run(checkpoint, config)
+    else:
+        model = ElaForImageClassification(config)
 
     # ---------------------------------------------------------------------------------------------
     # 4. optimizer, step schedule, pruning windows
@@ -192,12 +202,13 @@ def main(argv=None):
     timer = EpochTimerCallback()
     callbacks = [timer]
     pruning = None
-    if schedule.kl_windows:
+    if not schedule.kl_windows:
+        selector = None  # nothing is pruned: the card names no selector
+    elif not args.export_only:
         pruning = ElaPruningCallback(schedule.kl_windows, selector, schedule.window_unit)
         callbacks.append(pruning)
-    else:
-        selector = None  # nothing is pruned: the card names no selector
-    remove_stale_pruning_history(training_args, resuming=checkpoint is not None, pruning=pruning is not None)
+    if not args.export_only:
+        remove_stale_pruning_history(training_args, resuming=checkpoint is not None, pruning=pruning is not None)
 
     # ---------------------------------------------------------------------------------------------
     # 5. train
@@ -212,11 +223,12 @@ def main(argv=None):
         optimizers=(optimizer, scheduler),
         callbacks=callbacks,
     )
-    train_result = trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model()
-    trainer.log_metrics("train", train_result.metrics)
-    trainer.save_metrics("train", train_result.metrics)
-    trainer.save_state()
+    if not args.export_only:
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()
+        trainer.log_metrics("train", train_result.metrics)
+        trainer.save_metrics("train", train_result.metrics)
+        trainer.save_state()
 
     # ---------------------------------------------------------------------------------------------
     # 6. evaluate, export the slim release with its model card, push, summarise
@@ -228,9 +240,12 @@ def main(argv=None):
     export_dir = args.export_dir or os.path.join(training_args.output_dir, "export")
     if trainer.is_world_process_zero():
         history = os.path.join(training_args.output_dir, "pruning_history.json")
+        if args.export_only:
+            history = finished_history
+        elif pruning is None or not os.path.exists(history):
+            history = None  # this run's decisions only: a file left by an earlier run is not this model's
         export_kwargs = dict(
-            # this run's decisions only: a file left by an earlier run in output_dir is not this model's
-            pruning_history=history if pruning is not None and os.path.exists(history) else None,
+            pruning_history=history,
             training_args=card_settings("cifar", args, training_args, schedule, learning_rate, total_batch_size,
                                         selector),
             metrics={k: v for k, v in metrics.items() if k in ("eval_top1", "eval_top5", "eval_loss")},

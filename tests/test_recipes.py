@@ -145,9 +145,40 @@ def test_cifar_recipe_trains_prunes_exports_and_resumes(tmp_path, monkeypatch):
     # replace the run's train metrics); a longer run trains on from it
     assert (resumed / "checkpoint-4").is_dir()
     before = json.loads((resumed / "train_results.json").read_text())
-    with pytest.raises(ValueError, match=r"checkpoint-4' has already trained 4 of this run's 4 steps"):
+    with pytest.raises(ValueError, match=r"checkpoint-4' has already trained 4 of this run's 4 steps.*"
+                                         r"add --export_only to evaluate and export it"):
         cifar.main(_common(resumed, data, tmp_path / "cache") + args + ["--resume_from_checkpoint", "last"])
     assert json.loads((resumed / "train_results.json").read_text()) == before
+
+    # --export_only: that finished checkpoint evaluated and exported again (a run stopped during its export),
+    # training nothing; the card's pruning history is the one the checkpoint keeps
+    evaluated = json.loads((resumed / "eval_results.json").read_text())
+    shutil.rmtree(resumed / "export")
+    (resumed / "pruning_history.json").unlink()
+    again = cifar.main(_common(resumed, data, tmp_path / "cache") + args
+                       + ["--resume_from_checkpoint", "last", "--export_only"])
+    assert json.loads((resumed / "train_results.json").read_text()) == before
+    assert not (resumed / "checkpoint-5").exists()
+    assert again["eval_top1"] == evaluated["eval_top1"] and again["eval_loss"] == pytest.approx(evaluated["eval_loss"])
+    config, card = _check_export(resumed, len(CLASSES))
+    assert config["skip_mask"] == mask and "Pruning history" in card
+    released = json.loads((resumed / "export" / "pruning_history.json").read_text())
+    assert released["decisions"] == history["decisions"] and released["windows"] == history["windows"]
+    slim = load_file(str(resumed / "export" / "model.safetensors"))
+    assert torch.equal(slim["fc.weight"], load_file(str(resumed / "checkpoint-4" / "model.safetensors"))["fc.weight"])
+    # a checkpoint that has not finished this run, or of other classes, is refused before anything is written
+    shutil.rmtree(resumed / "export")
+    with pytest.raises(ValueError, match=r"--export_only: .*checkpoint-2' has trained 2 of this run's 4 steps"):
+        cifar.main(_common(resumed, data, tmp_path / "cache") + args
+                   + ["--resume_from_checkpoint", str(resumed / "checkpoint-2"), "--export_only"])
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    for split in ("train", "validation"):
+        (other / split / "circle").rename(other / split / "ball")
+    with pytest.raises(ValueError, match=r"trained on other classes than --dataset has"):
+        cifar.main(_common(resumed, other, tmp_path / "cache") + args
+                   + ["--resume_from_checkpoint", "last", "--export_only"])
+    assert not (resumed / "export").exists()
 
     # a run without pruning in the same output_dir: the earlier run's pruning_history.json is not its history
     cifar.main(_common(full, data, tmp_path / "cache") + args + ["--kl_windows", "none", "--max_steps", "2"])
@@ -196,6 +227,14 @@ def test_imagenet_recipe_on_parquet_with_lr_scaling_warmup_and_resume(tmp_path, 
     # after epoch 1 (the scheduler state came back from the checkpoint)
     base = 0.1 * 4 / 256
     assert [logged[s] for s in (1, 2, 3, 4)] == pytest.approx([base * 0.5, base, base * 0.1, base * 0.1])
+    # the finished run exported again from its last checkpoint (--export_only), with its pruning decisions
+    decisions = json.loads((out / "pruning_history.json").read_text())["decisions"]
+    (out / "export" / "README.md").unlink()
+    imagenet.main(common + ["--resume_from_checkpoint", "last", "--export_only"])
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
+    config, card = _check_export(out, len(CLASSES))
+    assert json.loads((out / "export" / "pruning_history.json").read_text())["decisions"] == decisions
+    assert config["skip_mask"] == decisions[-1]["skip_mask"] and "recipes/imagenet.py" in card
 
 
 def test_imagenet_recipe_at_a_1x1_last_stage_never_trains_on_a_batch_of_one(tmp_path, monkeypatch, caplog):
@@ -302,6 +341,9 @@ def test_argument_errors_come_before_the_data_is_loaded(tmp_path, monkeypatch, n
             module.main(argv + stages)
     with pytest.raises(ValueError, match=r"--do_predict is not used: the recipes evaluate on --eval_split"):
         module.main(argv + ["--do_train", "--do_eval", "--do_predict"])
+    with pytest.raises(ValueError, match=r"--export_only exports a finished run's checkpoint: name it with "
+                                         r"--resume_from_checkpoint"):
+        module.main(argv + ["--export_only"])
     for stages in (["--do_train", "--do_eval"], ["--do_train"]):  # what the recipes do (and evaluate anyway)
         with pytest.raises(AssertionError, match="the dataset was loaded"):
             module.main(argv + stages)
@@ -422,6 +464,21 @@ def test_two_process_launch_agrees_on_every_rank(tmp_path, recipe, model, size):
     # 24 images, 4 per device on 2 processes: 3 steps per epoch, total batch 8
     assert state["global_step"] == 3 and state["train_batch_size"] == 4
     _check_export(out, len(CLASSES))
+    if recipe != "cifar":
+        return
+    # --export_only on 2 processes: both evaluate the finished checkpoint, rank 0 exports it again
+    (out / "export" / "README.md").unlink()
+    proc = subprocess.run(cmd + ["--resume_from_checkpoint", "last", "--export_only"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-6000:]
+    again = _rank_results(output)
+    assert sorted(again) == [0, 1] and again[0][0] == again[1][0] == 2, output[-3000:]
+    assert again[0][1]["skip_mask"] == again[1][1]["skip_mask"] == r0["skip_mask"]
+    assert again[0][1]["eval_top1"] == again[1][1]["eval_top1"] == r0["eval_top1"]
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3  # nothing trained
+    config, _ = _check_export(out, len(CLASSES))
+    assert config["skip_mask"] == r0["skip_mask"]
 
 
 def test_the_demo_schedule_is_rescaled_to_other_epochs(tmp_path):

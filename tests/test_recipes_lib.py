@@ -1,4 +1,5 @@
 """The recipes' shared pieces (ela_hf.training): data, transforms, schedule, metrics, argument checks."""
+import json
 import os
 import shutil
 
@@ -835,7 +836,6 @@ def test_the_cifar_releases_preprocessing_is_the_recipes_evaluation_on_any_image
 def test_argument_checks_added_after_a_users_review(tmp_path, caplog):
     """Batch sizes of 0, a resume from another model's checkpoint, an export into a Trainer-managed folder,
     and a rescaled lr step that rounds past the run's last step."""
-    import json
 
     from ela_hf.training import check_export_dir, check_training_arguments, create_sgd, create_step_scheduler
 
@@ -857,10 +857,22 @@ def test_argument_checks_added_after_a_users_review(tmp_path, caplog):
 
     (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
     with pytest.raises(ValueError, match=r"has already trained 4 of this run's 4 steps.*that checkpoint is the "
-                                         r"trained model; export it with ela_hf.export_pruned\(ela_hf.ElaForImage"):
+                                         r"trained model; add --export_only to evaluate and export it"):
         check_checkpoint_unfinished(str(checkpoint), 4)
     check_checkpoint_unfinished(str(checkpoint), 5)
     check_checkpoint_unfinished(None, 4)
+    # --export_only wants the reverse: a checkpoint that ran every step of this run
+    from ela_hf.training import check_checkpoint_finished
+
+    check_checkpoint_finished(str(checkpoint), 4)
+    with pytest.raises(ValueError, match=r"has trained 4 of this run's 5 steps; drop --export_only to train on"):
+        check_checkpoint_finished(str(checkpoint), 5)
+    with pytest.raises(ValueError, match=r"--export_only exports a finished run's checkpoint: name it with"):
+        check_checkpoint_finished(None, 4)
+    (checkpoint / "trainer_state.json").write_text("{")  # cut short
+    with pytest.raises(ValueError, match=r"no readable trainer_state.json, so nothing says it finished"):
+        check_checkpoint_finished(str(checkpoint), 4)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
 
     out = tmp_path / "out"
     for inside in ("checkpoint-8", "runs"):
@@ -908,3 +920,38 @@ def test_replicas_leave_ela_hf_warnings_to_rank_0(replica_level, says_warnings):
     finally:
         package.setLevel(logging.NOTSET)
         recipe.setLevel(logging.NOTSET)
+
+
+def test_load_finished_run_reads_the_model_and_the_pruning_history_its_checkpoint_keeps(tmp_path):
+    from ela_hf import ElaConfig, ElaForImageClassification
+    from ela_hf.training import load_finished_run
+
+    labels = {0: "cat", 1: "dog"}
+    config = ElaConfig(architecture="ela_resnet20_cifar", id2label=labels, label2id={v: k for k, v in labels.items()})
+    trained = ElaForImageClassification(config)
+    trained.set_skip_mask([[False, True], [False, False], [False, True]])
+    checkpoint = tmp_path / "checkpoint-4"
+    trained.save_pretrained(checkpoint)
+    history = [{"window": 1, "skip_mask": trained.skip_mask}]
+    saved = {"args": {"windows": [[1, 2]], "selector": {"kind": "ebqm"}, "window_unit": "step"},
+             "attributes": {"history": history, "windows_done": 1}}
+
+    def state(callbacks):
+        (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 4, "stateful_callbacks": callbacks}))
+
+    state({"ElaPruningCallback": saved})
+    model, got = load_finished_run(str(checkpoint), config)
+    assert model.skip_mask == trained.skip_mask
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), trained.state_dict().values()))
+    assert got == {"windows": [[1, 2]], "selector": {"kind": "ebqm"}, "window_unit": "step", "decisions": history}
+    state({"ElaPruningCallback": [saved]})  # transformers' list form
+    assert load_finished_run(str(checkpoint), config)[1] == got
+    state({"TrainerControl": {"args": {}, "attributes": {}}})  # a run without pruning
+    assert load_finished_run(str(checkpoint), config)[1] is None
+    state({"ElaPruningCallback": {"args": saved["args"]}})
+    with pytest.raises(ValueError, match=r"the pruning state in .*checkpoint-4'.s trainer_state.json is damaged"):
+        load_finished_run(str(checkpoint), config)
+    other = ElaConfig(architecture="ela_resnet20_cifar", id2label={0: "cat", 1: "cow"}, label2id={"cat": 0, "cow": 1})
+    with pytest.raises(ValueError, match=r"trained on other classes than --dataset has \(2 vs 2; class 1: 'dog' there, "
+                                         r"'cow' here\)"):
+        load_finished_run(str(checkpoint), other)

@@ -12,7 +12,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 __all__ = [
     "RecipeArguments",
@@ -33,6 +33,9 @@ __all__ = [
     "build_selector",
     "check_export_dir",
     "resolve_checkpoint",
+    "check_checkpoint_unfinished",
+    "check_checkpoint_finished",
+    "load_finished_run",
     "ddp_for_pruning",
 ]
 
@@ -107,6 +110,13 @@ class RecipeArguments:
     ebqm_tau: Optional[float] = field(default=None, metadata={"help": "EBQM threshold tau (default: the preset's)."})
     export_dir: Optional[str] = field(
         default=None, metadata={"help": "Where the slim, Hub-ready export goes (default: <output_dir>/export)."}
+    )
+    export_only: bool = field(
+        default=False,
+        metadata={"help": "Train nothing: evaluate the finished run's checkpoint (--resume_from_checkpoint, e.g. "
+                          "last), then export (and with --push_to_hub push) it with its model card, e.g. after a "
+                          "run stopped during its final evaluation or export. Give the run's own arguments: the "
+                          "card describes them, and the checkpoint must have trained all of the run's steps."},
     )
 
 
@@ -428,7 +438,8 @@ def check_training_arguments(
       training.
     - Batch sizes and ``--gradient_accumulation_steps`` must be at least 1.
     - ``--do_eval`` without ``--do_train`` (or ``--do_train False``) is refused: the recipes always train, then
-      evaluate; ``--do_predict`` is refused.
+      evaluate (``--export_only`` evaluates and exports a finished checkpoint); ``--do_predict`` is refused.
+    - ``--export_only`` needs ``--resume_from_checkpoint``.
     """
     import dataclasses
     import sys
@@ -453,10 +464,14 @@ def check_training_arguments(
         raise ValueError("--do_predict is not used: the recipes evaluate on --eval_split (top-1/top-5) after training")
     if ({"do_train", "do_eval"} & given) and not training_args.do_train:
         raise ValueError(
-            "the recipes always train and then evaluate (--do_train --do_eval); to evaluate a checkpoint without "
-            "training, load it with ElaForImageClassification.from_pretrained or pipeline('image-classification', "
-            "...) (see the README's transformers section)"
+            "the recipes always train and then evaluate (--do_train --do_eval); to evaluate and export a finished "
+            "run's checkpoint, add --export_only --resume_from_checkpoint <checkpoint>; to evaluate any checkpoint "
+            "without training, load it with ElaForImageClassification.from_pretrained or "
+            "pipeline('image-classification', ...) (see the README's transformers section)"
         )
+    if args.export_only and training_args.resume_from_checkpoint is None:
+        raise ValueError("--export_only exports a finished run's checkpoint: name it with --resume_from_checkpoint "
+                         "<folder> (or last, for the newest in --output_dir)")
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if getattr(training_args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(training_args, name)}")
@@ -579,9 +594,56 @@ def check_checkpoint_unfinished(checkpoint: Optional[str], run_steps: Optional[i
             f"--resume_from_checkpoint {checkpoint!r} has already trained {step} of this run's {run_steps} steps: "
             "nothing is left to train; raise --num_train_epochs or --max_steps to train on. (A run stopped after its "
             "last checkpoint, e.g. during the final evaluation or export: that checkpoint is the trained model; "
-            f"export it with ela_hf.export_pruned(ela_hf.ElaForImageClassification.from_pretrained({checkpoint!r}), "
-            "<export_dir>, pruning_history=<output_dir>/pruning_history.json, overwrite=True))"
+            "add --export_only to evaluate and export it)"
         )
+
+
+def check_checkpoint_finished(checkpoint: Optional[str], run_steps: Optional[int]) -> None:
+    """``--export_only``: ``checkpoint`` must be a finished run's, i.e. have trained all of this run's
+    ``run_steps`` optimizer steps; the card describes this run's arguments, so a checkpoint cut short (or of a
+    shorter run) is refused."""
+    if checkpoint is None:
+        raise ValueError("--export_only exports a finished run's checkpoint: name it with --resume_from_checkpoint "
+                         "<folder> (or last, for the newest in --output_dir)")
+    state = _trainer_state(checkpoint)
+    if state is None:
+        raise ValueError(f"--export_only: {checkpoint!r} has no readable trainer_state.json, so nothing says it "
+                         "finished its run; export it with ela_hf.export_pruned instead")
+    if run_steps is not None and state["global_step"] < run_steps:
+        raise ValueError(
+            f"--export_only: --resume_from_checkpoint {checkpoint!r} has trained {state['global_step']} of this "
+            f"run's {run_steps} steps; drop --export_only to train on from it, or give the run's own "
+            "--num_train_epochs / --max_steps (the model card describes them)"
+        )
+
+
+def load_finished_run(checkpoint: str, config) -> Tuple[Any, Optional[Dict[str, Any]]]:
+    """``--export_only``: ``(model, pruning_history)`` of a finished run's ``checkpoint``: its weights and skip
+    mask, and the pruning decisions its ``ElaPruningCallback`` stored in ``trainer_state.json`` (None for a run
+    without pruning). ``config`` is the one this run would train: a checkpoint of other classes is refused."""
+    from ela_hf.hf import ElaForImageClassification
+
+    model = ElaForImageClassification.from_pretrained(checkpoint)
+    theirs = {int(k): v for k, v in model.config.id2label.items()}
+    ours = {int(k): v for k, v in config.id2label.items()}
+    if theirs != ours:
+        differ = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+        raise ValueError(
+            f"--export_only: {checkpoint!r} was trained on other classes than --dataset has ({len(theirs)} vs "
+            f"{len(ours)}; class {differ[0]}: {theirs.get(differ[0])!r} there, {ours.get(differ[0])!r} here); "
+            "give the run's own --dataset"
+        )
+    saved = (_trainer_state(checkpoint).get("stateful_callbacks") or {}).get("ElaPruningCallback")
+    if isinstance(saved, list):  # transformers keeps a list when there were several
+        saved = saved[0] if len(saved) == 1 else None
+    if not isinstance(saved, dict):
+        return model, None
+    try:
+        history = {**saved["args"], "decisions": saved["attributes"]["history"]}
+    except (KeyError, TypeError):
+        raise ValueError(f"--export_only: the pruning state in {checkpoint!r}'s trainer_state.json is damaged "
+                         "(no args or history)") from None
+    return model, history
 
 
 def _resolve_checkpoint(training_args) -> Optional[str]:
