@@ -273,6 +273,18 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
             },
         }
 
+    @classmethod
+    def _saved_history(cls, stateful_callbacks: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+        """The ``pruning_history.json`` content (as :meth:`_write_history` writes it) of the state a checkpoint
+        keeps in ``stateful_callbacks`` (its trainer_state.json); None without one (or with several).
+        ``KeyError`` / ``TypeError`` for a state without args or history."""
+        saved = (stateful_callbacks or {}).get(cls.__name__)
+        if isinstance(saved, list):  # transformers keeps a list when there were several
+            saved = saved[0] if len(saved) == 1 else None
+        if not isinstance(saved, dict):
+            return None
+        return {**saved["args"], "decisions": saved["attributes"]["history"]}
+
     def _partial_for_checkpoint(self) -> Optional[List[Dict[str, Any]]]:
         if self._open is None:
             return None

@@ -423,6 +423,10 @@ _REPLACED_OPTIONS = {
 }
 
 
+_EXPORT_ONLY_NEEDS_A_CHECKPOINT = ("--export_only exports a finished run's checkpoint: name it with "
+                                   "--resume_from_checkpoint <folder> (or last, for the newest in --output_dir)")
+
+
 def check_training_arguments(
     args: RecipeArguments, training_args, default_image_size: int, argv: Optional[Sequence[str]] = None
 ) -> None:
@@ -470,8 +474,7 @@ def check_training_arguments(
             "pipeline('image-classification', ...) (see the README's transformers section)"
         )
     if args.export_only and training_args.resume_from_checkpoint is None:
-        raise ValueError("--export_only exports a finished run's checkpoint: name it with --resume_from_checkpoint "
-                         "<folder> (or last, for the newest in --output_dir)")
+        raise ValueError(_EXPORT_ONLY_NEEDS_A_CHECKPOINT)
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if getattr(training_args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(training_args, name)}")
@@ -603,8 +606,7 @@ def check_checkpoint_finished(checkpoint: Optional[str], run_steps: Optional[int
     ``run_steps`` optimizer steps; the card describes this run's arguments, so a checkpoint cut short (or of a
     shorter run) is refused."""
     if checkpoint is None:
-        raise ValueError("--export_only exports a finished run's checkpoint: name it with --resume_from_checkpoint "
-                         "<folder> (or last, for the newest in --output_dir)")
+        raise ValueError(_EXPORT_ONLY_NEEDS_A_CHECKPOINT)
     state = _trainer_state(checkpoint)
     if state is None:
         raise ValueError(f"--export_only: {checkpoint!r} has no readable trainer_state.json, so nothing says it "
@@ -622,6 +624,7 @@ def load_finished_run(checkpoint: str, config) -> Tuple[Any, Optional[Dict[str, 
     mask, and the pruning decisions its ``ElaPruningCallback`` stored in ``trainer_state.json`` (None for a run
     without pruning). ``config`` is the one this run would train: a checkpoint of other classes is refused."""
     from ela_hf.hf import ElaForImageClassification
+    from ela_hf.pruning import ElaPruningCallback
 
     model = ElaForImageClassification.from_pretrained(checkpoint)
     theirs = {int(k): v for k, v in model.config.id2label.items()}
@@ -633,13 +636,8 @@ def load_finished_run(checkpoint: str, config) -> Tuple[Any, Optional[Dict[str, 
             f"{len(ours)}; class {differ[0]}: {theirs.get(differ[0])!r} there, {ours.get(differ[0])!r} here); "
             "give the run's own --dataset"
         )
-    saved = (_trainer_state(checkpoint).get("stateful_callbacks") or {}).get("ElaPruningCallback")
-    if isinstance(saved, list):  # transformers keeps a list when there were several
-        saved = saved[0] if len(saved) == 1 else None
-    if not isinstance(saved, dict):
-        return model, None
     try:
-        history = {**saved["args"], "decisions": saved["attributes"]["history"]}
+        history = ElaPruningCallback._saved_history(_trainer_state(checkpoint).get("stateful_callbacks"))
     except (KeyError, TypeError):
         raise ValueError(f"--export_only: the pruning state in {checkpoint!r}'s trainer_state.json is damaged "
                          "(no args or history)") from None
