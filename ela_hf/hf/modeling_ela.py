@@ -432,6 +432,16 @@ def _read_first(names) -> str | None:
     return next((name for name in _LOAD_ORDER if name in names), None)
 
 
+# what reading a weight index raises when it is missing, not JSON, or not an index
+_INDEX_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError)
+
+
+def _index_shards(path) -> list[str]:
+    """The shard files the weight index at ``path`` names (``_INDEX_ERRORS`` when it cannot be read)."""
+    with open(path, encoding="utf-8") as f:
+        return sorted(set(json.load(f)["weight_map"].values()))
+
+
 def _files_read(folder) -> list[str]:
     """The default weight files transformers loads from ``folder``: its single file, or the shards its index
     names (not leftovers beside them); empty when there are none or the index is unreadable."""
@@ -439,9 +449,8 @@ def _files_read(folder) -> list[str]:
     if first is None or not first.endswith(".json"):
         return [] if first is None else [first]
     try:
-        with open(os.path.join(folder, first), encoding="utf-8") as f:
-            return sorted(set(json.load(f)["weight_map"].values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return _index_shards(os.path.join(folder, first))
+    except _INDEX_ERRORS:
         return []
 
 
@@ -616,9 +625,8 @@ def _raise_for_unreadable_weights(source, err: Exception, subfolder: str = "") -
     index = os.path.join(source, "model.safetensors.index.json")
     if os.path.isfile(index) and not os.path.isfile(os.path.join(source, "model.safetensors")):
         try:
-            with open(index, encoding="utf-8") as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as read_err:
+            shards = _index_shards(index)
+        except _INDEX_ERRORS as read_err:
             raise ValueError(f"{index} is corrupt and cannot be read: {read_err}") from err
         absent = [f for f in shards if not os.path.isfile(os.path.join(source, f))]
         if absent:
