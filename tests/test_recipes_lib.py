@@ -739,6 +739,40 @@ def test_a_resume_keeps_this_runs_lr_schedule_and_says_the_checkpoint_had_anothe
     assert "the checkpoint's learning rate differs" in caplog.text
 
 
+def test_a_resume_keeps_this_runs_momentum_and_weight_decay_and_says_the_checkpoint_had_others(caplog):
+    from ela_hf.training import create_sgd, create_step_scheduler
+
+    model = torch.nn.Linear(2, 2)
+
+    def run(momentum, weight_decay):
+        opt = create_sgd(model, 0.1, momentum, weight_decay)
+        return opt, create_step_scheduler(opt, 2, 0.0, [1])
+
+    opt, sched = run(0.9, 1e-4)
+    model(torch.randn(3, 2)).sum().backward()
+    opt.step()
+    sched.step()
+    saved_opt, saved_sched = opt.state_dict(), sched.state_dict()
+    assert "_run_groups" not in saved_sched, "a checkpoint keeps no run's settings to bring back"
+    # as the Trainer resumes: the optimizer's state first (it brings the checkpoint's settings), then the schedule
+    opt, sched = run(0.8, 5e-4)
+    opt.load_state_dict(saved_opt)
+    assert opt.param_groups[0]["weight_decay"] == 1e-4  # torch: the checkpoint's, which the card would not show
+    with caplog.at_level("WARNING"):
+        sched.load_state_dict(saved_sched)
+    group = opt.param_groups[0]
+    assert group["weight_decay"] == 5e-4 and group["momentum"] == 0.8, "this run's settings, as its card says"
+    assert "momentum_buffer" in next(iter(opt.state.values())), "the checkpoint's momentum buffers stay"
+    assert "weight_decay 0.0001 (checkpoint) -> 0.0005 (this run)" in caplog.text
+    assert "momentum 0.9 (checkpoint) -> 0.8 (this run)" in caplog.text
+    caplog.clear()
+    opt, sched = run(0.9, 1e-4)
+    opt.load_state_dict(saved_opt)
+    with caplog.at_level("WARNING"):
+        sched.load_state_dict(saved_sched)
+    assert caplog.text == "" and opt.param_groups[0]["weight_decay"] == 1e-4
+
+
 def test_max_steps_and_fractional_epochs_rescale_the_lr_to_the_real_length(tmp_path, caplog):
     from ela_hf.training import card_settings
 

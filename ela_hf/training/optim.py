@@ -99,11 +99,24 @@ class StepLR(LambdaLR):
     ``LambdaLR.load_state_dict`` would replace the schedule with the checkpoint's, so a run resumed with other
     epochs, windows or batch size trained on the old milestones while its log and model card showed the new
     ones. Here the step count comes from the checkpoint and the schedule and base learning rate from the run's
-    arguments; a checkpoint saved with another schedule or learning rate is named in a warning.
+    arguments; a checkpoint saved with another schedule or learning rate is named in a warning. The same holds
+    for the optimizer's other settings (momentum, weight decay), which the Trainer's ``optimizer.load_state_dict``
+    (run just before this one) takes from the checkpoint: they are set back to the run's own.
     """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr_lambda, last_epoch: int = -1):
+        # the run's own settings, kept before a resume's optimizer.load_state_dict brings the checkpoint's
+        self._run_groups = [_settings(group) for group in optimizer.param_groups]
+        super().__init__(optimizer, lr_lambda, last_epoch)
+
+    def state_dict(self):
+        state = super().state_dict()
+        state.pop("_run_groups", None)  # this run's, never a checkpoint's
+        return state
 
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
+        state_dict.pop("_run_groups", None)
         saved_lrs = state_dict.pop("base_lrs", None)
         if saved_lrs is not None and [float(x) for x in saved_lrs] != [float(x) for x in self.base_lrs]:
             logger.warning("the checkpoint's learning rate differs from this run's, which is used from here on: "
@@ -124,6 +137,19 @@ class StepLR(LambdaLR):
         for group, lr in zip(self.optimizer.param_groups, lrs):
             group["lr"] = lr
         self._last_lr = lrs
+        for group, run in zip(self.optimizer.param_groups, self._run_groups):
+            changed = {k: (group.get(k), v) for k, v in run.items() if group.get(k) != v}
+            if changed:
+                logger.warning(
+                    "the checkpoint's optimizer settings differ from this run's, which are used from here on: %s",
+                    ", ".join(f"{k} {old} (checkpoint) -> {new} (this run)" for k, (old, new) in changed.items()),
+                )
+                group.update(run)
+
+
+def _settings(group: dict) -> dict:
+    """A parameter group's settings other than its parameters and the learning rate (the schedule's)."""
+    return {k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")}
 
 
 def _describe(schedule: dict) -> str:
