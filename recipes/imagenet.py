@@ -15,7 +15,8 @@ Writes to ``--output_dir``: Trainer checkpoints (full structure: ``--resume_from
 them), the final full model, ``pruning_history.json``, ``eval_results.json``, and the slim Hub-ready
 release with its model card in ``<output_dir>/export`` (pushed with ``--push_to_hub --hub_model_id ...``).
 The run's command plus ``--resume_from_checkpoint last --export_only`` evaluates and exports (pushes) a
-finished run again without training, e.g. after a run stopped during its export.
+finished run again without training, e.g. after a run stopped during its export; every checkpoint's
+``run_settings.json`` keeps the settings the card shows, and a command that differs from them is refused.
 """
 import logging
 import os
@@ -32,6 +33,7 @@ from ela_hf.training import (
     avoid_single_image_batch,
     PaperSchedule,
     RecipeArguments,
+    RunSettingsCallback,
     build_selector,
     build_transforms,
     card_settings,
@@ -141,8 +143,15 @@ def main(argv=None):
     )
     schedule = resolve_schedule(PAPER_SCHEDULE, args, training_args.num_train_epochs, training_args.max_steps,
                                 steps_per_epoch, has_attention=has_attention, pruned_by_default=prune)
+    total_batch_size = (training_args.per_device_train_batch_size * training_args.world_size
+                        * training_args.gradient_accumulation_steps)
+    learning_rate = scale_learning_rate(training_args.learning_rate, args.lr_batch_size, total_batch_size)
+    if not schedule.kl_windows:
+        selector = None  # nothing is pruned: the card names no selector
+    # the model card's settings, kept in every checkpoint: --export_only compares them with its own
+    settings = card_settings("imagenet", args, training_args, schedule, learning_rate, total_batch_size, selector)
     if args.export_only:
-        check_checkpoint_finished(checkpoint, schedule.run_steps)
+        check_checkpoint_finished(checkpoint, schedule.run_steps, settings)
     else:
         check_checkpoint_unfinished(checkpoint, schedule.run_steps)
     ddp_for_pruning(training_args, schedule, checkpoint)  # DDP must search for skipped layers' unused parameters
@@ -167,18 +176,13 @@ def main(argv=None):
 
     # ---------------------------------------------------------------------------------------------
     # 4. optimizer, step schedule, pruning windows
-    total_batch_size = (training_args.per_device_train_batch_size * training_args.world_size
-                        * training_args.gradient_accumulation_steps)
-    learning_rate = scale_learning_rate(training_args.learning_rate, args.lr_batch_size, total_batch_size)
     optimizer = create_sgd(model, learning_rate, args.momentum, training_args.weight_decay)
     scheduler = create_step_scheduler(optimizer, steps_per_epoch, schedule.warmup_epochs,
                                       schedule.lr_decay_epochs, args.lr_decay_rate, schedule.run_steps)
     timer = EpochTimerCallback()
-    callbacks = [timer]
+    callbacks = [timer, RunSettingsCallback(settings)]
     pruning = None
-    if not schedule.kl_windows:
-        selector = None  # nothing is pruned: the card names no selector
-    elif not args.export_only:
+    if schedule.kl_windows and not args.export_only:
         pruning = ElaPruningCallback(schedule.kl_windows, selector, schedule.window_unit)
         callbacks.append(pruning)
     if not args.export_only:
@@ -220,8 +224,7 @@ def main(argv=None):
             history = None  # this run's decisions only: a file left by an earlier run is not this model's
         export_kwargs = dict(
             pruning_history=history,
-            training_args=card_settings("imagenet", args, training_args, schedule, learning_rate, total_batch_size,
-                                        selector),
+            training_args=settings,
             metrics={k: v for k, v in metrics.items() if k in ("eval_top1", "eval_top5", "eval_loss")},
             dataset=hub_dataset_id(args.dataset),
             id2label=config.id2label,

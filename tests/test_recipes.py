@@ -166,12 +166,25 @@ def test_cifar_recipe_trains_prunes_exports_and_resumes(tmp_path, monkeypatch):
     assert released["decisions"] == history["decisions"] and released["windows"] == history["windows"]
     slim = load_file(str(resumed / "export" / "model.safetensors"))
     assert torch.equal(slim["fc.weight"], load_file(str(resumed / "checkpoint-4" / "model.safetensors"))["fc.weight"])
-    # a checkpoint that has not finished this run, or of other classes, is refused before anything is written
+    # every checkpoint keeps the settings its card shows; a command other than the run's is refused by name
+    recorded = json.loads((resumed / "checkpoint-4" / "run_settings.json").read_text())
+    assert recorded["seed"] == 3 and recorded["kl_windows"] == "1-2 (steps)" and recorded["total_batch_size"] == 4
+    assert f"| learning_rate | {recorded['learning_rate']} |" in card
+    assert json.loads((full / "checkpoint-2" / "run_settings.json").read_text()) == recorded
     shutil.rmtree(resumed / "export")
+    with pytest.raises(ValueError, match=r"trained with other settings than this command's, which its model card "
+                                         r"would show: learning_rate [\d.e-]+ there, [\d.e-]+ here; "
+                                         r"kl_windows '1-2 \(steps\)' there, '1-3 \(steps\)' here; seed 3 there, 4 here"):
+        cifar.main(_common(resumed, data, tmp_path / "cache") + args + ["--learning_rate", "0.2", "--seed", "4",
+                   "--kl_windows", "1-3", "--resume_from_checkpoint", "last", "--export_only"])  # fmt: skip
+    with pytest.raises(ValueError, match=r"total_batch_size 4 there, 8 here"):
+        cifar.main(_common(resumed, data, tmp_path / "cache") + args + ["--per_device_train_batch_size", "8",
+                   "--max_steps", "2", "--resume_from_checkpoint", "last", "--export_only"])  # fmt: skip
+    # a checkpoint that has not finished this run, or of other classes, is refused before anything is written
     with pytest.raises(ValueError, match=r"--export_only: .*checkpoint-2' has trained 2 of this run's 4 steps"):
         cifar.main(_common(resumed, data, tmp_path / "cache") + args
                    + ["--resume_from_checkpoint", str(resumed / "checkpoint-2"), "--export_only"])
-    other = tmp_path / "other"
+    other = tmp_path / "other" / data.name  # the card names a local dataset by its folder: the same here
     shutil.copytree(data, other)
     for split in ("train", "validation"):
         (other / split / "circle").rename(other / split / "ball")
@@ -464,6 +477,8 @@ def test_two_process_launch_agrees_on_every_rank(tmp_path, recipe, model, size):
     # 24 images, 4 per device on 2 processes: 3 steps per epoch, total batch 8
     assert state["global_step"] == 3 and state["train_batch_size"] == 4
     _check_export(out, len(CLASSES))
+    # the card's settings in the checkpoint name the run's world: 2 processes of 4 images
+    assert json.loads((out / "checkpoint-3" / "run_settings.json").read_text())["total_batch_size"] == 8
     if recipe != "cifar":
         return
     # --export_only on 2 processes: both evaluate the finished checkpoint, rank 0 exports it again
@@ -479,6 +494,11 @@ def test_two_process_launch_agrees_on_every_rank(tmp_path, recipe, model, size):
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3  # nothing trained
     config, _ = _check_export(out, len(CLASSES))
     assert config["skip_mask"] == r0["skip_mask"]
+    # on one process the same command is another run (total batch 4, not 8): refused, not exported as that one
+    single = [sys.executable, *cmd[cmd.index(str(ROOT / "recipes" / f"{recipe}.py")):]]
+    proc = subprocess.run(single + ["--resume_from_checkpoint", "last", "--export_only", "--use_cpu"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "total_batch_size 8 there, 4 here" in proc.stderr, proc.stderr[-3000:]
 
 
 def test_the_demo_schedule_is_rescaled_to_other_epochs(tmp_path):

@@ -907,6 +907,38 @@ def test_argument_checks_added_after_a_users_review(tmp_path, caplog):
     with pytest.raises(ValueError, match=r"no readable trainer_state.json, so nothing says it finished"):
         check_checkpoint_finished(str(checkpoint), 4)
     (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
+    # with this run's card settings: the ones the checkpoint records (RunSettingsCallback) must match
+    from types import SimpleNamespace
+
+    from ela_hf.training import RUN_SETTINGS_FILE, RunSettingsCallback
+
+    settings = {"learning_rate": 0.1, "seed": 3, "kl_windows": "1-3 (epochs)", "lr_schedule": "x0.1 after epochs 2"}
+    with caplog.at_level("WARNING"):
+        check_checkpoint_finished(str(checkpoint), 4, settings)
+    assert f"has no readable {RUN_SETTINGS_FILE} (a checkpoint of an older ela_hf?)" in caplog.text
+    caplog.clear()
+    saver = RunSettingsCallback(settings)
+    settings["seed"] = 4  # the callback keeps its own copy
+    state = SimpleNamespace(global_step=4)
+    saver.on_save(SimpleNamespace(output_dir=str(checkpoint.parent), should_save=False), state, None)
+    assert not (checkpoint / RUN_SETTINGS_FILE).exists(), "only the processes that save write it"
+    saver.on_save(SimpleNamespace(output_dir=str(checkpoint.parent), should_save=True), state, None)
+    recorded = json.loads((checkpoint / RUN_SETTINGS_FILE).read_text())
+    assert recorded["seed"] == 3 and [p.name for p in checkpoint.iterdir() if ".tmp" in p.name] == []
+    with pytest.raises(ValueError, match=r"checkpoint-4' was trained with other settings than this command's, which "
+                                         r"its model card would show: seed 3 there, 4 here \(its run_settings.json\)"):
+        check_checkpoint_finished(str(checkpoint), 4, settings)
+    settings.update(seed=3, card_key_of_a_newer_version="x")
+    recorded["card_key_of_an_older_version"] = "y"
+    (checkpoint / RUN_SETTINGS_FILE).write_text(json.dumps(recorded))
+    with caplog.at_level("WARNING"):
+        check_checkpoint_finished(str(checkpoint), 4, settings)  # the keys both know agree
+    assert caplog.text == ""
+    settings["lr_schedule"] = "x0.1 after epochs 3"
+    with pytest.raises(ValueError, match=r"lr_schedule 'x0.1 after epochs 2' there, 'x0.1 after epochs 3' here"):
+        check_checkpoint_finished(str(checkpoint), 4, settings)
+    saver.on_save(SimpleNamespace(output_dir=str(tmp_path / "gone"), should_save=True), state, None)
+    assert not (tmp_path / "gone").exists(), "no folder is made for a checkpoint that is not there"
 
     out = tmp_path / "out"
     for inside in ("checkpoint-8", "runs"):

@@ -50,6 +50,8 @@ from .optim import StepScheduleWithWarmup, create_sgd, create_step_scheduler, sc
 from .reporting import (
     EpochRecord,
     EpochTimerCallback,
+    RUN_SETTINGS_FILE,
+    RunSettingsCallback,
     card_settings,
     close_distributed,
     format_skip_mask,
@@ -108,6 +110,8 @@ __all__ = [
     "update_steps_per_epoch",
     "EpochRecord",
     "EpochTimerCallback",
+    "RUN_SETTINGS_FILE",
+    "RunSettingsCallback",
     "card_settings",
     "close_distributed",
     "format_skip_mask",

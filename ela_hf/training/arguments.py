@@ -601,21 +601,45 @@ def check_checkpoint_unfinished(checkpoint: Optional[str], run_steps: Optional[i
         )
 
 
-def check_checkpoint_finished(checkpoint: Optional[str], run_steps: Optional[int]) -> None:
+def check_checkpoint_finished(checkpoint: Optional[str], run_steps: Optional[int],
+                              settings: Optional[Dict[str, Any]] = None) -> None:
     """``--export_only``: ``checkpoint`` must be a finished run's, i.e. have trained all of this run's
     ``run_steps`` optimizer steps; the card describes this run's arguments, so a checkpoint cut short (or of a
-    shorter run) is refused."""
+    shorter run) is refused. With ``settings`` (this run's :func:`card_settings`), a checkpoint whose
+    ``run_settings.json`` (:class:`RunSettingsCallback`) records other ones is refused, naming each."""
     if checkpoint is None:
         raise ValueError(_EXPORT_ONLY_NEEDS_A_CHECKPOINT)
     state = _trainer_state(checkpoint)
     if state is None:
         raise ValueError(f"--export_only: {checkpoint!r} has no readable trainer_state.json, so nothing says it "
                          "finished its run; export it with ela_hf.export_pruned instead")
+    if settings is not None:
+        _check_run_settings(checkpoint, settings)
     if run_steps is not None and state["global_step"] < run_steps:
         raise ValueError(
             f"--export_only: --resume_from_checkpoint {checkpoint!r} has trained {state['global_step']} of this "
             f"run's {run_steps} steps; drop --export_only to train on from it, or give the run's own "
             "--num_train_epochs / --max_steps (the model card describes them)"
+        )
+
+
+def _check_run_settings(checkpoint: str, settings: Dict[str, Any]) -> None:
+    from .reporting import RUN_SETTINGS_FILE
+
+    recorded = _read_json(os.path.join(checkpoint, RUN_SETTINGS_FILE))
+    if not isinstance(recorded, dict):
+        logger.warning("--export_only: %r has no readable %s (a checkpoint of an older ela_hf?): the model card "
+                       "shows this command's settings, which nothing can compare with the run's", checkpoint,
+                       RUN_SETTINGS_FILE)
+        return
+    ours = json.loads(json.dumps(settings))  # as the file holds them (tuples as lists)
+    differ = [k for k in ours if k in recorded and ours[k] != recorded[k]]  # a key of another version: not known
+    if differ:
+        raise ValueError(
+            f"--export_only: {checkpoint!r} was trained with other settings than this command's, which its model "
+            "card would show: " + "; ".join(f"{k} {recorded[k]!r} there, {ours[k]!r} here" for k in differ)
+            + " (its run_settings.json); give the run's own command (the same launcher and number of processes "
+            "too), plus --resume_from_checkpoint ... --export_only"
         )
 
 

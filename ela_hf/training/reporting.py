@@ -15,6 +15,8 @@ from transformers import TrainerCallback
 __all__ = [
     "EpochRecord",
     "EpochTimerCallback",
+    "RUN_SETTINGS_FILE",
+    "RunSettingsCallback",
     "card_settings",
     "release_name",
     "format_epoch_times",
@@ -55,6 +57,30 @@ class EpochTimerCallback(TrainerCallback):
         steps = state.global_step - self._first_step
         self.records.append(EpochRecord(epoch, time.perf_counter() - self._start, self._active, steps))
         self._start = None
+
+
+RUN_SETTINGS_FILE = "run_settings.json"
+
+
+class RunSettingsCallback(TrainerCallback):
+    """Writes the run's model-card settings (:func:`card_settings`) into every checkpoint it saves, as
+    ``run_settings.json``: ``--export_only`` compares them with its own command's, whose card it writes.
+
+    Not an ``ExportableState``: ``restore_callback_states_from_checkpoint=True`` would replace it with one
+    holding the checkpoint's settings, so a resumed run would record the earlier run's.
+    """
+
+    def __init__(self, settings: Dict[str, Any]):
+        self.settings = dict(settings)
+
+    def on_save(self, args, state, control, **kwargs):
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        from ela_hf.pruning.callback import _write_json_atomically
+
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if args.should_save and os.path.isdir(folder):
+            _write_json_atomically(os.path.join(folder, RUN_SETTINGS_FILE), self.settings)
 
 
 def _active_layers(model) -> Optional[int]:
