@@ -216,7 +216,7 @@ def test_an_mrla_baseline_trains_unpruned_by_default(tmp_path, monkeypatch):
     assert "with all 6 attention layers active (no ELA pruning)" in card and "KL/EBQM pruning" not in card
 
 
-def test_imagenet_recipe_on_parquet_with_lr_scaling_warmup_and_resume(tmp_path, monkeypatch):
+def test_imagenet_recipe_on_parquet_with_lr_scaling_warmup_and_resume(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     imagenet = _load_recipe("imagenet")
     data = _parquet_folder(tmp_path / "pq")
@@ -230,8 +230,12 @@ def test_imagenet_recipe_on_parquet_with_lr_scaling_warmup_and_resume(tmp_path, 
     _check_export(out, len(CLASSES))
     assert [d["epoch"] for d in json.loads((out / "pruning_history.json").read_text())["decisions"]] == [1.0]
 
-    # resume the newest checkpoint (step 2) and finish the 2 epochs of 2 steps
-    imagenet.main(common + ["--resume_from_checkpoint", "last"])
+    # resume the newest checkpoint (step 2) and finish the 2 epochs of 2 steps, with another weight decay: the
+    # Trainer's optimizer resume brings back the checkpoint's, which is set back to this run's and named
+    common += ["--weight_decay", "5e-4"]
+    with caplog.at_level("WARNING"):
+        imagenet.main(common + ["--resume_from_checkpoint", "last"])
+    assert "weight_decay 0.0001 (checkpoint) -> 0.0005 (this run)" in caplog.text
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 4
     logged = {e["step"]: e["learning_rate"] for e in state["log_history"] if "loss" in e}
