@@ -179,7 +179,7 @@ def main(argv=None):
     if args.export_only:
         check_checkpoint_finished(checkpoint, schedule.run_steps, settings)
     else:
-        check_checkpoint_unfinished(checkpoint, schedule.run_steps)
+        check_checkpoint_unfinished(checkpoint, schedule.run_steps, settings)
     ddp_for_pruning(training_args, schedule, checkpoint)  # DDP must search for skipped layers' unused parameters
     logger.info(f"{args.dataset}: {len(train_ds)} training images, {len(eval_ds)} from {eval_name!r}, "
                 f"{len(labels)} classes; input {data_config['input_size']}")

@@ -127,6 +127,8 @@ def test_cifar_recipe_trains_prunes_exports_and_resumes(tmp_path, monkeypatch):
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    with pytest.raises(ValueError, match=r"checkpoint-2' was trained with --seed 3, this run has --seed 4"):
+        cifar.main(_common(resumed, data, tmp_path / "cache") + args + ["--seed", "4", "--resume_from_checkpoint", "last"])
     cifar.main(_common(resumed, data, tmp_path / "cache") + args + ["--resume_from_checkpoint", "last"])
     state_full = json.loads((full / "trainer_state.json").read_text())
     state = json.loads((resumed / "trainer_state.json").read_text())

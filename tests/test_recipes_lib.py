@@ -937,6 +937,18 @@ def test_argument_checks_added_after_a_users_review(tmp_path, caplog):
     settings["lr_schedule"] = "x0.1 after epochs 3"
     with pytest.raises(ValueError, match=r"lr_schedule 'x0.1 after epochs 2' there, 'x0.1 after epochs 3' here"):
         check_checkpoint_finished(str(checkpoint), 4, settings)
+    # a resume may change the schedule (longer runs), but not the seed the batch order follows
+    check_checkpoint_unfinished(str(checkpoint), 8, settings)
+    with pytest.raises(ValueError, match=r"checkpoint-4' was trained with --seed 3, this run has --seed 5: the batch "
+                                         r"order .* resume with the run's own --seed"):
+        check_checkpoint_unfinished(str(checkpoint), 8, dict(settings, seed=5))
+    recorded["dataset"] = "local: imgs"
+    (checkpoint / RUN_SETTINGS_FILE).write_text(json.dumps(recorded))
+    with caplog.at_level("WARNING"):
+        check_checkpoint_unfinished(str(checkpoint), 8, dict(settings, dataset="uoft-cs/cifar100"))
+    assert "was trained on 'local: imgs', this run reads 'uoft-cs/cifar100'" in caplog.text
+    (checkpoint / RUN_SETTINGS_FILE).unlink()
+    check_checkpoint_unfinished(str(checkpoint), 8, dict(settings, seed=5))  # an older checkpoint: nothing to compare
     saver.on_save(SimpleNamespace(output_dir=str(tmp_path / "gone"), should_save=True), state, None)
     assert not (tmp_path / "gone").exists(), "no folder is made for a checkpoint that is not there"
 

@@ -583,9 +583,26 @@ def resolve_checkpoint(training_args, model: Optional[str] = None) -> Optional[s
     return checkpoint
 
 
-def check_checkpoint_unfinished(checkpoint: Optional[str], run_steps: Optional[int]) -> None:
+def check_checkpoint_unfinished(checkpoint: Optional[str], run_steps: Optional[int],
+                                settings: Optional[Dict[str, Any]] = None) -> None:
     """A checkpoint that already ran all of this run's ``run_steps`` optimizer steps: the Trainer would train one
-    step past the end and replace the finished run's metrics, so it is refused (raise the run's length)."""
+    step past the end and replace the finished run's metrics, so it is refused (raise the run's length).
+
+    With ``settings`` (this run's :func:`card_settings`) and a checkpoint that records its own
+    (``run_settings.json``): another ``--seed`` is refused (the Trainer's batch order follows it, so the rest of
+    the resumed epoch would train on other images than the ones it skips as done, and the recipes' eval split
+    and sample subsets follow it too); another dataset name is named in a warning (a local copy of the run's
+    dataset is fine)."""
+    recorded = _recorded_settings(checkpoint, settings) if checkpoint is not None else {}
+    if "seed" in recorded and recorded["seed"] != settings["seed"]:
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint!r} was trained with --seed {recorded['seed']}, this run has "
+            f"--seed {settings['seed']}: the batch order (and the eval split and sample subsets) follow the seed, so "
+            "the resumed epoch would retrain some images and skip others; resume with the run's own --seed"
+        )
+    if "dataset" in recorded and recorded["dataset"] != settings["dataset"]:
+        logger.warning("--resume_from_checkpoint %r was trained on %r, this run reads %r: resuming on that data "
+                       "(fine for a copy of the same dataset)", checkpoint, recorded["dataset"], settings["dataset"])
     if checkpoint is None or run_steps is None:
         return
     state = _trainer_state(checkpoint)
@@ -623,17 +640,30 @@ def check_checkpoint_finished(checkpoint: Optional[str], run_steps: Optional[int
         )
 
 
+def _recorded_settings(checkpoint: str, settings: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """The card settings the checkpoint records (:class:`RunSettingsCallback`) that ``settings`` has too (a key
+    of another version is not known to both), as JSON values; ``{}`` without ``settings`` or a readable file."""
+    from .reporting import RUN_SETTINGS_FILE
+
+    if settings is None:
+        return {}
+    recorded = _read_json(os.path.join(checkpoint, RUN_SETTINGS_FILE))
+    if not isinstance(recorded, dict):
+        return {}
+    return {k: v for k, v in recorded.items() if k in settings}
+
+
 def _check_run_settings(checkpoint: str, settings: Dict[str, Any]) -> None:
     from .reporting import RUN_SETTINGS_FILE
 
-    recorded = _read_json(os.path.join(checkpoint, RUN_SETTINGS_FILE))
-    if not isinstance(recorded, dict):
+    recorded = _recorded_settings(checkpoint, settings)
+    if not recorded:
         logger.warning("--export_only: %r has no readable %s (a checkpoint of an older ela_hf?): the model card "
                        "shows this command's settings, which nothing can compare with the run's", checkpoint,
                        RUN_SETTINGS_FILE)
         return
     ours = json.loads(json.dumps(settings))  # as the file holds them (tuples as lists)
-    differ = [k for k in ours if k in recorded and ours[k] != recorded[k]]  # a key of another version: not known
+    differ = [k for k in recorded if ours[k] != recorded[k]]
     if differ:
         raise ValueError(
             f"--export_only: {checkpoint!r} was trained with other settings than this command's, which its model "

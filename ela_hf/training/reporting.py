@@ -64,7 +64,8 @@ RUN_SETTINGS_FILE = "run_settings.json"
 
 class RunSettingsCallback(TrainerCallback):
     """Writes the run's model-card settings (:func:`card_settings`) into every checkpoint it saves, as
-    ``run_settings.json``: ``--export_only`` compares them with its own command's, whose card it writes.
+    ``run_settings.json``: ``--export_only`` compares them with its own command's, whose card it writes, and a
+    resume its seed (:func:`check_checkpoint_unfinished`).
 
     Not an ``ExportableState``: ``restore_callback_states_from_checkpoint=True`` would replace it with one
     holding the checkpoint's settings, so a resumed run would record the earlier run's.
