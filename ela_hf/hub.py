@@ -697,7 +697,8 @@ def export_pruned(
     The folder is written under a temporary name next to ``out_dir`` and renamed into place at the end: an
     interrupted export leaves no ``out_dir``. An existing ``out_dir`` raises ``FileExistsError`` unless
     ``overwrite=True``, and always when it holds sub-folders or Trainer files (``trainer_state.json``,
-    ``training_args.bin``): a training ``output_dir`` is never replaced.
+    ``training_args.bin``): a training ``output_dir`` is never replaced. A ``preprocessor_config.json`` saved
+    beside the earlier export is kept, with a warning.
     """
     out_dir = Path(out_dir)
     if out_dir.parent.is_dir():
@@ -744,6 +745,7 @@ def export_pruned(
             revision=revision,
         )
         card.save(tmp / "README.md")
+        _keep_processor_config(out_dir, tmp)
         _move_into_place(tmp, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -753,6 +755,7 @@ def export_pruned(
 
 # every file an export can write, and what marks a folder as more than an earlier export: an export has no
 # sub-folders and no Trainer files
+PROCESSOR_NAME = "preprocessor_config.json"  # a user's AutoImageProcessor.save_pretrained beside an export
 _EXPORT_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md", HISTORY_NAME, PLOT_NAME)
 _TRAINER_FILES = ("trainer_state.json", "training_args.bin")
 # weight files of other layouts that a release (one model.safetensors) replaces
@@ -770,7 +773,7 @@ def _export_may_hold(name: str) -> bool:
     """A file an export writes, or that the Hub / transformers tools add beside one."""
     return (
         name in _EXPORT_FILES
-        or name in ("preprocessor_config.json", ".gitattributes")
+        or name in (PROCESSOR_NAME, ".gitattributes")
         or any(fnmatch.fnmatch(name, pattern) for pattern in _OTHER_WEIGHT_FILES + _VARIANT_WEIGHT_FILES)
     )
 
@@ -796,6 +799,17 @@ def _check_replaceable(out_dir: Path, overwrite: bool) -> None:
             f"{out_dir} is not an earlier export: it holds {shown}, which overwrite=True would delete. Nothing "
             "was written; export to another folder (not a training output_dir)"
         )
+
+
+def _keep_processor_config(out_dir: Path, tmp: Path) -> None:
+    """A ``preprocessor_config.json`` saved beside an earlier export is the user's, not the export's: it goes into
+    the new folder (as a push keeps it on the Hub), named in a warning, since it may not fit the new model."""
+    saved = out_dir / PROCESSOR_NAME
+    if saved.is_file():
+        shutil.copy2(saved, tmp / PROCESSOR_NAME)
+        logger.warning("export_pruned: kept the %s saved beside the earlier export in %s (pipelines and "
+                       "AutoImageProcessor read it, not config.json's pretrained_cfg); delete it if it does not "
+                       "fit this model", PROCESSOR_NAME, out_dir)
 
 
 def _clean_up_abandoned_exports(out_dir: Path) -> None:

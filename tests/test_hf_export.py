@@ -156,12 +156,28 @@ def test_an_export_is_readable_by_others_as_the_umask_allows(tmp_path):
 def test_overwrite_replaces_an_earlier_export_with_what_tools_add_beside_it(tmp_path):
     out = ela_hf.export_pruned(_pruned_timm_model(), tmp_path / "out", verify=False)
     (out / ".gitattributes").write_text("*.safetensors filter=lfs\n")
-    (out / "preprocessor_config.json").write_text("{}")
     (out / "model-00001-of-00002.safetensors").write_bytes(b"a sharded re-save")
     (out / "model.fp16.safetensors").write_bytes(b"a variant save")
     (out / "model.safetensors.index.fp16.json").write_text("{}")
     ela_hf.export_pruned(_pruned_timm_model(), out, overwrite=True, verify=False)
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+
+def test_overwrite_keeps_a_processor_config_saved_beside_an_earlier_export(tmp_path, caplog):
+    """A user's ``AutoImageProcessor.save_pretrained`` beside an export is what pipelines read: replacing the
+    export must not silently drop it (the preprocessing, here the crop, would change)."""
+    from transformers import AutoImageProcessor
+
+    out = ela_hf.export_pruned(_pruned_timm_model(), tmp_path / "out", verify=False)
+    cfg = json.loads((out / "config.json").read_text())["pretrained_cfg"]
+    AutoImageProcessor.from_pretrained(str(out), pretrained_cfg={**cfg, "crop_pct": 0.5}).save_pretrained(str(out))
+    saved = (out / "preprocessor_config.json").read_bytes()
+    with caplog.at_level("WARNING"):
+        ela_hf.export_pruned(_pruned_timm_model(), out, overwrite=True, verify=False)
+    assert (out / "preprocessor_config.json").read_bytes() == saved
+    assert AutoImageProcessor.from_pretrained(str(out)).pretrained_cfg["crop_pct"] == 0.5
+    assert "kept the preprocessor_config.json saved beside the earlier export" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no temporary folder left behind"
 
 
 def test_export_rejects_what_it_cannot_describe(tmp_path):
