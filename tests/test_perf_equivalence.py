@@ -611,6 +611,22 @@ def test_compiling_single_blocks_of_a_stage_is_a_clear_error_in_training_and_inf
             model(x)
 
 
+def test_regional_compilation_of_every_block_matches_eager():
+    """Every MRLA-B block compiled on its own (the usual regional compilation) shares the stage's cache in
+    the compiled formulation throughout: outputs and gradients as eager, with a skipped block too."""
+    torch._dynamo.reset()
+    x = torch.randn(2, 3, 8, 8)
+    for mask in ([[False, False, False]], [[False, True, False]]):
+        model = _tiny("mrla_b", layers=(3,), skip_mask=mask).train()
+        lib, ref = copy.deepcopy(model), copy.deepcopy(model)
+        for blk in lib.layer1:
+            blk.compile(backend="eager")
+        _assert_same(_run(lib, x), _run(ref, x, fn=lambda inp: _ref_forward(ref, inp)), rtol=1e-4, atol=1e-5)
+        lib.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(lib(x), ref.eval()(x), rtol=1e-4, atol=1e-5)
+
+
 def test_torch_fx_tracing_is_refused_with_the_ways_that_work():
     for name in ("ela_resnet20_cifar", "resnet20_cifar"):
         with pytest.raises(TypeError, match="torch.fx symbolic tracing cannot trace the ela_hf models.*torch.export"):

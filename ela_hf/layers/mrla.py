@@ -788,7 +788,7 @@ class MrlaBase(_LayerAttentionBase):
             if cache is not None:  # the eager blocks' values are per-head views in the stage buffer
                 raise RuntimeError(
                     "an MRLA-B stage ran partly eagerly and partly under torch.compile; compile the whole "
-                    "model or the whole stage (LayerAttentionStage), not single blocks"
+                    "model, the whole stage (LayerAttentionStage) or every block of the stage, not some of them"
                 )
             state.values.append(v)
             weights = _heads_to_channels(attn.transpose(1, 2), self.channels)[..., None, None].to(v.dtype)
