@@ -614,7 +614,8 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         if limit is not None and last_end > limit:
             raise ValueError(
                 f"pruning window ({last_start}, {last_end}) ends after the end of training "
-                f"({what} = {limit}, window_unit={self.window_unit!r})"
+                f"({what} = {limit}, window_unit={self.window_unit!r}); to train in pieces (time-limited jobs), "
+                "give every piece the whole run's length and resume each from the last one's checkpoint"
             )
 
     def _check_ddp(self, args, model) -> None:
