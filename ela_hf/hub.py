@@ -56,6 +56,7 @@ from .hf.modeling_ela import (
     _process_gone,
     _process_tag,
     _remove_abandoned_folders,
+    _some,
     build_timm_network,
 )
 from .models import get_skip_mask, slim_state_dict
@@ -794,9 +795,8 @@ def _check_replaceable(out_dir: Path, overwrite: bool) -> None:
         if not p.is_dir() and p.name not in _TRAINER_FILES and not _export_may_hold(p.name)
     )
     if kept:
-        shown = ", ".join(kept[:5]) + (f" and {len(kept) - 5} more" if len(kept) > 5 else "")
         raise FileExistsError(
-            f"{out_dir} is not an earlier export: it holds {shown}, which overwrite=True would delete. Nothing "
+            f"{out_dir} is not an earlier export: it holds {_some(kept, 5)}, which overwrite=True would delete. Nothing "
             "was written; export to another folder (not a training output_dir)"
         )
 

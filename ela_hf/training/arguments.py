@@ -654,6 +654,8 @@ def _recorded_settings(checkpoint: str, settings: Optional[Dict[str, Any]]) -> D
 
 
 def _check_run_settings(checkpoint: str, settings: Dict[str, Any]) -> None:
+    from ela_hf.pruning.callback import _as_json
+
     from .reporting import RUN_SETTINGS_FILE
 
     recorded = _recorded_settings(checkpoint, settings)
@@ -662,7 +664,7 @@ def _check_run_settings(checkpoint: str, settings: Dict[str, Any]) -> None:
                        "shows this command's settings, which nothing can compare with the run's", checkpoint,
                        RUN_SETTINGS_FILE)
         return
-    ours = json.loads(json.dumps(settings))  # as the file holds them (tuples as lists)
+    ours = _as_json(settings)  # as the file holds them (tuples as lists)
     differ = [k for k in recorded if ours[k] != recorded[k]]
     if differ:
         raise ValueError(
