@@ -947,6 +947,22 @@ def test_argument_checks_added_after_a_users_review(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         check_checkpoint_unfinished(str(checkpoint), 8, dict(settings, dataset="uoft-cs/cifar100"))
     assert "was trained on 'local: imgs', this run reads 'uoft-cs/cifar100'" in caplog.text
+    assert "other settings" not in caplog.text
+    # settings nothing else compares on a resume are named in one warning; the learning rate is StepLR's to name
+    recorded.update(drop_path_rate=0.2, total_batch_size=64, learning_rate=0.1)
+    (checkpoint / RUN_SETTINGS_FILE).write_text(json.dumps(recorded))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        check_checkpoint_unfinished(str(checkpoint), 8, dict(settings, dataset="local: imgs", drop_path_rate=0.1,
+                                                             total_batch_size=64, learning_rate=0.2))
+    assert len(caplog.records) == 1
+    assert ("checkpoint-4' was trained with other settings than this run's: drop_path_rate 0.2 there, 0.1 here "
+            "(its run_settings.json); the resumed run trains on with this run's") in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        check_checkpoint_unfinished(str(checkpoint), 8, dict(settings, dataset="local: imgs", drop_path_rate=0.2,
+                                                             total_batch_size=64))
+    assert caplog.text == ""
     (checkpoint / RUN_SETTINGS_FILE).unlink()
     check_checkpoint_unfinished(str(checkpoint), 8, dict(settings, seed=5))  # an older checkpoint: nothing to compare
     saver.on_save(SimpleNamespace(output_dir=str(tmp_path / "gone"), should_save=True), state, None)

@@ -583,6 +583,14 @@ def resolve_checkpoint(training_args, model: Optional[str] = None) -> Optional[s
     return checkpoint
 
 
+# card settings a resume compares elsewhere: the seed and dataset above; StepLR warns about another learning
+# rate, schedule, momentum or weight decay when it loads the checkpoint's; ElaPruningCallback refuses other windows
+# or another selector. The rest (run length, total batch size, drop path, ...) differs with one warning here.
+_COMPARED_ELSEWHERE = frozenset(
+    {"seed", "dataset", "learning_rate", "lr_schedule", "optimizer", "weight_decay", "kl_windows", "selector"}
+)
+
+
 def check_checkpoint_unfinished(checkpoint: Optional[str], run_steps: Optional[int],
                                 settings: Optional[Dict[str, Any]] = None) -> None:
     """A checkpoint that already ran all of this run's ``run_steps`` optimizer steps: the Trainer would train one
@@ -592,7 +600,8 @@ def check_checkpoint_unfinished(checkpoint: Optional[str], run_steps: Optional[i
     (``run_settings.json``): another ``--seed`` is refused (the Trainer's batch order follows it, so the rest of
     the resumed epoch would train on other images than the ones it skips as done, and the recipes' eval split
     and sample subsets follow it too); another dataset name is named in a warning (a local copy of the run's
-    dataset is fine)."""
+    dataset is fine), and so are other settings that nothing else compares (run length, total batch size, drop
+    path rate, ...): the resumed run trains with this run's, which its model card shows."""
     recorded = _recorded_settings(checkpoint, settings) if checkpoint is not None else {}
     if "seed" in recorded and recorded["seed"] != settings["seed"]:
         raise ValueError(
@@ -603,6 +612,18 @@ def check_checkpoint_unfinished(checkpoint: Optional[str], run_steps: Optional[i
     if "dataset" in recorded and recorded["dataset"] != settings["dataset"]:
         logger.warning("--resume_from_checkpoint %r was trained on %r, this run reads %r: resuming on that data "
                        "(fine for a copy of the same dataset)", checkpoint, recorded["dataset"], settings["dataset"])
+    if recorded:
+        from ela_hf.pruning.callback import _as_json
+
+        ours = _as_json(settings)  # as the file holds them (tuples as lists)
+        differ = [k for k in recorded if k not in _COMPARED_ELSEWHERE and ours[k] != recorded[k]]
+        if differ:
+            logger.warning(
+                "--resume_from_checkpoint %r was trained with other settings than this run's: %s (its "
+                "run_settings.json); the resumed run trains on with this run's, and its model card shows them",
+                checkpoint,
+                "; ".join(f"{k} {recorded[k]!r} there, {ours[k]!r} here" for k in differ),
+            )
     if checkpoint is None or run_steps is None:
         return
     state = _trainer_state(checkpoint)
