@@ -55,6 +55,37 @@ def test_pretrained_rgb_weights_load_into_a_grey_deep_stem_model(tmp_path):
     torch.testing.assert_close(grey.conv1[0].weight, rgb.conv1[0].weight.sum(dim=1, keepdim=True))
 
 
+def test_pretrained_weights_that_would_leave_random_layers_are_refused_for_backbones_and_new_heads(tmp_path):
+    # timm loads non-strictly for features_only and for another num_classes, and only logs missing keys at INFO
+    torch.manual_seed(0)
+    trained = timm.create_model("ela_resnet20_cifar", num_classes=5)
+    torch.save(trained.state_dict(), tmp_path / "ela20.pth")
+    shallow = dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "ela20.pth")))
+    for kwargs in (dict(features_only=True), dict(num_classes=3), dict(features_only=True, feature_cls="getter")):
+        with pytest.raises(ValueError, match=r"the pretrained weights for 'ela_resnet56_cifar' miss \d+ of the "
+                                             r"model's parameters and buffers \(layer1\.2\..* Give a checkpoint"):
+            timm.create_model("ela_resnet56_cifar", **kwargs, **shallow)
+    # one active attention layer's weights gone
+    partial = {k: v for k, v in trained.state_dict().items() if not k.startswith("layer2.1.attn.")}
+    torch.save(partial, tmp_path / "partial.pth")
+    file = dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "partial.pth")))
+    with pytest.raises(ValueError, match=r"miss \d+ .*\(layer2\.1\.attn\..*Only attention layers are missing"):
+        timm.create_model("ela_resnet20_cifar", features_only=True, **file)
+    # a plain ResNet's weights: every attention layer would be random (ela_hf.init_from_resnet is the way)
+    torch.save(timm.create_model("resnet20_cifar").state_dict(), tmp_path / "plain.pth")
+    with pytest.raises(ValueError, match=r"init_from_resnet"):
+        timm.create_model("ela_resnet20_cifar", features_only=True, pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / "plain.pth")))
+    # opting out keeps timm's behaviour; complete weights load as before, the new head aside
+    timm.create_model("ela_resnet20_cifar", features_only=True, pretrained_strict=False, **file)
+    ours = dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "ela20.pth")))
+    backbone = timm.create_model("ela_resnet20_cifar", features_only=True, **ours).eval()
+    finetune = timm.create_model("ela_resnet20_cifar", num_classes=3, **ours)
+    torch.testing.assert_close(finetune.layer2[1].attn.wq.weight, trained.layer2[1].attn.wq.weight)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(backbone(x)[-1], trained.eval().forward_features(x))
+
+
 @pytest.mark.parametrize("name", EXPECTED_NAMES)
 def test_every_registered_model_runs_forward_and_backward(name):
     torch.manual_seed(0)

@@ -9,6 +9,7 @@ timm ResNet checkpoint loads into an ELA model with only the attention keys miss
 """
 from __future__ import annotations
 
+import functools
 import numbers
 import warnings
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -619,6 +620,10 @@ def _create_ela_resnet(variant: str, pretrained: bool = False, **kwargs) -> Laye
                 "(with checkpoint_path= / timm's --initial-checkpoint, leave pretrained=False: the checkpoint is "
                 "loaded after creation)"
             )
+    if pretrained and kwargs.get("pretrained_strict", True) and kwargs.get("pretrained_filter_fn") is None:
+        # timm loads non-strictly whenever the head is not the checkpoint's (features_only, another num_classes)
+        # and only logs missing keys at INFO level: refuse weights that would leave parts of the body random
+        kwargs["pretrained_filter_fn"] = functools.partial(_check_pretrained_complete, variant)
     # the CIFAR nets have three stages: default features are the stem plus every stage
     out_indices = tuple(range(len(kwargs["layers"]) + 1))
     if kwargs.get("features_only") and "out_indices" in kwargs:
@@ -630,6 +635,30 @@ def _create_ela_resnet(variant: str, pretrained: bool = False, **kwargs) -> Laye
         # a features_only wrapper (any feature_cls) under its own buffer names: DDP reads the wrapped module
         keep_kl_statistics_out_of_ddp(model)
     return model
+
+
+def _check_pretrained_complete(variant: str, state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, Any]:
+    """timm's ``pretrained_filter_fn``: the pretrained weights must hold every parameter and buffer of the model
+    below its classifier (BatchNorm step counters aside), or the load is refused naming what is missing."""
+    head = f"{model.pretrained_cfg.get('classifier') or 'fc'}."
+    missing = [
+        k for k in model.state_dict()
+        if k not in state_dict and not k.startswith(head) and not k.endswith("num_batches_tracked")
+    ]
+    if missing:
+        attention_only = all(".attn." in k or k.endswith("attn_skipped") for k in missing)
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise ValueError(
+            f"the pretrained weights for {variant!r} miss {len(missing)} of the model's parameters and buffers "
+            f"({shown}), which would stay randomly initialised (timm loads features_only backbones and new heads "
+            "non-strictly). "
+            + ("Only attention layers are missing: a slim checkpoint loads with its skip mask "
+               "(timm.create_model('local-dir:<export>', ...), or skip_mask=...), and ela_hf.init_from_resnet "
+               "starts from a plain ResNet's weights"
+               if attention_only else "Give a checkpoint of this architecture")
+            + "; pretrained_strict=False accepts the random initialisation"
+        )
+    return state_dict
 
 
 def _check_out_indices(out_indices: Any, num_features: int) -> None:
