@@ -165,6 +165,9 @@ def test_bad_dim_per_head_is_refused_at_construction(name):
         timm.create_model(name, dim_per_head=48)
     model = timm.create_model(name, dim_per_head=np.int64(8))  # NumPy integers are integers
     assert model.layer1[0].attn.dim_per_head == 8 and type(model.layer1[0].attn.dim_per_head) is int
+    for value in (0, 1.5, True):  # the layers' own dilation (the models set it from output_stride)
+        with pytest.raises(ValueError, match=rf"dilation must be a positive int .*, got {value!r}"):
+            (MrlaLight if "_l_" in name else MrlaBase)(64, dilation=value)
 
 
 def _copy_conv_weights(src: nn.Module, dst: nn.Module):
@@ -495,6 +498,18 @@ def test_output_stride_dilates_the_later_stages_with_the_same_weights(output_str
     x = torch.randn(1, 3, 64, 64)
     assert model.forward_features(x).shape[-1] == 64 // output_stride
     assert not torch.allclose(model(x), plain(x))
+    # the attention layers' depthwise value conv is dilated with its stage (the first block too), so the network
+    # is the stride-32 one evaluated more densely: its feature maps, subsampled, are the stride-32 ones (up to
+    # the attention's global pooling, which also sees the positions in between)
+    for i, stage in enumerate((model.layer1, model.layer2, model.layer3, model.layer4)):
+        d = 4 * 2**i // min(4 * 2**i, output_stride)  # the stride the stage no longer takes
+        assert [blk.attn.wv.dilation for blk in stage] == [(d, d)] * len(stage), (i, d)
+    with torch.no_grad():
+        plain.train()(torch.randn(4, 3, 64, 64) * 2 + 1)  # BatchNorm statistics other than the identity
+    model.load_state_dict(plain.eval().state_dict())
+    dense, coarse = model.forward_features(x), plain.forward_features(x)
+    step = 32 // output_stride
+    assert (dense[..., ::step, ::step] - coarse).abs().max() < 1e-2 * coarse.abs().max()
     want = [2, 4, 8, min(16, output_stride), output_stride]
     backbone = timm.create_model("ela_resnet18", features_only=True, output_stride=output_stride)
     assert backbone.feature_info.reduction() == want

@@ -47,7 +47,7 @@ def _ref_block(blk, x, cache):
         return y
     a = blk.attn
     q, k = _ref_qk(a, y)
-    v = F.conv2d(y, a.wv.weight, padding=1, groups=a.channels)
+    v = F.conv2d(y, a.wv.weight, padding=a.wv.padding, dilation=a.wv.dilation, groups=a.channels)
     if blk.attn_type == "mrla_l":
         gate = torch.sigmoid((q * k).sum(-1) / math.sqrt(a.dim_per_head))  # [B, heads]
         o = v * gate.repeat_interleave(a.dim_per_head, dim=1)[:, :, None, None] + a.lam * sc

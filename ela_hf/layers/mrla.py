@@ -501,8 +501,10 @@ class _AttendOverStageValues(torch.autograd.Function):
 class _LayerAttentionBase(nn.Module):
     """Shared pieces: Q/K Conv1d on the pooled descriptor, depthwise V, BN, DropPath, KL accumulators."""
 
-    def __init__(self, channels: int, dim_per_head: int, k_size: Optional[int], drop_path: float):
+    def __init__(self, channels: int, dim_per_head: int, k_size: Optional[int], drop_path: float, dilation: int = 1):
         super().__init__()
+        if isinstance(dilation, bool) or not isinstance(dilation, numbers.Integral) or dilation < 1:
+            raise ValueError(f"dilation must be a positive int (the stage's, for output_stride), got {dilation!r}")
         if isinstance(dim_per_head, bool) or not isinstance(dim_per_head, numbers.Integral):
             raise TypeError(
                 f"dim_per_head must be an int (channels per attention head), got {dim_per_head!r} "
@@ -523,7 +525,10 @@ class _LayerAttentionBase(nn.Module):
         pad = (self.k_size - 1) // 2
         self.wq = nn.Conv1d(1, 1, self.k_size, padding=pad, bias=False)
         self.wk = nn.Conv1d(1, 1, self.k_size, padding=pad, bias=False)
-        self.wv = nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False)
+        # dilated like the stage's 3x3 convs where output_stride keeps a stage at a finer resolution: the
+        # network stays the stride-32 one evaluated more densely
+        self.wv = nn.Conv2d(channels, channels, 3, padding=int(dilation), dilation=int(dilation), groups=channels,
+                            bias=False)
         self.bn = nn.BatchNorm2d(channels)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         nn.init.kaiming_normal_(self.wv.weight, mode="fan_out", nonlinearity="relu")
@@ -635,8 +640,9 @@ class MrlaLight(_LayerAttentionBase):
     cached. Extra parameters: 12C + 2*k_size.
     """
 
-    def __init__(self, channels: int, dim_per_head: int = 32, k_size: Optional[int] = None, drop_path: float = 0.0):
-        super().__init__(channels, dim_per_head, k_size, drop_path)
+    def __init__(self, channels: int, dim_per_head: int = 32, k_size: Optional[int] = None, drop_path: float = 0.0,
+                 dilation: int = 1):
+        super().__init__(channels, dim_per_head, k_size, drop_path, dilation)
         self.lam = nn.Parameter(torch.randn(channels, 1, 1))
 
     def forward(
@@ -734,8 +740,9 @@ class MrlaBase(_LayerAttentionBase):
     ``out = y + DropPath(relu(BN(sum_s A_s V_s)))``. Extra parameters: 11C + 2*k_size.
     """
 
-    def __init__(self, channels: int, dim_per_head: int = 16, k_size: Optional[int] = None, drop_path: float = 0.0):
-        super().__init__(channels, dim_per_head, k_size, drop_path)
+    def __init__(self, channels: int, dim_per_head: int = 16, k_size: Optional[int] = None, drop_path: float = 0.0,
+                 dilation: int = 1):
+        super().__init__(channels, dim_per_head, k_size, drop_path, dilation)
 
     def forward(
         self,

@@ -71,7 +71,7 @@ class _LayerAttentionBlockMixin:
     attn_type: Optional[str]
 
     def _init_layer_attention(
-        self, attn_type: Optional[str], dim_per_head: int, drop_path: float, skipped: bool
+        self, attn_type: Optional[str], dim_per_head: int, drop_path: float, skipped: bool, dilation: int = 1
     ) -> None:
         self.attn_type = attn_type
         self._skip = bool(skipped) if attn_type else True
@@ -82,9 +82,9 @@ class _LayerAttentionBlockMixin:
         if skipped:
             self.attn = None
         elif attn_type == "mrla_l":
-            self.attn = MrlaLight(channels, dim_per_head=dim_per_head, drop_path=drop_path)
+            self.attn = MrlaLight(channels, dim_per_head=dim_per_head, drop_path=drop_path, dilation=dilation)
         else:
-            self.attn = MrlaBase(channels, dim_per_head=dim_per_head, drop_path=drop_path)
+            self.attn = MrlaBase(channels, dim_per_head=dim_per_head, drop_path=drop_path, dilation=dilation)
         self.register_buffer("attn_skipped", torch.tensor(bool(skipped)), persistent=True)
 
     def _out_channels(self) -> int:
@@ -409,11 +409,14 @@ class LayerAttentionResNet(nn.Module):
         total = sum(layers)
         net_idx = 0
         self.stage_names: List[str] = []
-        for (name, seq), info, stage_mask in zip(stage_modules, stage_feature_info, skip_mask):
+        for idx, ((name, seq), info, stage_mask) in enumerate(zip(stage_modules, stage_feature_info, skip_mask)):
             blocks = list(seq)
+            # a stage that output_stride keeps at a finer resolution dilates its convs by what its stride
+            # would have reduced (make_blocks counts from a stride-4 stem: stage i is at 4 * 2**i at stride 32)
+            dilation = (4 * 2**idx) // info["reduction"]
             for blk, skipped in zip(blocks, stage_mask):
                 dpr = drop_path_rate * net_idx / max(total - 1, 1)
-                blk._init_layer_attention(attn_type, dim_per_head, dpr, skipped)
+                blk._init_layer_attention(attn_type, dim_per_head, dpr, skipped, dilation)
                 net_idx += 1
             self.add_module(name, LayerAttentionStage(blocks))
             self.stage_names.append(name)
