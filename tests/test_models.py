@@ -425,12 +425,18 @@ def test_features_only_out_indices_that_select_nothing_or_too_much_are_refused(f
              ((), ValueError, "out_indices is empty"),
              (0, ValueError, r"out_indices=0 \(the last n feature maps\) must be in 1..5: "),
              ([9], ValueError, r"out_indices \[9\] has indices \[9\] out of range: "),
-             (["a"], TypeError, r"out_indices must be an int or a list of ints, got \['a'\]; ")]
+             (["a"], TypeError, r"out_indices must be an int or a list of ints, got \['a'\]; "),
+             # the maps come back in network order, once each, while feature_info listed them as given
+             ((3, 1), ValueError, r"out_indices \[3, 1\] \(maps \[3, 1\]\) must name each feature map once, in "
+                                  r"network order: .*; "),
+             ((-1, 1), ValueError, r"out_indices \[-1, 1\] \(maps \[4, 1\]\) must name each"),
+             ((1, 1), ValueError, r"out_indices \[1, 1\] \(maps \[1, 1\]\) must name each"),
+             ((1, -4), ValueError, r"out_indices \[1, -4\] \(maps \[1, 1\]\) must name each")]
     for out_indices, error, message in cases:
         with pytest.raises(error, match=message + (maps if message.endswith(" ") else "")):
             timm.create_model("ela_resnet18", features_only=True, feature_cls=feature_cls, out_indices=out_indices)
     backbone = timm.create_model("ela_resnet18", features_only=True, feature_cls=feature_cls, out_indices=(-5, 4))
-    assert [f.shape[1] for f in backbone(torch.randn(1, 3, 64, 64))] == [64, 512]
+    assert [f.shape[1] for f in backbone(torch.randn(1, 3, 64, 64))] == [64, 512] == backbone.feature_info.channels()
 
 
 def test_features_only_matches_forward_features():

@@ -689,6 +689,14 @@ def _check_out_indices(out_indices: Any, num_features: int) -> None:
     outside = [i for i in indices if not -num_features <= i < num_features]
     if outside:
         raise ValueError(f"out_indices {indices} has indices {outside} out of range: {maps}")
+    resolved = [i % num_features for i in indices]
+    if any(a >= b for a, b in zip(resolved, resolved[1:])):
+        # timm returns the maps in network order, once each, but lists feature_info in the order given: an FPN
+        # built from feature_info.channels() would be wired to the wrong maps
+        raise ValueError(
+            f"out_indices {indices} (maps {resolved}) must name each feature map once, in network order: the "
+            f"backbone returns them in that order, and feature_info would list them as given; {maps}"
+        )
 
 
 def _cfg(variant: str, **kwargs) -> Dict[str, Any]:
