@@ -174,9 +174,10 @@ def _network_and_config(model: nn.Module, id2label=None) -> Tuple[LayerAttention
     if any(isinstance(m, LayerAttentionStage) for m in model.modules()):
         # a timm features_only backbone (FeatureListNet), or a detector around one
         arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or "<architecture>"
-        # feature_cls='getter' keeps the (pruned) network under .model
-        weights = "backbone.model.state_dict()" if isinstance(getattr(model, "model", None), LayerAttentionResNet) \
-            else "backbone.state_dict()"
+        # feature_cls='getter' keeps the (pruned) network under .model, 'hook' its modules under .body
+        inner = next((n for n in ("model", "body") if isinstance(getattr(model, n, None), nn.Module)
+                      and any(isinstance(m, LayerAttentionStage) for m in getattr(model, n).children())), None)
+        weights = f"backbone.{inner}.state_dict()" if inner else "backbone.state_dict()"
         hint = (
             f". It contains ELA stages (a features_only backbone or a model around one): copy them into the "
             f"full network and export that: net = timm.create_model({arch!r}, num_classes=0); "

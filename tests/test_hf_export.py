@@ -553,8 +553,17 @@ def test_a_features_only_backbone_is_exported_through_the_full_network(tmp_path)
     getter = timm.create_model(ARCH, features_only=True, feature_cls="getter")
     with pytest.raises(ValueError, match=r"got FeatureGetterNet\. .*net\.load_state_dict\(backbone\.model\.state_dict\(\)\)"):
         ela_hf.export_pruned(getter, tmp_path / "nope")
-    net = timm.create_model(ARCH, num_classes=0)
-    net.load_state_dict(getter.model.state_dict())  # the route that message gives
+    # the route each message gives, run as written (feature_cls='hook' keeps the network under .body)
+    import re
+
+    for feature_cls in ("list", "dict", "hook", "getter"):
+        wrapped = timm.create_model(ARCH, features_only=True, feature_cls=feature_cls)
+        with pytest.raises(ValueError) as refused:
+            ela_hf.export_pruned(wrapped, tmp_path / "nope")
+        route = re.search(r"net = (timm\.create_model\(.*?\)); net\.load_state_dict\((.*?)\) \(a backbone",
+                          str(refused.value))
+        net = eval(route.group(1), {"timm": timm})
+        assert not net.load_state_dict(eval(route.group(2), {"backbone": wrapped})).missing_keys, feature_cls
     # the way the error describes
     net = timm.create_model(ARCH, num_classes=0)
     net.load_state_dict(backbone.state_dict())
