@@ -627,6 +627,12 @@ def test_bad_inputs_raise_clear_errors():
             backbone(torch.randn(2, 4, 32, 32))
         with pytest.raises(ValueError, match=r"\[batch, 3, height, width\]"):
             backbone(torch.randn(3, 32, 32))
+        # raw pixels: PyTorch's "expected scalar type Byte but found Float" said nothing of what to do
+        with pytest.raises(ValueError, match=r"expected floating-point images \(normalised .*\), got torch.uint8; "
+                                             r"convert raw pixels first"):
+            backbone(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"expected floating-point images .*, got torch.int64"):
+        model(torch.zeros(2, 3, 32, 32, dtype=torch.long))
     with pytest.raises(ValueError, match="skip_mask has 2 stages but the architecture has 3"):
         timm.create_model("ela_resnet20_cifar", skip_mask=[[False, False], [False, False]])
     with pytest.raises(ValueError, match="stage 1 has 3 entries but the stage has 2 blocks"):

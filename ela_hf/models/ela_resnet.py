@@ -600,6 +600,13 @@ def _check_images(x: torch.Tensor, in_chans: int) -> None:
             f"expected {in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)}); "
             "images must be channels-first [batch, channels, height, width]"
         )
+    if not torch.is_floating_point(x):
+        # PyTorch's own error ("expected scalar type Byte but found Float") does not say what to do
+        raise ValueError(
+            f"expected floating-point images (normalised with the model's mean and std), got {x.dtype}; "
+            "convert raw pixels first, e.g. with timm.data.create_transform(**timm.data.resolve_data_config("
+            "model=model))"
+        )
 
 
 def _check_stem_input(stem: nn.Module, args) -> None:
