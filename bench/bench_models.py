@@ -383,7 +383,8 @@ def parse_args(argv=None):
     off_kinds = [k for k in args.models if any(k.endswith(suffix) for suffix in SWITCHES)]
     if off_kinds and (args.device != "cpu" or args.amp != "none"):
         p.error(
-            f"{', '.join(off_kinds)} switch C++ CPU kernels off, but with --device {args.device} --amp {args.amp} no "
+            f"{', '.join(off_kinds)} {'switches' if len(off_kinds) == 1 else 'switch'} some of the C++ CPU kernels off, "
+            f"but with --device {args.device} --amp {args.amp} no "
             "kernel runs (they take float32/float64 CPU tensors without autocast): the comparison would time the "
             "same network twice"
         )

@@ -1,4 +1,5 @@
 """Layer-attention modules: MRLA-L, MRLA-B, their stage state and the KL helper."""
+from .fast_ops import plain_autograd
 from .mrla import (
     DEFAULT_KL_EPS,
     MrlaBase,
@@ -16,5 +17,6 @@ __all__ = [
     "StageState",
     "eca_kernel_size",
     "kl_with_appended_eps",
+    "plain_autograd",
     "recording_paused",
 ]

@@ -46,7 +46,9 @@ Why tier 2 helps (one thread, inside a training step of CIFAR ResNet-110):
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -61,18 +63,63 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
+from torch.nn.modules import module as _module_hooks
 
 __all__ = [
     "attention_tail", "depthwise_conv3x3", "relu_sum_depthwise_conv3x3", "light_layer", "cpu_kernels",
     "kernel_cache_dir", "kernel_features", "describe_kernels", "batch_norm", "light_tail",
     "FAST_CPU_PATHS", "slot_weighted_sum", "slot_dots", "attention_weights",
-    "light_gate", "light_gate_grad",
+    "light_gate", "light_gate_grad", "plain_autograd", "plain_autograd_enabled", "first_order_only",
 ]
 
 logger = logging.getLogger(__name__)
 
-# Set to False to run the plain modules everywhere (for comparisons and debugging).
+_SECOND_ORDER = (
+    "ela_hf's fast layer-attention paths compute first-order gradients only, so this double backward (a "
+    "gradient penalty, a Hessian-vector product) cannot go through them: run the forward pass inside "
+    "`with ela_hf.layers.plain_autograd():` (PyTorch's own differentiable ops throughout, slower)"
+)
+
+
+class _RefuseSecondOrder(torch.autograd.Function):
+    """Passes gradients through, tied to what they depend on; differentiating them again is an error."""
+
+    @staticmethod
+    def forward(ctx, count: int, *tensors):
+        return tuple(t.clone() for t in tensors[:count])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(_SECOND_ORDER)
+
+
+def first_order_only(backward):
+    """For an autograd Function's ``backward`` whose gradients are not differentiable (C++ kernels, values
+    saved from a no-grad forward): an ordinary backward runs as is; with ``create_graph=True`` the gradients
+    come back tied to the tensors they depend on (the saved tensors and incoming gradients that require grad),
+    so that differentiating them again raises a clear error instead of silently leaving out the second-order
+    terms. (``once_differentiable`` ties them to new leaves, which ``torch.autograd.grad(..., inputs=params)``
+    never reaches.)"""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if not torch.is_grad_enabled():  # an ordinary backward
+            return backward(ctx, *grads)
+        anchors = [t for t in (*ctx.saved_tensors, *grads) if isinstance(t, torch.Tensor) and t.requires_grad]
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        many = isinstance(outputs, tuple)
+        parts = list(outputs if many else (outputs,))
+        index = [i for i, g in enumerate(parts) if isinstance(g, torch.Tensor)]
+        if anchors and index:
+            for i, marked in zip(index, _RefuseSecondOrder.apply(len(index), *[parts[i] for i in index], *anchors)):
+                parts[i] = marked
+        return tuple(parts) if many else parts[0]
+
+    return wrapper
+
+# Set to False to run the plain modules instead of the C++ kernels (for comparisons and debugging); MRLA-B keeps
+# its stage buffer (plain_autograd() replaces that too).
 FAST_CPU_PATHS = True
 # Set to False to run MRLA-L's value convolution and tail as two kernels (depthwise_conv3x3, then
 # attention_tail) instead of the one fused layer (light_layer); for comparisons.
@@ -105,11 +152,47 @@ TAIL_MIN_PLANE = 64
 LIGHT_MIN_PLANE = 256
 
 
+_plain_depth = 0  # open plain_autograd() contexts (a global, not thread-local: DataParallel's replica threads)
+
+
+@contextlib.contextmanager
+def plain_autograd():
+    """Run the layer-attention layers in PyTorch's own differentiable ops: no C++ kernel or hand-written
+    backward, and MRLA-B's plain formulation instead of its stage buffer. Slower; for what needs autograd
+    all the way through: double backward (gradient penalties, Hessian-vector products), ``torch.func``
+    transforms. The forward pass decides, so the forward must run inside the context."""
+    global _plain_depth
+    _plain_depth += 1
+    try:
+        yield
+    finally:
+        _plain_depth -= 1
+
+
+def plain_autograd_enabled() -> bool:
+    """Inside :func:`plain_autograd`, or a ``torch.func`` transform (grad, vmap, jacrev: they cannot see into
+    the kernels or the custom autograd functions either)."""
+    return _plain_depth > 0 or torch._C._are_functorch_transforms_active()
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Hooks on ``module`` (its own or global ones) must see it run: the kernels read its weight directly, so
+    a forward hook (feature capture, FLOP counters), a pre-hook (``torch.nn.utils.prune``) or a backward
+    hook takes the plain module instead."""
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+        or module._backward_pre_hooks or _module_hooks._global_forward_hooks
+        or _module_hooks._global_forward_pre_hooks or _module_hooks._global_backward_hooks
+        or _module_hooks._global_backward_pre_hooks
+    )
+
+
 def _fast_mode() -> bool:
     """The fast paths are on and may run: no CPU autocast, no compile, no trace (a trace records tensor
-    ops, and the C++ kernels write through pointers it cannot see)."""
+    ops, and the C++ kernels write through pointers it cannot see), no :func:`plain_autograd`."""
     return (
         FAST_CPU_PATHS
+        and not plain_autograd_enabled()
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
@@ -129,6 +212,7 @@ def _cpu_eager(x: torch.Tensor) -> bool:
 def _bn_eligible(bn: nn.Module, x: torch.Tensor) -> bool:
     return (
         type(bn) is nn.BatchNorm2d
+        and not _hooked(bn)
         and bn.track_running_stats
         and bn.running_mean is not None
         and _cpu_eager(x)
@@ -213,6 +297,7 @@ class _BatchNormFastStats(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_out):
         x, weight, mean, invstd = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -254,6 +339,7 @@ class _LightTail(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_out):
         o, v, sc, gate_c, lam, weight, mean, invstd = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -499,6 +585,7 @@ class _FusedTail(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_out):
         v, sc, a, l, weight, mean, invstd, scale, coef_a, coef_b, coef_s, centres = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -604,6 +691,7 @@ class _DepthwiseConv3x3(torch.autograd.Function):
         return (out, mean.to(x.dtype)) if with_mean else out
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_out, grad_mean=None):
         x, wc = ctx.saved_tensors
         grad_x, grad_w = _dw_backward(x, wc, grad_out, grad_mean, None, *ctx.needs_input_grad[:2], relu=False)
@@ -631,6 +719,7 @@ class _ReluSumDepthwise3x3(torch.autograd.Function):
         return y, out, mean.to(pre.dtype)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_y, grad_out, grad_mean):
         y, wc = ctx.saved_tensors
         need_pre, need_sc, need_w = ctx.needs_input_grad[:3]
@@ -660,6 +749,7 @@ def _dw_backward(x, wc, grad_out, grad_mean, grad_res, need_x: bool, need_w: boo
 def _dw_eligible(conv: nn.Module, x: torch.Tensor) -> bool:
     return (
         type(conv) is nn.Conv2d
+        and not _hooked(conv)
         and conv.kernel_size == (3, 3)
         and conv.stride == (1, 1)
         and conv.padding == (1, 1)
@@ -831,7 +921,7 @@ class _LightGate(torch.autograd.Function):
         return gate
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad_gate):
         g, wq, wk, gate = ctx.saved_tensors
         grads = _light_gate_backward(g, wq, wk, gate, grad_gate.contiguous(), ctx.heads, ctx.scale)
@@ -863,7 +953,7 @@ class _AttentionWeights(torch.autograd.Function):
         return attn, k
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad_attn, grad_k):
         g, wq, wk, q, k, attn, *keys = ctx.saved_tensors
         b, c = g.shape
@@ -966,6 +1056,7 @@ class _FusedLight(torch.autograd.Function):
         return out, gate
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_out, _grad_gate):
         y, sc, wc, g, gate, a, l, mean, invstd, scale, mom, *gate_params = ctx.saved_tensors
         need = ctx.needs_input_grad

@@ -18,7 +18,6 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 from timm.layers import DropPath
 
 from .fast_ops import (
@@ -27,9 +26,11 @@ from .fast_ops import (
     attention_tail,
     attention_weights,
     depthwise_conv3x3,
+    first_order_only,
     light_gate,
     light_gate_grad,
     light_layer,
+    plain_autograd_enabled,
     relu_sum_depthwise_conv3x3,
     slot_dots,
     slot_weighted_sum,
@@ -460,7 +461,8 @@ class _AttendOverStageValues(torch.autograd.Function):
             out = cache.from_slot(_weighted_slot_sum(weights.flatten(0, 1), buffer[: t + 1]))
         # a view, not the buffer itself: each saved view holds a storage reference, which is how the
         # pool knows when autograd has let go of the buffer
-        ctx.save_for_backward(buffer[:])
+        # (attn too: a create_graph backward ties the gradients to it, see first_order_only)
+        ctx.save_for_backward(buffer[:], attn)
         cache.has_graph = True
         ctx.cache, ctx.t = cache, t
         ctx.attn_dtype, ctx.v_dtype = attn.dtype, v.dtype
@@ -468,9 +470,9 @@ class _AttendOverStageValues(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad_out: Optional[torch.Tensor]):
-        (buffer,) = ctx.saved_tensors
+        buffer, _ = ctx.saved_tensors
         cache, t = ctx.cache, ctx.t
         grad_attn = grad_v = None
         with torch.autocast(buffer.device.type, enabled=False):
@@ -819,7 +821,10 @@ class MrlaBase(_LayerAttentionBase):
         """Graph capture (compile, export, jit.trace), or a stage begun that way: the plain formulation
         over ``state.values``; the compiler fuses the sum into one pass over the values (the eager stage
         buffer relies on in-place slot writes that a trace cannot record)."""
-        return torch.compiler.is_compiling() or torch.jit.is_tracing() or (state.value_buffer is None and bool(state.values))
+        return (
+            torch.compiler.is_compiling() or torch.jit.is_tracing() or plain_autograd_enabled()
+            or (state.value_buffer is None and bool(state.values))
+        )
 
     def _value_cache(self, state: StageState) -> _StageValueBuffer:
         """The stage's value buffer (made by the stage's first layer)."""
