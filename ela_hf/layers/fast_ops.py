@@ -192,10 +192,10 @@ def _fast_mode() -> bool:
     ops, and the C++ kernels write through pointers it cannot see), no :func:`plain_autograd`."""
     return (
         FAST_CPU_PATHS
-        and not plain_autograd_enabled()
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
+        and not plain_autograd_enabled()  # (after is_compiling: graph capture need not trace the functorch query)
     )
 
 
