@@ -56,11 +56,10 @@ from .hf.modeling_ela import (
     _process_gone,
     _process_tag,
     _remove_abandoned_folders,
-    _some,
     build_timm_network,
 )
 from .models import get_skip_mask, slim_state_dict
-from .models.ela_resnet import LayerAttentionResNet, LayerAttentionStage
+from .models.ela_resnet import LayerAttentionResNet, LayerAttentionStage, _some
 
 __all__ = [
     "export_pruned",

@@ -32,7 +32,7 @@ from transformers.modeling_outputs import (
 
 from ela_hf.layers.mrla import MrlaLight, _LayerAttentionBase
 from ela_hf.models import find_stages, get_skip_mask, keep_kl_statistics_out_of_ddp, set_skip_mask
-from ela_hf.models.ela_resnet import LayerAttentionResNet, _LayerAttentionBlockMixin, validate_skip_mask
+from ela_hf.models.ela_resnet import LayerAttentionResNet, _LayerAttentionBlockMixin, _some, validate_skip_mask
 
 from .configuration_ela import ElaConfig
 
@@ -556,10 +556,6 @@ def _check_variant_shares_the_mask(folder, config, mask, variant: str) -> None:
             f"model's {mine[0]}; a variant= save shares their config.json and would make them unloadable. "
             "Save this model into its own folder (or ela_hf.export_pruned for a slim release)"
         )
-
-
-def _some(names: list[str], shown: int = 3) -> str:
-    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _saved_skip_flags(folder) -> dict[str, bool] | None:

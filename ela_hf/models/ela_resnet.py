@@ -657,11 +657,10 @@ def _check_pretrained_complete(variant: str, state_dict: Dict[str, Any], model: 
     ]
     if missing:
         attention_only = all(".attn." in k or k.endswith("attn_skipped") for k in missing)
-        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
         raise ValueError(
             f"the pretrained weights for {variant!r} miss {len(missing)} of the model's parameters and buffers "
-            f"({shown}), which would stay randomly initialised (timm loads features_only backbones and new heads "
-            "non-strictly). "
+            f"({_some(missing, 4)}), which would stay randomly initialised (timm loads features_only backbones and "
+            "new heads non-strictly). "
             + ("Only attention layers are missing: a slim checkpoint loads with its skip mask "
                "(timm.create_model('local-dir:<export>', ...), or skip_mask=...), and ela_hf.init_from_resnet "
                "starts from a plain ResNet's weights"
@@ -669,6 +668,11 @@ def _check_pretrained_complete(variant: str, state_dict: Dict[str, Any], model: 
             + "; pretrained_strict=False accepts the random initialisation"
         )
     return state_dict
+
+
+def _some(names: List[str], shown: int = 3) -> str:
+    """The first ``shown`` names, and how many more there are (for error messages)."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _check_out_indices(out_indices: Any, num_features: int) -> None:
