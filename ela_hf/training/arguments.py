@@ -612,18 +612,13 @@ def check_checkpoint_unfinished(checkpoint: Optional[str], run_steps: Optional[i
     if "dataset" in recorded and recorded["dataset"] != settings["dataset"]:
         logger.warning("--resume_from_checkpoint %r was trained on %r, this run reads %r: resuming on that data "
                        "(fine for a copy of the same dataset)", checkpoint, recorded["dataset"], settings["dataset"])
-    if recorded:
-        from ela_hf.pruning.callback import _as_json
-
-        ours = _as_json(settings)  # as the file holds them (tuples as lists)
-        differ = [k for k in recorded if k not in _COMPARED_ELSEWHERE and ours[k] != recorded[k]]
-        if differ:
-            logger.warning(
-                "--resume_from_checkpoint %r was trained with other settings than this run's: %s (its "
-                "run_settings.json); the resumed run trains on with this run's, and its model card shows them",
-                checkpoint,
-                "; ".join(f"{k} {recorded[k]!r} there, {ours[k]!r} here" for k in differ),
-            )
+    differ = _differences(recorded, settings, skip=_COMPARED_ELSEWHERE)
+    if differ:
+        logger.warning(
+            "--resume_from_checkpoint %r was trained with other settings than this run's: %s (its "
+            "run_settings.json); the resumed run trains on with this run's, and its model card shows them",
+            checkpoint, "; ".join(differ),
+        )
     if checkpoint is None or run_steps is None:
         return
     state = _trainer_state(checkpoint)
@@ -674,9 +669,18 @@ def _recorded_settings(checkpoint: str, settings: Optional[Dict[str, Any]]) -> D
     return {k: v for k, v in recorded.items() if k in settings}
 
 
-def _check_run_settings(checkpoint: str, settings: Dict[str, Any]) -> None:
+def _differences(recorded: Dict[str, Any], settings: Dict[str, Any], skip=frozenset()) -> List[str]:
+    """``"key X there, Y here"`` for each recorded setting (``_recorded_settings``) that ``settings`` differs in,
+    compared as the file holds them (tuples as lists); keys in ``skip`` left out."""
+    if not recorded:
+        return []
     from ela_hf.pruning.callback import _as_json
 
+    ours = _as_json(settings)
+    return [f"{k} {recorded[k]!r} there, {ours[k]!r} here" for k in recorded if k not in skip and ours[k] != recorded[k]]
+
+
+def _check_run_settings(checkpoint: str, settings: Dict[str, Any]) -> None:
     from .reporting import RUN_SETTINGS_FILE
 
     recorded = _recorded_settings(checkpoint, settings)
@@ -685,12 +689,11 @@ def _check_run_settings(checkpoint: str, settings: Dict[str, Any]) -> None:
                        "shows this command's settings, which nothing can compare with the run's", checkpoint,
                        RUN_SETTINGS_FILE)
         return
-    ours = _as_json(settings)  # as the file holds them (tuples as lists)
-    differ = [k for k in recorded if ours[k] != recorded[k]]
+    differ = _differences(recorded, settings)
     if differ:
         raise ValueError(
             f"--export_only: {checkpoint!r} was trained with other settings than this command's, which its model "
-            "card would show: " + "; ".join(f"{k} {recorded[k]!r} there, {ours[k]!r} here" for k in differ)
+            "card would show: " + "; ".join(differ)
             + " (its run_settings.json); give the run's own command (the same launcher and number of processes "
             "too), plus --resume_from_checkpoint ... --export_only"
         )
