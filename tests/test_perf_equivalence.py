@@ -85,11 +85,22 @@ def _tiny(attn_type, layers=(4, 3), skip_mask=None, **kw):
     return model
 
 
+def _loss(out):
+    """A loss that weighs every output differently (so no gradient is uniform by construction)."""
+    return (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum()
+
+
+def _kernels_everywhere(monkeypatch):
+    """The C++ kernels on every plane size: the tiny nets' planes are 12x12 .. 3x3."""
+    for name in ("DEPTHWISE_MIN_PLANE", "TAIL_MIN_PLANE", "LIGHT_MIN_PLANE"):
+        monkeypatch.setattr(fast_ops, name, 0)
+
+
 def _run(model, x, fn=None):
     """Loss, output and gradients (params and input) of one forward/backward."""
     x = x.detach().clone().requires_grad_(True)
     out = (fn if fn is not None else model)(x)
-    loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum()
+    loss = _loss(out)
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     grads["input"] = x.grad.detach().clone()
@@ -180,9 +191,7 @@ def test_cpu_kernels_match_reference_in_whole_network(attn_type, dtype, training
     every parameter and of the input, and every running statistic match the reference."""
     if fast_ops.cpu_kernels() is None:
         pytest.skip("no C++ compiler: the C++ kernels are unavailable here")
-    monkeypatch.setattr(fast_ops, "DEPTHWISE_MIN_PLANE", 0)  # the tiny net's planes are 12x12 .. 3x3
-    monkeypatch.setattr(fast_ops, "TAIL_MIN_PLANE", 0)
-    monkeypatch.setattr(fast_ops, "LIGHT_MIN_PLANE", 0)
+    _kernels_everywhere(monkeypatch)
     if attn_type == "mrla_l_separate":
         attn_type = "mrla_l"
         monkeypatch.setattr(fast_ops, "FUSED_LIGHT_LAYER", False)
@@ -279,9 +288,7 @@ def test_channels_last_matches_reference(attn_type):
 def test_dilated_stages_match_reference(attn_type, kernels_everywhere, monkeypatch):
     """output_stride=8: the last stage keeps its resolution with dilated convs; the layers attend as usual."""
     if kernels_everywhere:
-        monkeypatch.setattr(fast_ops, "DEPTHWISE_MIN_PLANE", 0)
-        monkeypatch.setattr(fast_ops, "TAIL_MIN_PLANE", 0)
-        monkeypatch.setattr(fast_ops, "LIGHT_MIN_PLANE", 0)
+        _kernels_everywhere(monkeypatch)
     torch.manual_seed(0)
     model = LayerAttentionResNet(layers=(2, 3, 3), channels=(8, 8, 16), stem_width=16, attn_type=attn_type,
                                  dim_per_head=16, num_classes=5, output_stride=8,
@@ -330,8 +337,7 @@ def test_mrla_b_repeated_backward_with_retain_graph_accumulates_exactly():
     model = _tiny("mrla_b", skip_mask=SKIPS[1]).double().train()
     x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
     _, once = _run(copy.deepcopy(model), x)
-    out = model(x)
-    loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum()
+    loss = _loss(model(x))
     loss.backward(retain_graph=True)
     loss.backward()
     for name, p in model.named_parameters():
@@ -864,19 +870,17 @@ def test_bench_script_prints_ratio_table(capsys, monkeypatch):
 # what needs autograd all the way through: double backward, hooks on the inner modules, torch.func
 
 
-def _kernels_everywhere(monkeypatch):
-    for name in ("DEPTHWISE_MIN_PLANE", "TAIL_MIN_PLANE", "LIGHT_MIN_PLANE"):
-        monkeypatch.setattr(fast_ops, name, 0)
+def _input_grad(model, x, forward):
+    """dL/dx, with its graph (create_graph=True)."""
+    xi = x.clone().requires_grad_()
+    (gx,) = torch.autograd.grad(_loss(forward(model, xi)), xi, create_graph=True)
+    return gx
 
 
 def _penalty_grads(model, x, forward):
     """A gradient penalty's gradients: d(||dL/dx||^2)/d(params), with dL/dx itself."""
-    xi = x.clone().requires_grad_()
-    out = forward(model, xi)
-    (gx,) = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum(), xi,
-                                create_graph=True)
-    params = [p for p in model.parameters()]
-    return gx.detach(), torch.autograd.grad(gx.square().sum(), params, allow_unused=True)
+    gx = _input_grad(model, x, forward)
+    return gx.detach(), torch.autograd.grad(gx.square().sum(), list(model.parameters()), allow_unused=True)
 
 
 def _plain(model, x):
@@ -897,10 +901,7 @@ def test_double_backward_is_refused_on_the_fast_paths_and_exact_under_plain_auto
                                                r"`with ela_hf.layers.plain_autograd\(\):`"):
             _penalty_grads(copy.deepcopy(model), x, lambda m, xi: m(xi))
         # a first-order gradient taken with create_graph=True is still the right one
-        xi = x.clone().requires_grad_()
-        out = copy.deepcopy(model)(xi)
-        (gx,) = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum(),
-                                    xi, create_graph=True)
+        gx = _input_grad(copy.deepcopy(model), x, lambda m, xi: m(xi))
         torch.testing.assert_close(gx, gx_want, rtol=1e-9, atol=1e-10)
     gx_got, got = _penalty_grads(copy.deepcopy(model), x, _plain)
     torch.testing.assert_close(gx_got, gx_want, rtol=1e-9, atol=1e-10)
