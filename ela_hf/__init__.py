@@ -2,7 +2,8 @@
 
 ``import ela_hf`` registers the layer-attention ResNets with timm and ``model_type="ela"`` with
 transformers' Auto classes (config, models, image processor). ``ela_hf.ElaPruningCallback`` (and the
-selectors in ``ela_hf.pruning``) run ELA's staged KL/EBQM pruning inside ``transformers.Trainer``.
+selectors in ``ela_hf.pruning``) run ELA's staged KL/EBQM pruning inside ``transformers.Trainer``;
+``ela_hf.skip_redundant_layers`` takes one such decision in a training loop of your own.
 """
 from . import layers, models, pruning
 from .models import (
@@ -17,7 +18,7 @@ from .models import (
 from .models.from_resnet import ResNetInitReport, init_from_resnet
 from .hf import ElaBackbone, ElaConfig, ElaForImageClassification, ElaImageProcessor, ElaModel, ElaPreTrainedModel
 from .hub import export_pruned, load_pruning_history, push_pruned_to_hub, render_model_card
-from .pruning import ElaPruningCallback
+from .pruning import ElaPruningCallback, skip_redundant_layers
 
 __version__ = "0.1.0"
 
@@ -42,5 +43,6 @@ __all__ = [
     "render_model_card",
     "load_pruning_history",
     "ElaPruningCallback",
+    "skip_redundant_layers",
     "__version__",
 ]

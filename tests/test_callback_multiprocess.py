@@ -1,29 +1,13 @@
 """ElaPruningCallback under a real 2-process Accelerate/DDP run on CPU (tests/pruning_ddp_run.py)."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-HERE = Path(__file__).resolve().parent
+from two_ranks import launch_two_ranks
 
 
 @pytest.mark.slow
 def test_two_processes_reduce_decide_once_and_end_with_identical_masks(tmp_path):
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(HERE / "pruning_ddp_run.py"), str(tmp_path),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    r0 = json.loads((tmp_path / "rank0.json").read_text())
-    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    r0, r1 = launch_two_ranks("pruning_ddp_run.py", tmp_path)
 
     # really two processes, under DDP, each with its own shard of the data
     assert (r0["rank"], r1["rank"]) == (0, 1)

@@ -1,5 +1,7 @@
-"""Staged KL/EBQM pruning of attention layers (ELA): selectors and the ``transformers.Trainer`` callback."""
+"""Staged KL/EBQM pruning of attention layers (ELA): selectors, the ``transformers.Trainer`` callback, and
+:func:`skip_redundant_layers` (one decision) for training loops of your own."""
 from .callback import HISTORY_FILE_NAME, LOG_PREFIX, ElaPruningCallback
+from .decision import skip_redundant_layers
 from .selectors import (
     EbqmSelector,
     ExponentialQuantileSelector,
@@ -18,6 +20,7 @@ __all__ = [
     "ElaPruningCallback",
     "HISTORY_FILE_NAME",
     "LOG_PREFIX",
+    "skip_redundant_layers",
     "LayerSelector",
     "Selection",
     "EbqmSelector",

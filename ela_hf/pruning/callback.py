@@ -46,7 +46,16 @@ from ..models.attention_tools import (
     set_kl_recording,
     set_skip_mask,
 )
-from .selectors import EbqmSelector, LayerSelector, Selection, selector_from_dict
+from .decision import (
+    apply_decision,
+    as_selector,
+    candidate_layers,
+    decided_on_rank_zero,
+    finite_or_none as _finite_or_none,
+    selection_record,
+    world as _world,
+)
+from .selectors import EbqmSelector, LayerSelector
 
 logger = logging.get_logger(__name__)
 
@@ -116,13 +125,6 @@ def _weak(obj: Any):
         return lambda: None
 
 
-def _world() -> Tuple[int, int]:
-    """(rank, world size) of the default process group, (0, 1) when torch.distributed is not in use."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class _MainProcessOnly(std_logging.Filter):
     """Every process decides the same (one decision, broadcast): the callback's log lines are said once, by
     rank 0, not once per GPU."""
@@ -138,10 +140,6 @@ def _warn(message: str) -> None:
     """``warnings.warn`` on rank 0 only, for the same reason."""
     if _world()[0] == 0:
         warnings.warn(message, stacklevel=3)
-
-
-def _finite_or_none(v: Optional[float]) -> Optional[float]:
-    return None if v is None or not math.isfinite(v) else float(v)
 
 
 def _write_json_atomically(path: str, payload: Dict[str, Any]) -> None:
@@ -195,15 +193,7 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         if window_unit not in WINDOW_UNITS:
             raise ValueError(f"window_unit must be one of {WINDOW_UNITS}, got {window_unit!r}")
         self.windows = _validate_windows(windows)
-        if selector is None:
-            selector = EbqmSelector()
-        elif isinstance(selector, dict):
-            selector = selector_from_dict(selector)
-        elif not isinstance(selector, LayerSelector):
-            raise ValueError(
-                f"selector must be an ela_hf.pruning.LayerSelector (or its to_dict() form), got {type(selector).__name__}"
-            )
-        self.selector = selector
+        self.selector = as_selector(selector)
         self.window_unit = window_unit
 
         # progress that must survive resume_from_checkpoint (see state())
@@ -335,11 +325,7 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
 
     def _open_window(self, idx: int, carried: Optional[List[Dict[str, Any]]] = None) -> None:
         model = self._model
-        self._layers = []
-        for i, j, blk in attention_layers(model):
-            if j == 0 or blk.is_skipped:
-                continue
-            self._layers.append((i, j, self._names.get(id(blk), f"stage{i}.block{j}"), blk.attn))
+        self._layers = candidate_layers(model, self._names)
         if not self._layers:
             logger.warning(
                 "ElaPruningCallback: pruning window %d opens with every skippable attention layer already "
@@ -383,23 +369,13 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
                 f"num_train_epochs, or an epoch cut short); its average covers only the part of epoch {end} that ran."
             )
         totals = self._reduced_totals()
-        rank, world = _world()
-        record, failure = None, None
-        if rank == 0:
+
+        def make_record() -> Dict[str, Any]:
             sums, counts = totals.cpu().tolist() if totals.numel() else ([], [])
-            try:
-                record = self._decision_record(idx, state, sums, counts)
-            except Exception as e:  # tell the other ranks instead of leaving them waiting in the broadcast
-                failure = e
-        if world > 1:
-            box = [record if failure is None else {"error": f"{type(failure).__name__}: {failure}"}]
-            dist.broadcast_object_list(box, src=0)
-            if failure is None and "error" in box[0]:
-                raise RuntimeError(f"ElaPruningCallback: the pruning decision failed on rank 0: {box[0]['error']}")
-            record = box[0]
-        if failure is not None:
-            raise failure
-        self._apply(record)
+            return self._decision_record(idx, state, sums, counts)
+
+        record = decided_on_rank_zero(make_record, "ElaPruningCallback")
+        apply_decision(self._model, record)
         self.history.append(record)
         self.windows_done = idx + 1
         self._close_window()
@@ -409,31 +385,6 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
             self._write_history()
 
     def _decision_record(self, idx: int, state, sums: List[float], counts: List[float]) -> Dict[str, Any]:
-        d = [s / c if c > 0 else float("nan") for s, c in zip(sums, counts)]
-        selection = self.selector.explain(d)
-        if not isinstance(selection, Selection) or len(selection.skip) != len(d):
-            raise ValueError(
-                f"{type(self.selector).__name__}.explain() must return a Selection with one entry per layer "
-                f"({len(d)}), got {selection!r}"
-            )
-        layers = []
-        for k, (i, j, name, _) in enumerate(self._layers):
-            layers.append(
-                {
-                    "name": name,
-                    "stage": i,
-                    "block": j,
-                    "d_t": _finite_or_none(d[k]),
-                    "samples": int(counts[k]),
-                    "candidate": bool(selection.candidate[k]),
-                    "mapped": _finite_or_none(selection.mapped[k]),
-                    "skip": bool(selection.skip[k]),
-                }
-            )
-        mask = [list(m) for m in get_skip_mask(self._model)]
-        for entry in layers:
-            if entry["skip"]:
-                mask[entry["stage"]][entry["block"]] = True
         start, end = self.windows[idx]
         return {
             "window": idx + 1,
@@ -442,17 +393,8 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
             "end": end,
             "global_step": int(state.global_step),
             "epoch": _finite_or_none(state.epoch),
-            "quantile": _finite_or_none(selection.quantile),
-            "layers": layers,
-            "skipped_now": [e["name"] for e in layers if e["skip"]],
-            "active_layers_per_stage": [sum(not s for s in stage) for stage in mask],
-            "skip_mask": mask,
+            **selection_record(self._model, self._layers, self.selector, sums, counts),
         }
-
-    def _apply(self, record: Dict[str, Any]) -> None:
-        current = get_skip_mask(self._model)
-        mask = [[a or b for a, b in zip(cur, new)] for cur, new in zip(current, record["skip_mask"])]
-        set_skip_mask(self._model, mask)
 
     def _log_metrics(self, record: Dict[str, Any]) -> Dict[str, float]:
         metrics: Dict[str, float] = {f"{LOG_PREFIX}/window": float(record["window"])}
