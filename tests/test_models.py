@@ -1,5 +1,6 @@
 """The layer-attention ResNet families (SPEC section 1-2): registration, shapes, parameters, skipping."""
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -50,7 +51,7 @@ def test_pretrained_rgb_weights_load_into_a_grey_deep_stem_model(tmp_path):
     rgb = timm.create_model("ela_resnet50d", num_classes=4)
     torch.save(rgb.state_dict(), tmp_path / "rgb.pth")
     grey = timm.create_model("ela_resnet50d", num_classes=4, in_chans=1, pretrained=True,
-                             pretrained_cfg_overlay=dict(file=str(tmp_path / "rgb.pth")))
+                             pretrained_cfg_overlay=dict(file=str(tmp_path / "rgb.pth"), num_classes=4))
     assert grey.conv1[0].weight.shape[1] == 1
     torch.testing.assert_close(grey.conv1[0].weight, rgb.conv1[0].weight.sum(dim=1, keepdim=True))
 
@@ -84,6 +85,31 @@ def test_pretrained_weights_that_would_leave_random_layers_are_refused_for_backb
     torch.testing.assert_close(finetune.layer2[1].attn.wq.weight, trained.layer2[1].attn.wq.weight)
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(backbone(x)[-1], trained.eval().forward_features(x))
+
+
+def test_a_fitting_head_that_timm_would_drop_is_named_in_a_warning(tmp_path):
+    # timm keeps a checkpoint's classifier only when num_classes equals the pretrained config's, which for a
+    # weights file is the architecture's default (100 here), not the file's: a 4-class release loaded with
+    # num_classes=4 got a random head without a word
+    torch.manual_seed(0)
+    trained = timm.create_model("ela_resnet20_cifar", num_classes=4).eval()
+    torch.save(trained.state_dict(), tmp_path / "four.pth")
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.warns(UserWarning, match=r"classifier 'fc' fits this 'ela_resnet20_cifar' with num_classes=4, but "
+                                         r"timm discards it .* num_classes=100: the head starts from random weights"):
+        dropped = timm.create_model("ela_resnet20_cifar", num_classes=4, pretrained=True,
+                                    pretrained_cfg_overlay=dict(file=str(tmp_path / "four.pth"))).eval()
+    assert not torch.equal(dropped.fc.weight, trained.fc.weight)  # what the warning says
+    # the way out it names keeps the head, silently; heads that do not fit and backbones are not warned about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept = timm.create_model("ela_resnet20_cifar", num_classes=4, pretrained=True,
+                                 pretrained_cfg_overlay=dict(file=str(tmp_path / "four.pth"), num_classes=4)).eval()
+        timm.create_model("ela_resnet20_cifar", num_classes=3, pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / "four.pth")))
+        timm.create_model("ela_resnet20_cifar", features_only=True, pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / "four.pth")))
+    torch.testing.assert_close(kept(x), trained(x))
 
 
 @pytest.mark.parametrize("name", EXPECTED_NAMES)

@@ -170,3 +170,23 @@ def test_two_process_own_loop_decides_once_on_pooled_statistics(tmp_path):
     assert r0["failure"] == ["ValueError", "this selector always fails"]
     assert r1["failure"][0] == "RuntimeError"
     assert "failed on rank 0: ValueError: this selector always fails" in r1["failure"][1]
+
+
+def test_decisions_make_the_release_history(model, tmp_path):
+    history = []
+    for epoch in (3, 6):
+        with ela_hf.kl_recording(model):
+            _train(model, 1, seed=epoch)
+        history.append({"epoch": epoch, **skip_redundant_layers(model, FixedCountSelector(1))})
+    out = ela_hf.export_pruned(model, tmp_path / "release", pruning_history=history)
+
+    assert json.loads((out / "pruning_history.json").read_text()) == history
+    card = (out / "README.md").read_text()
+    assert "### Window 1 (epoch 3)" in card and "### Window 2 (epoch 6)" in card
+    assert (out / "d_t_per_window.png").stat().st_size > 0
+    slim = timm.create_model(
+        "ela_resnet20_cifar", num_classes=4, skip_mask=history[-1]["skip_mask"], pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(out / "model.safetensors"), num_classes=4),
+    ).eval()
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(slim(x), model.eval()(x))

@@ -633,7 +633,9 @@ def _create_ela_resnet(variant: str, pretrained: bool = False, **kwargs) -> Laye
     if pretrained and kwargs.get("pretrained_strict", True) and kwargs.get("pretrained_filter_fn") is None:
         # timm loads non-strictly whenever the head is not the checkpoint's (features_only, another num_classes)
         # and only logs missing keys at INFO level: refuse weights that would leave parts of the body random
-        kwargs["pretrained_filter_fn"] = functools.partial(_check_pretrained_complete, variant)
+        kwargs["pretrained_filter_fn"] = functools.partial(
+            _check_pretrained_complete, variant, features_only=bool(kwargs.get("features_only"))
+        )
     # the CIFAR nets have three stages: default features are the stem plus every stage
     out_indices = tuple(range(len(kwargs["layers"]) + 1))
     if kwargs.get("features_only") and "out_indices" in kwargs:
@@ -647,10 +649,31 @@ def _create_ela_resnet(variant: str, pretrained: bool = False, **kwargs) -> Laye
     return model
 
 
-def _check_pretrained_complete(variant: str, state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, Any]:
+def _check_pretrained_complete(
+    variant: str, state_dict: Dict[str, Any], model: nn.Module, features_only: bool = False
+) -> Dict[str, Any]:
     """timm's ``pretrained_filter_fn``: the pretrained weights must hold every parameter and buffer of the model
-    below its classifier (BatchNorm step counters aside), or the load is refused naming what is missing."""
-    head = f"{model.pretrained_cfg.get('classifier') or 'fc'}."
+    below its classifier (BatchNorm step counters aside), or the load is refused naming what is missing.
+
+    Also warns where timm is about to drop a classifier that fits: timm keeps the checkpoint's head only when
+    the model's ``num_classes`` equals the pretrained config's, which for a weights file given by
+    ``pretrained_cfg_overlay=dict(file=...)`` is the architecture's default, not the file's."""
+    classifier = model.pretrained_cfg.get("classifier") or "fc"
+    head = f"{classifier}."
+    ours, cfg_classes = model.state_dict().get(f"{head}weight"), model.pretrained_cfg.get("num_classes")
+    theirs = state_dict.get(f"{head}weight")
+    if (
+        not features_only and ours is not None and theirs is not None and tuple(theirs.shape) == tuple(ours.shape)
+        and cfg_classes is not None and getattr(model, "num_classes", None) != cfg_classes
+    ):
+        warnings.warn(
+            f"the pretrained weights' classifier {classifier!r} fits this {variant!r} with num_classes="
+            f"{model.num_classes}, but timm discards it because the pretrained config says num_classes={cfg_classes}: "
+            f"the head starts from random weights. To keep it, add num_classes={model.num_classes} to "
+            "pretrained_cfg_overlay (with file=...), or load the exported folder with "
+            "timm.create_model('local-dir:<folder>', pretrained=True)",
+            stacklevel=2,
+        )
     missing = [
         k for k in model.state_dict()
         if k not in state_dict and not k.startswith(head) and not k.endswith("num_batches_tracked")
