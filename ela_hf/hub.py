@@ -58,7 +58,7 @@ from .hf.modeling_ela import (
     _remove_abandoned_folders,
     build_timm_network,
 )
-from .models import get_skip_mask, slim_state_dict
+from .models import follow_skip_buffers, get_skip_mask, slim_state_dict
 from .models.ela_resnet import LayerAttentionResNet, LayerAttentionStage, _some
 
 __all__ = [
@@ -705,6 +705,7 @@ def export_pruned(
     if out_dir.parent.is_dir():
         _clean_up_abandoned_exports(out_dir)
     _check_replaceable(out_dir, overwrite)
+    follow_skip_buffers(model)  # an EMA copy's flags, copied in place, before anything reads the mask
     net, config = _network_and_config(model, id2label)
     mask = get_skip_mask(net) if net.attn_type is not None else None
     slim_config = _slim_config(config, mask)

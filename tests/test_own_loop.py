@@ -70,8 +70,9 @@ def test_decisions_are_cumulative_and_nothing_recorded_skips_nothing(model):
     assert len(first["skipped_now"]) == 2
     candidates = {e["name"] for e in first["layers"]}
 
-    # nothing recorded since: d_t unknown, no layer skipped, earlier skips kept
-    idle = skip_redundant_layers(model, FixedCountSelector(2))
+    # nothing recorded since: d_t unknown, no layer skipped, earlier skips kept, and a warning says why
+    with pytest.warns(UserWarning, match=r"no attention layer recorded any image .* recording was off"):
+        idle = skip_redundant_layers(model, FixedCountSelector(2))
     assert {e["name"] for e in idle["layers"]} == candidates - set(first["skipped_now"])
     assert all(e["d_t"] is None and e["samples"] == 0 and not e["skip"] for e in idle["layers"])
     assert idle["skip_mask"] == first["skip_mask"] == ela_hf.get_skip_mask(model)
@@ -125,14 +126,31 @@ def test_bad_input_is_refused_before_anything_changes(model):
     with pytest.raises(ValueError, match="contains no layer-attention"):
         skip_redundant_layers(timm.create_model("resnet18", num_classes=2))
 
+    with pytest.raises(TypeError, match="needs the model"):
+        skip_redundant_layers(None)
+
     class Broken(ela_hf.pruning.LayerSelector):
         name = "test_own_loop_broken"
 
-        def explain(self, d):
-            return [True] * len(d)  # not a Selection
+        def __init__(self, kind):
+            self.kind = kind
 
-    with pytest.raises(ValueError, match="must return a Selection with one entry per layer"):
-        skip_redundant_layers(model, Broken())
+        def explain(self, d):
+            n = len(d)
+            if self.kind == "list":
+                return [True] * n  # not a Selection
+            if self.kind == "strings":  # bool("false") is True: every layer would be skipped
+                return ela_hf.pruning.Selection(["false"] * n, [True] * n, [0.5] * n)
+            if self.kind == "short":
+                return ela_hf.pruning.Selection([False] * n, [True], [0.5] * n)
+            return ela_hf.pruning.Selection([False] * n, [True] * n, ["high"] * n)
+
+    for kind, match in (("list", "must return a Selection with one entry per layer"),
+                        ("strings", "'skip' entries must be True or False, got 'false'"),
+                        ("short", r"one entry per layer \(3\); its 'candidate' is \[True\]"),
+                        ("mapped", "'mapped' entries must be numbers or None, got 'high'")):
+        with pytest.raises(ValueError, match=match):
+            skip_redundant_layers(model, Broken(kind))
     # nothing skipped, the statistics kept for a corrected call
     assert not any(map(any, ela_hf.get_skip_mask(model)))
     assert [float(s) for *_, s, _ in kl_accumulators(model)] == before
@@ -171,6 +189,22 @@ def test_two_process_own_loop_decides_once_on_pooled_statistics(tmp_path):
     assert r1["failure"][0] == "RuntimeError"
     assert "failed on rank 0: ValueError: this selector always fails" in r1["failure"][1]
 
+    # DDP around a user's wrapper would copy rank 0's sums over rank 1's: refused until the wrapper names them
+    for r in (r0, r1):
+        assert "built without leaving out 12 KL accumulators" in r["exposed_error"]  # 6 layers
+        assert "keep_kl_statistics_out_of_ddp" in r["exposed_error"]
+    assert [c for _, c in r0["wrapped_local"]] == [8] * 3 and [c for _, c in r1["wrapped_local"]] == [4] * 3
+    assert r0["wrapped_decision"] == r1["wrapped_decision"]
+    for n, e in enumerate(r0["wrapped_decision"]["layers"]):
+        assert e["name"].startswith("module.body.") and e["samples"] == 12
+        pooled = (r0["wrapped_local"][n][0] + r1["wrapped_local"][n][0]) / 12
+        assert e["d_t"] == pytest.approx(pooled, rel=1e-9)
+
+    # ranks training different masks (same number of layers) are refused on both ranks
+    for r in (r0, r1):
+        assert "the processes disagree on the layers still active (rank 0: [(1, 1), (2, 1)], rank 1: [(0, 1), " \
+               "(2, 1)])" in r["differ_error"]
+
 
 def test_decisions_make_the_release_history(model, tmp_path):
     history = []
@@ -190,3 +224,107 @@ def test_decisions_make_the_release_history(model, tmp_path):
     ).eval()
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(slim(x), model.eval()(x))
+
+
+def test_recording_switches_are_booleans_and_the_context_manager_nests(model):
+    with pytest.raises(TypeError, match="enabled must be True or False, got 'no'"):
+        ela_hf.set_kl_recording(model, "no")
+    with pytest.raises(TypeError, match="enabled must be True or False, got 2"):
+        with ela_hf.kl_recording(model, enabled=2):
+            pass
+    counts = lambda: [float(c) for *_, c in kl_accumulators(model)]  # noqa: E731
+    ela_hf.set_kl_recording(model, True)  # a window of one's own loop
+    _train(model, 1)
+    with ela_hf.kl_recording(model, enabled=False):  # e.g. an extra pass that must not count
+        _train(model, 1)
+    with ela_hf.kl_recording(model):
+        _train(model, 1)
+    _train(model, 1)  # the window goes on after both blocks
+    assert counts() == [12.0] * 3  # 3 of the 4 steps, 4 images each
+    ela_hf.set_kl_recording(model, False)
+    _train(model, 1)
+    assert counts() == [12.0] * 3
+
+
+def test_an_ema_copy_reports_and_exports_its_models_mask(model, tmp_path):
+    from timm.utils import ModelEmaV3
+
+    emas = [ModelEmaV3(model, decay=0.5) for _ in range(3)]
+    with ela_hf.kl_recording(model):
+        _train(model, 1)
+    skip_redundant_layers(model, FixedCountSelector(2))
+    for ema in emas:  # copies the skip flags into the EMA's buffers in place; the copies stay in training mode
+        ema.update(model)
+    mask = ela_hf.get_skip_mask(model)
+    assert ela_hf.get_skip_mask(emas[0].module) == mask
+    slim = timm.create_model("ela_resnet20_cifar", num_classes=4, skip_mask=mask)
+    slim.load_state_dict(ela_hf.models.slim_state_dict(emas[1].module))  # strict: no skipped layer's weights
+    out = ela_hf.export_pruned(emas[2].module, tmp_path / "ema")
+    config = json.loads((out / "config.json").read_text())
+    assert config["skip_mask"] == mask
+    reloaded = ela_hf.ElaForImageClassification.from_pretrained(out).eval()
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(reloaded(pixel_values=x).logits, emas[2].module.eval()(x))
+
+
+def test_the_transformers_models_config_follows_an_ema_copys_flags():
+    from timm.utils import ModelEmaV3
+
+    torch.manual_seed(0)
+    hf = ela_hf.ElaForImageClassification(ela_hf.ElaConfig(architecture="ela_resnet20_cifar", num_labels=3))
+    ema = ModelEmaV3(hf, decay=0.5)
+    ela_hf.set_skip_mask(hf, [[False, True], [False, False], [False, True]])
+    ema.update(hf)
+    assert ema.module.config.skip_mask != hf.config.skip_mask  # not yet: the flags sit in the buffers
+    assert ela_hf.get_skip_mask(ema.module) == hf.config.skip_mask
+    assert ema.module.config.skip_mask == hf.config.skip_mask
+
+
+def _one_process_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    return dist
+
+
+@pytest.mark.parametrize("ddp_kwargs, match", [
+    (dict(find_unused_parameters=False), "must be built with find_unused_parameters=True"),
+    (dict(find_unused_parameters=True, static_graph=True), "without static_graph"),
+])
+def test_ddp_that_would_fail_after_a_skip_is_refused_before_deciding(model, tmp_path, ddp_kwargs, match):
+    dist = _one_process_group(tmp_path)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+        with ela_hf.kl_recording(ddp):
+            _train(ddp, 1)
+        with pytest.raises(ValueError, match=match):
+            skip_redundant_layers(ddp, FixedCountSelector(1))
+        assert not any(map(any, ela_hf.get_skip_mask(model)))
+        assert all(float(c) == 4 for *_, c in kl_accumulators(model))  # kept for a corrected call
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_around_a_wrapper_is_refused_unless_it_leaves_the_statistics_alone(tmp_path):
+    dist = _one_process_group(tmp_path)
+    try:
+        torch.manual_seed(0)
+        exposed = torch.nn.parallel.DistributedDataParallel(nn.Sequential(timm.create_model("ela_resnet20_cifar")))
+        with pytest.raises(ValueError, match=r"without leaving out 12 KL accumulators of the attention layers \(e\.g\. "
+                                             r"'0\.layer1\.0\.attn\.kl_sum'\)"):
+            ela_hf.set_kl_recording(exposed, True)
+        with pytest.raises(ValueError, match="keep_kl_statistics_out_of_ddp"):
+            skip_redundant_layers(exposed)
+        ela_hf.set_kl_recording(exposed, False)  # switching off is always fine
+        # the model itself names its accumulators; a wrapper named by the helper, or no buffer broadcast, is fine
+        for ddp in (
+            torch.nn.parallel.DistributedDataParallel(timm.create_model("ela_resnet20_cifar")),
+            torch.nn.parallel.DistributedDataParallel(nn.Sequential(timm.create_model("ela_resnet20_cifar")),
+                                                      broadcast_buffers=False),
+        ):
+            ela_hf.set_kl_recording(ddp, True)
+        wrapper = nn.Sequential(timm.create_model("ela_resnet20_cifar"))
+        ela_hf.models.keep_kl_statistics_out_of_ddp(wrapper)
+        ela_hf.set_kl_recording(torch.nn.parallel.DistributedDataParallel(wrapper), True)
+    finally:
+        dist.destroy_process_group()

@@ -12,6 +12,7 @@ from .ela_resnet import (
 from .attention_tools import (
     attention_layers,
     find_stages,
+    follow_skip_buffers,
     get_skip_mask,
     kl_accumulators,
     kl_recording,
@@ -33,6 +34,7 @@ __all__ = [
     "keep_kl_statistics_out_of_ddp",
     "attention_layers",
     "find_stages",
+    "follow_skip_buffers",
     "get_skip_mask",
     "kl_accumulators",
     "kl_recording",

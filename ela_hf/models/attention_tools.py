@@ -7,8 +7,10 @@ registration order, which is network order.
 from __future__ import annotations
 
 import contextlib
+import numbers
 from typing import Dict, Iterator, List, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -19,8 +21,10 @@ __all__ = [
     "attention_layers",
     "get_skip_mask",
     "set_skip_mask",
+    "follow_skip_buffers",
     "set_kl_recording",
     "kl_recording",
+    "check_ddp_keeps_kl_statistics",
     "reset_kl_statistics",
     "kl_accumulators",
     "kl_statistics",
@@ -43,8 +47,35 @@ def attention_layers(module: nn.Module) -> Iterator[Tuple[int, int, nn.Module]]:
             yield i, j, blk
 
 
+def follow_skip_buffers(module: nn.Module) -> None:
+    """Make every block run what its ``attn_skipped`` buffer says, as ``eval()`` does (a host read per block).
+
+    Flags copied into the buffers in place (timm's ``ModelEmaV3.update``, ``AveragedModel(use_buffers=True)``)
+    otherwise take effect only at the next ``eval()`` or switch to training mode; the helpers that read or
+    save the mask call this first, so an EMA copy exports with its model's mask. A transformers model's
+    ``config.skip_mask`` follows.
+    """
+    changed = False
+    for m in module.modules():
+        if isinstance(m, _LayerAttentionBlockMixin):
+            changed |= m._follow_skip_buffer()
+    if changed:
+        _announce_mask_change(module)
+
+
+def _announce_mask_change(module: nn.Module) -> None:
+    # wrappers that keep the mask elsewhere too (the transformers models' config) bring it up to date
+    for m in module.modules():
+        on_change = getattr(m, "_skip_mask_changed", None)
+        if callable(on_change):
+            on_change()
+
+
 def get_skip_mask(module: nn.Module) -> SkipMask:
-    return [stage.skip_mask for stage in find_stages(module)]
+    """One list of bools per stage (True = attention layer skipped), as the blocks' ``attn_skipped`` buffers say."""
+    stages = find_stages(module)
+    follow_skip_buffers(module)
+    return [stage.skip_mask for stage in stages]
 
 
 def set_skip_mask(module: nn.Module, mask: SkipMask) -> None:
@@ -67,28 +98,75 @@ def set_skip_mask(module: nn.Module, mask: SkipMask) -> None:
         for blk, skip in zip(stage, stage_mask):
             if skip and not blk.is_skipped:
                 blk.skip_attention()
-    # wrappers that keep the mask elsewhere too (the transformers models' config) bring it up to date
-    for m in module.modules():
-        on_change = getattr(m, "_skip_mask_changed", None)
-        if callable(on_change):
-            on_change()
+    _announce_mask_change(module)
 
 
 def set_kl_recording(module: nn.Module, enabled: bool) -> None:
-    """Switch KL recording on or off for every active attention layer (only training-mode passes record)."""
+    """Switch KL recording on or off for every active attention layer (only training-mode passes record).
+
+    Switching it on through a ``DistributedDataParallel`` wrapper checks that DDP leaves the accumulators
+    alone (see :func:`check_ddp_keeps_kl_statistics`)."""
+    enabled = _as_switch(enabled, "enabled")
+    if enabled:
+        check_ddp_keeps_kl_statistics(module)
     for _, _, blk in attention_layers(module):
         if blk.attn is not None:
-            blk.attn.recording = bool(enabled)
+            blk.attn.recording = enabled
+
+
+def _as_switch(value: object, name: str) -> bool:
+    # bool("no") is True: only booleans (NumPy's too) and 0 / 1 are read as a switch
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, numbers.Integral) and value in (0, 1)):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 @contextlib.contextmanager
 def kl_recording(module: nn.Module, enabled: bool = True):
-    """Context manager: record the adjacent-layer KL statistics of training-mode forward passes."""
+    """Context manager: record (or, with ``enabled=False``, do not record) the adjacent-layer KL statistics of
+    training-mode forward passes; each layer's earlier setting comes back on exit, so it nests."""
+    enabled = _as_switch(enabled, "enabled")
+    layers = [blk.attn for _, _, blk in attention_layers(module) if blk.attn is not None]
+    before = [attn.recording for attn in layers]
     set_kl_recording(module, enabled)
     try:
         yield module
     finally:
-        set_kl_recording(module, False)
+        for attn, was in zip(layers, before):
+            attn.recording = was
+
+
+def check_ddp_keeps_kl_statistics(module: nn.Module) -> None:
+    """Raise ``ValueError`` where a ``DistributedDataParallel`` in ``module`` (``module`` itself, typically:
+    what ``accelerator.prepare`` returns) would overwrite the attention layers' KL accumulators.
+
+    DDP copies rank 0's buffers to every other rank at each forward pass (``broadcast_buffers=True``, the
+    default) except those named in ``_ddp_params_and_buffers_to_ignore`` of the module it wraps when it is
+    built. The models name their accumulators themselves, but a module around them (a detector, a
+    ``torch.compile``d model, any wrapper of yours) must be named by
+    :func:`~ela_hf.models.keep_kl_statistics_out_of_ddp` before DDP wraps it; otherwise every rank would
+    record rank 0's statistics, and a decision would rest on them alone.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    for ddp in module.modules():
+        if not isinstance(ddp, DistributedDataParallel):
+            continue
+        if not getattr(ddp, "forward_sync_buffers", getattr(ddp, "broadcast_buffers", True)):
+            continue
+        ignored = set(getattr(ddp, "parameters_to_ignore", ()))
+        exposed = [
+            name for name, _ in ddp.module.named_buffers()
+            if name.rsplit(".", 1)[-1] in ("kl_sum", "kl_count") and name not in ignored
+        ]
+        if exposed:
+            raise ValueError(
+                f"DistributedDataParallel copies rank 0's buffers to the other ranks at every forward pass, and it "
+                f"was built without leaving out {len(exposed)} KL accumulators of the attention layers (e.g. "
+                f"{exposed[0]!r}): every rank would record rank 0's statistics. Call "
+                "ela_hf.models.keep_kl_statistics_out_of_ddp(module) on the module you hand to DDP (or to "
+                "accelerator.prepare) before wrapping it, or build DDP with broadcast_buffers=False"
+            )
 
 
 def reset_kl_statistics(module: nn.Module) -> None:
@@ -125,6 +203,7 @@ def slim_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:
     Loads into the same architecture built with ``skip_mask=get_skip_mask(module)``, whose skipped
     layers do not exist.
     """
+    follow_skip_buffers(module)
     prefixes = []
     for name, sub in module.named_modules():
         # a skipped layer built in place still has its weights (attn); plain blocks have attn None

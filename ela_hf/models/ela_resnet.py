@@ -108,15 +108,25 @@ class _LayerAttentionBlockMixin:
         self._skip = True
         self.attn_skipped.fill_(True)
 
+    def _follow_skip_buffer(self) -> bool:
+        """Set ``_skip`` from the ``attn_skipped`` buffer (a host read); True when it changed.
+
+        A skip flag copied in place into the buffer (timm's ModelEma, AveragedModel(use_buffers=True), a user's
+        copy_) bypasses skip_attention and the load hook. A layer built without its weights stays skipped."""
+        if self.attn_type is None or self.attn_skipped.is_meta:
+            return False
+        skipped = bool(self.attn_skipped)
+        if skipped == self._skip or not (skipped or self.attn is not None):
+            return False
+        self._skip = skipped
+        return True
+
     def train(self, mode: bool = True):
-        # a skip flag copied in place into the buffer (timm's ModelEma, AveragedModel(use_buffers=True), a
-        # user's copy_) bypasses skip_attention and the load hook: _skip follows the buffer whenever the mode
-        # changes and at every eval() (validation), never in the per-step train() calls of a training loop,
-        # where reading the buffer would be a host sync
-        if self.attn_type is not None and (not mode or mode != self.training) and not self.attn_skipped.is_meta:
-            skipped = bool(self.attn_skipped)
-            if skipped or self.attn is not None:
-                self._skip = skipped
+        # _skip follows the buffer whenever the mode changes and at every eval() (validation), and in the
+        # helpers that read or write the mask (ela_hf.get_skip_mask, slim_state_dict, export_pruned), never in
+        # the per-step train() calls of a training loop, where reading the buffer would be a host sync
+        if not mode or mode != self.training:
+            self._follow_skip_buffer()
         return super().train(mode)
 
     def forward(self, x: torch.Tensor, state: Optional[StageState] = None) -> torch.Tensor:

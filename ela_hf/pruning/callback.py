@@ -50,6 +50,7 @@ from .decision import (
     apply_decision,
     as_selector,
     candidate_layers,
+    check_same_layers_everywhere,
     decided_on_rank_zero,
     finite_or_none as _finite_or_none,
     selection_record,
@@ -368,6 +369,7 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
                 f"{state.epoch:.2f}, before its end, because that epoch ends there (max_steps, a fractional "
                 f"num_train_epochs, or an epoch cut short); its average covers only the part of epoch {end} that ran."
             )
+        check_same_layers_everywhere(self._layers, "ElaPruningCallback")
         totals = self._reduced_totals()
 
         def make_record() -> Dict[str, Any]:

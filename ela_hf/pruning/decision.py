@@ -9,13 +9,22 @@ even where floating-point sums could.
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..models.attention_tools import attention_layers, get_skip_mask, reset_kl_statistics, set_skip_mask
+from ..models.attention_tools import (
+    attention_layers,
+    check_ddp_keeps_kl_statistics,
+    get_skip_mask,
+    reset_kl_statistics,
+    set_skip_mask,
+)
 from .selectors import EbqmSelector, LayerSelector, Selection, selector_from_dict
 
 __all__ = ["skip_redundant_layers"]
@@ -65,12 +74,14 @@ def selection_record(
     """Run ``selector`` on the mean ``d_t`` of ``layers`` and describe the decision (JSON-ready): each layer's
     ``d_t`` and sample count, the candidates, mapped values and skips, and the model's new skip mask."""
     d = [s / c if c > 0 else float("nan") for s, c in zip(sums, counts)]
-    selection = selector.explain(d)
-    if not isinstance(selection, Selection) or len(selection.skip) != len(d):
-        raise ValueError(
-            f"{type(selector).__name__}.explain() must return a Selection with one entry per layer "
-            f"({len(d)}), got {selection!r}"
+    if layers and not any(c > 0 for c in counts):
+        warnings.warn(
+            f"no attention layer recorded any image since the statistics were last reset ({len(layers)} candidate "
+            f"layer{'s' if len(layers) != 1 else ''}): recording was off (ela_hf.set_kl_recording(model, True)) or the model ran in eval mode; "
+            "nothing is skipped",
+            stacklevel=5,
         )
+    selection = _checked_selection(selector, selector.explain(d), len(d))
     entries = [
         {
             "name": name,
@@ -95,6 +106,60 @@ def selection_record(
         "active_layers_per_stage": [sum(not s for s in stage) for stage in mask],
         "skip_mask": mask,
     }
+
+
+def _checked_selection(selector: LayerSelector, selection: Any, n: int) -> Selection:
+    """A selector's ``explain()`` result, refused unless it has one boolean skip and candidate flag per layer
+    (``bool("false")`` would skip a layer) and one mapped value or None per layer."""
+    name = f"{type(selector).__name__}.explain()"
+    if not isinstance(selection, Selection):
+        raise ValueError(f"{name} must return a Selection with one entry per layer ({n}), got {selection!r}")
+    for field in ("skip", "candidate", "mapped"):
+        values = getattr(selection, field)
+        if not isinstance(values, (list, tuple)) or len(values) != n:
+            raise ValueError(
+                f"{name} must return a Selection with one entry per layer ({n}); its {field!r} is {values!r}"
+            )
+    for field in ("skip", "candidate"):
+        wrong = [v for v in getattr(selection, field) if not isinstance(v, (bool, np.bool_))]
+        if wrong:
+            raise ValueError(f"{name}: the Selection's {field!r} entries must be True or False, got {wrong[0]!r}")
+    wrong = [v for v in selection.mapped if v is not None and not isinstance(v, numbers.Real)]
+    if wrong:
+        raise ValueError(f"{name}: the Selection's 'mapped' entries must be numbers or None, got {wrong[0]!r}")
+    return selection
+
+
+def check_same_layers_everywhere(layers: List[Layer], who: str) -> None:
+    """Under torch.distributed, refuse (on every rank) candidate layers that differ between the processes: their
+    statistics would be summed position by position across different layers (a collective)."""
+    rank, size = world()
+    if size == 1:
+        return
+    mine = [(i, j) for i, j, _, _ in layers]
+    everyone: List[Any] = [None] * size
+    dist.all_gather_object(everyone, mine)
+    differ = [r for r, theirs in enumerate(everyone) if theirs != everyone[0]]
+    if differ:
+        raise ValueError(
+            f"{who}: the processes disagree on the layers still active (rank 0: {everyone[0]}, rank {differ[0]}: "
+            f"{everyone[differ[0]]}): every process must train the same skip mask (load checkpoints on every rank)"
+        )
+
+
+def check_ddp_drops_unused_parameters(model: nn.Module, who: str) -> None:
+    """Refuse a DistributedDataParallel in ``model`` that would fail at the first step after a skip: skipped layers'
+    parameters get no gradients, which DDP accepts only with ``find_unused_parameters=True`` and without a
+    static graph."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    for ddp in model.modules():
+        if isinstance(ddp, DistributedDataParallel) and (not ddp.find_unused_parameters or ddp.static_graph):
+            raise ValueError(
+                f"{who}: skipped attention layers' parameters receive no gradients, so DistributedDataParallel must "
+                "be built with find_unused_parameters=True and without static_graph (with accelerate: "
+                "Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]))"
+            )
 
 
 def decided_on_rank_zero(make_record: Callable[[], Dict[str, Any]], who: str) -> Dict[str, Any]:
@@ -142,8 +207,13 @@ def skip_redundant_layers(
     ``candidate``, ``mapped``, ``skip``), ``skipped_now``, ``active_layers_per_stage`` and ``skip_mask``.
     Layers that recorded nothing have ``d_t`` None and are never skipped.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"skip_redundant_layers needs the model (a torch.nn.Module), got {type(model).__name__}")
     selector = as_selector(selector)
     layers = candidate_layers(model)  # ValueError for a model without layer-attention stages
+    check_ddp_keeps_kl_statistics(model)
+    check_ddp_drops_unused_parameters(model, "skip_redundant_layers")
+    check_same_layers_everywhere(layers, "skip_redundant_layers")
     if layers:
         device = layers[0][3].kl_sum.device
         totals = torch.stack(
