@@ -180,6 +180,48 @@ def test_attention_tail_float32_sums_stay_accurate_on_large_planes(form, seed, m
 
 
 @needs_kernels
+@pytest.mark.parametrize("form", ["mrla_b", "mrla_l"])
+def test_eval_mode_tail_gives_each_image_an_output_of_its_own(form, monkeypatch):
+    """In eval mode an image's output must not depend on the other images of its batch (eval batch size,
+    order, DDP sharding): the folded batch norm's centres came from the batch's first pixel, which moved the
+    other images' outputs in the last bits. The MRLA-B form is centred on the running mean, exactly
+    (v - mean) * scale + bias, so it keeps float32 accuracy at large means."""
+    calls = _spy_tail(monkeypatch)
+    torch.manual_seed(11)
+    n, c, h, w = 7, 3, 32, 32
+    v = torch.randn(n, c, h, w) * 0.05 + 30
+    y = torch.randn(n, c, h, w)
+    sc = torch.randn(n, c, h, w) if form == "mrla_l" else None
+    gate = torch.rand(n, c, 1, 1) if form == "mrla_l" else None
+    lam = torch.randn(c, 1, 1) if form == "mrla_l" else None
+    bn = _bn(c, torch.float32).eval()
+    with torch.no_grad():
+        bn.running_mean.fill_(30.0 if form == "mrla_b" else 0.0)
+        bn.running_var.fill_(0.0025)
+
+    def run(order):
+        pick = lambda t: None if t is None or t.dim() < 4 else t[order]  # noqa: E731
+        return fast_ops.attention_tail(bn, pick(v), pick(y), sc=pick(sc), gate=pick(gate), lam=lam,
+                                       relu=form == "mrla_b")
+
+    with torch.no_grad():
+        out = run(torch.arange(n))
+        v[0] = torch.randn(c, h, w) * 0.05 + 29.9  # another first image
+        changed = run(torch.arange(n))
+        shuffled = run(torch.tensor([3, 1, 6, 0, 5, 2, 4]))
+        alone = run(torch.tensor([4]))
+    assert len(calls) == 4
+    assert torch.equal(changed[1:], out[1:])
+    assert torch.equal(shuffled[[3, 1, 5, 0, 6, 4, 2]], changed)
+    assert torch.equal(alone[0], changed[4])
+    if form == "mrla_b":
+        d = lambda t: None if t is None else t.double()  # noqa: E731
+        ref_bn = copy.deepcopy(bn).double()
+        want = _reference_tail(ref_bn, d(v), d(y), d(sc), d(gate), d(lam), True)
+        torch.testing.assert_close(changed.double(), want, rtol=1e-6, atol=1e-6)
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("hw", [(4, 6), (8, 8), (32, 32)])  # a remainder after the vector lanes, and none
 def test_relu_tail_gives_no_gradient_through_a_closed_relu_even_a_non_finite_one(dtype, hw, monkeypatch):

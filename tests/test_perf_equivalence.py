@@ -981,3 +981,27 @@ def test_torch_func_transforms_take_the_plain_path(attn_type, monkeypatch):
     per_sample = vmap(grad(lambda p, xi: loss(p, xi[None])), in_dims=(None, 0))(params, x)
     for name, w in zip(params, want):
         torch.testing.assert_close(per_sample[name].sum(0), w, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("everywhere", [False, True], ids=["shipped-limits", "kernels-everywhere"])
+@pytest.mark.parametrize("name", ["ela_resnet20_cifar", "ela_l_resnet20_cifar"])
+def test_eval_logits_of_an_image_do_not_depend_on_the_rest_of_its_batch(name, everywhere, monkeypatch):
+    """Eval batch size, order and DDP sharding must not move an image's logits, not even in the last bits
+    (the fused tails centred their batch norm on the batch's first pixel)."""
+    if everywhere:
+        _kernels_everywhere(monkeypatch)
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10)
+    with torch.no_grad():  # running statistics of its own
+        model.train()
+        for _ in range(2):
+            model(torch.randn(8, 3, 32, 32))
+    model.eval()
+    x = torch.randn(7, 3, 32, 32)
+    other = x.clone()
+    other[0] = torch.randn(3, 32, 32) * 3
+    order = torch.tensor([3, 1, 6, 0, 5, 2, 4])
+    with torch.no_grad():
+        out, changed, shuffled = model(x), model(other), model(x[order])
+    assert torch.equal(out[1:], changed[1:])
+    assert torch.equal(shuffled, out[order])  # (another batch size may take another PyTorch conv algorithm)

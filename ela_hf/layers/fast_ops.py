@@ -562,13 +562,21 @@ class _FusedTail(torch.autograd.Function):
             mean, var = bn.running_mean.double(), bn.running_var.double()
         invstd, scale, shift = _fold_batch_norm(bn, weight, bias, mean, var)
         # the batch norm folded into z = A[n, c] * (v - cv[c]) + B[c] * (sc - cs[c]) + S[n, c] around
-        # centres taken from the data (cpu_kernels.cpp section 1: no cancellation at large means)
+        # centres (cpu_kernels.cpp section 1: no cancellation at large means). Training mode takes them from
+        # the data; eval mode from nothing but the layer, so an image's output never depends on the other
+        # images of its batch: the running mean where z is BN(v) itself (exactly (v - mean) * scale + bias),
+        # else 0, PyTorch's own eval-mode fold
         ad = scale.expand(n, c) if a is None else a.double() * scale
-        centre_v = _plane_centres(v)
+        if bn.training:
+            centre_v = _plane_centres(v)
+        elif a is None and l is None:
+            centre_v = bn.running_mean.to(dt).contiguous()
+        else:
+            centre_v = v.new_zeros(c)
         offset = ad * centre_v.double()
         coef_b = centre_sc = None
         if l is not None:
-            centre_sc = _plane_centres(sc)
+            centre_sc = _plane_centres(sc) if bn.training else v.new_zeros(c)
             coef_b = (l.double() * scale).to(dt)
             offset = offset + l.double() * scale * centre_sc.double()
         coef_a, coef_s = ad.to(dt).contiguous(), (shift + offset).to(dt).contiguous()
