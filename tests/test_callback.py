@@ -424,6 +424,17 @@ def test_resume_inside_windows_ends_with_the_same_mask_and_decisions(tmp_path):
     assert [h["window"] for h in restored.history] == [1, 2]  # window 1 not decided again
     _assert_same_decisions(callback_a.history, restored.history)
 
+    # the decision taken over from trainer_state.json (written with sorted keys) is written back in the order
+    # of the uninterrupted run's file, so the two files compare byte for byte where the values agree
+    from ela_hf.pruning.decision import DECISION_FIELDS, LAYER_FIELDS, WINDOW_FIELDS
+
+    files = {r: (tmp_path / r / "pruning_history.json").read_text() for r in "ac"}
+    history_a, history_c = (json.loads(files[r])["decisions"] for r in "ac")
+    for ra, rc in zip(history_a, history_c):
+        assert tuple(ra) == tuple(rc) == WINDOW_FIELDS + DECISION_FIELDS
+        assert {tuple(e) for e in ra["layers"] + rc["layers"]} == {LAYER_FIELDS}
+    assert files["c"].split('"window": 2')[0] == files["a"].split('"window": 2')[0]
+
 
 @pytest.mark.parametrize("edit, problem", [
     (dict(windows_done="1"), r"windows_done must be a whole number in 0..2, got '1'"),

@@ -53,6 +53,7 @@ from .decision import (
     check_same_layers_everywhere,
     decided_on_rank_zero,
     finite_or_none as _finite_or_none,
+    in_record_order,
     selection_record,
     world as _world,
 )
@@ -610,7 +611,7 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
             )
         attrs = self._checked_attributes(matching[0].get("attributes", {}))
         self.windows_done = attrs["windows_done"]
-        self.history = attrs["history"]
+        self.history = [in_record_order(record) for record in attrs["history"]]
         self.partial_window = attrs["partial_window"]
         self.partial_kl = attrs["partial_kl"]
         self._check_same_epochs(attrs["steps_per_epoch"])

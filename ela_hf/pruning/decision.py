@@ -162,6 +162,27 @@ def check_ddp_drops_unused_parameters(model: nn.Module, who: str) -> None:
             )
 
 
+# the order of a decision record's keys, as the callback and skip_redundant_layers write them; a record that went
+# through trainer_state.json (written with sorted keys) is put back in it, so that a resumed run's
+# pruning_history.json is byte for byte the uninterrupted run's
+WINDOW_FIELDS = ("window", "unit", "start", "end", "global_step", "epoch")
+DECISION_FIELDS = ("quantile", "layers", "skipped_now", "active_layers_per_stage", "skip_mask")
+LAYER_FIELDS = ("name", "stage", "block", "d_t", "samples", "candidate", "mapped", "skip")
+
+
+def _ordered(mapping: Dict[str, Any], fields: Tuple[str, ...]) -> Dict[str, Any]:
+    known = {k: mapping[k] for k in fields if k in mapping}
+    return {**known, **{k: v for k, v in mapping.items() if k not in known}}
+
+
+def in_record_order(record: Dict[str, Any]) -> Dict[str, Any]:
+    """``record`` (a decision, as stored) with its keys and its layers' keys in the order they were written."""
+    out = _ordered(record, WINDOW_FIELDS + DECISION_FIELDS)
+    if isinstance(out.get("layers"), list):
+        out["layers"] = [_ordered(e, LAYER_FIELDS) if isinstance(e, dict) else e for e in out["layers"]]
+    return out
+
+
 def decided_on_rank_zero(make_record: Callable[[], Dict[str, Any]], who: str) -> Dict[str, Any]:
     """``make_record()`` run on rank 0 and broadcast to every process (a collective). A failure on rank 0 is
     raised there and, as a RuntimeError naming it, on the other ranks, instead of leaving them waiting."""
