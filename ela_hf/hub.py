@@ -140,11 +140,19 @@ def config_from_timm_model(model: LayerAttentionResNet, id2label: Optional[Mappi
         if len(id2label) != model.num_classes:
             raise ValueError(f"id2label has {len(id2label)} labels but the model has {model.num_classes} classes")
         kwargs["id2label"] = {int(k): str(v) for k, v in id2label.items()}
+    elif model.num_classes and _fitting_label_names(cfg, model.num_classes):
+        # a release loaded through timm ("local-dir:", "hf-hub:") keeps its class names there
+        kwargs["id2label"] = dict(enumerate(str(name) for name in cfg["label_names"]))
     else:
         kwargs["num_labels"] = int(model.num_classes)
     config = ElaConfig(**kwargs)
     config.architectures = ["ElaForImageClassification" if model.num_classes else "ElaModel"]
     return config
+
+
+def _fitting_label_names(cfg: Mapping[str, Any], num_classes: int) -> bool:
+    names = cfg.get("label_names")
+    return isinstance(names, (list, tuple)) and len(names) == num_classes and all(isinstance(n, str) for n in names)
 
 
 def _structural_mask(net: LayerAttentionResNet) -> Optional[List[List[bool]]]:

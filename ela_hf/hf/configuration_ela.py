@@ -19,6 +19,8 @@ from huggingface_hub.dataclasses import strict
 from transformers import PretrainedConfig
 from transformers.backbone_utils import BackboneConfigMixin
 
+from ela_hf.models.ela_resnet import check_input_size
+
 __all__ = ["ElaConfig"]
 
 # pretrained_cfg keys that describe where weights came from, not how to feed the model
@@ -50,6 +52,13 @@ def default_pretrained_cfg(architecture: str) -> dict[str, Any]:
             continue
         out[key] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+# from_pretrained keyword arguments that ElaConfig checks or adjusts when it is built (see ElaConfig.from_dict)
+_CHECKED_AT_CONSTRUCTION = (
+    "architecture", "skip_mask", "num_channels", "drop_rate", "drop_path_rate", "model_args", "id2label",
+    "out_features", "out_indices",
+)
 
 
 @strict
@@ -231,6 +240,30 @@ class ElaConfig(BackboneConfigMixin, PretrainedConfig):
             if self.pretrained_cfg.get(key) is not None:
                 self.pretrained_cfg[key] = _fit_to_channels(self.pretrained_cfg[key], self.num_channels)
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs):
+        # transformers sets from_pretrained's keyword arguments on the finished config, past __post_init__'s
+        # checks and adjustments (a grey model's data config, id2label's keys): ours go into the dict the config
+        # is built from instead. (Not pretrained_cfg: AutoImageProcessor hands its own to AutoConfig and would
+        # turn our error into "Unrecognized image processor"; the processor and the network check it.)
+        config_dict = dict(config_dict)
+        for key in _CHECKED_AT_CONSTRUCTION:
+            if key not in kwargs:
+                continue
+            value = kwargs.pop(key)
+            if key == "num_channels":  # the channel count asked for wins over the one stored with the weights
+                config_dict["model_args"] = {
+                    k: v for k, v in (config_dict.get("model_args") or {}).items() if k != "in_chans"
+                }
+            if key == "id2label" and "label2id" not in kwargs:  # the stored names belong to the stored labels
+                config_dict.pop("label_names", None)
+                names = [str(v) for v in (value or {}).values()]
+                config_dict["label2id"] = (
+                    {str(v): int(k) for k, v in value.items()} if len(set(names)) == len(names) else None
+                )
+            config_dict[key] = value
+        return super().from_dict(config_dict, **kwargs)
+
     # ----------------------------------------------------------------------------------------------
     @property
     def stage_sizes(self) -> list[int]:
@@ -267,19 +300,6 @@ class ElaConfig(BackboneConfigMixin, PretrainedConfig):
         if self.id2label and not all(v == f"LABEL_{k}" for k, v in self.id2label.items()):
             output["label_names"] = [self.id2label[i] for i in sorted(self.id2label)]
         return output
-
-
-def check_input_size(input_size: Any) -> None:
-    """Raise ``ValueError`` unless ``input_size`` (a timm data config's) is ``(channels, height, width)``."""
-    if (
-        not isinstance(input_size, (list, tuple))
-        or len(input_size) != 3
-        or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in input_size)
-    ):
-        raise ValueError(
-            f"pretrained_cfg['input_size'] must be [channels, height, width] (three positive ints, e.g. [3, 224, 224]), "
-            f"got {input_size!r}"
-        )
 
 
 def registry_num_classes(architecture: str) -> int:

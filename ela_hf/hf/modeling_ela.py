@@ -58,6 +58,19 @@ def build_timm_network(config: ElaConfig, num_classes: int) -> LayerAttentionRes
     return model
 
 
+def _under_prefix(matcher: Any, prefix: str) -> Any:
+    """A timm ``group_matcher`` (regexes, possibly in lists of ``(regex, index)`` pairs) for parameters named
+    ``prefix + <timm name>``. timm matches them from the start of the name (``re.match``), every alternative."""
+    if isinstance(matcher, str):
+        alternatives = re.sub(r"(^|[|])[\^]", r"\1", matcher)  # each alternative's own anchor goes
+        return "^" + re.escape(prefix) + "(?:" + alternatives + ")"
+    if isinstance(matcher, dict):
+        return {k: _under_prefix(v, prefix) for k, v in matcher.items()}
+    if isinstance(matcher, (list, tuple)):
+        return type(matcher)(_under_prefix(v, prefix) if isinstance(v, (str, list, tuple)) else v for v in matcher)
+    return matcher
+
+
 class ElaPreTrainedModel(PreTrainedModel):
     """Base class: config handling, weight init matching timm's, and the skip-mask interface."""
 
@@ -75,6 +88,12 @@ class ElaPreTrainedModel(PreTrainedModel):
     accepts_loss_kwargs = False
 
     timm_model: LayerAttentionResNet
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's parameter groups (stem, then blocks) under this model's parameter names, so timm's layer-wise
+        lr decay (``timm.optim.create_optimizer_v2(model, "adamw", layer_decay=0.75)``) groups this model as it
+        groups ``model.timm_model``."""
+        return _under_prefix(self.timm_model.group_matcher(coarse=coarse), f"{TIMM_PREFIX}.")
 
     # ----------------------------------------------------------------------------------------------
     # initialisation: the same distributions as the timm constructor, so a model built from a config

@@ -646,6 +646,10 @@ def _create_ela_resnet(variant: str, pretrained: bool = False, **kwargs) -> Laye
         kwargs["pretrained_filter_fn"] = functools.partial(
             _check_pretrained_complete, variant, features_only=bool(kwargs.get("features_only"))
         )
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay"):  # timm would fail with a bare AssertionError
+        cfg = kwargs.get(key)
+        if isinstance(cfg, dict) and cfg.get("input_size") is not None:
+            check_input_size(cfg["input_size"])
     # the CIFAR nets have three stages: default features are the stem plus every stage
     out_indices = tuple(range(len(kwargs["layers"]) + 1))
     if kwargs.get("features_only") and "out_indices" in kwargs:
@@ -657,6 +661,20 @@ def _create_ela_resnet(variant: str, pretrained: bool = False, **kwargs) -> Laye
         # a features_only wrapper (any feature_cls) under its own buffer names: DDP reads the wrapped module
         keep_kl_statistics_out_of_ddp(model)
     return model
+
+
+def check_input_size(input_size: Any) -> None:
+    """Raise ``ValueError`` unless ``input_size`` (a timm data config's) is ``(channels, height, width)``."""
+    if (
+        not isinstance(input_size, (list, tuple))
+        or len(input_size) != 3
+        or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in input_size)
+    ):
+        raise ValueError(
+            f"pretrained_cfg['input_size'] must be [channels, height, width] (three positive ints, e.g. [3, 224, 224]), "
+            f"got {input_size!r}"
+        )
+
 
 
 def _check_pretrained_complete(

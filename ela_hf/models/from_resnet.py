@@ -12,6 +12,7 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+from timm.models import adapt_input_conv
 
 __all__ = ["ResNetInitReport", "init_from_resnet"]
 
@@ -28,19 +29,28 @@ class ResNetInitReport:
     - ``unexpected``: in the checkpoint but not in the ELA model (ignored).
     - ``reinitialized_head``: classifier keys left fresh because the number of classes differs or the
       checkpoint has no classifier (a feature extractor).
+    - ``adapted_stem``: the first convolution's key when the model takes another number of input channels
+      (``in_chans``) than the checkpoint: its weights were adapted as timm's pretrained loader does (summed
+      over the colour channels for one channel, repeated and rescaled for more).
     """
 
     mapped: List[str] = field(default_factory=list)
     missing: List[str] = field(default_factory=list)
     unexpected: List[str] = field(default_factory=list)
     reinitialized_head: List[str] = field(default_factory=list)
+    adapted_stem: Optional[str] = None
 
     def __str__(self) -> str:
         return (
             f"{len(self.mapped)} tensors mapped from the ResNet, {len(self.missing)} left freshly initialised "
             f"(attention layers), {len(self.unexpected)} unused, classifier re-initialised: "
             f"{bool(self.reinitialized_head)}"
+            + (f", {self.adapted_stem} adapted to the model's input channels" if self.adapted_stem else "")
         )
+
+
+def _same_but_input_channels(theirs: torch.Size, ours: torch.Size) -> bool:
+    return theirs[0] == ours[0] and theirs[2:] == ours[2:] and theirs[1] != ours[1]
 
 
 def _state_dict_of(source: Union[nn.Module, Mapping[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
@@ -133,6 +143,7 @@ def init_from_resnet(
     if variant:
         raise ValueError(variant)
     report = ResNetInitReport()
+    stem = f"{(getattr(target, 'pretrained_cfg', None) or {}).get('first_conv') or 'conv1'}.weight"
     mismatched = []
     to_load = {}
     for key, value in source.items():
@@ -143,8 +154,13 @@ def init_from_resnet(
             if key.startswith(_CLASSIFIER_PREFIX):
                 report.reinitialized_head.append(key)
                 continue
-            mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}")
-            continue
+            if key == stem and value.dim() == 4 and _same_but_input_channels(value.shape, own[key].shape):
+                # another channel count (grey, RGB-D): as timm's own loader adapts pretrained weights to in_chans
+                value = adapt_input_conv(own[key].shape[1], value)
+                report.adapted_stem = key
+            else:
+                mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}")
+                continue
         to_load[key] = value
     if report.reinitialized_head:  # the classifier is fresh as a whole, never half copied (fc.bias alone)
         report.reinitialized_head = sorted({*report.reinitialized_head,
