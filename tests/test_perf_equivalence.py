@@ -586,6 +586,34 @@ def test_buffer_pool_keeps_a_bounded_number_of_bytes_and_reuses_what_fits(monkey
     held()
 
 
+def test_buffers_given_back_by_a_finished_backward_count_against_the_bound_at_once(monkeypatch):
+    """After a run's last step (a sweep deleting its model) the buffers handed back during backward waited in
+    the pool's pending list, uncounted by free_bytes() and past max_free_bytes, until some later forward."""
+    import gc
+
+    from ela_hf.layers import mrla
+
+    pool = mrla._SLOT_POOL
+    mrla.clear_value_buffer_pool()
+    model = _tiny("mrla_b", layers=(4, 3)).train()
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    kept = sum(b.untyped_storage().nbytes() for bufs in pool._free.values() for b in bufs)
+    assert not pool._pending and kept > 0 and pool._held == kept  # nothing waits once backward is over
+    loss = model(torch.randn(2, 3, 8, 8)).sum()
+    loss.backward(retain_graph=True)  # a kept graph keeps its buffers: they wait, and are not reused
+    assert pool._pending
+    del loss
+    gc.collect()
+    assert pool.free_bytes() == kept and not pool._pending
+    with monkeypatch.context() as m:
+        m.setattr(pool, "max_free_bytes", 1)
+        mrla.clear_value_buffer_pool()
+        model(torch.randn(2, 3, 8, 8)).sum().backward()
+        assert pool._held == 0 and not pool._pending and not pool._free
+    del model
+    mrla.clear_value_buffer_pool()
+
+
 def test_mrla_b_graph_retained_across_a_later_forward_keeps_its_values():
     """retain_graph=True, then another step, then backward through the first graph again: exact."""
     model = _tiny("mrla_b", skip_mask=SKIPS[1]).double().train()
@@ -1005,3 +1033,35 @@ def test_eval_logits_of_an_image_do_not_depend_on_the_rest_of_its_batch(name, ev
         out, changed, shuffled = model(x), model(other), model(x[order])
     assert torch.equal(out[1:], changed[1:])
     assert torch.equal(shuffled, out[order])  # (another batch size may take another PyTorch conv algorithm)
+
+
+@pytest.mark.parametrize("moment", ["enter", "leave"])
+def test_plain_autograd_opened_or_closed_mid_stage_by_another_thread_leaves_the_stage_alone(moment):
+    """plain_autograd() is process-wide (DataParallel's replica threads see it), so another thread can open or
+    close it between two blocks of a stage: the MRLA-B stage keeps the formulation it began with (it switched,
+    and failed with "ran partly eagerly and partly under torch.compile")."""
+    torch.manual_seed(0)
+    model = timm.create_model("mrla_b_resnet20_cifar", num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+    context = fast_ops.plain_autograd()
+    if moment == "leave":
+        context.__enter__()
+    # between the stage's first and second block, as another thread's `with plain_autograd():` would
+    def switch(*_):
+        if moment == "enter":
+            context.__enter__()
+        else:
+            context.__exit__(None, None, None)
+
+    handle = model.layer2[1].register_forward_pre_hook(switch)
+    try:
+        with torch.no_grad():
+            got = model(x)
+    finally:
+        handle.remove()
+        if moment == "enter":
+            context.__exit__(None, None, None)
+    assert not fast_ops.plain_autograd_enabled()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

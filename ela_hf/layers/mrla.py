@@ -106,6 +106,10 @@ class StageState:
     prev_alpha: Optional[torch.Tensor] = None
     # recording only (MRLA-L): unrolled per-channel weights w_{t,s,c}, shape [B, n_layers, C]
     unrolled: Optional[torch.Tensor] = None
+    # ela_hf.layers.plain_autograd() (process-wide, for DataParallel's replica threads) or a torch.func
+    # transform, as the stage's first MRLA-B layer saw it: another thread entering or leaving plain_autograd()
+    # mid-stage must not switch the stage between its buffer and the plain formulation
+    plain: Optional[bool] = None
 
     def close(self) -> None:
         """End of the stage's forward: drop the state's own reference to the value buffer.
@@ -259,6 +263,7 @@ class _StageValueBuffer:
         self.grad_filled = []
         self.grad_task = None
         self._give_back(deferred=True)
+        _SLOT_POOL.collect_after_backward()
 
     def _give_back(self, deferred: bool = False) -> None:
         for buf in self._pooled:
@@ -353,6 +358,19 @@ class _SlotBufferPool:
             else:
                 self._add_free(buf)
 
+    def collect_after_backward(self) -> None:
+        """Once the running backward pass is over (its nodes have let go of their saved views), move the
+        buffers given back deferred to the reusable ones, where the byte cap applies: after a run's last step
+        they would otherwise wait, uncounted, for the next forward pass."""
+        try:
+            torch.autograd.Variable._execution_engine.queue_callback(self.collect)
+        except (AttributeError, RuntimeError):  # not inside a backward pass, or an engine without callbacks
+            pass
+
+    def collect(self) -> None:
+        with self._lock:
+            self._collect_pending()
+
     def _collect_pending(self) -> None:
         still = []
         for buf in self._pending:
@@ -362,6 +380,7 @@ class _SlotBufferPool:
     def free_bytes(self) -> int:
         """Bytes held for reuse (not counting buffers still in use)."""
         with self._lock:
+            self._collect_pending()
             return self._held
 
     def _shrink(self) -> None:
@@ -821,8 +840,10 @@ class MrlaBase(_LayerAttentionBase):
         """Graph capture (compile, export, jit.trace), or a stage begun that way: the plain formulation
         over ``state.values``; the compiler fuses the sum into one pass over the values (the eager stage
         buffer relies on in-place slot writes that a trace cannot record)."""
+        if state.plain is None:
+            state.plain = plain_autograd_enabled()
         return (
-            torch.compiler.is_compiling() or torch.jit.is_tracing() or plain_autograd_enabled()
+            torch.compiler.is_compiling() or torch.jit.is_tracing() or state.plain
             or (state.value_buffer is None and bool(state.values))
         )
 
