@@ -106,3 +106,11 @@ def test_init_from_an_rgb_resnet_adapts_the_stem_to_other_input_channels():
     other = dict(resnet.state_dict(), **{"conv1.weight": torch.randn(64, 3, 5, 5)})
     with pytest.raises(ValueError, match=r"does not fit this architecture .*conv1\.weight: checkpoint \(64, 3, 5, 5\)"):
         ela_hf.init_from_resnet(timm.create_model("ela_resnet18"), other)
+
+
+def test_weights_of_another_attention_type_are_named_as_such(published):
+    # MRLA-B weights under an MRLA-L architecture: every layer is in the file, MRLA-L's lambda is not; the error
+    # used to blame a slim checkpoint's missing skip mask
+    with pytest.raises(ValueError, match=r"miss \d+ parameters .*'layer1\.0\.attn\.lam'.* weights of another attention "
+                                         r"type \(MRLA-B against MRLA-L\) than architecture='ela_l_resnet20_cifar'"):
+        AutoModelForImageClassification.from_pretrained(published, architecture="ela_l_resnet20_cifar")

@@ -315,12 +315,26 @@ class ElaPreTrainedModel(PreTrainedModel):
         missing = sorted(_strip_prefix(k) for k in info.get("missing_keys", ()) if not _is_head_key(k))
         if missing:
             attention = [k for k in missing if ".attn." in k]
-            hint = (
-                " The config marks these attention layers active but the file has no weights for them: a slim "
-                "checkpoint needs its skip mask in config.json (model_args['skip_mask'])."
-                if attention
-                else ""
-            )
+            gone = set(missing)
+            loaded_layers = {  # (BatchNorm step counters are never reported missing)
+                k.split(".attn.")[0] for k in self.timm_model.state_dict()
+                if ".attn." in k and k not in gone and not k.endswith("num_batches_tracked")
+            }
+            partial = [k for k in attention if k.split(".attn.")[0] in loaded_layers]
+            if partial:
+                # e.g. MRLA-B weights loaded as an MRLA-L architecture: the layers are there, parts are not (lam)
+                hint = (
+                    f" The file has weights for these attention layers but not all of them (e.g. {partial[:2]}): "
+                    f"weights of another attention type (MRLA-B against MRLA-L) than architecture="
+                    f"{self.config.architecture!r}; load them with the checkpoint's architecture."
+                )
+            elif attention:
+                hint = (
+                    " The config marks these attention layers active but the file has no weights for them: a slim "
+                    "checkpoint needs its skip mask in config.json (model_args['skip_mask'])."
+                )
+            else:
+                hint = ""
             raise ValueError(
                 f"the weights in {source} miss {len(missing)} parameters the config says exist, "
                 f"e.g. {missing[:4]}.{hint}"
