@@ -141,8 +141,9 @@ def config_from_timm_model(model: LayerAttentionResNet, id2label: Optional[Mappi
             raise ValueError(f"id2label has {len(id2label)} labels but the model has {model.num_classes} classes")
         kwargs["id2label"] = {int(k): str(v) for k, v in id2label.items()}
     elif model.num_classes and _fitting_label_names(cfg, model.num_classes):
-        # a release loaded through timm ("local-dir:", "hf-hub:") keeps its class names there
-        kwargs["id2label"] = dict(enumerate(str(name) for name in cfg["label_names"]))
+        # a release loaded through timm ("local-dir:", "hf-hub:") keeps its class names there; ElaConfig reads
+        # timm's label_names as it does from a config.json
+        kwargs["label_names"] = list(cfg["label_names"])
     else:
         kwargs["num_labels"] = int(model.num_classes)
     config = ElaConfig(**kwargs)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .ela_resnet import LayerAttentionStage, SkipMask, _LayerAttentionBlockMixin, validate_skip_mask
+from .ela_resnet import LayerAttentionStage, SkipMask, _LayerAttentionBlockMixin, kl_buffer_names, validate_skip_mask
 
 __all__ = [
     "find_stages",
@@ -125,7 +125,6 @@ def _as_switch(value: object, name: str) -> bool:
 def kl_recording(module: nn.Module, enabled: bool = True):
     """Context manager: record (or, with ``enabled=False``, do not record) the adjacent-layer KL statistics of
     training-mode forward passes; each layer's earlier setting comes back on exit, so it nests."""
-    enabled = _as_switch(enabled, "enabled")
     layers = [blk.attn for _, _, blk in attention_layers(module) if blk.attn is not None]
     before = [attn.recording for attn in layers]
     set_kl_recording(module, enabled)
@@ -155,10 +154,7 @@ def check_ddp_keeps_kl_statistics(module: nn.Module) -> None:
         if not getattr(ddp, "forward_sync_buffers", getattr(ddp, "broadcast_buffers", True)):
             continue
         ignored = set(getattr(ddp, "parameters_to_ignore", ()))
-        exposed = [
-            name for name, _ in ddp.module.named_buffers()
-            if name.rsplit(".", 1)[-1] in ("kl_sum", "kl_count") and name not in ignored
-        ]
+        exposed = [name for name in kl_buffer_names(ddp.module) if name not in ignored]
         if exposed:
             raise ValueError(
                 f"DistributedDataParallel copies rank 0's buffers to the other ranks at every forward pass, and it "

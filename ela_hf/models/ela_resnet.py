@@ -43,6 +43,11 @@ CIFAR_STD = (0.2023, 0.1994, 0.2010)
 ATTN_TYPES = ("mrla_l", "mrla_b")
 
 
+def kl_buffer_names(module: nn.Module) -> List[str]:
+    """The qualified names of the attention layers' KL accumulators among ``module``'s buffers."""
+    return [name for name, _ in module.named_buffers() if name.rsplit(".", 1)[-1] in ("kl_sum", "kl_count")]
+
+
 def keep_kl_statistics_out_of_ddp(module: nn.Module) -> None:
     """Name the attention layers' KL accumulators in ``module._ddp_params_and_buffers_to_ignore``.
 
@@ -51,7 +56,7 @@ def keep_kl_statistics_out_of_ddp(module: nn.Module) -> None:
     forward passes (R-Drop, consistency losses) would otherwise lose. Only the module that DDP wraps is
     read: the models call this on themselves, the pruning callback on the Trainer's model.
     """
-    names = {name for name, _ in module.named_buffers() if name.rsplit(".", 1)[-1] in ("kl_sum", "kl_count")}
+    names = set(kl_buffer_names(module))
     if names:
         module._ddp_params_and_buffers_to_ignore = sorted(
             set(getattr(module, "_ddp_params_and_buffers_to_ignore", ())) | names
@@ -674,7 +679,6 @@ def check_input_size(input_size: Any) -> None:
             f"pretrained_cfg['input_size'] must be [channels, height, width] (three positive ints, e.g. [3, 224, 224]), "
             f"got {input_size!r}"
         )
-
 
 
 def _check_pretrained_complete(

@@ -236,10 +236,9 @@ def skip_redundant_layers(
     check_ddp_drops_unused_parameters(model, "skip_redundant_layers")
     check_same_layers_everywhere(layers, "skip_redundant_layers")
     if layers:
-        device = layers[0][3].kl_sum.device
         totals = torch.stack(
             [torch.stack([a.kl_sum for *_, a in layers]), torch.stack([a.kl_count for *_, a in layers])]
-        ).to(device=device, dtype=torch.float64)
+        ).double()
     else:
         totals = torch.zeros(2, 0, dtype=torch.float64)
     if world()[1] > 1 and layers:
