@@ -13,6 +13,7 @@ from ela_hf.models import attention_layers
 from ela_hf.pruning import EbqmSelector, ElaPruningCallback, FixedCountSelector, ThresholdSelector
 
 from pruning_toy import RandomImages, TinyElaClassifier, training_args
+from two_ranks import one_rank_group
 
 
 def tap_recorded_kl(model):
@@ -593,7 +594,6 @@ def test_several_trainers_on_one_model_and_freed_models(tmp_path):
 def test_kl_accumulators_are_kept_out_of_ddps_buffer_broadcast(tmp_path):
     """DDP copies rank 0's buffers over the others' at each synchronising forward; the accumulators are each
     rank's own sums (the 2-process test checks the sums themselves with two forward passes per step)."""
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     from ela_hf import ElaConfig, ElaForImageClassification
@@ -612,16 +612,13 @@ def test_kl_accumulators_are_kept_out_of_ddps_buffer_broadcast(tmp_path):
     detector._ddp_params_and_buffers_to_ignore = ["0.layer1.0.bn1.running_mean"]
     ela_hf.models.keep_kl_statistics_out_of_ddp(detector)
     assert "0.layer1.0.bn1.running_mean" in detector._ddp_params_and_buffers_to_ignore
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
-    try:
+    with one_rank_group(tmp_path):
         for model in (timm_model, hf_model, wrapper, *backbones, detector):
             kl = {id(t) for n, t in model.named_buffers() if n.endswith(("kl_sum", "kl_count"))}
             assert len(kl) == 12
             ddp = DistributedDataParallel(model, find_unused_parameters=True)
             broadcast = {id(t) for t in ddp.modules_buffers}
             assert broadcast and not broadcast & kl  # BatchNorm statistics still are broadcast
-    finally:
-        dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import ela_hf
 from ela_hf.models import kl_accumulators
 from ela_hf.pruning import EbqmSelector, FixedCountSelector, ThresholdSelector, skip_redundant_layers
-from two_ranks import launch_two_ranks
+from two_ranks import launch_two_ranks, one_rank_group
 
 
 def _train(model, steps, seed=0, batch=4):
@@ -280,20 +280,12 @@ def test_the_transformers_models_config_follows_an_ema_copys_flags():
     assert ema.module.config.skip_mask == hf.config.skip_mask
 
 
-def _one_process_group(tmp_path):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    return dist
-
-
 @pytest.mark.parametrize("ddp_kwargs, match", [
     (dict(find_unused_parameters=False), "must be built with find_unused_parameters=True"),
     (dict(find_unused_parameters=True, static_graph=True), "without static_graph"),
 ])
 def test_ddp_that_would_fail_after_a_skip_is_refused_before_deciding(model, tmp_path, ddp_kwargs, match):
-    dist = _one_process_group(tmp_path)
-    try:
+    with one_rank_group(tmp_path):
         ddp = torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
         with ela_hf.kl_recording(ddp):
             _train(ddp, 1)
@@ -301,13 +293,10 @@ def test_ddp_that_would_fail_after_a_skip_is_refused_before_deciding(model, tmp_
             skip_redundant_layers(ddp, FixedCountSelector(1))
         assert not any(map(any, ela_hf.get_skip_mask(model)))
         assert all(float(c) == 4 for *_, c in kl_accumulators(model))  # kept for a corrected call
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_around_a_wrapper_is_refused_unless_it_leaves_the_statistics_alone(tmp_path):
-    dist = _one_process_group(tmp_path)
-    try:
+    with one_rank_group(tmp_path):
         torch.manual_seed(0)
         exposed = torch.nn.parallel.DistributedDataParallel(nn.Sequential(timm.create_model("ela_resnet20_cifar")))
         with pytest.raises(ValueError, match=r"without leaving out 12 KL accumulators of the attention layers \(e\.g\. "
@@ -326,5 +315,3 @@ def test_ddp_around_a_wrapper_is_refused_unless_it_leaves_the_statistics_alone(t
         wrapper = nn.Sequential(timm.create_model("ela_resnet20_cifar"))
         ela_hf.models.keep_kl_statistics_out_of_ddp(wrapper)
         ela_hf.set_kl_recording(torch.nn.parallel.DistributedDataParallel(wrapper), True)
-    finally:
-        dist.destroy_process_group()

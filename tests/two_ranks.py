@@ -1,4 +1,6 @@
-"""Run a test script as a real 2-process DDP job on CPU (``accelerate launch --multi_gpu``, gloo)."""
+"""Process groups for tests: a real 2-process DDP job on CPU (``accelerate launch --multi_gpu``, gloo), or a
+one-process gloo group in the test's own process (DDP wrappers without a launcher)."""
+import contextlib
 import json
 import os
 import subprocess
@@ -23,3 +25,15 @@ def launch_two_ranks(script: str, out: Path) -> Tuple[dict, dict]:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return tuple(json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+
+
+@contextlib.contextmanager
+def one_rank_group(tmp_path: Path):
+    """A gloo process group of this process alone, destroyed on exit (other tests must not see it)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
