@@ -614,6 +614,105 @@ def test_buffers_given_back_by_a_finished_backward_count_against_the_bound_at_on
     mrla.clear_value_buffer_pool()
 
 
+def test_buffers_of_a_graph_dropped_without_backward_are_reused_and_never_while_read():
+    """An eval loop without no_grad, an exception mid-forward or mid-backward: the stage's graph dies without
+    a complete backward. Its buffers must come back to the pool (they were fresh, page-faulting allocations
+    on every pass), but not while a live graph still reads them."""
+    import threading
+
+    from ela_hf.layers import mrla
+
+    pool = mrla._SLOT_POOL
+    mrla.clear_value_buffer_pool()
+    model = _tiny("mrla_b", layers=(4, 3)).double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    start, counts = pool.allocations, []
+    for _ in range(5):
+        out = model(x)  # autograd on: each pass keeps a graph until `out` is replaced
+        counts.append(pool.allocations - start)
+    assert counts == [2, 4, 4, 4, 4], "two passes' value buffers in turn, then no fresh ones"
+    del out
+
+    class Boom(Exception):
+        pass
+
+    def raise_in_forward(*_):
+        raise Boom
+
+    model.train()
+    model(x).sum().backward()  # value and gradient buffers of both stages in the pool
+    start = pool.allocations
+    handle = model.stages[1][2].register_forward_hook(raise_in_forward)  # the last stage's last block
+    for _ in range(3):
+        with pytest.raises(Boom):
+            model(x)
+    handle.remove()
+    def fail_in_backward(module, inputs, output):
+        output.register_hook(raise_in_forward)
+
+    # a hook that fails in backward once the last stage's later layers have run (its gradient buffer taken)
+    handle = model.stages[1][0].register_forward_hook(fail_in_backward)
+    for _ in range(3):
+        with pytest.raises(Boom):
+            model(x).sum().backward()
+    handle.remove()
+    assert pool.allocations == start, "failed passes hand their buffers back"
+
+    # a kept graph keeps its values while other graphs are dropped and their buffers reused
+    ref = copy.deepcopy(model)
+    x1, x2, x3 = (torch.randn(2, 3, 8, 8, dtype=torch.float64) for _ in range(3))
+    kept = model(x1).pow(2).sum()
+    model(x2)  # dropped at once
+    model(x3).sum().backward()  # may reuse x2's buffers, never x1's
+    for p in model.parameters():
+        p.grad = None
+    kept.backward()
+    _ref_forward(ref, x1).pow(2).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+    # the garbage collector may drop a graph while this very thread holds the pool's lock: handing the
+    # buffers back must not wait for that lock (a threading.Lock would deadlock)
+    waited = []
+
+    class WatchedLock:
+        def __init__(self):
+            self.lock, self.owner = threading.Lock(), None
+
+        def __enter__(self):
+            if self.owner == threading.get_ident():
+                waited.append(True)
+                raise RuntimeError("the pool's lock taken again by the thread that holds it")
+            self.lock.acquire()
+            self.owner = threading.get_ident()
+
+        def __exit__(self, *exc):
+            self.owner = None
+            self.lock.release()
+
+    with monkeypatch_lock(pool, WatchedLock()) as lock:
+        out = model.eval()(x)
+        with lock:
+            del out  # the graph and its stage buffers die here
+        assert not waited
+        start = pool.allocations
+        model(x)
+        assert pool.allocations == start, "handed back without the lock, reused by the next pass"
+
+
+class monkeypatch_lock:
+    def __init__(self, pool, lock):
+        self.pool, self.lock = pool, lock
+
+    def __enter__(self):
+        self.saved, self.pool._lock = self.pool._lock, self.lock
+        return self.lock
+
+    def __exit__(self, *exc):
+        self.pool._lock = self.saved
+
+
 def test_mrla_b_graph_retained_across_a_later_forward_keeps_its_values():
     """retain_graph=True, then another step, then backward through the first graph again: exact."""
     model = _tiny("mrla_b", skip_mask=SKIPS[1]).double().train()

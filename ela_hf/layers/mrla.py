@@ -11,7 +11,7 @@ import math
 import numbers
 import os
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -270,6 +270,20 @@ class _StageValueBuffer:
             _SLOT_POOL.give(buf, deferred=deferred)
         self._pooled = []
 
+    def __del__(self):
+        # The graph that held this stage went away without a (complete) backward pass: an eval loop
+        # without no_grad, an exception mid-forward, a loss never backpropagated. Its buffers go back for
+        # reuse once nothing reads them, instead of fresh, page-faulting allocations every pass.
+        bufs = getattr(self, "_pooled", [])
+        grad_out = getattr(self, "grad_out", None)
+        if grad_out is not None:
+            bufs = [*bufs, grad_out]
+        if bufs:
+            try:
+                _SLOT_POOL.give_orphans(bufs)
+            except Exception:  # interpreter shutdown: the module's globals may be gone
+                pass
+
 
 def _physical_memory() -> int:
     """The machine's memory, or a container's limit when lower (cgroup v2 / v1)."""
@@ -312,6 +326,9 @@ class _SlotBufferPool:
         self._free: Dict[tuple, List[torch.Tensor]] = {}  # shape key -> buffers ready for reuse (never empty)
         self._held = 0  # bytes in self._free
         self._pending: List[torch.Tensor] = []  # given back while autograd may still hold views
+        # given back by stage buffers that died with their graph (see give_orphans); a deque because its
+        # append needs no lock
+        self._orphans: "deque[torch.Tensor]" = deque(maxlen=self.max_pending)
         self._lock = threading.Lock()
         # shape keys by their last request, least recent first (every key of self._free is in it)
         self._recent: "OrderedDict[tuple, None]" = OrderedDict()
@@ -347,9 +364,13 @@ class _SlotBufferPool:
         buf._ela_storage_refs = _storage_refs(buf)
         return buf
 
-    def give(self, buf: torch.Tensor, deferred: bool = False) -> None:
+    @staticmethod
+    def _poolable(buf: torch.Tensor) -> bool:
         key = getattr(buf, "_ela_pool_key", None)
-        if key is None or key[2].type != "cpu" or buf._ela_storage_refs < 0:
+        return key is not None and key[2].type == "cpu" and buf._ela_storage_refs >= 0
+
+    def give(self, buf: torch.Tensor, deferred: bool = False) -> None:
+        if not self._poolable(buf):
             return
         with self._lock:
             if deferred:
@@ -357,6 +378,15 @@ class _SlotBufferPool:
                 del self._pending[: -self.max_pending]  # a graph kept alive forever keeps its buffer
             else:
                 self._add_free(buf)
+
+    def give_orphans(self, bufs: List[torch.Tensor]) -> None:
+        """Buffers of a stage whose graph died without a complete backward pass, handed back from
+        ``_StageValueBuffer.__del__``. Takes no lock: the garbage collector may run that ``__del__`` while
+        this very thread holds the pool's lock (a deque's append is atomic). The next request moves them
+        to the pending ones, reused once no view of them is left."""
+        for buf in bufs:
+            if self._poolable(buf):
+                self._orphans.append(buf)
 
     def collect_after_backward(self) -> None:
         """Once the running backward pass is over (its nodes have let go of their saved views), move the
@@ -372,6 +402,12 @@ class _SlotBufferPool:
             self._collect_pending()
 
     def _collect_pending(self) -> None:
+        while self._orphans:
+            try:
+                self._pending.append(self._orphans.popleft())
+            except IndexError:  # emptied meanwhile by another thread's popleft
+                break
+        del self._pending[: -self.max_pending]
         still = []
         for buf in self._pending:
             (self._add_free if _storage_refs(buf) == buf._ela_storage_refs else still.append)(buf)
@@ -401,7 +437,7 @@ class _SlotBufferPool:
             return
         key = buf._ela_pool_key
         free = self._free.setdefault(key, [])
-        if len(free) < self.max_per_key:
+        if len(free) < self.max_per_key and not any(b is buf for b in free):  # never handed out twice
             free.append(buf)
             self._held += _nbytes(buf)
             self._recent.setdefault(key)  # asked for before a clear(): counts as recent
@@ -412,6 +448,7 @@ class _SlotBufferPool:
             self._free.clear()
             self._held = 0
             self._pending.clear()
+            self._orphans.clear()
             self._recent.clear()
 
 
