@@ -12,6 +12,7 @@ import math
 import pytest
 import timm
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import ela_hf  # noqa: F401
@@ -1082,6 +1083,78 @@ def test_hooks_on_the_attention_layers_inner_modules_see_them_run(attn_type, mon
             _run(reference, x)
         want = _run(reference, x)
     _assert_same(got, want, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("attn_type", ["mrla_b", "mrla_l"])
+def test_hooked_or_wrapped_query_key_convs_run_as_modules(attn_type, monkeypatch):
+    # Q and K were read from wq.weight / wk.weight on every path: hooks on them never fired, a hook or a
+    # parametrization changing them was ignored silently, and torch.nn.utils.prune trained a stale weight
+    import torch.nn.utils.parametrize as parametrize
+    import torch.nn.utils.prune as prune
+
+    _kernels_everywhere(monkeypatch)
+    model = _tiny(attn_type).double().train()
+    x = torch.randn(3, 3, 12, 12, dtype=torch.float64)
+    attn = model.layer1[1].attn
+    want = _run(copy.deepcopy(model), x)
+    seen = []
+    hooked = copy.deepcopy(model)
+    for name in ("wq", "wk"):
+        getattr(hooked.layer1[1].attn, name).register_forward_hook(
+            lambda m, i, o, name=name: seen.append((name, tuple(i[0].shape))))
+    _assert_same(_run(hooked, x), want, rtol=1e-9, atol=1e-10)  # observing changes nothing
+    assert seen == [("wq", (3, 1, attn.channels)), ("wk", (3, 1, attn.channels))]
+    # a hook that changes Q takes effect: the same as the layer with Q's weights zeroed
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        zeroed.layer1[1].attn.wq.weight.zero_()
+    hooked = copy.deepcopy(model)
+    hooked.layer1[1].attn.wq.register_forward_hook(lambda m, i, o: o * 0)
+    (out_h, grads_h), (out_z, grads_z) = _run(hooked, x), _run(zeroed, x)
+    assert grads_h.pop("layer1.1.attn.wq.weight").abs().max() == 0
+    grads_z.pop("layer1.1.attn.wq.weight")
+    _assert_same((out_h, grads_h), (out_z, grads_z), rtol=1e-9, atol=1e-10)
+    assert (out_h - want[0]).abs().max() > 1e-6  # (and Q matters)
+
+    # a parametrization (the module's class changes; weight is computed on access): K's weight doubled
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    doubled, reference = copy.deepcopy(model), copy.deepcopy(model)
+    parametrize.register_parametrization(doubled.layer1[1].attn.wk, "weight", Doubled())
+    with torch.no_grad():
+        reference.layer1[1].attn.wk.weight.mul_(2)
+    torch.testing.assert_close(doubled(x), reference(x), rtol=1e-9, atol=1e-10)
+    # pruning (a pre-hook recomputing the weight): trains, with the gradients of the plain modules
+    pruned, reference = copy.deepcopy(model), copy.deepcopy(model)
+    for m in (pruned, reference):
+        prune.l1_unstructured(m.layer1[1].attn.wq, "weight", amount=0.5)
+
+    def train_steps(m):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        for _ in range(2):
+            opt.zero_grad()
+            _loss(m(x)).backward()
+            opt.step()
+        return _run(m, x)
+
+    got = train_steps(pruned)
+    with ela_hf.layers.plain_autograd():
+        want = train_steps(reference)
+    _assert_same(got, want, rtol=1e-8, atol=1e-10)
+    assert not torch.equal(pruned.layer1[1].attn.wq.weight_orig, model.layer1[1].attn.wq.weight)  # it trained
+    permanent = copy.deepcopy(model)  # the trained weights, Q's times the mask, as plain parameters
+    state = {k: v for k, v in pruned.state_dict().items() if not k.startswith("layer1.1.attn.wq.")}
+    wq = pruned.layer1[1].attn.wq
+    state["layer1.1.attn.wq.weight"] = wq.weight_orig * wq.weight_mask
+    permanent.load_state_dict(state)
+    torch.testing.assert_close(pruned(x), permanent(x), rtol=1e-9, atol=1e-10)
+    # a replacement that does not keep the descriptor's shape is named
+    broken = copy.deepcopy(model)
+    broken.layer1[1].attn.wk = nn.Conv1d(1, 1, attn.k_size, bias=False).double()  # no padding: fewer outputs
+    with pytest.raises(ValueError, match=r"wk must map the pooled descriptor"):
+        broken(x)
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented the batching")

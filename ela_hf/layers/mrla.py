@@ -23,6 +23,7 @@ from timm.layers import DropPath
 from .fast_ops import (
     _dw_eligible,
     _heads_to_channels,
+    _hooked,
     attention_tail,
     attention_weights,
     depthwise_conv3x3,
@@ -628,6 +629,41 @@ class _LayerAttentionBase(nn.Module):
         k = qk[..., 1].view(b, self.heads, self.dim_per_head)
         return q, k
 
+    def _qk_as_modules(self) -> bool:
+        """``wq`` / ``wk`` must run as modules: hooked (forward, pre-forward or backward hooks of their own or
+        global ones: ``torch.nn.utils.prune`` and weight/spectral norm recompute the weight in a pre-hook,
+        feature capture and FLOP counters watch the call) or not plain ``nn.Conv1d`` (parametrizations,
+        adapters such as LoRA wrapping them) or a Conv1d of another layout than the layer's own: their
+        ``weight`` alone is not what they compute."""
+        return not (self._plain_qk_conv(self.wq) and self._plain_qk_conv(self.wk))
+
+    def _plain_qk_conv(self, conv: nn.Module) -> bool:
+        return (
+            type(conv) is nn.Conv1d
+            and not _hooked(conv)
+            and conv.in_channels == conv.out_channels == conv.groups == 1
+            and conv.kernel_size == (self.k_size,)
+            and conv.padding == ((self.k_size - 1) // 2,)
+            and conv.stride == (1,)
+            and conv.dilation == (1,)
+            and conv.padding_mode == "zeros"
+            and conv.bias is None
+        )
+
+    def _query_key_by_modules(self, g: torch.Tensor):
+        """Q and K (``[B, heads, d]``) by calling ``wq`` and ``wk`` on ``g`` as ``[B, 1, C]`` (see
+        :meth:`_qk_as_modules`; the same values as :meth:`_query_key` for plain convs)."""
+        b = g.shape[0]
+        x = g.unsqueeze(1)
+        q, k = self.wq(x), self.wk(x)
+        for name, t in (("wq", q), ("wk", k)):
+            if t.shape != x.shape:
+                raise ValueError(
+                    f"{type(self).__name__}.{name} must map the pooled descriptor [B, 1, C] = {tuple(x.shape)} to "
+                    f"the same shape (a Conv1d(1, 1, k) with padding (k - 1) // 2), got {tuple(t.shape)}"
+                )
+        return q.view(b, self.heads, self.dim_per_head), k.view(b, self.heads, self.dim_per_head)
+
     def _windows_qk(self, g: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor):
         """``(windows, w, qk)``: the unfolded windows of ``g`` (``[B, C, k]``, ``windows[b, c, j] =
         g[b, c + j - pad]``, zero outside), the two Conv1d weights as rows of ``w`` (``[2, k]``), and
@@ -713,7 +749,10 @@ class MrlaLight(_LayerAttentionBase):
             y, pre_act = pre_act(y + sc), None
         # on the CPU: the conv, the pooling and the tail in one kernel set that never stores V
         # (timm's DropPath is the identity in eval mode)
-        if isinstance(self.drop_path, nn.Identity) or (type(self.drop_path) is DropPath and not self.drop_path.training):
+        qk_modules = self._qk_as_modules()
+        if not qk_modules and (
+            isinstance(self.drop_path, nn.Identity) or (type(self.drop_path) is DropPath and not self.drop_path.training)
+        ):
             fused = light_layer(self.bn, self.wv, y, sc, self.lam, self._gate, self.heads, self.wq.weight,
                                 self.wk.weight, pre_relu=pre_act is not None, gate_grad=self._gate_grad)
             if fused is not None:
@@ -722,7 +761,11 @@ class MrlaLight(_LayerAttentionBase):
                     self._record(gate, state)
                 return out
         y, v, g = self._values_pooled(y, sc, pre_act)
-        gate = self._gate(g, self.wq.weight, self.wk.weight)  # [B, heads]
+        if qk_modules:
+            q, k = self._query_key_by_modules(g)
+            gate = torch.sigmoid((q * k).sum(-1) * self.scale)
+        else:
+            gate = self._gate(g, self.wq.weight, self.wk.weight)  # [B, heads]
         # the per-channel gate is tiny ([B, C, 1, 1]); lambda and the gate are cast to the values' dtype:
         # under autocast the large tensors stay in bf16 instead of being promoted to float32 by the
         # float32 parameter. On the CPU the whole tail is one fused kernel pair (fast_ops.py).
@@ -834,12 +877,15 @@ class MrlaBase(_LayerAttentionBase):
         appends this layer's key to ``state.keys``. On the CPU one C++ kernel pair
         (``fast_ops.attention_weights``); the tensors are tiny, and in PyTorch ops their fixed costs were
         0.3-2 ms per layer."""
-        fast = attention_weights(g, self.wq.weight, self.wk.weight, state.keys, self.heads, self.scale)
-        if fast is not None:
-            attn, k = fast
-            state.keys.append(k)
-            return attn
-        q, k = self._query_key(g, self.wq.weight, self.wk.weight)
+        if self._qk_as_modules():
+            q, k = self._query_key_by_modules(g)
+        else:
+            fast = attention_weights(g, self.wq.weight, self.wk.weight, state.keys, self.heads, self.scale)
+            if fast is not None:
+                attn, k = fast
+                state.keys.append(k)
+                return attn
+            q, k = self._query_key(g, self.wq.weight, self.wk.weight)
         state.keys.append(k)
         keys = torch.stack(state.keys, dim=2)  # [B, heads, t, d]
         return torch.softmax(torch.einsum("bhd,bhtd->bht", q, keys) * self.scale, dim=-1)
