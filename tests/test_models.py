@@ -87,6 +87,33 @@ def test_pretrained_weights_that_would_leave_random_layers_are_refused_for_backb
     torch.testing.assert_close(backbone(x)[-1], trained.eval().forward_features(x))
 
 
+def test_a_users_pretrained_filter_runs_before_the_completeness_check(tmp_path):
+    # a pretrained_filter_fn of the user's turned the check off: a filter dropping attention weights loaded
+    # with those layers random, silently
+    torch.manual_seed(0)
+    trained = timm.create_model("ela_resnet20_cifar", num_classes=5)
+    torch.save(trained.state_dict(), tmp_path / "w.pth")
+    file = dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "w.pth")), num_classes=10)
+    calls = []
+
+    def drop_attention(state_dict, model):
+        calls.append(type(model).__name__)
+        return {k: v for k, v in state_dict.items() if ".attn." not in k}
+
+    with pytest.raises(ValueError, match=r"miss \d+ .*Only attention layers are missing"):
+        timm.create_model("ela_resnet20_cifar", pretrained_filter_fn=drop_attention, **file)
+    assert calls == ["LayerAttentionResNet"]
+    # a filter that renames keys (timm's one-argument form too) runs, and its result is what loads
+    renamed = {f"net.{k}": v for k, v in trained.state_dict().items()}
+    torch.save(renamed, tmp_path / "wrapped.pth")
+    strip = dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "wrapped.pth")), num_classes=10)
+    model = timm.create_model("ela_resnet20_cifar", **strip,
+                              pretrained_filter_fn=lambda sd: {k[len("net."):]: v for k, v in sd.items()})
+    torch.testing.assert_close(model.layer2[1].attn.wq.weight, trained.layer2[1].attn.wq.weight)
+    # opting out still accepts what the filter leaves
+    timm.create_model("ela_resnet20_cifar", pretrained_filter_fn=drop_attention, pretrained_strict=False, **file)
+
+
 def test_a_fitting_head_that_timm_would_drop_is_named_in_a_warning(tmp_path):
     # timm keeps a checkpoint's classifier only when num_classes equals the pretrained config's, which for a
     # weights file is the architecture's default (100 here), not the file's: a 4-class release loaded with
@@ -488,6 +515,51 @@ def test_timm_head_interface():
     assert model(x).shape == (2, 3) and model.get_classifier().out_features == 3
     model.reset_classifier(0)
     assert model(x).shape == (2, 256)
+
+
+def test_timm_head_width_dtype_and_mode_follow_the_model():
+    # head_hidden_size ignored 'catavgmax' (twice the features) until a reset; reset_classifier built a float32
+    # head in training mode on the CPU whatever the model was
+    x = torch.randn(2, 3, 32, 32)
+    model = timm.create_model("ela_resnet20_cifar", global_pool="catavgmax").eval()
+    assert model.head_hidden_size == model.forward_head(model.forward_features(x), pre_logits=True).shape[1] == 512
+    model = model.double()
+    model.reset_classifier(7)
+    assert model.fc.weight.dtype == torch.float64 and not model.fc.training and model.head_hidden_size == 512
+    assert model(x.double()).shape == (2, 7)
+    model.train().reset_classifier(3, "avg")
+    assert model.fc.training and model.head_hidden_size == 256
+
+
+def test_timm_factory_device_and_dtype_arguments(tmp_path):
+    # timm >= 1.0.21 passes device= and dtype= to every model; they were refused (TypeError)
+    meta = timm.create_model("ela_resnet20_cifar", device="meta", num_classes=5)
+    assert {t.device.type for t in [*meta.parameters(), *meta.buffers()]} == {"meta"}
+    feats = timm.create_model("ela_l_resnet20_cifar", features_only=True, device="meta")
+    assert {p.device.type for p in feats.parameters()} == {"meta"}
+    # deferred initialisation: to_empty leaves the KL statistics as garbage until timm's re-init of the
+    # non-persistent buffers (checkpoints do not hold them)
+    from timm.models._manipulate import reinit_non_persistent_buffers
+
+    model = meta.to_empty(device="cpu")
+    for layer in model.modules():
+        if hasattr(layer, "kl_sum"):
+            layer.kl_sum.fill_(float("nan"))
+    reinitialised = reinit_non_persistent_buffers(model)
+    assert reinitialised and all(name.endswith(".attn") for name in reinitialised)
+    assert all(float(m.kl_sum) == 0 == float(m.kl_count) for m in model.modules() if hasattr(m, "kl_sum"))
+    torch.manual_seed(0)
+    reference = timm.create_model("ela_resnet20_cifar", num_classes=5).eval()
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model.eval()(x), reference(x))
+    # dtype: the weights in it, the KL statistics float32
+    half = timm.create_model("ela_resnet20_cifar", dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert half.layer1[1].attn.kl_sum.dtype == torch.float32 and half.layer1[1].attn_skipped.dtype == torch.bool
+    assert half(x.bfloat16()).dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype"):
+        timm.create_model("ela_resnet20_cifar", dtype=torch.int8)
 
 
 def test_grad_checkpointing_gives_the_same_outputs_and_gradients():

@@ -707,6 +707,13 @@ class _LayerAttentionBase(nn.Module):
         self.kl_sum.zero_()
         self.kl_count.zero_()
 
+    def init_non_persistent_buffers(self) -> None:
+        """timm's hook for buffers that checkpoints do not hold (``reinit_non_persistent_buffers`` from
+        ``timm.models._manipulate``, after building on the meta device and ``to_empty``): the KL statistics
+        start from zero."""
+        with torch.no_grad():
+            self.reset_kl()
+
     def _apply(self, fn, recurse=True):
         # the KL sums and counts stay float32 when the model is cast (model.to(torch.bfloat16), .half()):
         # bf16 cannot even count past 256 images. They follow device moves, values kept exactly.

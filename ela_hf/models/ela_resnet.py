@@ -9,10 +9,11 @@ timm ResNet checkpoint loads into an ELA model with only the attention keys miss
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import numbers
 import warnings
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -311,6 +312,9 @@ class LayerAttentionResNet(nn.Module):
         output_stride: 32 (default), 16 or 8: the later stages keep their resolution and dilate their
             convolutions instead (segmentation and DC5 detection backbones). ImageNet stems only.
         avg_down: average-pool downsample in the shortcut (the ``d`` variants).
+        device, dtype: timm's factory arguments: the model is built on ``device`` (``'meta'`` defers the
+            allocation; then ``to_empty`` and ``reinit_non_persistent_buffers`` from ``timm.models._manipulate``)
+            and cast to the floating-point ``dtype``; the KL statistics stay float32.
     """
 
     def __init__(
@@ -332,115 +336,125 @@ class LayerAttentionResNet(nn.Module):
         skip_mask: Optional[SkipMask] = None,
         avg_down: bool = False,
         zero_init_last: bool = True,
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
-        if block not in _BLOCKS:
-            raise ValueError(f"block must be one of {sorted(_BLOCKS)}, got {block!r}")
-        if attn_type is not None and attn_type not in ATTN_TYPES:
-            raise ValueError(f"attn_type must be one of {ATTN_TYPES} or None, got {attn_type!r}")
-        if stem_type not in ("", "deep", "cifar"):
-            raise ValueError(f"stem_type must be '', 'deep' or 'cifar', got {stem_type!r}")
-        if len(layers) != len(channels):
-            raise ValueError(f"layers {tuple(layers)} and channels {tuple(channels)} must have one entry per stage")
-        if isinstance(in_chans, bool) or not isinstance(in_chans, numbers.Integral):
-            raise TypeError(f"in_chans must be an int (input image channels), got {in_chans!r} ({type(in_chans).__name__})")
-        if in_chans < 1:
-            raise ValueError(f"in_chans must be a positive number of input image channels, got {in_chans}")
-        in_chans = int(in_chans)
-        if output_stride not in (8, 16, 32):
-            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride!r}")
-        if stem_type == "cifar" and output_stride != 32:
-            raise ValueError(
-                f"output_stride={output_stride} is for the ImageNet stems; the CIFAR stem keeps full resolution "
-                "and the CIFAR nets' last stage already runs at stride 4"
-            )
-        for name, rate in (("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate),
-                           ("drop_block_rate", drop_block_rate)):
-            if not isinstance(rate, numbers.Real):
-                raise TypeError(f"{name} must be a number in [0, 1), got {rate!r} ({type(rate).__name__})")
-            if not 0.0 <= rate < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {rate!r}")
-        if attn_type is None and drop_path_rate > 0:
-            warnings.warn(
-                f"drop_path_rate={drop_path_rate} has no effect on a plain ResNet (attn_type=None): ELA's drop path "
-                "acts on the attention branch only", UserWarning, stacklevel=2,
-            )
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.drop_rate = drop_rate
-        self.attn_type = attn_type
-        self.grad_checkpointing = False
-        if dim_per_head is None:
-            dim_per_head = 32 if attn_type == "mrla_l" else 16
-        self.dim_per_head = dim_per_head
-        if skip_mask is not None:
-            if attn_type is None:
-                raise ValueError("skip_mask was given but this model has no attention layers (attn_type=None)")
-            skip_mask = validate_skip_mask(skip_mask, layers)
-        else:
-            skip_mask = [[False] * n for n in layers]
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype (timm's factory argument), got {dtype!r}")
+        # timm's factory arguments: built on `device` ('meta' for deferred initialisation), then cast to
+        # `dtype` (the KL statistics stay float32, see MrlaLight/MrlaBase._apply)
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            if block not in _BLOCKS:
+                raise ValueError(f"block must be one of {sorted(_BLOCKS)}, got {block!r}")
+            if attn_type is not None and attn_type not in ATTN_TYPES:
+                raise ValueError(f"attn_type must be one of {ATTN_TYPES} or None, got {attn_type!r}")
+            if stem_type not in ("", "deep", "cifar"):
+                raise ValueError(f"stem_type must be '', 'deep' or 'cifar', got {stem_type!r}")
+            if len(layers) != len(channels):
+                raise ValueError(f"layers {tuple(layers)} and channels {tuple(channels)} must have one entry per stage")
+            if isinstance(in_chans, bool) or not isinstance(in_chans, numbers.Integral):
+                raise TypeError(f"in_chans must be an int (input image channels), got {in_chans!r} ({type(in_chans).__name__})")
+            if in_chans < 1:
+                raise ValueError(f"in_chans must be a positive number of input image channels, got {in_chans}")
+            in_chans = int(in_chans)
+            if output_stride not in (8, 16, 32):
+                raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride!r}")
+            if stem_type == "cifar" and output_stride != 32:
+                raise ValueError(
+                    f"output_stride={output_stride} is for the ImageNet stems; the CIFAR stem keeps full resolution "
+                    "and the CIFAR nets' last stage already runs at stride 4"
+                )
+            for name, rate in (("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate),
+                               ("drop_block_rate", drop_block_rate)):
+                if not isinstance(rate, numbers.Real):
+                    raise TypeError(f"{name} must be a number in [0, 1), got {rate!r} ({type(rate).__name__})")
+                if not 0.0 <= rate < 1.0:
+                    raise ValueError(f"{name} must be in [0, 1), got {rate!r}")
+            if attn_type is None and drop_path_rate > 0:
+                warnings.warn(
+                    f"drop_path_rate={drop_path_rate} has no effect on a plain ResNet (attn_type=None): ELA's drop path "
+                    "acts on the attention branch only", UserWarning, stacklevel=2,
+                )
+            self.num_classes = num_classes
+            self.in_chans = in_chans
+            self.drop_rate = drop_rate
+            self.attn_type = attn_type
+            self.grad_checkpointing = False
+            if dim_per_head is None:
+                dim_per_head = 32 if attn_type == "mrla_l" else 16
+            self.dim_per_head = dim_per_head
+            if skip_mask is not None:
+                if attn_type is None:
+                    raise ValueError("skip_mask was given but this model has no attention layers (attn_type=None)")
+                skip_mask = validate_skip_mask(skip_mask, layers)
+            else:
+                skip_mask = [[False] * n for n in layers]
 
-        # Stem: timm's layouts (plain 7x7, 'deep' = ResNet-D) and the CIFAR 3x3 stem.
-        if stem_type == "deep":
-            inplanes = stem_width * 2
-            self.conv1 = nn.Sequential(
-                nn.Conv2d(in_chans, stem_width, 3, stride=2, padding=1, bias=False),
-                nn.BatchNorm2d(stem_width),
-                nn.ReLU(inplace=True),
-                nn.Conv2d(stem_width, stem_width, 3, stride=1, padding=1, bias=False),
-                nn.BatchNorm2d(stem_width),
-                nn.ReLU(inplace=True),
-                nn.Conv2d(stem_width, inplanes, 3, stride=1, padding=1, bias=False),
+            # Stem: timm's layouts (plain 7x7, 'deep' = ResNet-D) and the CIFAR 3x3 stem.
+            if stem_type == "deep":
+                inplanes = stem_width * 2
+                self.conv1 = nn.Sequential(
+                    nn.Conv2d(in_chans, stem_width, 3, stride=2, padding=1, bias=False),
+                    nn.BatchNorm2d(stem_width),
+                    nn.ReLU(inplace=True),
+                    nn.Conv2d(stem_width, stem_width, 3, stride=1, padding=1, bias=False),
+                    nn.BatchNorm2d(stem_width),
+                    nn.ReLU(inplace=True),
+                    nn.Conv2d(stem_width, inplanes, 3, stride=1, padding=1, bias=False),
+                )
+            elif stem_type == "cifar":
+                inplanes = stem_width
+                self.conv1 = nn.Conv2d(in_chans, inplanes, 3, stride=1, padding=1, bias=False)
+            else:
+                inplanes = stem_width
+                self.conv1 = nn.Conv2d(in_chans, inplanes, 7, stride=2, padding=3, bias=False)
+            # timm's features_only backbones call the stem's modules directly, not forward_stem: the input check
+            # runs on the first conv too
+            self.conv1.register_forward_pre_hook(_check_stem_input)
+            self.bn1 = nn.BatchNorm2d(inplanes)
+            self.act1 = nn.ReLU(inplace=True)
+            stem_reduction = 1 if stem_type == "cifar" else 2
+            self.maxpool = nn.Identity() if stem_type == "cifar" else nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+            self.feature_info = [dict(num_chs=inplanes, reduction=stem_reduction, module="act1")]
+
+            block_cls = _BLOCKS[block]
+            stage_modules, stage_feature_info = make_blocks(
+                tuple([block_cls] * len(layers)),
+                tuple(channels),
+                tuple(layers),
+                inplanes,
+                output_stride=output_stride,
+                avg_down=avg_down,
+                drop_block_rate=drop_block_rate,
+                act_layer=nn.ReLU,
+                norm_layer=nn.BatchNorm2d,
             )
-        elif stem_type == "cifar":
-            inplanes = stem_width
-            self.conv1 = nn.Conv2d(in_chans, inplanes, 3, stride=1, padding=1, bias=False)
-        else:
-            inplanes = stem_width
-            self.conv1 = nn.Conv2d(in_chans, inplanes, 7, stride=2, padding=3, bias=False)
-        # timm's features_only backbones call the stem's modules directly, not forward_stem: the input check
-        # runs on the first conv too
-        self.conv1.register_forward_pre_hook(_check_stem_input)
-        self.bn1 = nn.BatchNorm2d(inplanes)
-        self.act1 = nn.ReLU(inplace=True)
-        stem_reduction = 1 if stem_type == "cifar" else 2
-        self.maxpool = nn.Identity() if stem_type == "cifar" else nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.feature_info = [dict(num_chs=inplanes, reduction=stem_reduction, module="act1")]
+            # make_blocks assumes a stride-4 stem; the CIFAR stem has stride 1.
+            reduction_fix = 4 if stem_type == "cifar" else 1
+            total = sum(layers)
+            net_idx = 0
+            self.stage_names: List[str] = []
+            for idx, ((name, seq), info, stage_mask) in enumerate(zip(stage_modules, stage_feature_info, skip_mask)):
+                blocks = list(seq)
+                # a stage that output_stride keeps at a finer resolution dilates its convs by what its stride
+                # would have reduced (make_blocks counts from a stride-4 stem: stage i is at 4 * 2**i at stride 32)
+                dilation = (4 * 2**idx) // info["reduction"]
+                for blk, skipped in zip(blocks, stage_mask):
+                    dpr = drop_path_rate * net_idx / max(total - 1, 1)
+                    blk._init_layer_attention(attn_type, dim_per_head, dpr, skipped, dilation)
+                    net_idx += 1
+                self.add_module(name, LayerAttentionStage(blocks))
+                self.stage_names.append(name)
+                self.feature_info.append(dict(info, reduction=info["reduction"] // reduction_fix))
 
-        block_cls = _BLOCKS[block]
-        stage_modules, stage_feature_info = make_blocks(
-            tuple([block_cls] * len(layers)),
-            tuple(channels),
-            tuple(layers),
-            inplanes,
-            output_stride=output_stride,
-            avg_down=avg_down,
-            drop_block_rate=drop_block_rate,
-            act_layer=nn.ReLU,
-            norm_layer=nn.BatchNorm2d,
-        )
-        # make_blocks assumes a stride-4 stem; the CIFAR stem has stride 1.
-        reduction_fix = 4 if stem_type == "cifar" else 1
-        total = sum(layers)
-        net_idx = 0
-        self.stage_names: List[str] = []
-        for idx, ((name, seq), info, stage_mask) in enumerate(zip(stage_modules, stage_feature_info, skip_mask)):
-            blocks = list(seq)
-            # a stage that output_stride keeps at a finer resolution dilates its convs by what its stride
-            # would have reduced (make_blocks counts from a stride-4 stem: stage i is at 4 * 2**i at stride 32)
-            dilation = (4 * 2**idx) // info["reduction"]
-            for blk, skipped in zip(blocks, stage_mask):
-                dpr = drop_path_rate * net_idx / max(total - 1, 1)
-                blk._init_layer_attention(attn_type, dim_per_head, dpr, skipped, dilation)
-                net_idx += 1
-            self.add_module(name, LayerAttentionStage(blocks))
-            self.stage_names.append(name)
-            self.feature_info.append(dict(info, reduction=info["reduction"] // reduction_fix))
-
-        self.num_features = self.head_hidden_size = channels[-1] * block_cls.expansion
-        self.global_pool, self.fc = create_classifier(self.num_features, self.num_classes, pool_type=global_pool)
-        self.init_weights(zero_init_last=zero_init_last)
-        keep_kl_statistics_out_of_ddp(self)
+            self.num_features = channels[-1] * block_cls.expansion
+            self.global_pool, self.fc = create_classifier(self.num_features, self.num_classes, pool_type=global_pool)
+            self.head_hidden_size = self.num_features * self.global_pool.feat_mult()  # 'catavgmax' doubles it
+            self.init_weights(zero_init_last=zero_init_last)
+            keep_kl_statistics_out_of_ddp(self)
+        if dtype is not None:
+            self.to(dtype=dtype)
 
     # ----------------------------------------------------------------------------------------------
     # timm model interface
@@ -471,7 +485,12 @@ class LayerAttentionResNet(nn.Module):
         self.num_classes = num_classes
         if global_pool is None:
             global_pool = self.global_pool.pool_type
+        like = next(self.parameters(), None)
         self.global_pool, self.fc = create_classifier(self.num_features, self.num_classes, pool_type=global_pool)
+        if like is not None:  # on the model's device and in its dtype, and in its train/eval mode
+            self.fc.to(device=like.device, dtype=like.dtype)
+        self.global_pool.train(self.training)
+        self.fc.train(self.training)
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
 
     @property
@@ -645,11 +664,13 @@ def _create_ela_resnet(variant: str, pretrained: bool = False, **kwargs) -> Laye
                 "(with checkpoint_path= / timm's --initial-checkpoint, leave pretrained=False: the checkpoint is "
                 "loaded after creation)"
             )
-    if pretrained and kwargs.get("pretrained_strict", True) and kwargs.get("pretrained_filter_fn") is None:
+    if pretrained and kwargs.get("pretrained_strict", True):
         # timm loads non-strictly whenever the head is not the checkpoint's (features_only, another num_classes)
         # and only logs missing keys at INFO level: refuse weights that would leave parts of the body random
+        # (after a filter of the user's own: what it drops stays random too)
         kwargs["pretrained_filter_fn"] = functools.partial(
-            _check_pretrained_complete, variant, features_only=bool(kwargs.get("features_only"))
+            _check_pretrained_complete, variant, features_only=bool(kwargs.get("features_only")),
+            user_filter=kwargs.get("pretrained_filter_fn"),
         )
     for key in ("pretrained_cfg", "pretrained_cfg_overlay"):  # timm would fail with a bare AssertionError
         cfg = kwargs.get(key)
@@ -682,14 +703,22 @@ def check_input_size(input_size: Any) -> None:
 
 
 def _check_pretrained_complete(
-    variant: str, state_dict: Dict[str, Any], model: nn.Module, features_only: bool = False
+    variant: str, state_dict: Dict[str, Any], model: nn.Module, features_only: bool = False,
+    user_filter: Optional[Callable] = None,
 ) -> Dict[str, Any]:
     """timm's ``pretrained_filter_fn``: the pretrained weights must hold every parameter and buffer of the model
     below its classifier (BatchNorm step counters aside), or the load is refused naming what is missing.
 
     Also warns where timm is about to drop a classifier that fits: timm keeps the checkpoint's head only when
     the model's ``num_classes`` equals the pretrained config's, which for a weights file given by
-    ``pretrained_cfg_overlay=dict(file=...)`` is the architecture's default, not the file's."""
+    ``pretrained_cfg_overlay=dict(file=...)`` is the architecture's default, not the file's.
+
+    A ``pretrained_filter_fn`` of the user's (``user_filter``) runs first, as timm would call it."""
+    if user_filter is not None:
+        try:
+            state_dict = user_filter(state_dict, model)
+        except TypeError:  # timm's fallback for one-argument filters
+            state_dict = user_filter(state_dict)
     classifier = model.pretrained_cfg.get("classifier") or "fc"
     head = f"{classifier}."
     ours, cfg_classes = model.state_dict().get(f"{head}weight"), model.pretrained_cfg.get("num_classes")
