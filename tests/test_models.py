@@ -1,4 +1,5 @@
 """The layer-attention ResNet families (SPEC section 1-2): registration, shapes, parameters, skipping."""
+import copy
 import math
 import warnings
 
@@ -562,17 +563,35 @@ def test_timm_factory_device_and_dtype_arguments(tmp_path):
         timm.create_model("ela_resnet20_cifar", dtype=torch.int8)
 
 
-def test_grad_checkpointing_gives_the_same_outputs_and_gradients():
+@pytest.mark.parametrize("name", ["ela_resnet20_cifar", "ela_l_resnet20_cifar"])
+def test_grad_checkpointing_gives_the_same_outputs_gradients_and_batchnorm_statistics(name):
+    # the recompute in backward updated every BatchNorm's running statistics a second time with the same batch
     torch.manual_seed(0)
-    a = timm.create_model("ela_resnet20_cifar", num_classes=5)
-    b = timm.create_model("ela_resnet20_cifar", num_classes=5)
-    b.load_state_dict(a.state_dict())
+    a = timm.create_model(name, num_classes=5, skip_mask=[[False, True], [False, False], [False, False]])
+    b = copy.deepcopy(a)
     b.set_grad_checkpointing(True)
-    x = torch.randn(2, 3, 32, 32)
-    a(x).sum().backward()
-    b(x).sum().backward()
+    x, x2 = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    for model in (a, b):
+        model(x).sum().backward()
+        # two forwards before one backward (the second's recompute must keep the first's updates)
+        (model(x2).square().sum() + model(x).sum()).backward()
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pa.grad, pb.grad, msg=n)
+    stats = [n for n, _ in a.named_buffers() if "running" in n or "num_batches" in n]
+    assert len(stats) > 40
+    for n in stats:
+        assert torch.equal(a.get_buffer(n), b.get_buffer(n)), n
+    assert int(b.bn1.num_batches_tracked) == 3
+    # under torch.compile too (the checkpoint takes no context of ours there)
+    torch._dynamo.reset()
+    c = copy.deepcopy(b)
+    d = copy.deepcopy(b)
+    d.set_grad_checkpointing(False)
+    for model in (c, d):
+        torch.compile(model, backend="aot_eager")(x).sum().backward()
+    for n in stats:
+        torch.testing.assert_close(c.get_buffer(n), d.get_buffer(n), msg=n, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
 
 
 def test_drop_path_acts_on_the_attention_branch_only():

@@ -502,8 +502,15 @@ class LayerAttentionResNet(nn.Module):
 
     def _run_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
-            # backward's recompute records no KL: the attention layers never record inside a backward pass
-            return torch.utils.checkpoint.checkpoint(stage, x, use_reentrant=False)
+            # backward's recompute records no KL: the attention layers never record inside a backward pass,
+            # and leaves the BatchNorm running statistics as the forward left them (it would update them a
+            # second time with the same batch). Under torch.compile, checkpoint takes no context_fn of ours.
+            if torch.compiler.is_compiling():
+                return torch.utils.checkpoint.checkpoint(stage, x, use_reentrant=False)
+            return torch.utils.checkpoint.checkpoint(
+                stage, x, use_reentrant=False,
+                context_fn=lambda: (contextlib.nullcontext(), _KeepBatchNormStatistics(stage)),
+            )
         return stage(x)
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
@@ -617,6 +624,32 @@ class LayerAttentionResNet(nn.Module):
 
 # --------------------------------------------------------------------------------------------------
 # creation, pretrained cfgs, registration
+
+
+class _KeepBatchNormStatistics:
+    """Context of an activation-checkpoint recompute: the BatchNorm running statistics (and step counters)
+    of ``module`` are put back as they were when it began, so each batch updates them once."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.saved: List[Tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __enter__(self) -> "_KeepBatchNormStatistics":
+        with torch.no_grad():
+            self.saved = [
+                (buf, buf.clone())
+                for m in self.module.modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+                for buf in (m.running_mean, m.running_var, m.num_batches_tracked)
+                if buf is not None
+            ]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with torch.no_grad():
+            for buf, value in self.saved:
+                buf.copy_(value)
+        self.saved = []
 
 
 def _check_images(x: torch.Tensor, in_chans: int) -> None:
