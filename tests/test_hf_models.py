@@ -556,3 +556,103 @@ def test_backbone_returns_the_selected_feature_maps(tmp_path, images):
     assert again.out_features == ["stage1", "stage3"]
     torch.testing.assert_close(again(images).feature_maps[1], out.feature_maps[1])
     assert json.loads((tmp_path / "config.json").read_text())["num_classes"] == 0
+
+
+def test_a_saved_folder_loads_as_a_backbone_with_other_feature_maps(tmp_path, images):
+    # config.json holds out_features and out_indices: a new choice of one disagreed with the stored other
+    # ("should correspond to the same stages"), where transformers' ResNetBackbone takes it
+    from transformers import AutoBackbone
+
+    torch.manual_seed(0)
+    model = _trained_bn(ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=3)))
+    model.save_pretrained(tmp_path)
+    tmp_path = str(tmp_path)
+    hidden = model(pixel_values=images, output_hidden_states=True).hidden_states
+    for choice, picked in ((dict(out_features=["stage2"]), [2]), (dict(out_indices=[1, 3]), [1, 3]),
+                           (dict(out_features=["stem", "stage3"], out_indices=[0, 3]), [0, 3])):
+        backbone = ela_hf.ElaBackbone.from_pretrained(tmp_path, **choice).eval()
+        assert backbone.out_indices == picked and backbone.channels == [hidden[i].shape[1] for i in picked]
+        for got, i in zip(backbone(images).feature_maps, picked):
+            torch.testing.assert_close(got, hidden[i])
+    assert AutoConfig.from_pretrained(tmp_path, out_indices=[2]).out_features == ["stage2"]
+    assert ela_hf.ElaBackbone.from_pretrained(tmp_path, config=AutoConfig.from_pretrained(
+        tmp_path, out_features=["stage1"])).channels == [hidden[1].shape[1]]
+    assert AutoBackbone.from_config(AutoConfig.from_pretrained(tmp_path, out_indices=[1])).channels == [
+        hidden[1].shape[1]]
+    with pytest.raises(ValueError, match="same stages"):  # both given, disagreeing: still an error
+        ElaConfig.from_pretrained(tmp_path, out_features=["stage1"], out_indices=[2])
+
+
+def test_config_names_depths_and_hidden_sizes_as_transformers_backbone_configs_do():
+    for architecture in ("ela_resnet20_cifar", "ela_resnet18", "ela_resnet50d"):
+        config = ElaConfig(architecture=architecture, out_features=None)
+        backbone = ela_hf.ElaBackbone(ElaConfig(architecture=architecture, out_indices=list(range(
+            1, len(config.stage_sizes) + 1))))
+        assert config.depths == config.stage_sizes and len(config.depths) == len(config.stage_names) - 1
+        assert config.hidden_sizes == backbone.channels
+    wide = ElaConfig(architecture="ela_resnet20_cifar", model_args={"channels": [8, 16, 32]})
+    assert wide.hidden_sizes == [32, 64, 128]
+
+
+@pytest.mark.filterwarnings("ignore:`(is_)?gradient_checkpointing_(enable|disable)?:FutureWarning")
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_a_parent_models_checkpointing_switch_reaches_the_ela_network():
+    # a DETR / UperNet holding an ElaBackbone sets `gradient_checkpointing` on every submodule that has it: the
+    # backbone had none, so its stages ran without checkpointing, silently
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    class Parent(PreTrainedModel):
+        config_class = PretrainedConfig
+        supports_gradient_checkpointing = True
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.backbone = ela_hf.ElaBackbone(ElaConfig(architecture=ARCH))
+            self.post_init()
+
+    parent = Parent(PretrainedConfig())
+    net = parent.backbone.timm_model
+    assert not parent.is_gradient_checkpointing and not net.grad_checkpointing
+    parent.gradient_checkpointing_enable()
+    assert net.grad_checkpointing and parent.backbone.gradient_checkpointing and parent.is_gradient_checkpointing
+    parent.gradient_checkpointing_disable()
+    assert not net.grad_checkpointing and not parent.is_gradient_checkpointing
+    model = ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=3))
+    model.gradient_checkpointing = True  # the attribute is the network's switch
+    assert model.timm_model.grad_checkpointing and model.is_gradient_checkpointing
+
+
+def test_image_processor_without_arguments_is_elaconfigs_default():
+    # transformers' common image-processor test builds one without arguments: it was a ValueError
+    default = ElaImageProcessor()
+    assert default.architecture == ElaConfig().architecture
+    assert dict(default.pretrained_cfg) == dict(ElaImageProcessor(architecture=ElaConfig().architecture).pretrained_cfg)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 280, 3), dtype=np.uint8))
+    assert default(image, return_tensors="pt")["pixel_values"].shape == (1, 3, 224, 224)
+
+
+@pytest.mark.parametrize("architecture", ["ela_resnet20_cifar", "ela_l_resnet20_cifar"])
+def test_weights_offloaded_with_a_device_map_are_brought_in(architecture, tmp_path, monkeypatch):
+    # accelerate's offloading (device_map with "disk", or "auto" past max_memory) keeps a stage's weights on the
+    # meta device and loads them when a module is called; the attention layers read wv/wq/wk/bn's weights
+    # directly: MRLA-B's kernels crashed the process (a meta pointer), the plain paths raised
+    from ela_hf.layers import fast_ops
+
+    for name in ("DEPTHWISE_MIN_PLANE", "TAIL_MIN_PLANE", "LIGHT_MIN_PLANE"):  # the kernels on these small maps
+        monkeypatch.setattr(fast_ops, name, 0)
+    torch.manual_seed(0)
+    model = _trained_bn(ElaForImageClassification(ElaConfig(architecture=architecture, num_labels=3,
+                                                            skip_mask=MASK)))
+    model.save_pretrained(tmp_path / "m")
+    stem = ["conv1", "bn1", "act1", "maxpool"]
+    device_map = {f"timm_model.{n}": "cpu" for n in [*stem, "layer1", "layer3", "global_pool", "fc"]}
+    device_map["timm_model.layer2"] = "disk"
+    offloaded = ElaForImageClassification.from_pretrained(tmp_path / "m", device_map=device_map,
+                                                          offload_folder=str(tmp_path / "offload")).eval()
+    assert offloaded.timm_model.layer2[1].attn.wv.weight.device.type == "meta"  # really offloaded
+    x = torch.rand(2, 3, 32, 32)
+    for fast in (True, False):
+        monkeypatch.setattr(fast_ops, "FAST_CPU_PATHS", fast)
+        with torch.no_grad():
+            torch.testing.assert_close(offloaded(pixel_values=x).logits, model(pixel_values=x).logits)
+    assert ela_hf.get_skip_mask(offloaded) == MASK

@@ -247,6 +247,7 @@ class ElaConfig(BackboneConfigMixin, PretrainedConfig):
         # is built from instead. (Not pretrained_cfg: AutoImageProcessor hands its own to AutoConfig and would
         # turn our error into "Unrecognized image processor"; the processor and the network check it.)
         config_dict = dict(config_dict)
+        picked = {key for key in _CHECKED_AT_CONSTRUCTION if key in kwargs}
         for key in _CHECKED_AT_CONSTRUCTION:
             if key not in kwargs:
                 continue
@@ -262,6 +263,11 @@ class ElaConfig(BackboneConfigMixin, PretrainedConfig):
                     {str(v): int(k) for k, v in value.items()} if len(set(names)) == len(names) else None
                 )
             config_dict[key] = value
+        for key, other in (("out_features", "out_indices"), ("out_indices", "out_features")):
+            if key in config_dict and other in config_dict and key in picked and other not in picked:
+                # a new choice of feature maps replaces the stored one (config.json holds both, which would
+                # then disagree: transformers' own backbones take out_features= on a saved folder)
+                config_dict.pop(other)
         return super().from_dict(config_dict, **kwargs)
 
     # ----------------------------------------------------------------------------------------------
@@ -269,6 +275,19 @@ class ElaConfig(BackboneConfigMixin, PretrainedConfig):
     def stage_sizes(self) -> list[int]:
         """Blocks per stage of the architecture."""
         return list((self.model_args or {}).get("layers") or _registered_architectures()[self.architecture]["layers"])
+
+    @property
+    def depths(self) -> list[int]:
+        """Blocks per stage (transformers' name for :attr:`stage_sizes`, as in ``ResNetConfig``)."""
+        return self.stage_sizes
+
+    @property
+    def hidden_sizes(self) -> list[int]:
+        """Output channels of each stage (as ``ResNetConfig.hidden_sizes``; heads built on a backbone config
+        read the last one)."""
+        args = {**_registered_architectures()[self.architecture], **(self.model_args or {})}
+        expansion = 4 if args.get("block", "bottleneck") == "bottleneck" else 1
+        return [int(c) * expansion for c in args.get("channels", (64, 128, 256, 512))]
 
     @property
     def is_slim(self) -> bool:

@@ -50,7 +50,8 @@ class ElaImageProcessor(BaseImageProcessor):
         pretrained_cfg (`dict`, *optional*):
             timm data config; defaults to the ``architecture``'s registered one.
         architecture (`str`, *optional*):
-            An ela_hf timm model name, used when ``pretrained_cfg`` is not given.
+            An ela_hf timm model name, used when ``pretrained_cfg`` is not given; with neither,
+            ``ElaConfig``'s default (``"ela_resnet50"``), as ``ElaConfig()`` builds it.
 
     ``train_transforms`` holds timm's matching training transform (random resized crop, flip) for recipes.
     """
@@ -67,9 +68,10 @@ class ElaImageProcessor(BaseImageProcessor):
             raise ValueError(f"ElaImageProcessor does not take {refused}: {_OPTIONS_HINT}")
         super().__init__()
         if pretrained_cfg is None:
-            if architecture is None:
-                raise ValueError("ElaImageProcessor needs a pretrained_cfg (timm data config) or an architecture name")
-            from .configuration_ela import _registered_architectures, default_pretrained_cfg
+            from .configuration_ela import ElaConfig, _registered_architectures, default_pretrained_cfg
+
+            if architecture is None:  # ElaConfig's default network, as ElaConfig() builds it
+                architecture = ElaConfig.architecture
 
             registry = _registered_architectures()
             if architecture not in registry:

@@ -163,8 +163,7 @@ class ElaPreTrainedModel(PreTrainedModel):
         self, enable: bool = True, gradient_checkpointing_func=None, every_n_layers: int = 1, *args, **kwargs
     ) -> None:
         # checkpointing is per stage (the MRLA-B cache cannot be split between blocks), always non-reentrant
-        self.timm_model.set_grad_checkpointing(enable)
-        self.gradient_checkpointing = enable  # what is_activation_checkpointing (and the Trainer) reads
+        self.gradient_checkpointing = enable  # the timm network's switch (see the property)
         options = dict(getattr(gradient_checkpointing_func, "keywords", None) or {})
         unused = {k: v for k, v in options.items() if k != "use_reentrant" or v}
         if every_n_layers != 1:
@@ -177,6 +176,22 @@ class ElaPreTrainedModel(PreTrainedModel):
                 f"{type(self).__name__} checkpoints whole stages with torch.utils.checkpoint(use_reentrant=False); "
                 f"the activation checkpointing options {unused} are not used"
             )
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """The timm network's per-stage checkpointing switch. transformers reads this attribute
+        (``is_activation_checkpointing``, the Trainer) and a parent model's ``gradient_checkpointing_enable``
+        sets it on every submodule that has it (an ElaBackbone inside DETR or UperNet), so setting it switches
+        the network."""
+        net = self._modules.get("timm_model")
+        return bool(getattr(net, "grad_checkpointing", False))
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enable: bool) -> None:
+        net = self._modules.get("timm_model")
+        if net is None:
+            raise AttributeError("gradient_checkpointing is set on the timm network, which is not built yet")
+        net.set_grad_checkpointing(bool(enable))
 
     def get_input_embeddings(self):
         return None

@@ -178,9 +178,11 @@ def plain_autograd_enabled() -> bool:
 def _hooked(module: nn.Module) -> bool:
     """Hooks on ``module`` (its own or global ones) must see it run: the kernels read its weight directly, so
     a forward hook (feature capture, FLOP counters), a pre-hook (``torch.nn.utils.prune``) or a backward
-    hook takes the plain module instead."""
+    hook takes the plain module instead. So do accelerate's hooks (``device_map`` offloading to the CPU or disk):
+    they replace ``forward`` to bring the weights in from a meta tensor, and only a call runs them."""
     return bool(
-        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+        hasattr(module, "_hf_hook")
+        or module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
         or module._backward_pre_hooks or _module_hooks._global_forward_hooks
         or _module_hooks._global_forward_pre_hooks or _module_hooks._global_backward_hooks
         or _module_hooks._global_backward_pre_hooks
@@ -217,6 +219,7 @@ def _bn_eligible(bn: nn.Module, x: torch.Tensor) -> bool:
         and bn.running_mean is not None
         and _cpu_eager(x)
         and (bn.weight is None or bn.weight.dtype == x.dtype)
+        and bn.running_mean.device == x.device and (bn.weight is None or bn.weight.device == x.device)
         and x.shape[0] * x.shape[2] * x.shape[3] > 1
     )
 
@@ -766,6 +769,7 @@ def _dw_eligible(conv: nn.Module, x: torch.Tensor) -> bool:
         and conv.bias is None
         and conv.groups == conv.in_channels == conv.out_channels
         and _cpu_eager(x)
+        and conv.weight.device == x.device  # (never a meta tensor: the kernels read through pointers)
         and x.shape[1] == conv.in_channels
         and x.shape[3] >= 2
         and x.shape[2] * x.shape[3] >= DEPTHWISE_MIN_PLANE
