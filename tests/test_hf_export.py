@@ -198,6 +198,14 @@ def test_checkpoint_missing_weights_of_active_layers_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"miss \d+ parameters the config says exist.*layer1\.1\.attn.*a slim "
                                          r"checkpoint needs its skip mask"):  # not "another attention type"
         AutoModelForImageClassification.from_pretrained(out)
+    # weights lacking more than attention layers are not blamed on a lost mask
+    config = ElaConfig(architecture=ARCH, num_labels=2)
+    for state_dict in ({}, {k: v for k, v in ElaForImageClassification(config).state_dict().items()
+                            if not k.startswith("timm_model.layer3.")}):
+        with pytest.raises(ValueError, match=r"miss \d+ parameters the config says exist.* \d+ of them lie outside "
+                                             r"the attention layers: the weights are of another architecture") as err:
+            ElaForImageClassification.from_pretrained(None, config=config, state_dict=state_dict)
+        assert "slim" not in str(err.value)
 
 
 def test_config_and_weights_disagreeing_on_the_mask_is_an_error(tmp_path):

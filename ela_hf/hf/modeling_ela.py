@@ -343,13 +343,16 @@ class ElaPreTrainedModel(PreTrainedModel):
                     f"weights of another attention type (MRLA-B against MRLA-L) than architecture="
                     f"{self.config.architecture!r}; load them with the checkpoint's architecture."
                 )
-            elif attention:
+            elif attention and len(attention) == len(missing):
                 hint = (
                     " The config marks these attention layers active but the file has no weights for them: a slim "
                     "checkpoint needs its skip mask in config.json (model_args['skip_mask'])."
                 )
-            else:
-                hint = ""
+            else:  # (a slim file lacks attention weights only)
+                hint = (
+                    f" {len(missing) - len(attention)} of them lie outside the attention layers: the weights are "
+                    f"of another architecture or depth than {self.config.architecture!r}, or incomplete."
+                )
             raise ValueError(
                 f"the weights in {source} miss {len(missing)} parameters the config says exist, "
                 f"e.g. {missing[:4]}.{hint}"
