@@ -358,6 +358,68 @@ def test_a_window_with_nothing_left_to_prune_says_so(tmp_path, caplog):
     assert callback.history[0]["layers"] == []
 
 
+@pytest.fixture
+def callback_logger():
+    """The callback's logger, put back as it was (a run with log_level= sets its level)."""
+    import logging
+
+    log = logging.getLogger("ela_hf.pruning.callback")
+    saved = log.level, list(log.handlers), log.propagate
+    yield log
+    log.setLevel(saved[0])
+    log.handlers[:] = saved[1]
+    log.propagate = saved[2]
+
+
+def test_log_level_info_says_when_windows_open_and_what_each_decision_skipped(tmp_path, caplog, callback_logger):
+    # the callback only ever warned: a window's opening and a decision showed up as ~3 log keys per layer in the
+    # printed dicts, or not at all where a restored callback ran after the printer
+    model = TinyElaClassifier()
+    callback = ElaPruningCallback(windows=[(1, 2), (3, 4)], window_unit="step",
+                                  selector=FixedCountSelector(1))
+    args = training_args(tmp_path, max_steps=4, log_level="info")
+    trainer = Trainer(model=model, args=args, train_dataset=RandomImages(n=16), callbacks=[callback])
+    with caplog.at_level("INFO"):
+        trainer.train()
+    lines = [r.getMessage() for r in caplog.records if r.name == "ela_hf.pruning.callback"]
+    opened = [m for m in lines if "opens: recording KL over" in m]
+    decided = [m for m in lines if " decided at step " in m]
+    assert len(opened) == 2 and "pruning window 1 (steps 1-2) opens: recording KL over 3 skippable" in opened[0]
+    assert "over 2 skippable" in opened[1]  # one skipped after the first window
+    assert len(decided) == 2 and "window 1 decided at step 2: skips backbone.layer" in decided[0]
+    first = callback.history[0]["skipped_now"][0]
+    assert f"skips {first};" in decided[0] and "1 attention layer skipped in all" in decided[0]
+    assert "2 attention layers skipped in all" in decided[1]
+    # without log_level the level is the user's logging configuration's (here WARNING): no info lines
+    caplog.clear()
+    callback_logger.setLevel("NOTSET")
+    trainer = Trainer(model=TinyElaClassifier(), args=training_args(tmp_path / "quiet", max_steps=2),
+                      train_dataset=RandomImages(n=16),
+                      callbacks=[ElaPruningCallback(windows=[(1, 2)], window_unit="step")])
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    assert not [r for r in caplog.records if r.name == "ela_hf.pruning.callback"]
+
+
+def test_report_to_integrations_that_would_miss_the_pruning_values_are_named(tmp_path, caplog):
+    args = training_args(tmp_path, max_steps=1)
+    args.report_to = ["tensorboard"]  # (not installed here: the Trainer would refuse the argument)
+    callback = ElaPruningCallback(windows=[(1, 1)], window_unit="step")
+    trainer = Trainer(model=TinyElaClassifier(), args=training_args(tmp_path, max_steps=1),
+                      train_dataset=RandomImages(n=8), callbacks=[callback])
+    trainer.args = args
+    with caplog.at_level("WARNING", logger="ela_hf.pruning.callback"):
+        trainer.train()
+    assert "not the report_to integrations ['tensorboard'], which the Trainer calls first" in caplog.text
+    caplog.clear()
+    trainer = Trainer(model=TinyElaClassifier(), args=training_args(tmp_path / "none", max_steps=1),
+                      train_dataset=RandomImages(n=8), callbacks=[ElaPruningCallback(windows=[(1, 1)],
+                                                                                     window_unit="step")])
+    with caplog.at_level("WARNING", logger="ela_hf.pruning.callback"):
+        trainer.train()
+    assert "report_to" not in caplog.text
+
+
 def test_model_without_layer_attention_raises_at_train_begin(tmp_path):
     class Plain(TinyElaClassifier):
         def __init__(self):

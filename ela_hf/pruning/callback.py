@@ -138,6 +138,21 @@ class _MainProcessOnly(std_logging.Filter):
 logger.addFilter(_MainProcessOnly())
 
 
+def _follow_trainer_log_level(args) -> None:
+    """``TrainingArguments(log_level=...)`` (and ``log_level_replica``) set the callback's level as they set the
+    Trainer's: ``log_level="info"`` shows when windows open and what each decision skipped. Where nothing else
+    would print those lines (no handler on the root logger), they go to stderr as transformers' own do."""
+    if getattr(args, "log_level", "passive") in (None, "passive") or not hasattr(args, "get_process_log_level"):
+        return
+    level = args.get_process_log_level()
+    logger.setLevel(level)
+    if level <= std_logging.INFO and not logger.handlers and not std_logging.getLogger().handlers:
+        handler = std_logging.StreamHandler()
+        handler.setFormatter(std_logging.Formatter("[%(levelname)s|%(name)s] %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
 def _warn(message: str) -> None:
     """``warnings.warn`` on rank 0 only, for the same reason."""
     if _world()[0] == 0:
@@ -353,6 +368,12 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         set_kl_recording(model, True)
         self._open = idx
         self._snapshot = None
+        start, end = self.windows[idx]
+        logger.info(
+            "ElaPruningCallback: pruning window %d (%ss %d-%d) opens: recording KL over %d skippable attention "
+            "layer%s%s", idx + 1, self.window_unit, start, end, n, "" if n == 1 else "s",
+            " (with the statistics of its steps before the resume)" if carried is not None else "",
+        )
 
     def _close_window(self) -> None:
         set_kl_recording(self._model, False)
@@ -384,6 +405,17 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         self._close_window()
         metrics = self._log_metrics(record)
         self._pending_logs = {"step": state.global_step, "epoch": state.epoch, "metrics": metrics}
+        if logger.isEnabledFor(std_logging.INFO):
+            skipped_now, quantile = record["skipped_now"], record["quantile"]
+            logger.info(
+                "ElaPruningCallback: window %d decided at step %d: skips %s%s; %d attention layer%s skipped in all, "
+                "active per stage %s", idx + 1, state.global_step,
+                ", ".join(skipped_now) if skipped_now else "no layer",
+                "" if quantile is None else f" (EBQM quantile {quantile:.4g})",
+                sum(sum(stage) for stage in record["skip_mask"]),
+                "" if sum(sum(stage) for stage in record["skip_mask"]) == 1 else "s",
+                record["active_layers_per_stage"],
+            )
         if state.is_world_process_zero:
             self._write_history()
 
@@ -476,6 +508,15 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
             # looks its entry up (a KeyError at the first save otherwise)
             state.stateful_callbacks.setdefault(type(self).__name__, self.state())
         self._model = model
+        _follow_trainer_log_level(args)
+        reporters = [r for r in (getattr(args, "report_to", None) or []) if r != "none"]
+        if reporters:
+            logger.warning(
+                "ElaPruningCallback: the pruning values (%s/...) reach trainer.state.log_history and the callbacks "
+                "after this one, but not the report_to integrations %s, which the Trainer calls first; to plot "
+                "them, use report_to='none' and callbacks=[this callback, <the integration's callback>()] (e.g. "
+                "transformers.integrations.TensorBoardCallback).", LOG_PREFIX, reporters,
+            )
         self._epochs_ended = int(math.floor(state.epoch or 0.0))
         self._names = {id(m): name for name, m in model.named_modules()}
         list(attention_layers(model))  # ValueError when the model has no layer-attention stages
