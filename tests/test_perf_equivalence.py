@@ -1085,6 +1085,83 @@ def test_hooks_on_the_attention_layers_inner_modules_see_them_run(attn_type, mon
     _assert_same(got, want, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("trainable", [("layer1.2.", "layer2.1."), ("layer1.3.",), ("layer1.1.", "layer1.3.", "fc")])
+def test_a_stage_whose_first_blocks_are_frozen_gets_exact_gradients(trainable, monkeypatch):
+    # fine-tuning a stage's last blocks only: the frozen blocks took the no-grad branch, which kept no attention
+    # weights for the later layers' backward (IndexError, or another layer's weights)
+    _kernels_everywhere(monkeypatch)
+    model = _tiny("mrla_b").double().train()
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(trainable))
+    x = torch.randn(3, 3, 12, 12, dtype=torch.float64)
+    reference = copy.deepcopy(model)
+    for _ in range(2):  # (the second step reuses the pooled buffers the first gave back)
+        model.zero_grad()
+        reference.zero_grad()
+        _loss(model(x)).backward()
+        with ela_hf.layers.plain_autograd():
+            _loss(reference(x)).backward()
+        got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        want = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+        assert got.keys() == want.keys() and got
+        assert all(n.startswith(trainable) for n in got)
+        for n in want:
+            torch.testing.assert_close(got[n], want[n], rtol=1e-9, atol=1e-10, msg=lambda m: f"{n}: {m}")
+        assert all(g.abs().max() > 0 for n, g in got.items() if ".attn.w" in n)  # attention weights learn
+
+
+_FAKE_RUN = """
+import sys, torch, ela_hf
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from ela_hf.layers import fast_ops
+from ela_hf.models import LayerAttentionResNet
+for name in ("DEPTHWISE_MIN_PLANE", "TAIL_MIN_PLANE", "LIGHT_MIN_PLANE"):
+    setattr(fast_ops, name, 0)
+with FakeTensorMode():
+    model = LayerAttentionResNet(layers=(3, 2), channels=(16, 32), stem_type="cifar", stem_width=16,
+                                 attn_type=sys.argv[1], dim_per_head=16, num_classes=5).train()
+    out = model(torch.randn(2, 3, 12, 12))
+    out.sum().backward()
+    assert isinstance(out, FakeTensor) and out.shape == (2, 5), (type(out), out.shape)
+    assert model.layer1[1].attn.wv.weight.grad.shape == model.layer1[1].attn.wv.weight.shape
+print("fake ok")
+"""
+
+
+@pytest.mark.parametrize("attn_type", ["mrla_b", "mrla_l"])
+def test_fake_meta_subclass_and_batched_gradient_inputs_take_the_plain_ops(attn_type, monkeypatch):
+    # the kernels read memory: under FakeTensorMode the process crashed (a fake tensor's pointer), a meta-device
+    # MRLA-B failed ("unsupported scalarType"), a tensor subclass came out as a plain tensor, and batched
+    # gradients failed with "Cannot access data pointer" (nothing pointing at plain_autograd)
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _FAKE_RUN, attn_type], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "fake ok" in run.stdout, (run.returncode, run.stderr[-2000:])
+    _kernels_everywhere(monkeypatch)
+    meta = _tiny(attn_type).to_empty(device="meta").train()
+    assert meta(torch.empty(2, 3, 12, 12, device="meta")).shape == (2, 5)
+
+    class Tagged(torch.Tensor):
+        pass
+
+    model = _tiny(attn_type).double().eval()
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    out = model(x.as_subclass(Tagged))
+    assert type(out) is Tagged
+    torch.testing.assert_close(out.as_subclass(torch.Tensor), model(x), rtol=1e-9, atol=1e-10)
+    # per-class input gradients in one batched call: a clear error on the kernels, right under plain_autograd
+    rows = torch.eye(5, dtype=torch.float64)[:, None].expand(5, 2, 5)
+    xg = x.clone().requires_grad_(True)
+    with pytest.raises(RuntimeError, match=r"has none .*is_grads_batched=True.*plain_autograd"):
+        torch.autograd.grad(model(xg), xg, rows, is_grads_batched=True)
+    with ela_hf.layers.plain_autograd():
+        batched, = torch.autograd.grad(model(xg), xg, rows, is_grads_batched=True)
+    for k in range(5):
+        want, = torch.autograd.grad(model(xg)[:, k].sum(), xg)
+        torch.testing.assert_close(batched[k], want, rtol=1e-9, atol=1e-10)
+
+
 @pytest.mark.parametrize("attn_type", ["mrla_b", "mrla_l"])
 def test_hooked_or_wrapped_query_key_convs_run_as_modules(attn_type, monkeypatch):
     # Q and K were read from wq.weight / wk.weight on every path: hooks on them never fired, a hook or a

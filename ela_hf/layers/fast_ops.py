@@ -63,6 +63,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.nn.modules import module as _module_hooks
 
 __all__ = [
@@ -171,8 +172,14 @@ def plain_autograd():
 
 def plain_autograd_enabled() -> bool:
     """Inside :func:`plain_autograd`, or a ``torch.func`` transform (grad, vmap, jacrev: they cannot see into
-    the kernels or the custom autograd functions either)."""
-    return _plain_depth > 0 or torch._C._are_functorch_transforms_active()
+    the kernels or the custom autograd functions either), or a ``FakeTensorMode`` (fake tensors have no memory
+    for the kernels to read: shape propagation and memory estimates take PyTorch's ops)."""
+    return _plain_depth > 0 or torch._C._are_functorch_transforms_active() or _fake_mode_active()
+
+
+def _fake_mode_active() -> bool:
+    get, key = getattr(torch._C, "_get_dispatch_mode", None), getattr(torch._C, "_TorchDispatchModeKey", None)
+    return get is not None and key is not None and get(key.FAKE) is not None
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -203,7 +210,8 @@ def _fast_mode() -> bool:
 
 def _cpu_eager(x: torch.Tensor) -> bool:
     return (
-        x.device.type == "cpu"
+        type(x) is torch.Tensor  # (not a subclass: it would come out as a plain tensor; not a fake tensor)
+        and x.device.type == "cpu"
         and x.dim() == 4
         and x.dtype in (torch.float32, torch.float64)
         and x.is_contiguous()
@@ -544,7 +552,21 @@ def _kernel(name: str, dtype: torch.dtype):
 
 
 def _ptr(t: Optional[torch.Tensor]):
-    return None if t is None else t.data_ptr()
+    if t is None:
+        return None
+    if isinstance(t, FakeTensor):  # (its data_ptr only warns: the kernel would read address 0)
+        raise RuntimeError(_NO_STORAGE)
+    try:
+        return t.data_ptr()
+    except RuntimeError as err:  # batched gradients: is_grads_batched, jacobian(vectorize=True)
+        raise RuntimeError(f"{_NO_STORAGE} ({err})") from None
+
+
+_NO_STORAGE = (
+    "ela_hf's C++ kernels read tensors' memory, and this one has none (a fake tensor, or a batched gradient of "
+    "torch.autograd.grad(..., is_grads_batched=True) / torch.autograd.functional.jacobian(..., vectorize=True)); "
+    "run the model's forward inside `with ela_hf.layers.plain_autograd():` (PyTorch's own ops throughout)"
+)
 
 
 class _FusedTail(torch.autograd.Function):

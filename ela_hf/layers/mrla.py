@@ -150,6 +150,7 @@ class _StageValueBuffer:
         self._like: Optional[torch.Tensor] = None  # an empty tensor of the values' dtype and device
         self.count = 0
         self.attn: List[torch.Tensor] = []  # detached A_t, [B, heads, t+1] (for dL/dV of earlier layers)
+        self.first_graph: Optional[int] = None  # the first layer with an autograd node (earlier ones frozen)
         self.has_graph = False  # an autograd node saved the buffer
         self._pooled: List[torch.Tensor] = []  # buffers to hand back to the pool when nothing reads them
         # backward state, per graph task (a new backward pass starts afresh)
@@ -516,6 +517,8 @@ class _AttendOverStageValues(torch.autograd.Function):
             weights = attn.detach().to(buffer.dtype)
             cache.attn.append(weights)
             out = cache.from_slot(_weighted_slot_sum(weights.flatten(0, 1), buffer[: t + 1]))
+            if cache.first_graph is None:
+                cache.first_graph = t
         # a view, not the buffer itself: each saved view holds a storage reference, which is how the
         # pool knows when autograd has let go of the buffer
         # (attn too: a create_graph backward ties the gradients to it, see first_order_only)
@@ -552,7 +555,7 @@ class _AttendOverStageValues(torch.autograd.Function):
                 weights = torch.stack([cache.attn[u][..., t] for u in range(t, cache.count)], dim=-1)
                 grad_v = cache.from_slot(_weighted_slot_sum(weights.flatten(0, 1), cache.grad_out[t:]))
                 grad_v = grad_v.to(ctx.v_dtype)
-        if t == 0:
+        if t == cache.first_graph:  # (layers before it, frozen, have no node)
             cache.end_backward()
         return grad_attn, grad_v, None
 
@@ -868,6 +871,10 @@ class MrlaBase(_LayerAttentionBase):
                 "MrlaBase: pre_act and sc go together (the block's final activation and the shortcut of its "
                 "residual sum; MRLA-B itself does not use the shortcut)"
             )
+        if state.plain is None and (type(y) is not torch.Tensor or y.device.type == "meta"):
+            # a tensor subclass (a fake tensor among them) or the meta device: the plain formulation, which keeps
+            # the subclass and needs no memory (the stage buffer writes into real slots)
+            state.plain = True
         # on the CPU kernel the conv writes V straight into the stage buffer's next slot (no copy)
         slot = None
         if _dw_eligible(self.wv, y) and not self._plain_attention(state):
@@ -921,6 +928,9 @@ class MrlaBase(_LayerAttentionBase):
             grad_into = cache.grad_destination(cache.count - 1)
         else:
             t = cache.append(v)
+            # (kept for the later layers' backward, where this layer's inputs need no gradient but theirs do:
+            # the stage's first blocks frozen)
+            cache.attn.append(attn.detach().to(cache.buffer.dtype))
             o = cache.from_slot(_weighted_slot_sum(attn.to(v.dtype).flatten(0, 1), cache.buffer[: t + 1]))
         state.values.append(cache.per_head(cache.buffer[cache.count - 1]))
         return o, grad_into
