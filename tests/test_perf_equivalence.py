@@ -1040,6 +1040,35 @@ def test_double_backward_is_refused_on_the_fast_paths_and_exact_under_plain_auto
     assert not ela_hf.layers.fast_ops.plain_autograd_enabled()  # the context closed
 
 
+@pytest.mark.skipif(fast_ops.cpu_kernels() is None, reason="the fused tails are C++ kernels")
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("parameter", ["lam", "wv"])
+def test_a_second_derivative_in_a_layers_own_parameters_is_refused_not_zero(parameter, fused, monkeypatch):
+    # lam and wv were saved reshaped / detached by the fused tails: with a loss linear in the logits the second
+    # derivative in them came out 0 (plain: non-zero), and with only lam trainable the gradient carried no graph
+    _kernels_everywhere(monkeypatch)
+    monkeypatch.setattr(fast_ops, "FUSED_LIGHT_LAYER", fused)
+    model = _tiny("mrla_l").double().train()
+    x = torch.randn(3, 3, 12, 12, dtype=torch.float64)
+    last = model.layer2[2].attn  # (the last block: nothing after it but the head, linear in its output)
+    p = last.lam if parameter == "lam" else last.wv.weight
+
+    def second(m):
+        g, = torch.autograd.grad(m(x)[0, 3], p, create_graph=True)
+        return torch.autograd.grad(g.sum(), p, materialize_grads=True)[0]
+
+    with ela_hf.layers.plain_autograd():
+        assert second(model).abs().max() > 0  # the true second derivative is not zero
+    with pytest.raises(RuntimeError, match=r"first-order gradients only"):
+        second(model)
+    for q in model.parameters():  # only this parameter trainable: a penalty on its gradient still refuses
+        q.requires_grad_(q is p)
+    g, = torch.autograd.grad(_loss(model(x)), p, create_graph=True)
+    assert g.requires_grad
+    with pytest.raises(RuntimeError, match=r"first-order gradients only"):
+        (_loss(model(x)) + g.square().sum()).backward()
+
+
 @pytest.mark.parametrize("attn_type", ["mrla_b", "mrla_l"])
 def test_hooks_on_the_attention_layers_inner_modules_see_them_run(attn_type, monkeypatch):
     # the kernels read wv's and bn's weights directly: hooks on them never fired, and torch.nn.utils.prune

@@ -611,8 +611,10 @@ class _FusedTail(torch.autograd.Function):
             _ptr(v), _ptr(sc), _ptr(y), _ptr(coef_a), _ptr(coef_b), _ptr(coef_s), _ptr(centres), _ptr(out),
             n, c, hw, int(relu), nt,
         )
+        # (gate and lam themselves too: reshaped here they would not require grad, and first_order_only needs
+        # every differentiable input among the saved tensors to refuse a second-order pass through them)
         ctx.save_for_backward(
-            v, sc, a, l, weight, mean.to(dt), invstd.to(dt), scale.to(dt), coef_a, coef_b, coef_s, centres
+            v, sc, a, l, weight, mean.to(dt), invstd.to(dt), scale.to(dt), coef_a, coef_b, coef_s, centres, gate, lam
         )
         ctx.relu, ctx.training, ctx.grad_into = relu, bn.training, grad_into
         return out
@@ -620,7 +622,7 @@ class _FusedTail(torch.autograd.Function):
     @staticmethod
     @first_order_only
     def backward(ctx, grad_out):
-        v, sc, a, l, weight, mean, invstd, scale, coef_a, coef_b, coef_s, centres = ctx.saved_tensors
+        v, sc, a, l, weight, mean, invstd, scale, coef_a, coef_b, coef_s, centres, _, _ = ctx.saved_tensors
         need = ctx.needs_input_grad
         g = grad_out.contiguous()
         n, c, h, w = v.shape
@@ -1082,7 +1084,8 @@ class _FusedLight(torch.autograd.Function):
         _kernel("light_fwd_apply", dt)(
             _ptr(y), _ptr(sc), _ptr(wc), _ptr(coef_a), _ptr(coef_b), _ptr(coef_s), _ptr(out), n, c, h, w, nt
         )
-        ctx.save_for_backward(y, sc, wc, g, gate, a, l, mean, invstd, scale, mom, *gate_params)
+        # (wv and lam themselves last: detached above, first_order_only needs them among the saved tensors)
+        ctx.save_for_backward(y, sc, wc, g, gate, a, l, mean, invstd, scale, mom, *gate_params, wv, lam)
         ctx.gate_fn, ctx.gate_grad, ctx.heads = gate_fn, gate_grad, heads
         ctx.training, ctx.n_gate = training, len(gate_params)
         ctx.pre_relu = pre_relu
@@ -1092,7 +1095,7 @@ class _FusedLight(torch.autograd.Function):
     @staticmethod
     @first_order_only
     def backward(ctx, grad_out, _grad_gate):
-        y, sc, wc, g, gate, a, l, mean, invstd, scale, mom, *gate_params = ctx.saved_tensors
+        y, sc, wc, g, gate, a, l, mean, invstd, scale, mom, *gate_params, _, _ = ctx.saved_tensors
         need = ctx.needs_input_grad
         n, c, h, w = y.shape
         hw, m, dt, nt = h * w, y.shape[0] * h * w, y.dtype, torch.get_num_threads()
