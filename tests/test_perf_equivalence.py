@@ -1040,6 +1040,23 @@ def test_double_backward_is_refused_on_the_fast_paths_and_exact_under_plain_auto
     assert not ela_hf.layers.fast_ops.plain_autograd_enabled()  # the context closed
 
 
+@pytest.mark.parametrize("attn_type", ["mrla_b", "mrla_l"])
+def test_a_nan_in_the_batch_reaches_the_running_statistics_as_in_pytorch(attn_type, monkeypatch):
+    # the tail's variance kernel clamped with `v > 0 ? v : 0`, which turned a NaN variance into 0: the attention
+    # BatchNorms' running_var stayed finite while running_mean and every nn.BatchNorm2d went NaN
+    _kernels_everywhere(monkeypatch)
+    x = torch.randn(2, 3, 12, 12)
+    x[1, 0, 3, 3] = float("nan")
+    fast, plain = _tiny(attn_type).train(), _tiny(attn_type).train()
+    fast(x)
+    with ela_hf.layers.plain_autograd():
+        plain(x)
+    for (name, a), b in zip(fast.named_buffers(), plain.buffers()):
+        if "running" in name:
+            assert torch.equal(a.isnan(), b.isnan()), name
+    assert fast.layer1[1].attn.bn.running_var.isnan().all()
+
+
 @pytest.mark.skipif(fast_ops.cpu_kernels() is None, reason="the fused tails are C++ kernels")
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("parameter", ["lam", "wv"])

@@ -171,7 +171,7 @@ void stats(const T* v, const T* sc, const T* a, const T* l, int64_t N, int64_t C
     const double m = s1[c] / (double)(N * HW);
     const double vr = s2[c] / (double)(N * HW) - m * m;
     mean[c] = m + shift[c];
-    var[c] = vr > 0 ? vr : 0;
+    var[c] = vr < 0 ? 0 : vr;  // (a NaN stays NaN, as in nn.BatchNorm2d)
   }
 }
 
