@@ -174,7 +174,11 @@ def plain_autograd_enabled() -> bool:
     """Inside :func:`plain_autograd`, or a ``torch.func`` transform (grad, vmap, jacrev: they cannot see into
     the kernels or the custom autograd functions either), or a ``FakeTensorMode`` (fake tensors have no memory
     for the kernels to read: shape propagation and memory estimates take PyTorch's ops)."""
-    return _plain_depth > 0 or torch._C._are_functorch_transforms_active() or _fake_mode_active()
+    return (
+        _plain_depth > 0 or torch._C._are_functorch_transforms_active()
+        # (not while compiling: graph capture runs in a fake mode of its own, and the query would break the graph)
+        or (not torch.compiler.is_compiling() and _fake_mode_active())
+    )
 
 
 def _fake_mode_active() -> bool:
