@@ -821,3 +821,20 @@ def test_drop_path_on_a_plain_resnet_is_said_to_do_nothing():
         warnings.simplefilter("error")
         timm.create_model("resnet20_cifar")
         timm.create_model("ela_resnet20_cifar", drop_path_rate=0.9)
+
+
+def test_an_mrla_b_block_run_outside_its_stage_warns():
+    # nn.Sequential(*model.layer2) or a loop over the blocks gives each block a fresh stage state: the later
+    # blocks attend to no earlier layer and the output differs from the network's, silently
+    model = timm.create_model("ela_resnet20_cifar").eval()
+    x = torch.randn(2, 64, 16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        whole = model.layer2(x)  # a stage: no warning
+        model.layer2[0](x)  # a stage's first block on its own is the stage's start
+        timm.create_model("ela_l_resnet20_cifar").eval().layer2[1](whole)  # MRLA-L reads the shortcut only
+    with pytest.warns(UserWarning, match=r"block 1 of its stage\) ran on its own.*nn.Sequential"):
+        h = x
+        for blk in model.layer2:
+            h = blk(h)
+    assert (h - whole).abs().max() > 1e-4  # (what the warning is about)

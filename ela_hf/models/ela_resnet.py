@@ -143,6 +143,13 @@ class _LayerAttentionBlockMixin:
         if self._skip:
             return self._final_act(y + sc)
         if state is None:
+            if self.attn_type == "mrla_b" and getattr(self, "_position_in_stage", 0) > 0:
+                warnings.warn(
+                    f"an MRLA-B block (block {self._position_in_stage} of its stage) ran on its own, outside its "
+                    "LayerAttentionStage: it attends to no earlier layer of the stage, so its output differs from "
+                    "the network's; run the whole stage (model.layer2(x), not its blocks one by one or "
+                    "nn.Sequential(*model.layer2))", stacklevel=2,
+                )
             state = StageState()
         # the residual sum and the final activation go in with the layer: its CPU kernels apply a ReLU
         # themselves (MrlaLight.forward, MrlaBase.forward)
@@ -222,6 +229,7 @@ class LayerAttentionStage(nn.Module):
         super().__init__()
         for i, blk in enumerate(blocks):
             self.add_module(str(i), blk)
+            blk._position_in_stage = i  # (a later block run on its own attends to no earlier layer: it warns)
 
     def __iter__(self) -> Iterator[nn.Module]:
         return iter(self._modules.values())
