@@ -122,6 +122,8 @@ def test_trainer_run_with_step_windows_prunes_logs_and_writes_history(tmp_path):
             assert e[f"ela_pruning/skip/{layer['name']}"] == float(layer["skip"])
         for i, n in enumerate(h["active_layers_per_stage"]):
             assert e[f"ela_pruning/active_layers/stage{i}"] == n
+        assert h["quantile"] is not None and e["ela_pruning/quantile"] == h["quantile"]
+        assert e["ela_pruning/samples"] == 16
     # and callbacks after this one (progress printers, loggers placed after it) receive them
     assert [pruning_keys(e) for e in catcher.logs if pruning_keys(e)] == [pruning_keys(e) for e in entries]
 
@@ -819,3 +821,58 @@ def test_ddp_checkpointing_check_applies_to_ddp_only(monkeypatch):
     callback._check_ddp(args(deepspeed="ds.json"), model)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     callback._check_ddp(args(), model)
+
+
+# ------------------------------------------------------------------------------------------------
+# a custom selector is tried once at train begin
+class _CountingSelector(ela_hf.pruning.LayerSelector):
+    """Skips the first layer it is shown, and counts its calls (a selector with state of its own)."""
+
+    name = "test_counting"
+
+    def __init__(self, broken: str = ""):
+        self.broken = broken
+        self.calls = 0
+
+    def explain(self, d):
+        self.calls += 1
+        n = len(d)
+        if self.broken == "raise":
+            raise KeyError("layer2")
+        if self.broken == "length":
+            return ela_hf.pruning.Selection([True], [True], [None])
+        skip = [k == 0 for k in range(n)]
+        return ela_hf.pruning.Selection(skip, [True] * n, [None] * n)
+
+
+@pytest.mark.parametrize("broken, message", [("raise", "KeyError: 'layer2'"), ("length", "one entry per layer")])
+def test_a_custom_selector_that_would_fail_its_first_decision_fails_at_train_begin(tmp_path, broken, message):
+    model = TinyElaClassifier()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    callback = ElaPruningCallback(windows=[(2, 3)], window_unit="step", selector=_CountingSelector(broken))
+    trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=RandomImages(n=32), callbacks=[callback])
+    with pytest.raises(ValueError, match=f"failed a dry run at train begin.*3 candidate layers.*{message}"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no step was trained before the error
+    assert callback.selector.calls == 0  # the dry run used a copy
+
+
+def test_the_dry_run_leaves_a_selectors_own_state_alone(tmp_path):
+    import threading
+
+    selector = _CountingSelector()
+    callback = ElaPruningCallback(windows=[(2, 3), (5, 6)], window_unit="step", selector=selector)
+    Trainer(model=TinyElaClassifier(), args=training_args(tmp_path), train_dataset=RandomImages(n=32),
+            callbacks=[callback]).train()
+    assert selector.calls == 2 and [h["skipped_now"] for h in callback.history] == [
+        ["backbone.layer1.1"], ["backbone.layer2.1"]]
+
+    # one that cannot be copied is not tried, and trains as before
+    locked = _CountingSelector()
+    locked.lock = threading.Lock()
+    callback = ElaPruningCallback(windows=[(2, 3)], window_unit="step", selector=locked)
+    Trainer(model=TinyElaClassifier(), args=training_args(tmp_path / "locked"), train_dataset=RandomImages(n=32),
+            callbacks=[callback]).train()
+    assert locked.calls == 1 and callback.history[0]["skipped_now"] == ["backbone.layer1.1"]

@@ -21,6 +21,7 @@ How the per-rank statistics stay exact:
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging as std_logging
 import math
@@ -47,6 +48,7 @@ from ..models.attention_tools import (
     set_skip_mask,
 )
 from .decision import (
+    _checked_selection,
     apply_decision,
     as_selector,
     candidate_layers,
@@ -442,6 +444,11 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         for i, n in enumerate(record["active_layers_per_stage"]):
             metrics[f"{LOG_PREFIX}/active_layers/stage{i}"] = float(n)
         metrics[f"{LOG_PREFIX}/skipped_layers"] = float(sum(sum(s) for s in record["skip_mask"]))
+        if record["quantile"] is not None:
+            metrics[f"{LOG_PREFIX}/quantile"] = record["quantile"]
+        if record["layers"]:
+            # every layer normally sees every image: the fewest shows a layer that recorded little or nothing
+            metrics[f"{LOG_PREFIX}/samples"] = float(min(e["samples"] for e in record["layers"]))
         return metrics
 
     def _write_history(self) -> None:
@@ -524,6 +531,7 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         self._check_epochs_exist(kwargs.get("train_dataloader"))
         self._check_training_length(state)
         self._check_ddp(args, model)
+        self._check_selector_runs(model)
         self.steps_per_epoch = _update_steps_per_epoch(kwargs.get("train_dataloader"), args)
         if state.global_step > 0 and self._restore(state):
             self._reapply_history()
@@ -547,6 +555,29 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
                 "pruning decision, the model restored at the end runs the attention layers skipped after it."
             )
         return control
+
+    def _check_selector_runs(self, model) -> None:
+        """A dry run of the selector on made-up ``d_t`` values (one per candidate layer, all different) at train
+        begin, so that a custom selector that raises or answers malformed selections fails now, not at the end of
+        the first window, hours into the run. It runs on a copy: a selector that counts its calls or keeps earlier
+        decisions is left as it was (one that cannot be copied is not tried)."""
+        n = len(candidate_layers(model))
+        if n == 0:
+            return
+        try:
+            selector = copy.deepcopy(self.selector)
+        except Exception:  # noqa: BLE001 - locks, open files, ...: no dry run then
+            logger.debug("ElaPruningCallback: the selector cannot be copied; no dry run at train begin")
+            return
+        made_up = [0.05 * (k + 1) for k in range(n)]
+        try:
+            _checked_selection(selector, selector.explain(made_up), n)
+        except Exception as e:
+            raise ValueError(
+                f"ElaPruningCallback: the selector {self.selector!r} failed a dry run at train begin on made-up "
+                f"d_t values for the model's {n} candidate layers ({type(e).__name__}: {e}); it would fail the same "
+                "way at the end of the first pruning window"
+            ) from e
 
     def _check_not_rebuilt_differently(self, args, state, model) -> None:
         """With ``restore_callback_states_from_checkpoint=True`` the Trainer replaces the callback it was
