@@ -129,6 +129,33 @@ def test_forward_outputs_loss_and_hidden_states(images):
     assert not hasattr(backbone.timm_model.fc, "weight"), "the base model has no classifier"
 
 
+def test_hidden_states_can_be_selected_by_index_as_in_transformers(images):
+    """transformers 5 lets output_hidden_states be an index or a list of indices: the tuple keeps its positions,
+    with None for the hidden states left out (negative indices count from the end, out of range selects nothing)."""
+    from ela_hf import ElaBackbone
+
+    torch.manual_seed(0)
+    config = ElaConfig(architecture=ARCH, num_labels=4, out_features=["stage2", "stage3"])
+    models = [cls(config).eval() for cls in (ElaForImageClassification, ElaModel)]
+    models.append(ElaBackbone(config).eval())
+    for model in models:
+        everything = model(images, output_hidden_states=True).hidden_states
+        assert len(everything) == 4 and all(h is not None for h in everything)
+        for selection, kept in (([1, -1], {1, 3}), (2, {2}), ((0, 7), {0}), ([-4], {0})):
+            out = model(images, output_hidden_states=selection)
+            assert len(out.hidden_states) == 4
+            assert {i for i, h in enumerate(out.hidden_states) if h is not None} == kept
+            for i in kept:
+                assert torch.equal(out.hidden_states[i], everything[i])
+        as_tuple = model(images, output_hidden_states=[3], return_dict=False)
+        assert as_tuple[-1][:3] == (None, None, None) and torch.equal(as_tuple[-1][3], everything[3])
+        for wrong in (["stage2"], 1.5, [True]):
+            with pytest.raises(ValueError, match="output_hidden_states must be True/False, a hidden-state index"):
+                model(images, output_hidden_states=wrong)
+    backbone = models[2]
+    assert [f.shape[1] for f in backbone(images, output_hidden_states=[0]).feature_maps] == [128, 256]
+
+
 def test_wrong_channel_count_is_a_clear_error(images):
     model = ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=2))
     with pytest.raises(ValueError, match="pixel_values has 1 channels but this model expects 3"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import re
 import shutil
@@ -69,6 +70,33 @@ def _under_prefix(matcher: Any, prefix: str) -> Any:
     if isinstance(matcher, (list, tuple)):
         return type(matcher)(_under_prefix(v, prefix) if isinstance(v, (str, list, tuple)) else v for v in matcher)
     return matcher
+
+
+def _selected_hidden_states(output_hidden_states: Any) -> list[int] | None:
+    """The hidden-state indices ``output_hidden_states`` selects (transformers 5: an index or a list of them,
+    negative ones counted from the end), or None when it is a flag; anything else is refused by name."""
+    if output_hidden_states is None or isinstance(output_hidden_states, bool):
+        return None
+    if isinstance(output_hidden_states, numbers.Integral):
+        return [int(output_hidden_states)]
+    if isinstance(output_hidden_states, (list, tuple)) and all(
+        isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in output_hidden_states
+    ):
+        return [int(i) for i in output_hidden_states]
+    raise ValueError(
+        "output_hidden_states must be True/False, a hidden-state index or a list of indices (0 = the stem, "
+        f"i = stage i; negative ones count from the end), got {output_hidden_states!r}"
+    )
+
+
+def _keep_selected(hidden_states: tuple, selected: list[int] | None) -> tuple:
+    """All hidden states, with None in place of those ``selected`` leaves out (transformers' convention: the
+    positions stay those of the full tuple; indices out of range select nothing)."""
+    if selected is None:
+        return hidden_states
+    n = len(hidden_states)
+    keep = {i % n for i in selected if -n <= i < n}
+    return tuple(h if i in keep else None for i, h in enumerate(hidden_states))
 
 
 class ElaPreTrainedModel(PreTrainedModel):
@@ -225,9 +253,10 @@ class ElaPreTrainedModel(PreTrainedModel):
         pixel_values = self._check_pixel_values(pixel_values)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
+        selected = _selected_hidden_states(output_hidden_states)
         if output_hidden_states:
             features, intermediates = self.timm_model.forward_intermediates(pixel_values)
-            return features, tuple(intermediates)
+            return features, _keep_selected(tuple(intermediates), selected)
         return self.timm_model.forward_features(pixel_values), None
 
     def _check_pixel_values(self, pixel_values: torch.Tensor | None) -> torch.Tensor:
@@ -707,8 +736,9 @@ class ElaModel(ElaPreTrainedModel):
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
             Images, normalised as the image processor does (`ElaImageProcessor`).
-        output_hidden_states (`bool`, *optional*):
-            Also return the stem output and every stage's output (timm's `forward_intermediates`).
+        output_hidden_states (`bool`, `int` or `list[int]`, *optional*):
+            Also return the stem output and every stage's output (timm's `forward_intermediates`); an index or a
+            list of indices keeps only those (None in the other positions, as in transformers).
         """
         last_hidden_state, hidden_states = self._forward_features(pixel_values, output_hidden_states)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
@@ -747,8 +777,9 @@ class ElaForImageClassification(ElaPreTrainedModel):
         labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             Class indices in `[0, config.num_labels)`; cross-entropy (or MSE when `num_labels == 1`, BCE for
             `problem_type="multi_label_classification"`), as in transformers' other image classifiers.
-        output_hidden_states (`bool`, *optional*):
-            Also return the stem output and every stage's output.
+        output_hidden_states (`bool`, `int` or `list[int]`, *optional*):
+            Also return the stem output and every stage's output; an index or a list of indices keeps only those
+            (None in the other positions).
         """
         features, hidden_states = self._forward_features(pixel_values, output_hidden_states)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
@@ -788,8 +819,9 @@ class ElaBackbone(BackboneMixin, ElaPreTrainedModel):
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
             Images, normalised as the image processor does.
-        output_hidden_states (`bool`, *optional*):
-            Also return every feature map (stem and all stages), not only the selected ones.
+        output_hidden_states (`bool`, `int` or `list[int]`, *optional*):
+            Also return every feature map (stem and all stages), not only the selected ones; an index or a list of
+            indices keeps only those (None in the other positions).
         """
         if output_attentions:
             raise ValueError("ELA backbones have no attention maps to return (output_attentions)")
@@ -798,9 +830,11 @@ class ElaBackbone(BackboneMixin, ElaPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        selected = _selected_hidden_states(output_hidden_states)
         if output_hidden_states:
             hidden_states = tuple(self.timm_model.forward_intermediates(pixel_values, intermediates_only=True))
             feature_maps = tuple(hidden_states[i] for i in self.out_indices)
+            hidden_states = _keep_selected(hidden_states, selected)
         else:
             hidden_states = None
             # later stages are not run when no requested feature map needs them
