@@ -228,6 +228,14 @@ def test_window_past_the_end_of_training_raises_at_train_begin(tmp_path):
                                          r"pieces .*, give every piece the whole run's length and resume"):
         trainer.train()
 
+    # step windows in a run given in epochs: the step count is named as what it is, not as a max_steps set by hand
+    args = training_args(tmp_path, max_steps=-1, num_train_epochs=2)
+    trainer = Trainer(model=model, args=args, train_dataset=RandomImages(n=8),
+                      callbacks=[ElaPruningCallback(windows=[(5, 9)], window_unit="step")])
+    with pytest.raises(ValueError, match=r"\(5, 9\) ends after the end of training \(the run has 4 optimizer steps, "
+                                         r"from num_train_epochs = 2; step windows count optimizer steps"):
+        trainer.train()
+
     epoch_cb = ElaPruningCallback(windows=[(1, 1), (3, 3)], window_unit="epoch")
     args = training_args(tmp_path, max_steps=-1, num_train_epochs=2)
     trainer = Trainer(model=model, args=args, train_dataset=RandomImages(n=8), callbacks=[epoch_cb])

@@ -529,7 +529,7 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         list(attention_layers(model))  # ValueError when the model has no layer-attention stages
         self._output_dir = args.output_dir
         self._check_epochs_exist(kwargs.get("train_dataloader"))
-        self._check_training_length(state)
+        self._check_training_length(args, state)
         self._check_ddp(args, model)
         self._check_selector_runs(model)
         self.steps_per_epoch = _update_steps_per_epoch(kwargs.get("train_dataloader"), args)
@@ -621,17 +621,22 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
                 "windows in optimizer steps with window_unit='step'"
             )
 
-    def _check_training_length(self, state) -> None:
+    def _check_training_length(self, args, state) -> None:
         last_start, last_end = self.windows[-1]
         if self.window_unit == "epoch":
-            limit, what = state.num_train_epochs, "num_train_epochs"
+            limit = state.num_train_epochs
+            length = f"num_train_epochs = {limit}"
         else:
-            limit, what = state.max_steps, "max_steps"
+            limit = state.max_steps
+            length = f"max_steps = {limit}"
+            if args.max_steps <= 0:  # the run is given in epochs: the Trainer's max_steps is a number nobody wrote
+                length = (f"the run has {limit} optimizer steps, from num_train_epochs = {args.num_train_epochs}; "
+                          "step windows count optimizer steps")
         # (0 too: num_train_epochs=0 trains nothing, and a window there would only be named missing at the end)
         if limit is not None and last_end > limit:
             raise ValueError(
                 f"pruning window ({last_start}, {last_end}) ends after the end of training "
-                f"({what} = {limit}, window_unit={self.window_unit!r}); to train in pieces (time-limited jobs), "
+                f"({length}, window_unit={self.window_unit!r}); to train in pieces (time-limited jobs), "
                 "give every piece the whole run's length and resume each from the last one's checkpoint"
             )
 
