@@ -1209,6 +1209,32 @@ def test_fake_meta_subclass_and_batched_gradient_inputs_take_the_plain_ops(attn_
 
 
 @pytest.mark.parametrize("attn_type", ["mrla_b", "mrla_l"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_forward_mode_ad_takes_the_plain_ops(attn_type, mode, monkeypatch):
+    # dual tensors (torch.autograd.forward_ad) failed in the custom autograd functions ("implement the jvp")
+    import torch.autograd.forward_ad as fwAD
+
+    _kernels_everywhere(monkeypatch)
+    torch.manual_seed(0)
+    model = _tiny(attn_type).double()
+    getattr(model, mode)()
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    v = torch.randn_like(x)
+    state = copy.deepcopy(model.state_dict())
+    with fwAD.dual_level():
+        out = fwAD.unpack_dual(model(fwAD.make_dual(x, v)))
+    model.load_state_dict(state)  # (the training-mode pass moved the running statistics)
+    # the same directional derivative from reverse mode, one output at a time (batch norm in training mode couples
+    # the images of the batch)
+    xg = x.clone().requires_grad_(True)
+    y = model(xg)
+    torch.testing.assert_close(out.primal, y.detach(), rtol=1e-9, atol=1e-10)
+    want = torch.tensor([[float((torch.autograd.grad(y[i, k], xg, retain_graph=True)[0] * v).sum())
+                          for k in range(y.shape[1])] for i in range(y.shape[0])], dtype=torch.float64)
+    torch.testing.assert_close(out.tangent, want, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("attn_type", ["mrla_b", "mrla_l"])
 def test_hooked_or_wrapped_query_key_convs_run_as_modules(attn_type, monkeypatch):
     # Q and K were read from wq.weight / wk.weight on every path: hooks on them never fired, a hook or a
     # parametrization changing them was ignored silently, and torch.nn.utils.prune trained a stale weight

@@ -64,6 +64,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.autograd import forward_ad as _forward_ad
 from torch.nn.modules import module as _module_hooks
 
 __all__ = [
@@ -173,11 +174,12 @@ def plain_autograd():
 def plain_autograd_enabled() -> bool:
     """Inside :func:`plain_autograd`, or a ``torch.func`` transform (grad, vmap, jacrev: they cannot see into
     the kernels or the custom autograd functions either), or a ``FakeTensorMode`` (fake tensors have no memory
-    for the kernels to read: shape propagation and memory estimates take PyTorch's ops)."""
+    for the kernels to read: shape propagation and memory estimates take PyTorch's ops), or a forward-mode AD
+    level (``torch.autograd.forward_ad.dual_level``: the custom functions have no jvp)."""
     return (
         _plain_depth > 0 or torch._C._are_functorch_transforms_active()
         # (not while compiling: graph capture runs in a fake mode of its own, and the query would break the graph)
-        or (not torch.compiler.is_compiling() and _fake_mode_active())
+        or (not torch.compiler.is_compiling() and (_fake_mode_active() or _forward_ad._current_level >= 0))
     )
 
 
