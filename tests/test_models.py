@@ -554,6 +554,35 @@ def test_timm_factory_device_and_dtype_arguments(tmp_path):
     model.load_state_dict(reference.state_dict())
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(model.eval()(x), reference(x))
+    # no checkpoint to load: init_weights(needs_reset=True) (timm's convention after to_empty) gives a fresh
+    # model. to_empty left the persistent skip flags as leftover memory (first blocks "skipped" too), which
+    # neither the re-init of non-persistent buffers nor init_weights() touched
+    for name in ("ela_resnet20_cifar", "ela_l_resnet20_cifar"):
+        built = [[False, False], [False, True], [False, True]]
+        fresh = timm.create_model(name, device="meta", num_classes=5, skip_mask=built).to_empty(device="cpu")
+        for m in fresh.modules():
+            if hasattr(m, "attn_skipped"):
+                m.attn_skipped.fill_(True)
+            for buf in m.buffers(recurse=False):
+                if buf.is_floating_point():
+                    buf.fill_(float("nan"))
+            for p in m.parameters(recurse=False):
+                p.data.fill_(float("nan"))
+        fresh.init_weights(needs_reset=True)
+        assert ela_hf.get_skip_mask(fresh) == built
+        assert [blk.is_skipped for blk in fresh.layer1] == [False, False]
+        assert [blk.is_skipped for blk in fresh.layer2] == [False, True]
+        state = fresh.state_dict()
+        assert all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
+        assert all(float(t) == 0 for k, t in state.items() if k.endswith("num_batches_tracked"))
+        assert all(float(m.kl_count) == 0 for m in fresh.modules() if hasattr(m, "kl_count"))
+        assert all(bool((m.running_var == 1).all()) for m in fresh.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        normal = timm.create_model(name, num_classes=5, skip_mask=built)
+        assert float(fresh.layer1[0].bn3.weight.abs().max()) == 0 == float(normal.layer1[0].bn3.weight.abs().max())
+        assert bool(torch.isfinite(fresh.eval()(x)).all())
+        if name.startswith("ela_l"):  # MRLA-L's lambda drawn afresh, as at construction
+            lam = fresh.layer1[1].attn.lam
+            assert bool(torch.isfinite(lam).all()) and 0.3 < float(lam.std()) < 3
     # dtype: the weights in it, the KL statistics float32
     half = timm.create_model("ela_resnet20_cifar", dtype=torch.bfloat16)
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}

@@ -749,6 +749,12 @@ class MrlaLight(_LayerAttentionBase):
         super().__init__(channels, dim_per_head, k_size, drop_path, dilation)
         self.lam = nn.Parameter(torch.randn(channels, 1, 1))
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """``lam`` drawn afresh as at construction (the network's ``init_weights(needs_reset=True)``, after
+        ``to_empty``; the layer's sub-modules reset themselves)."""
+        self.lam.normal_()
+
     def forward(
         self, y: torch.Tensor, sc: torch.Tensor, state: StageState, pre_act: Optional[nn.Module] = None
     ) -> torch.Tensor:

@@ -467,7 +467,23 @@ class LayerAttentionResNet(nn.Module):
     # ----------------------------------------------------------------------------------------------
     # timm model interface
     @torch.jit.ignore
-    def init_weights(self, zero_init_last: bool = True) -> None:
+    def init_weights(self, zero_init_last: bool = True, needs_reset: bool = False) -> None:
+        """The construction's initialisation. ``needs_reset=True`` (timm's convention for a model built on the
+        meta device and then ``to_empty``, whose memory holds anything) first resets every module that can
+        (``reset_parameters``: BatchNorm running statistics too, MRLA-L's ``lam``), zeroes the KL statistics
+        and sets every skip flag back to the mask the network was built with (a layer built skipped stays
+        skipped, every other one is active): a fresh model instead of leftover memory."""
+        if needs_reset:
+            for m in self.modules():
+                if m is not self and hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+            for m in self.modules():
+                if isinstance(m, _LayerAttentionBlockMixin) and m.attn_type is not None:
+                    with torch.no_grad():
+                        m.attn_skipped.fill_(m.attn is None)
+                    m._skip = m.attn is None
+                if hasattr(m, "init_non_persistent_buffers"):
+                    m.init_non_persistent_buffers()
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
