@@ -88,6 +88,52 @@ def test_pretrained_weights_that_would_leave_random_layers_are_refused_for_backb
     torch.testing.assert_close(backbone(x)[-1], trained.eval().forward_features(x))
 
 
+def test_pretrained_weights_with_parts_the_model_lacks_are_refused(tmp_path):
+    # only missing keys were checked: a deeper network's weights, or MRLA-L's (its lam) under an MRLA-B network,
+    # loaded into features_only backbones and new heads with a log line at most (timm drops unexpected keys there)
+    torch.manual_seed(0)
+    files = {}
+    for name in ("ela_resnet56_cifar", "ela_resnet20_cifar", "ela_l_resnet20_cifar"):
+        files[name] = tmp_path / f"{name}.pth"
+        torch.save(timm.create_model(name, num_classes=5).state_dict(), files[name])
+
+    def file(name):
+        return dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(files[name])))
+
+    for kwargs in (dict(features_only=True), dict(num_classes=3)):
+        with pytest.raises(ValueError, match=r"'ela_resnet20_cifar' hold \d+ parameters and buffers this model does "
+                                             r"not have \(layer1\.2\..*deeper network"):
+            timm.create_model("ela_resnet20_cifar", **kwargs, **file("ela_resnet56_cifar"))
+        with pytest.raises(ValueError, match=r"not the same ones \(e\.g\. layer1\.0\.attn\.lam.* not in the model\)"
+                                             r".*another attention type .* than 'ela_resnet20_cifar'"):
+            timm.create_model("ela_resnet20_cifar", **kwargs, **file("ela_l_resnet20_cifar"))
+        # the other way round named the wrong cause (a slim checkpoint's lost mask)
+        with pytest.raises(ValueError, match=r"layer1\.0\.attn\.lam[^)]* missing\).*another attention type .* "
+                                             r"than 'ela_l_resnet20_cifar'"):
+            timm.create_model("ela_l_resnet20_cifar", **kwargs, **file("ela_resnet20_cifar"))
+    # the full weights of skipped layers, which a slim model was built without, are not needed: they load as before
+    mask = [[False, True], [False, False], [False, True]]
+    pruned = timm.create_model("ela_resnet20_cifar", num_classes=5)
+    ela_hf.set_skip_mask(pruned, mask)
+    files["pruned"] = tmp_path / "pruned.pth"
+    torch.save(pruned.state_dict(), files["pruned"])
+    assert "layer1.1.attn.wv.weight" in torch.load(files["pruned"])
+    slim = timm.create_model("ela_resnet20_cifar", features_only=True, skip_mask=mask, **file("pruned"))
+    assert slim.layer1[1].attn is None
+    timm.create_model("ela_resnet20_cifar", features_only=True, pretrained_strict=False, **file("ela_resnet56_cifar"))
+
+
+def test_a_type_error_inside_a_users_pretrained_filter_is_reported_as_that_filters(tmp_path):
+    torch.save(timm.create_model("ela_resnet20_cifar").state_dict(), tmp_path / "w.pth")
+    file = dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "w.pth")), num_classes=10)
+
+    def broken_filter(state_dict, model):
+        return {k: v for k, v in state_dict.items() if k.startswith(3)}  # TypeError inside the user's code
+
+    with pytest.raises(RuntimeError, match=r"pretrained_filter_fn .*broken_filter raised TypeError: startswith"):
+        timm.create_model("ela_resnet20_cifar", pretrained_filter_fn=broken_filter, **file)
+
+
 def test_a_users_pretrained_filter_runs_before_the_completeness_check(tmp_path):
     # a pretrained_filter_fn of the user's turned the check off: a filter dropping attention weights loaded
     # with those layers random, silently

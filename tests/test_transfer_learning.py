@@ -1,5 +1,6 @@
 """Fine-tuning a published ELA checkpoint on other data: other labels, other input channels, timm's tools."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -111,6 +112,27 @@ def test_init_from_an_rgb_resnet_adapts_the_stem_to_other_input_channels():
 def test_weights_of_another_attention_type_are_named_as_such(published):
     # MRLA-B weights under an MRLA-L architecture: every layer is in the file, MRLA-L's lambda is not; the error
     # used to blame a slim checkpoint's missing skip mask
-    with pytest.raises(ValueError, match=r"miss \d+ parameters .*'layer1\.0\.attn\.lam'.* weights of another attention "
-                                         r"type \(MRLA-B against MRLA-L\) than architecture='ela_l_resnet20_cifar'"):
+    with pytest.raises(ValueError, match=r"do not fit the model's attention layers: .*layer1\.0\.attn\.lam[^)]* missing.* "
+                                         r"weights of another attention type \(MRLA-B against MRLA-L\) than "
+                                         r"'ela_l_resnet20_cifar'"):
         AutoModelForImageClassification.from_pretrained(published, architecture="ela_l_resnet20_cifar")
+
+
+def test_weights_the_model_does_not_have_are_refused(tmp_path):
+    # MRLA-L weights under an MRLA-B architecture (lam left over) and a deeper network's loaded with a log line
+    torch.manual_seed(0)
+    for name in ("ela_l_resnet20_cifar", "ela_resnet56_cifar"):
+        ela_hf.ElaForImageClassification(ela_hf.ElaConfig(architecture=name, num_labels=3)).save_pretrained(
+            tmp_path / name)
+    with pytest.raises(ValueError, match=r"do not fit the model's attention layers: .*layer1\.0\.attn\.lam[^)]* not in "
+                                         r"the model.* another attention type .* than 'ela_resnet20_cifar'"):
+        AutoModelForImageClassification.from_pretrained(tmp_path / "ela_l_resnet20_cifar",
+                                                        architecture="ela_resnet20_cifar")
+    # a deeper network's weight file in a folder whose config is the shallower one's
+    ela_hf.ElaForImageClassification(ela_hf.ElaConfig(architecture="ela_resnet20_cifar", num_labels=3)).save_pretrained(
+        tmp_path / "mixed")
+    shutil.copy(tmp_path / "ela_resnet56_cifar" / "model.safetensors", tmp_path / "mixed" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"hold \d+ parameters and buffers the model does not have, e.g. "
+                                         r"\['layer1\.2\..*deeper network or another architecture than "
+                                         r"'ela_resnet20_cifar'"):
+        AutoModelForImageClassification.from_pretrained(tmp_path / "mixed")

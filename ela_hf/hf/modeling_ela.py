@@ -33,7 +33,14 @@ from transformers.modeling_outputs import (
 
 from ela_hf.layers.mrla import MrlaLight, _LayerAttentionBase
 from ela_hf.models import find_stages, get_skip_mask, keep_kl_statistics_out_of_ddp, set_skip_mask
-from ela_hf.models.ela_resnet import LayerAttentionResNet, _LayerAttentionBlockMixin, _some, validate_skip_mask
+from ela_hf.models.ela_resnet import (
+    LayerAttentionResNet,
+    _LayerAttentionBlockMixin,
+    _some,
+    other_attention_type_hint,
+    unexpected_weights,
+    validate_skip_mask,
+)
 
 from .configuration_ela import ElaConfig
 
@@ -357,22 +364,25 @@ class ElaPreTrainedModel(PreTrainedModel):
     def _check_loaded_weights(self, info: dict[str, Any], source, names_mask: bool = True) -> None:
         # (BatchNorm step counters are not reported missing: _keys_to_ignore_on_load_missing)
         missing = sorted(_strip_prefix(k) for k in info.get("missing_keys", ()) if not _is_head_key(k))
+        unexpected = sorted(_strip_prefix(k) for k in info.get("unexpected_keys", ()) if not _is_head_key(k))
+        model_keys = list(self.timm_model.state_dict())
+        gone = set(missing)
+        # (BatchNorm step counters are never reported missing)
+        in_file = [k for k in model_keys if k not in gone and not k.endswith("num_batches_tracked")] + unexpected
+        other_type, extra = unexpected_weights(model_keys, unexpected, CLASSIFIER_PREFIX)
+        other = other_attention_type_hint(model_keys, in_file, missing, other_type, self.config.architecture)
+        if other is not None:
+            # e.g. MRLA-B weights loaded as an MRLA-L architecture (no lam), or MRLA-L's under MRLA-B (lam left over)
+            raise ValueError(f"the weights in {source} do not fit the model's attention layers: {other}.")
+        if extra and not missing:
+            raise ValueError(
+                f"the weights in {source} hold {len(extra)} parameters and buffers the model does not have, e.g. "
+                f"{extra[:4]}: weights of a deeper network or another architecture than "
+                f"{self.config.architecture!r} (transformers would only log them as unused)."
+            )
         if missing:
             attention = [k for k in missing if ".attn." in k]
-            gone = set(missing)
-            loaded_layers = {  # (BatchNorm step counters are never reported missing)
-                k.split(".attn.")[0] for k in self.timm_model.state_dict()
-                if ".attn." in k and k not in gone and not k.endswith("num_batches_tracked")
-            }
-            partial = [k for k in attention if k.split(".attn.")[0] in loaded_layers]
-            if partial:
-                # e.g. MRLA-B weights loaded as an MRLA-L architecture: the layers are there, parts are not (lam)
-                hint = (
-                    f" The file has weights for these attention layers but not all of them (e.g. {partial[:2]}): "
-                    f"weights of another attention type (MRLA-B against MRLA-L) than architecture="
-                    f"{self.config.architecture!r}; load them with the checkpoint's architecture."
-                )
-            elif attention and len(attention) == len(missing):
+            if attention and len(attention) == len(missing):
                 hint = (
                     " The config marks these attention layers active but the file has no weights for them: a slim "
                     "checkpoint needs its skip mask in config.json (model_args['skip_mask'])."

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import numbers
 import warnings
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -759,6 +760,28 @@ def check_input_size(input_size: Any) -> None:
         )
 
 
+def _run_user_filter(user_filter: Callable, state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, Any]:
+    """A user's ``pretrained_filter_fn``, with two arguments or one as timm calls it. timm tells the two apart by
+    catching a TypeError; here the signature does, so that a TypeError raised inside the filter reaches the user
+    as that filter's (timm's own fallback, around this check, would report this function's arguments instead)."""
+    try:
+        params = inspect.signature(user_filter).parameters.values()
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        two = len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
+    except (TypeError, ValueError):  # no signature to read (some builtins): timm's way
+        two = None
+    name = getattr(user_filter, "__qualname__", None) or repr(user_filter)
+    try:
+        if two is None:
+            try:
+                return user_filter(state_dict, model)
+            except TypeError:
+                return user_filter(state_dict)
+        return user_filter(state_dict, model) if two else user_filter(state_dict)
+    except TypeError as err:
+        raise RuntimeError(f"the pretrained_filter_fn {name} raised TypeError: {err}") from err
+
+
 def _check_pretrained_complete(
     variant: str, state_dict: Dict[str, Any], model: nn.Module, features_only: bool = False,
     user_filter: Optional[Callable] = None,
@@ -772,10 +795,7 @@ def _check_pretrained_complete(
 
     A ``pretrained_filter_fn`` of the user's (``user_filter``) runs first, as timm would call it."""
     if user_filter is not None:
-        try:
-            state_dict = user_filter(state_dict, model)
-        except TypeError:  # timm's fallback for one-argument filters
-            state_dict = user_filter(state_dict)
+        state_dict = _run_user_filter(user_filter, state_dict, model)
     classifier = model.pretrained_cfg.get("classifier") or "fc"
     head = f"{classifier}."
     ours, cfg_classes = model.state_dict().get(f"{head}weight"), model.pretrained_cfg.get("num_classes")
@@ -792,10 +812,16 @@ def _check_pretrained_complete(
             "timm.create_model('local-dir:<folder>', pretrained=True)",
             stacklevel=2,
         )
+    model_keys = list(model.state_dict())
     missing = [
-        k for k in model.state_dict()
+        k for k in model_keys
         if k not in state_dict and not k.startswith(head) and not k.endswith("num_batches_tracked")
     ]
+    other_type, extra = unexpected_weights(model_keys, list(state_dict), head)
+    opt_out = "; pretrained_strict=False accepts it (timm then loads what fits and ignores the rest)"
+    hint = other_attention_type_hint(model_keys, list(state_dict), missing, other_type, variant)
+    if hint is not None:
+        raise ValueError(f"the pretrained weights for {variant!r} do not fit its attention layers: {hint}{opt_out}")
     if missing:
         attention_only = all(".attn." in k or k.endswith("attn_skipped") for k in missing)
         raise ValueError(
@@ -808,7 +834,55 @@ def _check_pretrained_complete(
                if attention_only else "Give a checkpoint of this architecture")
             + "; pretrained_strict=False accepts the random initialisation"
         )
+    if extra:
+        raise ValueError(
+            f"the pretrained weights for {variant!r} hold {len(extra)} parameters and buffers this model does not have "
+            f"({_some(extra, 4)}): weights of a deeper network or of another architecture, which timm would drop "
+            f"without a word when it loads non-strictly (features_only backbones, new heads); give a checkpoint of "
+            f"this architecture{opt_out}"
+        )
     return state_dict
+
+
+def unexpected_weights(model_keys: Sequence[str], file_keys: Sequence[str], head: str) -> Tuple[List[str], List[str]]:
+    """Keys of a weights file that a network does not have, below its classifier ``head`` (a key prefix) and
+    BatchNorm step counters aside: ``(other_type, extra)``. ``other_type``: attention weights of layers the
+    network has with other keys (MRLA-L's ``lam`` under an MRLA-B network); ``extra``: everything else (blocks of
+    a deeper network, another architecture's modules). Attention weights of a layer the network was built without
+    (a slim model given a full checkpoint) are neither: they are simply not needed."""
+    model_keys = set(model_keys)
+    layers_with_weights = {k.split(".attn.")[0] for k in model_keys if ".attn." in k}
+    layers = {k[: -len(".attn_skipped")] for k in model_keys if k.endswith(".attn_skipped")}
+    other_type, extra = [], []
+    for k in file_keys:
+        if k in model_keys or k.startswith(head) or k.endswith("num_batches_tracked"):
+            continue
+        if ".attn." in k:
+            layer = k.split(".attn.")[0]
+            if layer in layers_with_weights:
+                other_type.append(k)
+                continue
+            if layer in layers:
+                continue
+        extra.append(k)
+    return other_type, extra
+
+
+def other_attention_type_hint(model_keys: Sequence[str], file_keys: Sequence[str], missing: Sequence[str],
+                              other_type: Sequence[str], architecture: str) -> Optional[str]:
+    """The error text for a file of another attention type (MRLA-B weights under an MRLA-L architecture, or the
+    other way round), or None: the file has some of a layer's attention weights, and misses or adds others."""
+    file_keys = set(file_keys)
+    loaded_layers = {k.split(".attn.")[0] for k in model_keys if ".attn." in k and k in file_keys}
+    partial = [k for k in missing if ".attn." in k and k.split(".attn.")[0] in loaded_layers]
+    examples = list(partial[:2]) + list(other_type[:2])
+    if not examples:
+        return None
+    return (
+        f"the file has weights for these attention layers but not the same ones (e.g. {', '.join(examples[:2])} "
+        f"{'missing' if partial else 'not in the model'}): weights of another attention type (MRLA-B against "
+        f"MRLA-L) than {architecture!r}; load them with the checkpoint's architecture"
+    )
 
 
 def _some(names: List[str], shown: int = 3) -> str:
