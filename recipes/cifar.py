@@ -46,6 +46,7 @@ from ela_hf.training import (
     check_training_arguments,
     close_distributed,
     ddp_for_pruning,
+    keep_resumed_windows,
     collate_image_batch,
     compute_accuracy,
     create_sgd,
@@ -169,6 +170,7 @@ def main(argv=None):
     )
     schedule = resolve_schedule(base_schedule, args, training_args.num_train_epochs, training_args.max_steps,
                                 steps_per_epoch, has_attention=has_attention, pruned_by_default=prune)
+    schedule = keep_resumed_windows(schedule, args, checkpoint)  # a longer resumed run keeps its windows
     total_batch_size = (training_args.per_device_train_batch_size * training_args.world_size
                         * training_args.gradient_accumulation_steps)
     learning_rate = scale_learning_rate(training_args.learning_rate, args.lr_batch_size, total_batch_size)

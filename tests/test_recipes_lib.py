@@ -22,6 +22,7 @@ from ela_hf.training import (
     collate_image_batch,
     compute_accuracy,
     format_skip_mask,
+    keep_resumed_windows,
     load_image_dataset,
     parse_windows,
     rescale_windows,
@@ -286,6 +287,39 @@ def test_paper_schedule_is_kept_or_rescaled():
     assert (explicit.kl_windows, explicit.lr_decay_epochs, explicit.warmup_epochs) == ([(2, 2)], [3.0], 1)
     plain = resolve_schedule(CIFAR_PAPER, _args(model="resnet20_cifar"), 180, has_attention=False)
     assert plain.kl_windows == []
+
+
+def test_a_resumed_run_keeps_its_checkpoints_windows(tmp_path, caplog):
+    # the default windows are rescaled to the run's length: resuming a 4-epoch demo with 5 epochs got 2-2,3-3
+    # instead of the checkpoint's 1-1,3-3, and the pruning callback refused the resume after the data had loaded
+    demo = PaperSchedule(epochs=8, lr_decay_epochs=(6,), warmup_epochs=0, kl_windows=((2, 2), (4, 4)))
+    checkpoint = tmp_path / "checkpoint-6"
+    checkpoint.mkdir()
+
+    def state(windows, unit="epoch"):
+        entry = {"args": {"windows": windows, "selector": {"name": "ebqm"}, "window_unit": unit}, "attributes": {}}
+        (checkpoint / "trainer_state.json").write_text(
+            json.dumps({"global_step": 6, "stateful_callbacks": {"ElaPruningCallback": entry}}))
+
+    state([[1, 1], [3, 3]])
+    longer = resolve_schedule(demo, _args(), 5, steps_per_epoch=3)
+    assert longer.kl_windows == [(2, 2), (3, 3)]
+    with caplog.at_level("WARNING"):
+        kept = keep_resumed_windows(longer, _args(), str(checkpoint))
+    assert kept.kl_windows == [(1, 1), (3, 3)] and kept.lr_decay_epochs == longer.lr_decay_epochs
+    assert "keeping the KL windows it was trained with, 1-1, 3-3 (the defaults for this run's 5 epochs would be " \
+           "2-2, 3-3" in caplog.text and "--kl_windows" in caplog.text
+    # explicit windows win; nothing to keep without a checkpoint, for a run without windows, or another unit
+    explicit = resolve_schedule(demo, _args(kl_windows="2-2"), 5, steps_per_epoch=3)
+    assert keep_resumed_windows(explicit, _args(kl_windows="2-2"), str(checkpoint)).kl_windows == [(2, 2)]
+    assert keep_resumed_windows(longer, _args(), None).kl_windows == [(2, 2), (3, 3)]
+    plain = resolve_schedule(demo, _args(model="mrla_b_resnet20_cifar"), 5, steps_per_epoch=3, pruned_by_default=False)
+    assert keep_resumed_windows(plain, _args(model="mrla_b_resnet20_cifar"), str(checkpoint)).kl_windows == []
+    state([[1, 1], [3, 3]], unit="step")
+    assert keep_resumed_windows(longer, _args(), str(checkpoint)).kl_windows == [(2, 2), (3, 3)]
+    # windows past a shorter run are left for the checks that name them
+    state([[1, 1], [7, 7]])
+    assert keep_resumed_windows(longer, _args(), str(checkpoint)).kl_windows == [(2, 2), (3, 3)]
 
 
 def test_lr_decay_past_the_last_epoch_is_reported(caplog):

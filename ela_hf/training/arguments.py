@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "check_checkpoint_finished",
     "load_finished_run",
     "ddp_for_pruning",
+    "keep_resumed_windows",
 ]
 
 Window = Tuple[int, int]
@@ -775,6 +776,35 @@ def _trainer_state(checkpoint: str) -> Optional[dict]:
     """The checkpoint's trainer_state.json, or None where it is missing or not a Trainer state (cut short)."""
     state = _read_json(os.path.join(checkpoint, "trainer_state.json"))
     return state if isinstance(state, dict) and isinstance(state.get("global_step"), int) else None
+
+
+def keep_resumed_windows(schedule: TrainingSchedule, args: RecipeArguments,
+                         checkpoint: Optional[str]) -> TrainingSchedule:
+    """A resumed run without ``--kl_windows`` keeps the windows its checkpoint was trained with. The default ones
+    are rescaled to the run's length, so a resume with more epochs (training on past a finished run) would get
+    other windows, which the pruning callback refuses: decisions already taken cannot move."""
+    if checkpoint is None or args.kl_windows is not None or not schedule.kl_windows:
+        return schedule
+    entry = ((_trainer_state(checkpoint) or {}).get("stateful_callbacks") or {}).get("ElaPruningCallback")
+    if isinstance(entry, list):
+        entry = entry[0] if entry else None
+    saved = (entry or {}).get("args") if isinstance(entry, dict) else None
+    if not isinstance(saved, dict) or saved.get("window_unit") != schedule.window_unit:
+        return schedule  # (the callback names a checkpoint of another kind)
+    try:
+        windows = [(int(a), int(b)) for a, b in saved.get("windows")]
+    except (TypeError, ValueError):
+        return schedule  # (a damaged state: the callback names it)
+    if not windows or windows == [tuple(w) for w in schedule.kl_windows]:
+        return schedule
+    if schedule.num_epochs is not None and windows[-1][1] > schedule.num_epochs:
+        return schedule  # a shorter run than the checkpoint's windows: refused as such later
+    logger.warning(
+        "resuming %s: keeping the KL windows it was trained with, %s (the defaults for this run's %s epochs would be "
+        "%s, and decisions already taken cannot move); pass --kl_windows to choose", checkpoint, _fmt(windows),
+        schedule.num_epochs, _fmt(schedule.kl_windows),
+    )
+    return replace(schedule, kl_windows=windows)
 
 
 def ddp_for_pruning(training_args, schedule: TrainingSchedule, checkpoint: Optional[str] = None) -> None:
