@@ -516,6 +516,12 @@ def test_resume_inside_windows_ends_with_the_same_mask_and_decisions(tmp_path):
     (dict(partial_kl=[{"stage": 0, "block": 1}]), r"partial_kl must be null or a list of \{stage, block, sum, count\}"),
     (dict(history=[{"window": 1}]), r"history must be a list of at most windows_done=0 window records"),
     (dict(steps_per_epoch=0), r"steps_per_epoch must be null or a positive whole number, got 0"),
+    # well-typed but impossible values resumed silently (every d_t null, or layers skipped on a negative sum)
+    (lambda a: a["partial_kl"][0].update(count=-16), r"partial_kl count -16 of stage 0 block 1 is not a whole number"),
+    (lambda a: a["partial_kl"][0].update(count=0.5), r"partial_kl count 0.5 of stage 0 block 1 is not a whole number"),
+    (lambda a: a["partial_kl"][0].update(sum=float("nan")), r"partial_kl sum nan of stage 0 block 1 cannot be a sum"),
+    (lambda a: a["partial_kl"][0].update(sum=-100.0), r"partial_kl sum -100.0 of stage 0 block 1 cannot be a sum of 8"),
+    (lambda a: a.update(windows_done=1, history=[]), r"partial_window 0 is not the window after the 1 decided ones"),
 ])
 def test_a_damaged_callback_state_in_a_checkpoint_is_named(tmp_path, edit, problem):
     """A hand-edited or damaged trainer_state.json failed with raw TypeErrors / KeyErrors inside the callback,
@@ -527,7 +533,8 @@ def test_a_damaged_callback_state_in_a_checkpoint_is_named(tmp_path, edit, probl
     damaged = tmp_path / "damaged"
     shutil.copytree(tmp_path / "a" / "checkpoint-3", damaged)
     state = json.loads((damaged / "trainer_state.json").read_text())
-    state["stateful_callbacks"]["ElaPruningCallback"]["attributes"].update(edit)
+    attributes = state["stateful_callbacks"]["ElaPruningCallback"]["attributes"]
+    edit(attributes) if callable(edit) else attributes.update(edit)
     (damaged / "trainer_state.json").write_text(json.dumps(state))
     trainer_b, _, _ = _resume_setup(tmp_path, "b")
     with pytest.raises(ValueError, match=r"ElaPruningCallback state .* is damaged: " + problem):

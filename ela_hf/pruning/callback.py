@@ -728,6 +728,17 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
             isinstance(partial_kl, list) and all(isinstance(e, dict) and numbers_ok(e) for e in partial_kl)
         ):
             raise damaged(f"partial_kl must be null or a list of {{stage, block, sum, count}}, got {partial_kl!r:.200}")
+        if partial is not None and partial != done:
+            raise damaged(f"partial_window {partial} is not the window after the {done} decided ones")
+        for e in partial_kl or []:
+            # (a negative count turned every d_t into null, a NaN or negative sum skipped or kept layers at random;
+            # KL divergences are >= 0, up to float rounding)
+            total, n = e["sum"], e["count"]
+            if not (math.isfinite(n) and n >= 0 and float(n).is_integer()):
+                raise damaged(f"partial_kl count {n!r} of stage {e['stage']} block {e['block']} is not a whole number >= 0")
+            if not math.isfinite(total) or total < -1e-6 * max(n, 1.0) or (n == 0 and total != 0):
+                raise damaged(f"partial_kl sum {total!r} of stage {e['stage']} block {e['block']} cannot be a sum of "
+                              f"{n:g} KL divergences")
         spe = attrs.get("steps_per_epoch")
         if spe is not None and not whole(spe, 1, float("inf")):
             raise damaged(f"steps_per_epoch must be null or a positive whole number, got {spe!r}")
