@@ -141,12 +141,13 @@ def test_hidden_states_can_be_selected_by_index_as_in_transformers(images):
     for model in models:
         everything = model(images, output_hidden_states=True).hidden_states
         assert len(everything) == 4 and all(h is not None for h in everything)
-        for selection, kept in (([1, -1], {1, 3}), (2, {2}), ((0, 7), {0}), ([-4], {0})):
+        for selection, kept in (([1, -1], {1, 3}), (2, {2}), ((0, 7), {0}), ([-4], {0}), (0, {0})):
             out = model(images, output_hidden_states=selection)
             assert len(out.hidden_states) == 4
             assert {i for i, h in enumerate(out.hidden_states) if h is not None} == kept
             for i in kept:
                 assert torch.equal(out.hidden_states[i], everything[i])
+        assert model(images, output_hidden_states=[]).hidden_states is None  # (an empty selection, as False)
         as_tuple = model(images, output_hidden_states=[3], return_dict=False)
         assert as_tuple[-1][:3] == (None, None, None) and torch.equal(as_tuple[-1][3], everything[3])
         for wrong in (["stage2"], 1.5, [True]):
@@ -369,6 +370,21 @@ def test_config_mask_follows_a_loaded_state_dict():
     wrapped = torch.nn.Sequential(model)
     wrapped.load_state_dict({f"0.{k}": v for k, v in pruned.items()})
     assert model.config.skip_mask == MASK
+    # and through the timm network's own load_state_dict (weights shared with a timm model): the config stayed
+    model.load_state_dict(unpruned)
+    strip = len("timm_model.")
+    model.timm_model.load_state_dict({k[strip:]: v for k, v in pruned.items()})
+    assert model.config.skip_mask == MASK
+    # a copy's network updates the copy's config, not the original's; the model still pickles
+    copy_ = copy.deepcopy(model)
+    copy_.timm_model.load_state_dict({k[strip:]: v for k, v in unpruned.items()})
+    assert copy_.config.skip_mask == [[False, False]] * 3 and model.config.skip_mask == MASK
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=False).config.skip_mask == MASK
 
 
 def test_grey_checkpoint_gets_one_channel_normalisation(tmp_path):

@@ -252,7 +252,10 @@ class ElaPreTrainedModel(PreTrainedModel):
         super().post_init()
         # a state dict loaded into this model (Trainer resume, load_best_model_at_end, a user's
         # load_state_dict, also through a parent module) carries its skip flags: the config follows them
-        self.register_load_state_dict_post_hook(_config_follows_loaded_mask)
+        # (on the timm network itself, so that its own load_state_dict, as in sharing weights with a timm model,
+        # updates the config too; the network keeps the config, a plain attribute that copies follow)
+        self.timm_model._ela_config = self.config
+        self.timm_model.register_load_state_dict_post_hook(_config_follows_loaded_mask)
         keep_kl_statistics_out_of_ddp(self)  # with the wrapper's prefix: DDP reads the module it wraps
 
     def _forward_features(self, pixel_values, output_hidden_states):
@@ -261,7 +264,7 @@ class ElaPreTrainedModel(PreTrainedModel):
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         selected = _selected_hidden_states(output_hidden_states)
-        if output_hidden_states:
+        if output_hidden_states or selected:  # (index 0, the stem, is an index here, not False)
             features, intermediates = self.timm_model.forward_intermediates(pixel_values)
             return features, _keep_selected(tuple(intermediates), selected)
         return self.timm_model.forward_features(pixel_values), None
@@ -677,8 +680,10 @@ def _weight_files(folder) -> list[str]:
     return sorted(e.name for e in os.scandir(folder) if e.is_file() and _WEIGHT_FILE.fullmatch(e.name))
 
 
-def _config_follows_loaded_mask(module: "ElaPreTrainedModel", incompatible_keys) -> None:
-    module._skip_mask_changed()
+def _config_follows_loaded_mask(network: nn.Module, incompatible_keys) -> None:
+    config, mask = getattr(network, "_ela_config", None), network.skip_mask
+    if config is not None and mask is not None:
+        config.skip_mask = [list(stage) for stage in mask]
 
 
 def _strip_prefix(key: str) -> str:
@@ -841,7 +846,7 @@ class ElaBackbone(BackboneMixin, ElaPreTrainedModel):
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         selected = _selected_hidden_states(output_hidden_states)
-        if output_hidden_states:
+        if output_hidden_states or selected:  # (index 0, the stem, is an index here, not False)
             hidden_states = tuple(self.timm_model.forward_intermediates(pixel_values, intermediates_only=True))
             feature_maps = tuple(hidden_states[i] for i in self.out_indices)
             hidden_states = _keep_selected(hidden_states, selected)
