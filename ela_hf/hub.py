@@ -179,7 +179,21 @@ def _network_and_config(model: nn.Module, id2label=None) -> Tuple[LayerAttention
     if isinstance(model, LayerAttentionResNet):
         return model, config_from_timm_model(model, id2label)
     hint = ""
-    if any(isinstance(m, LayerAttentionStage) for m in model.modules()):
+    from timm.models._features import FeatureDictNet, FeatureGetterNet, FeatureHookNet
+
+    features_only = isinstance(model, (FeatureDictNet, FeatureGetterNet, FeatureHookNet))  # (FeatureListNet too)
+    whole = [(name, m) for name, m in model.named_modules()
+             if name and isinstance(m, (LayerAttentionResNet, ElaPreTrainedModel))]
+    if whole and not features_only:
+        # a user's wrapper around a whole network (a head of its own, a model with its EMA copy): name the path
+        name, inner = whole[0]
+        what = type(inner).__name__
+        hint = (
+            f". It holds a whole ELA network at .{name} ({what}){' and ' + str(len(whole) - 1) + ' more' if len(whole) > 1 else ''}: "
+            f"export that, export_pruned(model.{name}, ...); what your wrapper adds around it is not part of the "
+            "release"
+        )
+    elif any(isinstance(m, LayerAttentionStage) for m in model.modules()):
         # a timm features_only backbone (FeatureListNet), or a detector around one
         arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or "<architecture>"
         # feature_cls='getter' keeps the (pruned) network under .model, 'hook' its modules under .body

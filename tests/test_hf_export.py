@@ -185,7 +185,20 @@ def test_export_rejects_what_it_cannot_describe(tmp_path):
         ela_hf.export_pruned(torch.nn.Linear(2, 2), tmp_path / "x")
     with pytest.raises(ValueError, match="id2label has 3 labels but the model has 10 classes"):
         ela_hf.export_pruned(_pruned_timm_model(), tmp_path / "x", id2label={0: "a", 1: "b", 2: "c"})
+    # a user's wrapper around a whole network (which the pruning callback trains): the error names where it is,
+    # not the features_only recipe (a new num_classes=0 network) that does not fit it
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = _pruned_timm_model()
+            self.extra = torch.nn.Linear(10, 2)
+
+    wrapper = Wrapper()
+    with pytest.raises(ValueError, match=r"got Wrapper\. It holds a whole ELA network at \.backbone "
+                                         r"\(LayerAttentionResNet\): export that, export_pruned\(model\.backbone"):
+        ela_hf.export_pruned(wrapper, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+    assert ela_hf.export_pruned(wrapper.backbone, tmp_path / "y", verify=False).is_dir()
 
 
 def test_checkpoint_missing_weights_of_active_layers_is_an_error(tmp_path):
