@@ -400,15 +400,37 @@ def test_log_level_info_says_when_windows_open_and_what_each_decision_skipped(tm
     first = callback.history[0]["skipped_now"][0]
     assert f"skips {first};" in decided[0] and "1 attention layer skipped in all" in decided[0]
     assert "2 attention layers skipped in all" in decided[1]
-    # without log_level the level is the user's logging configuration's (here WARNING): no info lines
+    # a later Trainer without log_level: the level is the user's logging configuration's again (here WARNING), not
+    # the earlier Trainer's
     caplog.clear()
-    callback_logger.setLevel("NOTSET")
     trainer = Trainer(model=TinyElaClassifier(), args=training_args(tmp_path / "quiet", max_steps=2),
                       train_dataset=RandomImages(n=16),
                       callbacks=[ElaPruningCallback(windows=[(1, 2)], window_unit="step")])
     with caplog.at_level("WARNING"):
         trainer.train()
     assert not [r for r in caplog.records if r.name == "ela_hf.pruning.callback"]
+
+
+def test_the_stderr_handler_follows_each_trainers_log_level(tmp_path, callback_logger, monkeypatch):
+    import logging
+
+    from ela_hf.pruning.callback import _follow_trainer_log_level
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])  # nothing configured: the lines would go nowhere
+    _follow_trainer_log_level(training_args(tmp_path, log_level="info"))
+    assert callback_logger.level == logging.INFO and len(callback_logger.handlers) == 1
+    assert callback_logger.propagate is False
+    _follow_trainer_log_level(training_args(tmp_path, log_level="info"))
+    assert len(callback_logger.handlers) == 1  # (not one per Trainer)
+    # a later passive Trainer: the logger's defaults back (it kept INFO and its handler before)
+    _follow_trainer_log_level(training_args(tmp_path))
+    assert callback_logger.level == logging.NOTSET and callback_logger.handlers == [] and callback_logger.propagate
+    # logging configured since: the lines go to its handlers, not to one of ours
+    _follow_trainer_log_level(training_args(tmp_path, log_level="info"))
+    monkeypatch.setattr(root, "handlers", [logging.NullHandler()])
+    _follow_trainer_log_level(training_args(tmp_path, log_level="info"))
+    assert callback_logger.handlers == [] and callback_logger.propagate and callback_logger.level == logging.INFO
 
 
 def test_report_to_integrations_that_would_miss_the_pruning_values_are_named(tmp_path, caplog):

@@ -663,6 +663,15 @@ def test_a_parent_models_checkpointing_switch_reaches_the_ela_network():
     model = ElaForImageClassification(ElaConfig(architecture=ARCH, num_labels=3))
     model.gradient_checkpointing = True  # the attribute is the network's switch
     assert model.timm_model.grad_checkpointing and model.is_gradient_checkpointing
+    # transformers' UperNet refuses the parent call for every backbone: the README's way is the backbone's own
+    from transformers import UperNetConfig, UperNetForSemanticSegmentation
+
+    upernet = UperNetForSemanticSegmentation(UperNetConfig(
+        backbone_config=ElaConfig(architecture=ARCH, out_features=["stage1", "stage2", "stage3"]), num_labels=3,
+        hidden_size=16, use_auxiliary_head=False))
+    upernet.backbone.gradient_checkpointing_enable()
+    assert upernet.backbone.timm_model.grad_checkpointing
+    upernet.train()(pixel_values=torch.randn(2, 3, 32, 32)).logits.sum().backward()
 
 
 def test_image_processor_without_arguments_is_elaconfigs_default():

@@ -143,16 +143,26 @@ logger.addFilter(_MainProcessOnly())
 def _follow_trainer_log_level(args) -> None:
     """``TrainingArguments(log_level=...)`` (and ``log_level_replica``) set the callback's level as they set the
     Trainer's: ``log_level="info"`` shows when windows open and what each decision skipped. Where nothing else
-    would print those lines (no handler on the root logger), they go to stderr as transformers' own do."""
-    if getattr(args, "log_level", "passive") in (None, "passive") or not hasattr(args, "get_process_log_level"):
-        return
-    level = args.get_process_log_level()
+    would print those lines (no handler on the root logger), they go to stderr as transformers' own do.
+    Each Trainer's arguments decide afresh: a later Trainer left at ``passive`` gets the logger's defaults back,
+    and once logging is configured (a root handler) the lines go there instead of the handler added here."""
+    passive = getattr(args, "log_level", "passive") in (None, "passive") or not hasattr(args, "get_process_log_level")
+    level = std_logging.NOTSET if passive else args.get_process_log_level()
     logger.setLevel(level)
-    if level <= std_logging.INFO and not logger.handlers and not std_logging.getLogger().handlers:
+    wanted = not passive and level <= std_logging.INFO and not std_logging.getLogger().handlers
+    if wanted and _OWN_HANDLER[0] is None:
         handler = std_logging.StreamHandler()
         handler.setFormatter(std_logging.Formatter("[%(levelname)s|%(name)s] %(message)s"))
         logger.addHandler(handler)
         logger.propagate = False
+        _OWN_HANDLER[0] = handler
+    elif not wanted and _OWN_HANDLER[0] is not None:
+        logger.removeHandler(_OWN_HANDLER[0])
+        logger.propagate = True
+        _OWN_HANDLER[0] = None
+
+
+_OWN_HANDLER: List[Optional[std_logging.Handler]] = [None]  # the stderr handler added above, while it is there
 
 
 def _warn(message: str) -> None:
