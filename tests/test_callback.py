@@ -218,6 +218,7 @@ def test_best_model_from_before_a_decision_is_reported(tmp_path, caplog):
     assert ela_hf.get_skip_mask(model) == [[False, False]] * 3, "checkpoint-2 predates the decision"
     assert "load_best_model_at_end=True" in caplog.text  # said up front
     assert "runs attention layers" in caplog.text and "that pruning skipped" in caplog.text  # and at the end
+    assert f"runs attention layers {skipped} that pruning skipped" in caplog.text  # named as in the logs
 
 
 def test_window_past_the_end_of_training_raises_at_train_begin(tmp_path):

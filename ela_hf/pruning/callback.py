@@ -876,8 +876,10 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         if not self.history or self._model is None:
             return
         current = get_skip_mask(self._model)
+        # module names, as in the log keys and the other messages
+        names = {(e.get("stage"), e.get("block")): e.get("name") for h in self.history for e in h.get("layers", [])}
         undone = [
-            f"{i}.{j}"
+            names.get((i, j)) or f"stage {i} block {j}"
             for i, (now, decided) in enumerate(zip(current, self.history[-1]["skip_mask"]))
             for j, (a, b) in enumerate(zip(now, decided))
             if b and not a
