@@ -627,7 +627,7 @@ def test_timm_factory_device_and_dtype_arguments(tmp_path):
         assert float(fresh.layer1[0].bn3.weight.detach().abs().max()) == 0 == float(normal.layer1[0].bn3.weight.detach().abs().max())
         assert bool(torch.isfinite(fresh.eval()(x)).all())
         if name.startswith("ela_l"):  # MRLA-L's lambda drawn afresh, as at construction
-            lam = fresh.layer1[1].attn.lam
+            lam = fresh.layer1[1].attn.lam.detach()
             assert bool(torch.isfinite(lam).all()) and 0.3 < float(lam.std()) < 3
     # dtype: the weights in it, the KL statistics float32
     half = timm.create_model("ela_resnet20_cifar", dtype=torch.bfloat16)
