@@ -78,6 +78,24 @@ def test_config_rejects_masks_that_do_not_fit(kwargs, message):
         ElaConfig(**kwargs)
 
 
+def test_config_architecture_cannot_be_reassigned_after_construction(tmp_path):
+    # the derived fields (data config, default labels, mask checks) stayed the old architecture's: a CIFAR config
+    # switched to ela_resnet50 kept 32x32 inputs and CIFAR's mean/std for the image processor, silently
+    config = ElaConfig(architecture=ARCH)
+    with pytest.raises(ValueError, match=r"config.architecture cannot be changed after the config is built "
+                                         r"\('ela_resnet20_cifar' -> 'ela_resnet50'\).*ElaConfig\(architecture="):
+        config.architecture = "ela_resnet50"
+    with pytest.raises(ValueError, match="cannot be changed"):
+        config.update({"architecture": "ela_resnet50"})
+    assert config.architecture == ARCH and config.pretrained_cfg["input_size"] == [3, 32, 32]
+    config.architecture = ARCH  # the same value is no change
+    # the ways that rebuild the derived fields still work: construction, from_pretrained(architecture=)
+    config.save_pretrained(tmp_path)
+    other = ElaConfig.from_pretrained(tmp_path, architecture="ela_l_resnet20_cifar")
+    assert other.architecture == "ela_l_resnet20_cifar" and copy.deepcopy(other).architecture == other.architecture
+    assert ElaConfig(architecture="ela_resnet50").pretrained_cfg["input_size"] == [3, 224, 224]
+
+
 def test_config_refuses_a_num_channels_that_is_not_an_int():
     # "3" failed in the range check ('<' not supported between 'str' and 'int'); model_args in_chans "x" in int()
     # and 2.7 was cut to 2

@@ -240,6 +240,19 @@ class ElaConfig(BackboneConfigMixin, PretrainedConfig):
             if self.pretrained_cfg.get(key) is not None:
                 self.pretrained_cfg[key] = _fit_to_channels(self.pretrained_cfg[key], self.num_channels)
 
+    def __setattr__(self, key, value):
+        # the data config, the default label count and the mask checks are derived from the architecture when the
+        # config is built: a later reassignment would leave them those of the old one (another input size, mean
+        # and std for the image processor), silently
+        if (key == "architecture" and self.__dict__.get("_post_init_done")
+                and value != self.__dict__.get("architecture")):
+            raise ValueError(
+                f"config.architecture cannot be changed after the config is built ({self.__dict__.get('architecture')!r} "
+                f"-> {value!r}): its data config, labels and mask checks were derived from it; build a new one, "
+                f"ElaConfig(architecture={value!r}, ...), or pass architecture= to from_pretrained"
+            )
+        super().__setattr__(key, value)
+
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs):
         # transformers sets from_pretrained's keyword arguments on the finished config, past __post_init__'s
