@@ -187,11 +187,10 @@ def _network_and_config(model: nn.Module, id2label=None) -> Tuple[LayerAttention
     if whole and not features_only:
         # a user's wrapper around a whole network (a head of its own, a model with its EMA copy): name the path
         name, inner = whole[0]
-        what = type(inner).__name__
+        more = f" and {len(whole) - 1} more" if len(whole) > 1 else ""
         hint = (
-            f". It holds a whole ELA network at .{name} ({what}){' and ' + str(len(whole) - 1) + ' more' if len(whole) > 1 else ''}: "
-            f"export that, export_pruned(model.{name}, ...); what your wrapper adds around it is not part of the "
-            "release"
+            f". It holds a whole ELA network at .{name} ({type(inner).__name__}){more}: export that, "
+            f"export_pruned(model.{name}, ...); what your wrapper adds around it is not part of the release"
         )
     elif any(isinstance(m, LayerAttentionStage) for m in model.modules()):
         # a timm features_only backbone (FeatureListNet), or a detector around one

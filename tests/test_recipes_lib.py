@@ -297,7 +297,8 @@ def test_a_resumed_run_keeps_its_checkpoints_windows(tmp_path, caplog):
     checkpoint.mkdir()
 
     def state(windows, unit="epoch"):
-        entry = {"args": {"windows": windows, "selector": {"name": "ebqm"}, "window_unit": unit}, "attributes": {}}
+        entry = {"args": {"windows": windows, "selector": {"name": "ebqm"}, "window_unit": unit},
+                 "attributes": {"history": []}}
         (checkpoint / "trainer_state.json").write_text(
             json.dumps({"global_step": 6, "stateful_callbacks": {"ElaPruningCallback": entry}}))
 

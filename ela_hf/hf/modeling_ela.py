@@ -244,9 +244,7 @@ class ElaPreTrainedModel(PreTrainedModel):
 
     def _skip_mask_changed(self) -> None:
         """Called by ``ela_hf.set_skip_mask`` on any module containing this model: keep the config's mask current."""
-        mask = self.timm_model.skip_mask
-        if mask is not None:
-            self.config.skip_mask = [list(stage) for stage in mask]
+        _mask_into_config(self.timm_model, self.config)
 
     def post_init(self):
         super().post_init()
@@ -680,10 +678,14 @@ def _weight_files(folder) -> list[str]:
     return sorted(e.name for e in os.scandir(folder) if e.is_file() and _WEIGHT_FILE.fullmatch(e.name))
 
 
-def _config_follows_loaded_mask(network: nn.Module, incompatible_keys) -> None:
-    config, mask = getattr(network, "_ela_config", None), network.skip_mask
+def _mask_into_config(network: nn.Module, config: ElaConfig | None) -> None:
+    mask = network.skip_mask
     if config is not None and mask is not None:
         config.skip_mask = [list(stage) for stage in mask]
+
+
+def _config_follows_loaded_mask(network: nn.Module, incompatible_keys) -> None:
+    _mask_into_config(network, getattr(network, "_ela_config", None))
 
 
 def _strip_prefix(key: str) -> str:

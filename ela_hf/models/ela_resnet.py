@@ -24,6 +24,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from timm.models._manipulate import reinit_non_persistent_buffers
 from timm.models.resnet import BasicBlock, Bottleneck, make_blocks
 
 from ela_hf.layers import MrlaBase, MrlaLight, StageState
@@ -478,13 +479,11 @@ class LayerAttentionResNet(nn.Module):
             for m in self.modules():
                 if m is not self and hasattr(m, "reset_parameters"):
                     m.reset_parameters()
-            for m in self.modules():
                 if isinstance(m, _LayerAttentionBlockMixin) and m.attn_type is not None:
                     with torch.no_grad():
                         m.attn_skipped.fill_(m.attn is None)
                     m._skip = m.attn is None
-                if hasattr(m, "init_non_persistent_buffers"):
-                    m.init_non_persistent_buffers()
+            reinit_non_persistent_buffers(self)  # timm's: the KL statistics start from zero
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -785,15 +785,14 @@ def keep_resumed_windows(schedule: TrainingSchedule, args: RecipeArguments,
     other windows, which the pruning callback refuses: decisions already taken cannot move."""
     if checkpoint is None or args.kl_windows is not None or not schedule.kl_windows:
         return schedule
-    entry = ((_trainer_state(checkpoint) or {}).get("stateful_callbacks") or {}).get("ElaPruningCallback")
-    if isinstance(entry, list):
-        entry = entry[0] if entry else None
-    saved = (entry or {}).get("args") if isinstance(entry, dict) else None
-    if not isinstance(saved, dict) or saved.get("window_unit") != schedule.window_unit:
-        return schedule  # (the callback names a checkpoint of another kind)
+    from ela_hf.pruning import ElaPruningCallback
+
     try:
+        saved = ElaPruningCallback._saved_history((_trainer_state(checkpoint) or {}).get("stateful_callbacks"))
+        if saved is None or saved.get("window_unit") != schedule.window_unit:
+            return schedule  # (the callback names a checkpoint of another kind)
         windows = [(int(a), int(b)) for a, b in saved.get("windows")]
-    except (TypeError, ValueError):
+    except (KeyError, TypeError, ValueError):
         return schedule  # (a damaged state: the callback names it)
     if not windows or windows == [tuple(w) for w in schedule.kl_windows]:
         return schedule
