@@ -36,9 +36,9 @@ from ela_hf.models import find_stages, get_skip_mask, keep_kl_statistics_out_of_
 from ela_hf.models.ela_resnet import (
     LayerAttentionResNet,
     _LayerAttentionBlockMixin,
+    _other_attention_type_hint,
     _some,
-    other_attention_type_hint,
-    unexpected_weights,
+    _unexpected_weights,
     validate_skip_mask,
 )
 
@@ -370,8 +370,8 @@ class ElaPreTrainedModel(PreTrainedModel):
         gone = set(missing)
         # (BatchNorm step counters are never reported missing)
         in_file = [k for k in model_keys if k not in gone and not k.endswith("num_batches_tracked")] + unexpected
-        other_type, extra = unexpected_weights(model_keys, unexpected, CLASSIFIER_PREFIX)
-        other = other_attention_type_hint(model_keys, in_file, missing, other_type, self.config.architecture)
+        other_type, extra = _unexpected_weights(model_keys, unexpected, CLASSIFIER_PREFIX)
+        other = _other_attention_type_hint(model_keys, in_file, missing, other_type, self.config.architecture)
         if other is not None:
             # e.g. MRLA-B weights loaded as an MRLA-L architecture (no lam), or MRLA-L's under MRLA-B (lam left over)
             raise ValueError(f"the weights in {source} do not fit the model's attention layers: {other}.")

@@ -816,9 +816,9 @@ def _check_pretrained_complete(
         k for k in model_keys
         if k not in state_dict and not k.startswith(head) and not k.endswith("num_batches_tracked")
     ]
-    other_type, extra = unexpected_weights(model_keys, list(state_dict), head)
+    other_type, extra = _unexpected_weights(model_keys, list(state_dict), head)
     opt_out = "; pretrained_strict=False accepts it (timm then loads what fits and ignores the rest)"
-    hint = other_attention_type_hint(model_keys, list(state_dict), missing, other_type, variant)
+    hint = _other_attention_type_hint(model_keys, list(state_dict), missing, other_type, variant)
     if hint is not None:
         raise ValueError(f"the pretrained weights for {variant!r} do not fit its attention layers: {hint}{opt_out}")
     if missing:
@@ -843,7 +843,7 @@ def _check_pretrained_complete(
     return state_dict
 
 
-def unexpected_weights(model_keys: Sequence[str], file_keys: Sequence[str], head: str) -> Tuple[List[str], List[str]]:
+def _unexpected_weights(model_keys: Sequence[str], file_keys: Sequence[str], head: str) -> Tuple[List[str], List[str]]:
     """Keys of a weights file that a network does not have, below its classifier ``head`` (a key prefix) and
     BatchNorm step counters aside: ``(other_type, extra)``. ``other_type``: attention weights of layers the
     network has with other keys (MRLA-L's ``lam`` under an MRLA-B network); ``extra``: everything else (blocks of
@@ -867,7 +867,7 @@ def unexpected_weights(model_keys: Sequence[str], file_keys: Sequence[str], head
     return other_type, extra
 
 
-def other_attention_type_hint(model_keys: Sequence[str], file_keys: Sequence[str], missing: Sequence[str],
+def _other_attention_type_hint(model_keys: Sequence[str], file_keys: Sequence[str], missing: Sequence[str],
                               other_type: Sequence[str], architecture: str) -> Optional[str]:
     """The error text for a file of another attention type (MRLA-B weights under an MRLA-L architecture, or the
     other way round), or None: the file has some of a layer's attention weights, and misses or adds others."""
