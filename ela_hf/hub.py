@@ -163,6 +163,47 @@ def _structural_mask(net: LayerAttentionResNet) -> Optional[List[List[bool]]]:
     return [[blk.attn is None for blk in stage] for stage in net.stages]
 
 
+def _refuse_sharded(model: nn.Module) -> None:
+    """A ``ValueError`` for a model whose weights FSDP (or a DTensor layout) shards over processes: an export
+    on one process cannot gather them (``state_dict()`` is a collective there), so say what to do instead."""
+    if not torch.distributed.is_available():
+        return
+    import torch.distributed.fsdp as fsdp
+
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5
+        DTensor = ()
+
+    # FSDP1's wrapper, FSDP2's fully_shard class (torch >= 2.6), and any DTensor parameter
+    classes = tuple(c for c in (getattr(fsdp, "FullyShardedDataParallel", None), getattr(fsdp, "FSDPModule", None))
+                    if isinstance(c, type))
+    where = next((name for name, m in model.named_modules() if isinstance(m, classes)), None)
+    if where is None:
+        where = next((name.rpartition(".")[0] for name, p in model.named_parameters() if isinstance(p, DTensor)), None)
+        if where is None:
+            return
+    inner = next((m for m in model.modules() if isinstance(m, (ElaPreTrainedModel, LayerAttentionResNet))), None)
+    if isinstance(inner, ElaPreTrainedModel):
+        build = f"net = {type(inner).__name__}(model.config)"
+    elif inner is not None:
+        arch = (getattr(inner, "pretrained_cfg", None) or {}).get("architecture") or "<architecture>"
+        structural = _structural_mask(inner)  # layers built without weights: the full state dict lacks them
+        built_skipped = f", skip_mask={structural}" if structural and any(any(s) for s in structural) else ""
+        build = f"net = timm.create_model({arch!r}, num_classes={inner.num_classes}{built_skipped})"
+    else:
+        build = "net = <the same network, built unsharded>"
+    at = f"at {where!r}" if where else "the whole model"
+    raise ValueError(
+        f"export_pruned needs the whole weights in one process, and FSDP shards them over the processes ({at}); "
+        "gathering them is a collective that every process must join. On every "
+        "process: from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions; "
+        "full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)); "
+        f"then on the main process only: {build}; net.load_state_dict(full) (the skip flags come with the "
+        "weights); export_pruned(net, ...)"
+    )
+
+
 def _network_and_config(model: nn.Module, id2label=None) -> Tuple[LayerAttentionResNet, ElaConfig]:
     model = _unwrap(model)
     if isinstance(model, ElaPreTrainedModel):
@@ -707,7 +748,9 @@ def export_pruned(
     """Write the slim release of ``model`` to ``out_dir`` and return its path.
 
     ``model``: a timm ELA model (``timm.create_model("ela_resnet50", ...)``), an ``ElaModel`` /
-    ``ElaForImageClassification``, or either wrapped by DDP / accelerate / ``torch.compile``.
+    ``ElaForImageClassification``, or either wrapped by DDP / accelerate / ``torch.compile``. A model that
+    FSDP shards is refused with the recipe to follow: gather a full state dict on every process and export
+    a model that holds it.
 
     The folder holds ``config.json`` (transformers + timm keys, mask in ``skip_mask`` and
     ``model_args["skip_mask"]``), ``model.safetensors`` (timm key names, no weights for skipped attention
@@ -723,6 +766,7 @@ def export_pruned(
     ``training_args.bin``): a training ``output_dir`` is never replaced. A ``preprocessor_config.json`` saved
     beside the earlier export is kept, with a warning.
     """
+    _refuse_sharded(model)
     out_dir = Path(out_dir)
     if out_dir.parent.is_dir():
         _clean_up_abandoned_exports(out_dir)

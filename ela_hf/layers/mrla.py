@@ -11,6 +11,7 @@ import math
 import numbers
 import os
 import threading
+import warnings
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -703,8 +704,29 @@ class _LayerAttentionBase(nn.Module):
     @torch.no_grad()
     def _accumulate(self, d: torch.Tensor) -> None:
         """d: [B] (already averaged over heads) -> add to the running float32 sum and count."""
+        if self.kl_sum.dtype != torch.float32 or self.kl_count.dtype != torch.float32:
+            self._restore_kl_precision()
         self.kl_sum += d.float().sum()
         self.kl_count += d.shape[0]
+
+    @torch.compiler.disable
+    def _restore_kl_precision(self) -> None:
+        # FSDP's mixed precision (MixedPrecision(buffer_dtype=torch.bfloat16), accelerate's FSDP bf16) casts
+        # every buffer through `buffer.data = ...`, which _apply never sees: bf16 cannot count past 256 images.
+        # Back to float32 in place (the same tensor objects). FSDP casts once, before the first forward pass,
+        # when nothing is recorded yet; a cast after recording began has rounded the sums already.
+        rounded = bool(self.kl_count.ne(0).any())
+        for t in (self.kl_sum, self.kl_count):
+            t.data = t.data.float()
+        if rounded:
+            warnings.warn(
+                "the KL statistics of an attention layer were cast to a lower precision after recording began "
+                "(FSDP mixed precision with a buffer_dtype casts buffers when it switches precision, e.g. with "
+                "FSDP_USE_FULL_PREC_IN_EVAL=1 around an evaluation): this window's d_t values carry that rounding. "
+                "They are float32 again from here on",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def reset_kl(self) -> None:
         self.kl_sum.zero_()

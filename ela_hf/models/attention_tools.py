@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ela_hf.layers.mrla import _LayerAttentionBase
+
 from .ela_resnet import LayerAttentionStage, SkipMask, _LayerAttentionBlockMixin, kl_buffer_names, validate_skip_mask
 
 __all__ = [
@@ -31,6 +33,40 @@ __all__ = [
     "slim_state_dict",
 ]
 
+# attributes through which wrappers hold the module they wrap: FSDP1's FullyShardedDataParallel,
+# torch.distributed's checkpoint_wrapper, torch.compile's OptimizedModule. Their state dicts (but the last's)
+# and the names users know leave these hops out.
+_WRAPPER_HOPS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+
+
+def _clean_name(name: str) -> str:
+    """A module, parameter or buffer name without the hops into wrappers (see ``_WRAPPER_HOPS``)."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_HOPS)
+
+
+def _module_names(module: nn.Module) -> Dict[int, str]:
+    """``id(submodule) -> name`` for every module inside ``module``, named as in the model you built: without
+    the ``_fsdp_wrapped_module`` / ``_checkpoint_wrapped_module`` / ``_orig_mod`` hops that FSDP, activation
+    checkpoint wrappers and ``torch.compile`` add (a wrapper and the module it wraps share a name)."""
+    names: Dict[int, str] = {}
+    for name, sub in module.named_modules():
+        names.setdefault(id(sub), _clean_name(name))
+    return names
+
+
+def _inner(module: nn.Module, cls: type) -> nn.Module:
+    """The ``cls`` module that ``module`` is, or that a wrapper in its place holds (FSDP1 wraps blocks and
+    attention layers in place: its ``FullyShardedDataParallel`` forwards attribute reads to them, but an
+    attribute set on it stays on the wrapper)."""
+    if isinstance(module, cls):
+        return module
+    return next((m for m in module.modules() if isinstance(m, cls)), module)
+
+
+def _attention(blk: nn.Module):
+    """The block's attention layer itself (not a wrapper around it), or None where it was built skipped."""
+    return None if blk.attn is None else _inner(blk.attn, _LayerAttentionBase)
+
 
 def find_stages(module: nn.Module) -> List[LayerAttentionStage]:
     """The layer-attention stages inside ``module`` that carry attention, in network order."""
@@ -44,7 +80,7 @@ def attention_layers(module: nn.Module) -> Iterator[Tuple[int, int, nn.Module]]:
     """``(stage_idx, block_idx, block)`` for every block with an attention type, in network order."""
     for i, stage in enumerate(find_stages(module)):
         for j, blk in enumerate(stage):
-            yield i, j, blk
+            yield i, j, _inner(blk, _LayerAttentionBlockMixin)
 
 
 def follow_skip_buffers(module: nn.Module) -> None:
@@ -111,7 +147,7 @@ def set_kl_recording(module: nn.Module, enabled: bool) -> None:
         check_ddp_keeps_kl_statistics(module)
     for _, _, blk in attention_layers(module):
         if blk.attn is not None:
-            blk.attn.recording = enabled
+            _attention(blk).recording = enabled
 
 
 def _as_switch(value: object, name: str) -> bool:
@@ -125,7 +161,7 @@ def _as_switch(value: object, name: str) -> bool:
 def kl_recording(module: nn.Module, enabled: bool = True):
     """Context manager: record (or, with ``enabled=False``, do not record) the adjacent-layer KL statistics of
     training-mode forward passes; each layer's earlier setting comes back on exit, so it nests."""
-    layers = [blk.attn for _, _, blk in attention_layers(module) if blk.attn is not None]
+    layers = [_attention(blk) for _, _, blk in attention_layers(module) if blk.attn is not None]
     before = [attn.recording for attn in layers]
     set_kl_recording(module, enabled)
     try:
@@ -168,7 +204,7 @@ def check_ddp_keeps_kl_statistics(module: nn.Module) -> None:
 def reset_kl_statistics(module: nn.Module) -> None:
     for _, _, blk in attention_layers(module):
         if blk.attn is not None:
-            blk.attn.reset_kl()
+            _attention(blk).reset_kl()
 
 
 def kl_accumulators(module: nn.Module) -> List[Tuple[int, int, torch.Tensor, torch.Tensor]]:
@@ -180,7 +216,8 @@ def kl_accumulators(module: nn.Module) -> List[Tuple[int, int, torch.Tensor, tor
     for i, j, blk in attention_layers(module):
         if j == 0 or blk.is_skipped:
             continue
-        out.append((i, j, blk.attn.kl_sum, blk.attn.kl_count))
+        attn = _attention(blk)
+        out.append((i, j, attn.kl_sum, attn.kl_count))
     return out
 
 
@@ -204,5 +241,7 @@ def slim_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:
     for name, sub in module.named_modules():
         # a skipped layer built in place still has its weights (attn); plain blocks have attn None
         if isinstance(sub, _LayerAttentionBlockMixin) and sub.is_skipped and sub.attn is not None:
+            name = _clean_name(name)
             prefixes.append(f"{name}.attn." if name else "attn.")
-    return {k: v for k, v in module.state_dict().items() if not any(k.startswith(p) for p in prefixes)}
+    # keys compared without wrapper hops: FSDP's full state dict leaves them out, a compiled model's keeps them
+    return {k: v for k, v in module.state_dict().items() if not any(_clean_name(k).startswith(p) for p in prefixes)}

@@ -41,6 +41,7 @@ from transformers.utils import logging
 
 from ..models import LayerAttentionStage, keep_kl_statistics_out_of_ddp
 from ..models.attention_tools import (
+    _module_names,
     attention_layers,
     get_skip_mask,
     reset_kl_statistics,
@@ -535,7 +536,7 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
                 "transformers.integrations.TensorBoardCallback).", LOG_PREFIX, reporters,
             )
         self._epochs_ended = int(math.floor(state.epoch or 0.0))
-        self._names = {id(m): name for name, m in model.named_modules()}
+        self._names = _module_names(model)
         list(attention_layers(model))  # ValueError when the model has no layer-attention stages
         self._output_dir = args.output_dir
         self._check_epochs_exist(kwargs.get("train_dataloader"))

@@ -19,6 +19,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..models.attention_tools import (
+    _attention,
+    _module_names,
     attention_layers,
     check_ddp_keeps_kl_statistics,
     get_skip_mask,
@@ -60,9 +62,9 @@ def candidate_layers(model: nn.Module, names: Optional[Dict[int, str]] = None) -
     """The layers a decision can skip: active attention layers that are not their stage's first, in network
     order, each named by its module name in ``model`` (``names``: ``id(block) -> name``, computed if not given)."""
     if names is None:
-        names = {id(m): name for name, m in model.named_modules()}
+        names = _module_names(model)
     return [
-        (i, j, names.get(id(blk), f"stage{i}.block{j}"), blk.attn)
+        (i, j, names.get(id(blk), f"stage{i}.block{j}"), _attention(blk))
         for i, j, blk in attention_layers(model)
         if j > 0 and not blk.is_skipped
     ]
