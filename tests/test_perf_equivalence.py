@@ -1386,3 +1386,24 @@ def test_plain_autograd_opened_or_closed_mid_stage_by_another_thread_leaves_the_
             context.__exit__(None, None, None)
     assert not fast_ops.plain_autograd_enabled()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(fast_ops.cpu_kernels() is None, reason="the fused tails are C++ kernels")
+@pytest.mark.parametrize("attn_type", ["mrla_b", "mrla_l"])
+def test_two_forwards_of_different_sizes_then_one_backward(attn_type):
+    """Multi-crop / multi-scale training (DINO's global and local crops, FixMatch's two batches): a small pass
+    takes PyTorch's batch norm, which saves the running statistics for backward, and a large pass takes the
+    fused tails, which update them after it; that update used to bump their version and fail the backward."""
+    g = torch.Generator().manual_seed(0)
+    # planes under and over the kernels' size limits; float64, so that the comparison can be tight
+    small = torch.randn(2, 3, 6, 6, generator=g, dtype=torch.float64)
+    large = torch.randn(3, 3, 20, 20, generator=g, dtype=torch.float64)
+    fast, plain = _tiny(attn_type).double().train(), _tiny(attn_type).double().train()
+    _loss(fast(small) + fast(large)[:2]).backward()
+    with ela_hf.layers.plain_autograd():
+        _loss(plain(small) + plain(large)[:2]).backward()
+    for (name, a), b in zip(fast.named_parameters(), plain.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-9, atol=1e-11), name
+    for (name, a), b in zip(fast.named_buffers(), plain.buffers()):
+        if "running" in name:
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-14), name

@@ -263,9 +263,13 @@ def _count_batch(bn: nn.BatchNorm2d) -> float:
 
 
 def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, n: int, momentum: float):
-    """``nn.BatchNorm2d``'s running averages from a batch's mean and biased variance over ``n`` values."""
-    bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
-    bn.running_var.lerp_((var * (n / (n - 1))).to(bn.running_var.dtype), momentum)
+    """``nn.BatchNorm2d``'s running averages from a batch's mean and biased variance over ``n`` values.
+
+    Updated through ``.data``, leaving their version counters alone, as PyTorch's batch norm kernel does: an
+    earlier forward pass through ``F.batch_norm`` (a smaller input, under the kernels' size limits) saved them
+    for its backward, which a bumped version would fail (two passes, one backward: multi-crop training)."""
+    bn.running_mean.data.lerp_(mean.to(bn.running_mean.dtype), momentum)
+    bn.running_var.data.lerp_((var * (n / (n - 1))).to(bn.running_var.dtype), momentum)
 
 
 def _fold_batch_norm(bn: nn.BatchNorm2d, weight, bias, mean: torch.Tensor, var: torch.Tensor):
