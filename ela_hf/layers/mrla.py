@@ -324,6 +324,11 @@ class _SlotBufferPool:
     # for least recently are let go, so inputs of ever new sizes (detection's multi-scale batches) cannot
     # keep a buffer for every size seen, while a fixed set of sizes that fits keeps being reused
     max_free_bytes = max(1 << 30, _physical_memory() // 8)
+    # a buffer is kept only for a shape that this many forward passes asked for (value buffers; a backward's
+    # gradient buffer does not count): a training loop asks for the same shapes at every step (its second
+    # step's buffers are kept), while a server fed ever new image sizes asks for most of them once, and
+    # keeping those (up to max_free_bytes, never reused) would only hold memory
+    min_passes_to_keep = 2
 
     def __init__(self):
         self._free: Dict[tuple, List[torch.Tensor]] = {}  # shape key -> buffers ready for reuse (never empty)
@@ -333,21 +338,22 @@ class _SlotBufferPool:
         # append needs no lock
         self._orphans: "deque[torch.Tensor]" = deque(maxlen=self.max_pending)
         self._lock = threading.Lock()
-        # shape keys by their last request, least recent first (every key of self._free is in it)
-        self._recent: "OrderedDict[tuple, None]" = OrderedDict()
+        # shape key -> how many forward passes asked for it, by last request, least recent first (every key
+        # of self._free is in it)
+        self._recent: "OrderedDict[tuple, int]" = OrderedDict()
         self.allocations = 0  # buffers made fresh (not reused): a steady training loop stops adding
 
     def take(self, n: int, v: torch.Tensor, heads: int) -> torch.Tensor:
         """A ``[n, B*heads, d*H*W]`` buffer for values like ``v``."""
         b, c, h, w = v.shape
-        return self._take((n, b * heads, (c // heads) * h * w), v)
+        return self._take((n, b * heads, (c // heads) * h * w), v, forward=True)
 
-    def _take(self, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    def _take(self, shape: tuple, like: torch.Tensor, forward: bool = False) -> torch.Tensor:
         # inference tensors (made under torch.inference_mode) only serve inference-mode passes
         key = (shape, like.dtype, like.device, torch.is_inference_mode_enabled())
         if like.device.type == "cpu":
             with self._lock:
-                self._recent[key] = None
+                self._recent[key] = self._recent.get(key, 0) + int(forward)
                 self._recent.move_to_end(key)
                 self._collect_pending()
                 free = self._free.get(key)
@@ -439,11 +445,12 @@ class _SlotBufferPool:
         if _storage_refs(buf) != buf._ela_storage_refs:  # a view of it is alive somewhere
             return
         key = buf._ela_pool_key
+        if self._recent.get(key, 0) < self.min_passes_to_keep:  # (also a shape asked for before a clear())
+            return
         free = self._free.setdefault(key, [])
         if len(free) < self.max_per_key and not any(b is buf for b in free):  # never handed out twice
             free.append(buf)
             self._held += _nbytes(buf)
-            self._recent.setdefault(key)  # asked for before a clear(): counts as recent
             self._shrink()
 
     def clear(self) -> None:
