@@ -37,6 +37,7 @@ from ela_hf.training import (
     build_selector,
     build_transforms,
     card_settings,
+    check_checkpoint_classes,
     check_checkpoint_finished,
     check_checkpoint_unfinished,
     check_export_dir,
@@ -152,6 +153,7 @@ def main(argv=None):
         selector = None  # nothing is pruned: the card names no selector
     # the model card's settings, kept in every checkpoint: --export_only compares them with its own
     settings = card_settings("imagenet", args, training_args, schedule, learning_rate, total_batch_size, selector)
+    check_checkpoint_classes(checkpoint, labels)  # its classifier rows are loaded by index
     if args.export_only:
         check_checkpoint_finished(checkpoint, schedule.run_steps, settings)
     else:

@@ -194,6 +194,12 @@ def test_cifar_recipe_trains_prunes_exports_and_resumes(tmp_path, monkeypatch):
         cifar.main(_common(resumed, other, tmp_path / "cache") + args
                    + ["--resume_from_checkpoint", "last", "--export_only"])
     assert not (resumed / "export").exists()
+    # training on from it is refused too: its classifier rows would answer to other names (it used to train on)
+    with pytest.raises(ValueError, match=r"--resume_from_checkpoint .*checkpoint-4' was trained on other classes "
+                                         r"than --dataset has \(3 vs 3; class 0: 'circle' there, 'ball' here\)"):
+        cifar.main(_common(resumed, other, tmp_path / "cache") + args
+                   + ["--max_steps", "6", "--resume_from_checkpoint", "last"])
+    assert not (resumed / "checkpoint-5").exists()
 
     # a run without pruning in the same output_dir: the earlier run's pruning_history.json is not its history
     cifar.main(_common(full, data, tmp_path / "cache") + args + ["--kl_windows", "none", "--max_steps", "2"])

@@ -1084,3 +1084,19 @@ def test_load_finished_run_reads_the_model_and_the_pruning_history_its_checkpoin
     with pytest.raises(ValueError, match=r"trained on other classes than --dataset has \(2 vs 2; class 1: 'dog' there, "
                                          r"'cow' here\)"):
         load_finished_run(str(checkpoint), other)
+
+
+def test_a_resumed_checkpoint_must_have_this_runs_classes(tmp_path):
+    from ela_hf.training import check_checkpoint_classes
+
+    checkpoint = tmp_path / "checkpoint-4"
+    checkpoint.mkdir()
+    check_checkpoint_classes(str(checkpoint), ["cat", "dog"])  # no config.json: nothing to compare
+    (checkpoint / "config.json").write_text(json.dumps({"id2label": {"0": "cat", "1": "dog"}}))
+    check_checkpoint_classes(str(checkpoint), ["cat", "dog"])
+    check_checkpoint_classes(None, ["cat"])
+    with pytest.raises(ValueError, match=r"--resume_from_checkpoint .*checkpoint-4' was trained on other classes than "
+                                         r"--dataset has \(2 vs 3; class 2: None there, 'eel' here\)"):
+        check_checkpoint_classes(str(checkpoint), ["cat", "dog", "eel"])  # a class folder added
+    with pytest.raises(ValueError, match=r"class 0: 'cat' there, 'dog' here"):
+        check_checkpoint_classes(str(checkpoint), ["dog", "zcat"])  # a class folder renamed: the order moved

@@ -12,7 +12,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 __all__ = [
     "RecipeArguments",
@@ -700,6 +700,32 @@ def _check_run_settings(checkpoint: str, settings: Dict[str, Any]) -> None:
         )
 
 
+def check_checkpoint_classes(checkpoint: Optional[str], labels: Sequence[str]) -> None:
+    """A resumed checkpoint must have been trained on this run's classes, in this order (``labels``, class id
+    order): its classifier's rows are loaded by index, so a renamed, added or removed class folder would
+    otherwise give every row another class's name silently (or fail deep inside ``load_state_dict``). Nothing
+    is checked without a checkpoint or a readable ``config.json`` in it."""
+    if checkpoint is None:
+        return
+    recorded = _read_json(os.path.join(checkpoint, "config.json"))
+    theirs = recorded.get("id2label") if isinstance(recorded, dict) else None
+    if isinstance(theirs, dict):
+        _check_same_classes(f"--resume_from_checkpoint {checkpoint!r}", theirs, dict(enumerate(labels)),
+                            "; a run on these classes starts afresh, in another --output_dir")
+
+
+def _check_same_classes(what: str, theirs: Mapping, ours: Mapping, advice: str = "") -> None:
+    theirs = {int(k): v for k, v in theirs.items()}
+    ours = {int(k): v for k, v in ours.items()}
+    if theirs != ours:
+        differ = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+        raise ValueError(
+            f"{what} was trained on other classes than --dataset has ({len(theirs)} vs "
+            f"{len(ours)}; class {differ[0]}: {theirs.get(differ[0])!r} there, {ours.get(differ[0])!r} here); "
+            f"give the run's own --dataset{advice}"
+        )
+
+
 def load_finished_run(checkpoint: str, config) -> Tuple[Any, Optional[Dict[str, Any]]]:
     """``--export_only``: ``(model, pruning_history)`` of a finished run's ``checkpoint``: its weights and skip
     mask, and the pruning decisions its ``ElaPruningCallback`` stored in ``trainer_state.json`` (None for a run
@@ -708,15 +734,7 @@ def load_finished_run(checkpoint: str, config) -> Tuple[Any, Optional[Dict[str, 
     from ela_hf.pruning import ElaPruningCallback
 
     model = ElaForImageClassification.from_pretrained(checkpoint)
-    theirs = {int(k): v for k, v in model.config.id2label.items()}
-    ours = {int(k): v for k, v in config.id2label.items()}
-    if theirs != ours:
-        differ = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
-        raise ValueError(
-            f"--export_only: {checkpoint!r} was trained on other classes than --dataset has ({len(theirs)} vs "
-            f"{len(ours)}; class {differ[0]}: {theirs.get(differ[0])!r} there, {ours.get(differ[0])!r} here); "
-            "give the run's own --dataset"
-        )
+    _check_same_classes(f"--export_only: {checkpoint!r}", model.config.id2label, config.id2label)
     try:
         history = ElaPruningCallback._saved_history(_trainer_state(checkpoint).get("stateful_callbacks"))
     except (KeyError, TypeError):
