@@ -663,6 +663,34 @@ def test_split_folders_datasets_would_misread_are_named(tmp_path, caplog):
     assert "not read" not in caplog.text and "look like splits" not in caplog.text
 
 
+def test_folders_linked_in_are_refused_not_left_out(tmp_path):
+    """datasets does not follow symbolic links to folders: a linked class folder used to vanish from the model
+    (2 classes instead of 3), a linked split folder from the data, without a word. Linked images are read."""
+    import os
+
+    _write_image_folder(tmp_path / "elsewhere", splits=("train", "validation"), classes=("owl",))
+    _write_image_folder(tmp_path / "classes")
+    for split in ("train", "validation"):
+        os.symlink(tmp_path / "elsewhere" / split / "owl", tmp_path / "classes" / split / "owl")
+    with pytest.raises(ValueError, match=r"train/owl/, validation/owl/ are symbolic links to a folder, which "
+                                         r"datasets does not follow"):
+        load_image_dataset(str(tmp_path / "classes"), cache_dir=str(tmp_path / "cache"))
+    _write_image_folder(tmp_path / "split", splits=("validation",))
+    os.symlink(tmp_path / "elsewhere" / "train", tmp_path / "split" / "train")
+    with pytest.raises(ValueError, match=r"'.*split': train/ is a symbolic link to a folder"):
+        load_image_dataset(str(tmp_path / "split"), cache_dir=str(tmp_path / "cache"))
+    _write_image_folder(tmp_path / "flat", splits=(".",))
+    os.symlink(tmp_path / "elsewhere" / "train" / "owl", tmp_path / "flat" / "owl")
+    with pytest.raises(ValueError, match=r"owl/ is a symbolic link to a folder"):
+        load_image_dataset(str(tmp_path / "flat"), cache_dir=str(tmp_path / "cache"))
+    # linked images are fine
+    _write_image_folder(tmp_path / "files")
+    image = next((tmp_path / "elsewhere" / "train" / "owl").iterdir())
+    os.symlink(image, tmp_path / "files" / "train" / "cat" / ("linked" + image.suffix))
+    data = load_image_dataset(str(tmp_path / "files"), cache_dir=str(tmp_path / "cache"))
+    assert len(data["train"]) == len(list((tmp_path / "files" / "train").rglob("*.*")))
+
+
 def test_a_folder_with_one_class_is_told_it_needs_two(tmp_path):
     _write_image_folder(tmp_path / "one", classes=("cat",))
     data = load_image_dataset(str(tmp_path / "one"), cache_dir=str(tmp_path / "cache"))

@@ -96,6 +96,8 @@ def load_image_dataset(
     else:
         # a local folder or a Hub id: datasets infers the builder (imagefolder, parquet, ...) and the
         # splits from the file names
+        if os.path.isdir(path):
+            _refuse_linked_folders(path, dataset)
         loaded = load_dataset(path if os.path.isdir(path) else dataset, name=config, cache_dir=cache_dir)
     if not isinstance(loaded, DatasetDict):
         loaded = DatasetDict(train=loaded)
@@ -117,6 +119,29 @@ def _split_folder_regex(flags: int = 0) -> re.Pattern:
 
 def _subfolders(path: str) -> List[str]:
     return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+
+
+def _refuse_linked_folders(path: str, dataset: str) -> None:
+    """Symbolic links to folders, as split folders or class folders: ``datasets`` does not follow them, so
+    their images would be left out without a word (a class missing from the model, or a whole split)."""
+    splits = _split_folder_regex()
+    linked = []
+    for entry in os.scandir(path):
+        if entry.name.startswith(".") or not entry.is_dir():
+            continue
+        if entry.is_symlink():
+            linked.append(entry.name + "/")
+        elif splits.fullmatch(entry.name):  # class folders inside a split folder (not the images of a flat one)
+            linked += [f"{entry.name}/{e.name}/" for e in os.scandir(entry.path)
+                       if e.is_symlink() and e.is_dir() and not e.name.startswith(".")]
+    if linked:
+        linked.sort()
+        raise ValueError(
+            f"--dataset {dataset!r}: {', '.join(linked[:5])}{' ...' if len(linked) > 5 else ''} "
+            f"{'is a symbolic link' if len(linked) == 1 else 'are symbolic links'} to a folder, which datasets does "
+            "not follow: those images would be left out without a word. Copy the folders in (or link the images "
+            "one by one, which works)"
+        )
 
 
 def _check_split_folders(path: str, dataset: str) -> None:
