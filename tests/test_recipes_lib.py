@@ -1,4 +1,5 @@
 """The recipes' shared pieces (ela_hf.training): data, transforms, schedule, metrics, argument checks."""
+import io
 import json
 import os
 import shutil
@@ -118,8 +119,10 @@ def test_dataset_without_usable_label_column_is_rejected():
     no_label = Dataset.from_dict({"image": [img], "caption": ["a cat"]}, features=Features({"image": Image(), "caption": Value("string")}))
     with pytest.raises(ValueError, match="no usable label column.*caption"):
         resolve_columns(no_label)
-    with pytest.raises(ValueError, match="'caption' holds string, not class ids"):
-        resolve_columns(no_label, label_column="caption")
+    assert resolve_columns(no_label, label_column="caption") == ("image", "caption")  # class names, if you say so
+    floats = Dataset.from_dict({"image": [img], "score": [0.5]}, features=Features({"image": Image(), "score": Value("float64")}))
+    with pytest.raises(ValueError, match="'score' holds float64, not class ids"):
+        resolve_columns(floats, label_column="score")
     with pytest.raises(ValueError, match="'nope' is not a column"):
         resolve_columns(no_label, label_column="nope")
     no_image = Dataset.from_dict({"text": ["x"], "label": [0]})
@@ -1128,3 +1131,34 @@ def test_a_resumed_checkpoint_must_have_this_runs_classes(tmp_path):
         check_checkpoint_classes(str(checkpoint), ["cat", "dog", "eel"])  # a class folder added
     with pytest.raises(ValueError, match=r"class 0: 'cat' there, 'dog' here"):
         check_checkpoint_classes(str(checkpoint), ["dog", "zcat"])  # a class folder renamed: the order moved
+
+
+def test_class_names_in_a_string_label_column_become_class_ids(tmp_path):
+    """pandas writes labels as strings: they used to be refused even when named with --label_column."""
+    import pandas as pd
+
+    def frame(names):
+        rows = []
+        for i, name in enumerate(names):
+            buf = io.BytesIO()
+            _image(seed=i).save(buf, format="PNG")
+            rows.append({"image": {"bytes": buf.getvalue(), "path": None}, "label": name})
+        return pd.DataFrame(rows)
+
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    frame(["red", "green", "blue", "green", "red", "red"]).to_parquet(folder / "train-00000.parquet")
+    frame(["green", "red"]).to_parquet(folder / "validation-00000.parquet")
+    data = load_image_dataset(str(folder), cache_dir=str(tmp_path / "cache"))
+    assert data["train"].features["label"].dtype in ("string", "large_string")
+    train, evaluation, _, label, labels = prepare_splits(data["train"], data["validation"], "validation",
+                                                         class_source=data["train"])
+    assert labels == ["blue", "green", "red"]  # sorted, as an image folder's classes
+    assert train[label] == [2, 1, 0, 1, 2, 2] and evaluation[label] == [1, 2]
+    odd = Dataset.from_dict({"image": [_image()], "label": ["purple"]}, features=Features({"image": Image(), "label": Value("string")}))
+    with pytest.raises(ValueError, match=r"split 'validation' has images of 1 class\(es\) the training split has no "
+                                         r"image of: 'purple'"):
+        prepare_splits(data["train"], odd, "validation")
+    blank = Dataset.from_dict({"image": [_image()] * 2, "label": ["red", ""]}, features=Features({"image": Image(), "label": Value("string")}))
+    with pytest.raises(ValueError, match=r"training split's label column 'label' has rows without a class name"):
+        prepare_splits(blank, data["validation"], "validation")

@@ -247,7 +247,8 @@ def resolve_columns(
     """The image and label columns of ``dataset``: the ones named, else detected from the features.
 
     Detection prefers typed features (``Image``, ``ClassLabel``) and falls back to common names; a label
-    column must hold integers. Raises ``ValueError`` naming the columns there are when none fits.
+    column must hold integers or class names (strings, which :func:`prepare_splits` turns into a ``ClassLabel``).
+    Raises ``ValueError`` naming the columns there are when none fits.
     """
     features = dataset.features
     columns = list(features)
@@ -266,10 +267,10 @@ def resolve_columns(
     if label_column is not None:
         if label_column not in features:
             raise ValueError(f"--label_column {label_column!r} is not a column of the dataset; columns: {described}")
-        if not _is_integer_label(features[label_column]):
+        if not (_is_integer_label(features[label_column]) or _is_string(features[label_column])):
             raise ValueError(
                 f"--label_column {label_column!r} holds {_describe(features[label_column])}, not class ids; "
-                "a label column must be a ClassLabel or an integer column"
+                "a label column must be a ClassLabel, an integer column or a column of class names (strings)"
             )
     else:
         class_labels = [c for c in columns if isinstance(features[c], ClassLabel)]
@@ -280,7 +281,8 @@ def resolve_columns(
                     f"the dataset has several label columns ({', '.join(class_labels)}); choose one with --label_column"
                 )
             class_labels = preferred
-        named = [c for c in _LABEL_COLUMN_NAMES if c in features and _is_integer_label(features[c])]
+        named = [c for c in _LABEL_COLUMN_NAMES
+                 if c in features and (_is_integer_label(features[c]) or _is_string(features[c]))]
         if not class_labels and not named:
             if columns and all(isinstance(features[c], Image) for c in columns):
                 # imagefolder: no labels at all means the folder layout did not give classes
@@ -292,8 +294,8 @@ def resolve_columns(
                     "single class (a classifier needs at least 2)"
                 )
             raise ValueError(
-                f"the dataset has no usable label column (a ClassLabel or an integer column named one of "
-                f"{', '.join(_LABEL_COLUMN_NAMES)}); columns: {described}. Name it with --label_column"
+                f"the dataset has no usable label column (a ClassLabel, or an integer or string column named one "
+                f"of {', '.join(_LABEL_COLUMN_NAMES)}); columns: {described}. Name it with --label_column"
             )
         label_column = (class_labels or named)[0]
     if label_column == image_column:
@@ -371,6 +373,8 @@ def prepare_splits(
     train = _as_image(train, image_column, decode_images)
     evaluation = _as_image(evaluation, image_column, decode_images)
     source = train if class_source is None else class_source
+    if _is_string(source.features[label_column]):  # class names (pandas' usual form): ids in sorted name order
+        train, evaluation, source = _encode_class_names(train, evaluation, source, label_column, eval_name)
     labels = class_names(source, label_column)
     check_labels(evaluation, label_column, len(labels), eval_name)
     _check_eval_classes_are_trained(source, evaluation, label_column, labels, eval_name)
@@ -582,6 +586,30 @@ def collate_image_batch(examples: Sequence[Dict]) -> Dict[str, torch.Tensor]:
         "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
         "labels": torch.tensor([e["labels"] for e in examples], dtype=torch.long),
     }
+
+
+def _is_string(feature) -> bool:
+    return isinstance(feature, Value) and feature.dtype in ("string", "large_string")
+
+
+def _encode_class_names(train: Dataset, evaluation: Dataset, source: Dataset, label_column: str,
+                        eval_name: str) -> Tuple[Dataset, Dataset, Dataset]:
+    """A label column of class names as a ``ClassLabel`` of the training split's names, sorted (as an image
+    folder's classes are); an evaluation split's name that the training split lacks, or a missing name, is an
+    error naming it."""
+    names = source.unique(label_column)
+    for split, values in (("training split", names), (f"split {eval_name!r}", evaluation.unique(label_column))):
+        if any(v is None or not str(v).strip() for v in values):
+            raise ValueError(f"the {split}'s label column {label_column!r} has rows without a class name (empty "
+                             "or missing); label every image or leave the unlabelled ones out")
+    unknown = sorted(set(evaluation.unique(label_column)) - set(names))
+    if unknown:
+        raise ValueError(
+            f"split {eval_name!r} has images of {len(unknown)} class(es) the training split has no image of: "
+            f"{', '.join(repr(n) for n in unknown[:10])}{', ...' if len(unknown) > 10 else ''}"
+        )
+    feature = ClassLabel(names=sorted(names))
+    return tuple(d.cast_column(label_column, feature) for d in (train, evaluation, source))
 
 
 def _is_integer_label(feature) -> bool:
