@@ -961,6 +961,12 @@ def test_argument_checks_added_after_a_users_review(tmp_path, caplog):
         check_checkpoint_unfinished(str(checkpoint), 4)
     check_checkpoint_unfinished(str(checkpoint), 5)
     check_checkpoint_unfinished(None, 4)
+    # half the images removed since: the same epochs are fewer steps now, which the refusal says
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 15, "epoch": 3.0}))
+    with pytest.raises(ValueError, match=r"has already trained 15 of this run's 12 steps \(it ran 15 steps in 3 "
+                                         r"epochs, 5 an epoch; the training set, batch size"):
+        check_checkpoint_unfinished(str(checkpoint), 12)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
     # --export_only wants the reverse: a checkpoint that ran every step of this run
     from ela_hf.training import check_checkpoint_finished
 

@@ -627,9 +627,14 @@ def check_checkpoint_unfinished(checkpoint: Optional[str], run_steps: Optional[i
         return
     step = state["global_step"]
     if step >= run_steps:
+        epoch = state.get("epoch")
+        # fewer training images (or a larger batch, more processes) make the same epochs fewer steps
+        per_epoch = (f" (it ran {step} steps in {epoch:g} epochs, {step / epoch:.4g} an epoch; the training set, batch "
+                     "size, gradient accumulation and number of processes set an epoch's steps)"
+                     if isinstance(epoch, (int, float)) and epoch > 0 else "")
         raise ValueError(
-            f"--resume_from_checkpoint {checkpoint!r} has already trained {step} of this run's {run_steps} steps: "
-            "nothing is left to train; raise --num_train_epochs or --max_steps to train on. (A run stopped after its "
+            f"--resume_from_checkpoint {checkpoint!r} has already trained {step} of this run's {run_steps} steps"
+            f"{per_epoch}: nothing is left to train; raise --num_train_epochs or --max_steps to train on. (A run stopped after its "
             "last checkpoint, e.g. during the final evaluation or export: that checkpoint is the trained model; "
             "add --export_only to evaluate and export it)"
         )
