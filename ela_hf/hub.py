@@ -195,7 +195,8 @@ def _refuse_sharded(model: nn.Module) -> None:
         build = "net = <the same network, built unsharded>"
     at = f"at {where!r}" if where else "the whole model"
     raise ValueError(
-        f"export_pruned needs the whole weights in one process, and FSDP shards them over the processes ({at}); "
+        f"export_pruned needs the whole weights in one process, and FSDP (or another DTensor layout) shards them "
+        f"over the processes ({at}); "
         "gathering them is a collective that every process must join. On every "
         "process: from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions; "
         "full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)); "

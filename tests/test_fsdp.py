@@ -53,7 +53,7 @@ def test_records_pools_and_skips_identically_under_fsdp(ranks, variant, wrapper)
 def test_export_pruned_refuses_a_sharded_model_and_its_recipe_works(ranks, variant):
     r0 = ranks[0][variant]
     refusal = r0["refusal"]
-    assert refusal is not None and "FSDP shards them" in refusal
+    assert refusal is not None and "FSDP (or another DTensor layout) shards them" in refusal
     assert "get_model_state_dict" in refusal and "full_state_dict=True" in refusal
     assert "timm.create_model('ela_resnet20_cifar', num_classes=4)" in refusal
     # gathered, loaded into an unsharded network and exported: the release holds the mask, not the skipped layer
@@ -159,3 +159,57 @@ def test_accumulators_cast_down_after_recording_began_warn():
             net(x)
     assert [float(c) for *_, c in ela_hf.models.kl_accumulators(net)] == [8.0] * 3
     assert {s.dtype for *_, s, _ in ela_hf.models.kl_accumulators(net)} == {torch.float32}
+
+
+@pytest.mark.parametrize("arch", ["ela_resnet20_cifar", "mrla_b_resnet20_cifar"])
+def test_blocks_sharded_with_input_casting_share_their_stage_state(tmp_path, arch):
+    """FSDP2's MixedPrecisionPolicy (and FSDP1's cast_forward_inputs) maps over each unit's inputs and rebuilt
+    the stage state, a dataclass then, for every block: later blocks saw none of the earlier ones' keys, values
+    or attention (other outputs, nothing recorded), without an error."""
+    import copy
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.utils import _apply_to_tensors
+
+    from ela_hf.layers import StageState
+    from ela_hf.models.ela_resnet import _LayerAttentionBlockMixin
+    from two_ranks import one_rank_group
+
+    state = StageState(keys=[torch.ones(1)])
+    assert _apply_to_tensors(lambda t: t.double(), state) is state  # what FSDP's input casting does to it
+
+    torch.manual_seed(0)
+    plain = timm.create_model(arch, num_classes=4)
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with one_rank_group(tmp_path):
+        mesh = init_device_mesh("cpu", (1,))
+        net = copy.deepcopy(plain)
+        policy = MixedPrecisionPolicy(param_dtype=torch.float32)  # casts the inputs (bf16 BatchNorm needs a GPU)
+        for m in net.modules():
+            if isinstance(m, _LayerAttentionBlockMixin):
+                fully_shard(m, mesh=mesh, mp_policy=policy)
+        fully_shard(net, mesh=mesh, mp_policy=policy)
+        with torch.no_grad():
+            torch.testing.assert_close(net.eval()(x), plain.eval()(x), rtol=1e-5, atol=1e-6)
+        net.train()
+        with ela_hf.kl_recording(net):
+            net(x).sum().backward()
+        assert [float(c) for *_, c in ela_hf.models.kl_accumulators(net)] == [4.0, 4.0, 4.0]
+
+
+def test_buffer_pool_forgets_one_off_shapes():
+    """The pool counts the passes asking for each shape; a server's stream of one-off shapes must not pile up
+    counts without end (they were trimmed only when a buffer was kept)."""
+    from ela_hf.layers import mrla
+
+    pool = mrla._SLOT_POOL
+    mrla.clear_value_buffer_pool()
+    torch.manual_seed(0)
+    model = timm.create_model("mrla_b_resnet20_cifar", num_classes=4).eval()
+    with torch.no_grad():
+        for batch in range(1, 301):  # every batch size a shape of its own, asked for once
+            model(torch.randn(batch, 3, 4, 4))
+    assert pool.free_bytes() == 0 and not pool._free
+    assert len(pool._recent) <= 256
+    mrla.clear_value_buffer_pool()

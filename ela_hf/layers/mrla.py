@@ -13,7 +13,6 @@ import os
 import threading
 import warnings
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
@@ -87,7 +86,6 @@ def kl_with_appended_eps(prev: torch.Tensor, cur: torch.Tensor, eps: float = DEF
     return (torch.xlogy(p, p) - p * torch.log(q)).sum(dim=-1)
 
 
-@dataclass
 class StageState:
     """What flows between the blocks of one stage during one forward pass.
 
@@ -98,20 +96,28 @@ class StageState:
     slots, valid during the forward pass. Under ``torch.compile`` they are the ``[B, C, H, W]`` values
     themselves. ``capacity`` is the number of MRLA-B layers the stage will cache (the buffer grows if a
     caller under-estimates it).
+
+    A plain class, not a dataclass: the blocks must share this one object, and wrappers that map over a
+    module's inputs (FSDP's input casting, ``torch.distributed.utils._apply_to_tensors``) rebuild dataclasses,
+    which gave each FSDP-wrapped block a copy of its own, so that the next block saw none of its writes.
     """
 
-    keys: List[torch.Tensor] = field(default_factory=list)
-    values: List[torch.Tensor] = field(default_factory=list)
-    capacity: int = 0
-    value_buffer: Optional["_StageValueBuffer"] = None
-    # recording only: the previous active layer's attention distribution over the stage's layers
-    prev_alpha: Optional[torch.Tensor] = None
-    # recording only (MRLA-L): unrolled per-channel weights w_{t,s,c}, shape [B, n_layers, C]
-    unrolled: Optional[torch.Tensor] = None
-    # ela_hf.layers.plain_autograd() (process-wide, for DataParallel's replica threads) or a torch.func
-    # transform, as the stage's first MRLA-B layer saw it: another thread entering or leaving plain_autograd()
-    # mid-stage must not switch the stage between its buffer and the plain formulation
-    plain: Optional[bool] = None
+    def __init__(self, keys: Optional[List[torch.Tensor]] = None, values: Optional[List[torch.Tensor]] = None,
+                 capacity: int = 0, value_buffer: Optional["_StageValueBuffer"] = None,
+                 prev_alpha: Optional[torch.Tensor] = None, unrolled: Optional[torch.Tensor] = None,
+                 plain: Optional[bool] = None):
+        self.keys: List[torch.Tensor] = [] if keys is None else keys
+        self.values: List[torch.Tensor] = [] if values is None else values
+        self.capacity = capacity
+        self.value_buffer = value_buffer
+        # recording only: the previous active layer's attention distribution over the stage's layers
+        self.prev_alpha = prev_alpha
+        # recording only (MRLA-L): unrolled per-channel weights w_{t,s,c}, shape [B, n_layers, C]
+        self.unrolled = unrolled
+        # ela_hf.layers.plain_autograd() (process-wide, for DataParallel's replica threads) or a torch.func
+        # transform, as the stage's first MRLA-B layer saw it: another thread entering or leaving
+        # plain_autograd() mid-stage must not switch the stage between its buffer and the plain formulation
+        self.plain = plain
 
     def close(self) -> None:
         """End of the stage's forward: drop the state's own reference to the value buffer.
@@ -436,6 +442,9 @@ class _SlotBufferPool:
                     break
                 self._held -= sum(_nbytes(b) for b in self._free.pop(key, ()))
                 del self._recent[key]
+        self._forget_old_shapes()
+
+    def _forget_old_shapes(self) -> None:
         if len(self._recent) > 256 + len(self._free):  # shapes seen once and long gone: forget most of them
             for key in list(self._recent)[:-128]:
                 if key not in self._free:
@@ -446,6 +455,7 @@ class _SlotBufferPool:
             return
         key = buf._ela_pool_key
         if self._recent.get(key, 0) < self.min_passes_to_keep:  # (also a shape asked for before a clear())
+            self._forget_old_shapes()  # a server's one-off shapes: their counts must not pile up either
             return
         free = self._free.setdefault(key, [])
         if len(free) < self.max_per_key and not any(b is buf for b in free):  # never handed out twice
