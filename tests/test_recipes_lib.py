@@ -82,6 +82,17 @@ def test_missing_local_dataset_is_a_clear_error(tmp_path):
         load_image_dataset(str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="no such file or folder"):
         load_image_dataset("missing.parquet")
+
+
+def test_a_mistyped_relative_path_is_not_tried_on_the_hub(tmp_path, monkeypatch):
+    """data/bse for data/base: the folder data/ is here, so it is a missing local folder (it used to be tried as
+    the Hub dataset 'data/bse', half a minute of retries and then "Couldn't reach")."""
+    (tmp_path / "data" / "base").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"--dataset 'data/bse': no such file or folder \(the folder data/ is here, so "
+                                         r"it is read as a local path\)"):
+        load_image_dataset("data/bse")
     # were an IndexError inside datasets, and "Couldn't find any data file at <cwd>/sklearn:iris"
     for empty in ("", "  "):
         with pytest.raises(ValueError, match="--dataset is empty: give a Hub dataset id"):

@@ -85,10 +85,16 @@ def load_image_dataset(
             f"--dataset {dataset!r}: the one scikit-learn dataset of images is {DIGITS_DATASET} (its others, such "
             "as iris, are tables)"
         )
-    looks_local = dataset.startswith((".", "/", "~")) or dataset.endswith(".parquet")
     path = os.path.expanduser(dataset)
+    # a relative path whose first folder is here (data/imgs for ./data/imgs): a typo in the rest is a missing
+    # folder, not a Hub id to retry for half a minute ("owner/name" ids have no folder of the owner's name here)
+    first = dataset.split("/", 1)[0]
+    looks_local = (dataset.startswith((".", "/", "~")) or dataset.endswith(".parquet")
+                   or ("/" in dataset and os.path.isdir(first)))
     if looks_local and not os.path.exists(path):
-        raise ValueError(f"--dataset {dataset!r}: no such file or folder")
+        here = f" (the folder {first}/ is here, so it is read as a local path)" if not dataset.startswith(
+            (".", "/", "~")) and os.path.isdir(first) else ""
+        raise ValueError(f"--dataset {dataset!r}: no such file or folder{here}")
     if os.path.isfile(path):
         if not path.endswith(".parquet"):
             raise ValueError(f"--dataset {dataset!r}: a single file must be a .parquet file (or pass a folder)")
