@@ -368,7 +368,6 @@ class ElaPreTrainedModel(PreTrainedModel):
         unexpected = sorted(_strip_prefix(k) for k in info.get("unexpected_keys", ()) if not _is_head_key(k))
         model_keys = list(self.timm_model.state_dict())
         gone = set(missing)
-        # (BatchNorm step counters are never reported missing)
         in_file = [k for k in model_keys if k not in gone and not k.endswith("num_batches_tracked")] + unexpected
         other_type, extra = _unexpected_weights(model_keys, unexpected, CLASSIFIER_PREFIX)
         other = _other_attention_type_hint(model_keys, in_file, missing, other_type, self.config.architecture)

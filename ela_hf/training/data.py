@@ -89,11 +89,10 @@ def load_image_dataset(
     # a relative path whose first folder is here (data/imgs for ./data/imgs): a typo in the rest is a missing
     # folder, not a Hub id to retry for half a minute ("owner/name" ids have no folder of the owner's name here)
     first = dataset.split("/", 1)[0]
-    looks_local = (dataset.startswith((".", "/", "~")) or dataset.endswith(".parquet")
-                   or ("/" in dataset and os.path.isdir(first)))
+    under_here = "/" in dataset and not dataset.startswith((".", "/", "~")) and os.path.isdir(first)
+    looks_local = dataset.startswith((".", "/", "~")) or dataset.endswith(".parquet") or under_here
     if looks_local and not os.path.exists(path):
-        here = f" (the folder {first}/ is here, so it is read as a local path)" if not dataset.startswith(
-            (".", "/", "~")) and os.path.isdir(first) else ""
+        here = f" (the folder {first}/ is here, so it is read as a local path)" if under_here else ""
         raise ValueError(f"--dataset {dataset!r}: no such file or folder{here}")
     if os.path.isfile(path):
         if not path.endswith(".parquet"):
@@ -600,21 +599,15 @@ def _is_string(feature) -> bool:
 
 def _encode_class_names(train: Dataset, evaluation: Dataset, source: Dataset, label_column: str,
                         eval_name: str) -> Tuple[Dataset, Dataset, Dataset]:
-    """A label column of class names as a ``ClassLabel`` of the training split's names, sorted (as an image
-    folder's classes are); an evaluation split's name that the training split lacks, or a missing name, is an
-    error naming it."""
-    names = source.unique(label_column)
-    for split, values in (("training split", names), (f"split {eval_name!r}", evaluation.unique(label_column))):
+    """A label column of class names as a ``ClassLabel`` of their names, sorted (as an image folder's classes
+    are); a missing name is an error. An evaluation split's name that the training split lacks gets an id too,
+    for :func:`_check_eval_classes_are_trained` to refuse by name, as it does a folder's."""
+    train_names, eval_names = source.unique(label_column), evaluation.unique(label_column)
+    for split, values in (("training split", train_names), (f"split {eval_name!r}", eval_names)):
         if any(v is None or not str(v).strip() for v in values):
             raise ValueError(f"the {split}'s label column {label_column!r} has rows without a class name (empty "
                              "or missing); label every image or leave the unlabelled ones out")
-    unknown = sorted(set(evaluation.unique(label_column)) - set(names))
-    if unknown:
-        raise ValueError(
-            f"split {eval_name!r} has images of {len(unknown)} class(es) the training split has no image of: "
-            f"{', '.join(repr(n) for n in unknown[:10])}{', ...' if len(unknown) > 10 else ''}"
-        )
-    feature = ClassLabel(names=sorted(names))
+    feature = ClassLabel(names=sorted(set(train_names) | set(eval_names)))
     return tuple(d.cast_column(label_column, feature) for d in (train, evaluation, source))
 
 
