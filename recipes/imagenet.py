@@ -38,6 +38,7 @@ from ela_hf.training import (
     build_transforms,
     card_settings,
     check_checkpoint_classes,
+    check_images,
     check_checkpoint_finished,
     check_checkpoint_unfinished,
     check_export_dir,
@@ -161,6 +162,11 @@ def main(argv=None):
     ddp_for_pruning(training_args, schedule, checkpoint)  # DDP must search for skipped layers' unused parameters
     logger.info(f"{args.dataset}: {len(train_ds)} training images, {len(eval_ds)} from {eval_name!r}, "
                 f"{len(labels)} classes; input {data_config['input_size']}")
+    if not args.export_only and args.check_images != "none":  # now, not after a training epoch
+        bar = not training_args.disable_tqdm
+        if args.check_images == "all":
+            check_images(train_ds, image_column, args.train_split, progress=bar)
+        check_images(eval_ds, image_column, eval_name, progress=bar)
     logger.info(f"schedule: {schedule.describe()}")
 
     # ---------------------------------------------------------------------------------------------

@@ -380,6 +380,34 @@ def test_argument_errors_come_before_the_data_is_loaded(tmp_path, monkeypatch, n
     assert (out / "checkpoint-2").is_dir()
 
 
+def test_unreadable_images_stop_the_run_before_training(tmp_path, monkeypatch, no_training):
+    """An evaluation image is first read after a training epoch: the recipes decode that split up front."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    data = _image_folder(tmp_path / "imgs")
+    broken = data / "validation" / "square" / "1.png"
+    broken.write_bytes(broken.read_bytes()[:80])
+    argv = _common(tmp_path / "out", data, tmp_path / "cache") + ["--model", "ela_resnet20_cifar", "--num_train_epochs",
+                                                                   "1", "--kl_windows", "1-1"]
+    for recipe in ("cifar", "imagenet"):
+        with pytest.raises(ValueError, match=r"1 of the 6 images of split 'validation' cannot be read:\n  cannot read "
+                                             r"image file '[^']*square[/\\]1\.png'"):
+            _load_recipe(recipe).main(argv)
+    with pytest.raises(AssertionError, match="training started"):  # the user's choice: find it when it is read
+        _load_recipe("cifar").main(argv + ["--check_images", "none"])
+    # a bad training image: by default found when training reads it; --check_images all finds it first
+    broken.unlink()
+    bad_train = data / "train" / "circle" / "2.png"
+    bad_train.write_bytes(b"")
+    with pytest.raises(AssertionError, match="training started"):
+        _load_recipe("cifar").main(argv)
+    with pytest.raises(ValueError, match=r"1 of the 18 images of split 'train' cannot be read:\n  cannot read image "
+                                         r"file '[^']*circle[/\\]2\.png'"):
+        _load_recipe("imagenet").main(argv + ["--check_images", "all"])
+    with pytest.raises(SystemExit):  # argparse's choices
+        _load_recipe("cifar").main(argv + ["--check_images", "train"])
+    assert not (tmp_path / "out" / "export").exists()
+
+
 def test_dataset_without_label_column_is_rejected_before_training(tmp_path, monkeypatch, no_training):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     data = _unlabeled_parquet(tmp_path / "captions.parquet")

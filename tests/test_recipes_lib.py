@@ -2,6 +2,7 @@
 import io
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -18,6 +19,7 @@ from ela_hf.training import (
     RecipeArguments,
     StepScheduleWithWarmup,
     build_transforms,
+    check_images,
     check_labels,
     class_names,
     collate_image_batch,
@@ -575,6 +577,68 @@ def test_an_unreadable_image_file_is_named_when_decoded_by_the_transform(tmp_pat
     np.testing.assert_array_equal(train[rows["cat/0.png"]]["pixel_values"], np.asarray(_image(seed=0)))
     with pytest.raises(ValueError, match=r"cannot read image file '.*dog[/\\]1\.png'"):
         train[rows["dog/1.png"]]
+
+
+def _jpeg_bytes(img):
+    import io
+
+    buffer = io.BytesIO()
+    img.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def test_check_images_names_every_unreadable_file_before_training(tmp_path):
+    _write_image_folder(tmp_path / "imgs", per_class=4)
+    val = tmp_path / "imgs" / "validation"
+    (val / "dog" / "1.png").write_bytes((val / "dog" / "1.png").read_bytes()[:60])  # truncated PNG
+    (val / "cat" / "page.jpg").write_text("<html>404 not found</html>")  # a web page saved as an image
+    whole = _jpeg_bytes(_image(size=(64, 48), seed=3))
+    (val / "cat" / "cut.jpg").write_bytes(whole[: len(whole) * 2 // 3])  # a JPEG whose header reads fine
+    data = load_image_dataset(str(tmp_path / "imgs"), cache_dir=str(tmp_path / "cache"))
+    train, evaluation, image_column, label_column, _ = prepare_splits(
+        data["train"], data["validation"], "validation", decode_images=False
+    )
+    check_images(train, image_column, "train")  # all readable: nothing raised
+    # as the recipes call it: after set_transform (the check reads the stored rows, not pixel tensors)
+    evaluation.set_transform(ImageClassificationTransform(lambda im: np.asarray(im), image_column, label_column))
+    with pytest.raises(ValueError) as error:
+        check_images(evaluation, image_column, "validation", num_threads=2)
+    message = str(error.value)
+    assert message.startswith("3 of the 10 images of split 'validation' cannot be read")
+    for name in (r"dog[/\\]1\.png", r"cat[/\\]page\.jpg", r"cat[/\\]cut\.jpg"):
+        assert re.search(rf"cannot read image file '[^']*{name}'", message), (name, message)
+    assert "truncated" in message and "--check_images none" in message
+    # many bad files: the first few are listed, and how many there are in all
+    with pytest.raises(ValueError, match=r"(?s)3 of the 10 images.*cannot be read:\n  [^\n]*\n  \.\.\.\nRemove"):
+        check_images(evaluation, image_column, "validation", max_listed=1)
+
+
+def test_check_images_reads_embedded_bytes_and_decodes_like_training():
+    rows = [_png_bytes(_image(seed=i)) for i in range(5)] + [b"not an image"]
+    ds = Dataset.from_dict({"img": rows, "label": [0, 1, 0, 1, 0, 1]})
+    train, _, image_column, _, _ = prepare_splits(ds, ds, "train", decode_images=False)
+    with pytest.raises(ValueError, match=r"1 of the 6 images of split 'train' cannot be read:\n  cannot read an image "
+                                         r"\(embedded bytes without a file name\): UnidentifiedImageError"):
+        check_images(train, image_column, "train")
+    check_images(train.select(range(5)), image_column, "train")
+    # decoded (Image(decode=True)) datasets are read undecoded by the check, so the error still names the problem
+    with pytest.raises(ValueError, match=r"1 of the 6 images"):
+        check_images(ds.cast_column("img", Image()), "img", "train")
+
+
+@pytest.mark.slow
+def test_check_images_raises_on_every_process_when_one_finds_a_bad_image(tmp_path):
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from two_ranks import launch_two_ranks
+
+    r0, r1 = launch_two_ranks("check_images_run.py", tmp_path)
+    assert r0["world_size"] == r1["world_size"] == 2 and {r0["rank"], r1["rank"]} == {0, 1}
+    # the bad rows (3 and 5) are rank 1's share; rank 0 raises the same, complete error
+    assert r0["error"] is not None and r0["error"] == r1["error"]
+    assert r0["error"].startswith("2 of the 8 images of split 'validation' cannot be read")
+    assert "'img3.png'" in r0["error"] and "'img5.png'" in r0["error"]
 
 
 def test_classes_without_training_images_are_warned_about(caplog):

@@ -74,6 +74,15 @@ class RecipeArguments:
     )
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use only this many training images."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use only this many evaluation images."})
+    check_images: str = field(
+        default="eval",
+        metadata={
+            "help": "Decode these splits' images once before training and stop, naming every unreadable file: "
+            "'eval' (default: the evaluation split is otherwise first read after a training epoch), 'all' (the "
+            "training split too), or 'none'.",
+            "choices": ["eval", "all", "none"],
+        },
+    )
     image_size: Optional[int] = field(
         default=None, metadata={"help": "Input size in pixels (default: the model's data config: 224 or 32)."}
     )

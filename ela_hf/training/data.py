@@ -34,6 +34,7 @@ __all__ = [
     "prepare_splits",
     "take_samples",
     "hub_dataset_id",
+    "check_images",
 ]
 
 logger = logging.getLogger(__name__)
@@ -576,6 +577,63 @@ def _decode(value):
         path = value if isinstance(value, str) else value.get("path")
         source = f"image file {path!r}" if path else "an image (embedded bytes without a file name)"
         raise ValueError(f"cannot read {source}: {type(error).__name__}: {error}") from error
+
+
+def check_images(dataset: Dataset, image_column: str, split: str, num_threads: Optional[int] = None,
+                 max_listed: int = 10, progress: bool = True) -> None:
+    """Decode every image of ``dataset`` once, before training, and raise one ``ValueError`` naming the files
+    that cannot be read (up to ``max_listed`` of them, and how many in all).
+
+    The recipes call it on the evaluation split (``--check_images eval``, the default), whose first reading
+    would otherwise come after a whole training epoch, before any checkpoint is saved; ``--check_images all``
+    checks the training split too. Images are decoded as training decodes them (so a truncated file fails here
+    exactly when it would fail there), by ``num_threads`` threads (default: the CPU cores, at most 8; Pillow
+    decodes without holding the GIL), with a progress bar on the main process (``progress=False``: none). Under ``torch.distributed``
+    every process checks its share of the images and all of them raise the same error.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch.distributed as dist
+    from tqdm.auto import tqdm
+
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    # the rows as stored (not through a set_transform), images left undecoded for _decode to read
+    rows = _as_image(dataset.with_format(None).select_columns([image_column]), image_column, decode=False)
+    if world > 1:  # every process a strided share, so the work is split and each image is read once
+        rows = rows.select(range(rank, len(rows), world))
+    if num_threads is None:
+        num_threads = max(1, min(8, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))
+
+    def problem(value) -> Optional[str]:
+        try:
+            _to_rgb(_decode(value))
+        except Exception as error:  # noqa: BLE001 - _decode names the file; anything else is a failure too
+            return str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+        return None
+
+    problems: List[str] = []
+    count = 0
+    with ThreadPoolExecutor(num_threads) as pool, tqdm(
+        total=len(rows) * world, desc=f"checking the {split} images", unit="img", disable=rank != 0 or not progress,
+    ) as bar:
+        for batch in rows.iter(batch_size=256):
+            for found in pool.map(problem, batch[image_column]):
+                count += found is not None
+                if found is not None and len(problems) < max_listed:
+                    problems.append(found)
+            bar.update(len(batch[image_column]) * world)
+    if distributed:  # every process raises the same error, so none waits for the others in a collective
+        shares: List = [None] * world
+        dist.all_gather_object(shares, (count, problems))
+        count = sum(c for c, _ in shares)
+        problems = [p for _, found in shares for p in found][:max_listed]
+    if count:
+        listed = "\n  ".join(problems) + ("\n  ..." if count > len(problems) else "")
+        raise ValueError(
+            f"{count} of the {len(dataset)} images of split {split!r} cannot be read:\n  {listed}\n"
+            "Remove or replace these files (the recipes' --check_images none skips this check)"
+        )
 
 
 def _to_rgb(img) -> PILImage.Image:
