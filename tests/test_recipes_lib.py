@@ -739,6 +739,30 @@ def test_split_folders_datasets_would_misread_are_named(tmp_path, caplog):
         for name in ("plain", "flat", "flat_caps", "nested"):
             load_image_dataset(str(tmp_path / name), cache_dir=str(tmp_path / "cache"))
     assert "not read" not in caplog.text and "look like splits" not in caplog.text
+    assert "hold no image" not in caplog.text
+
+
+def test_class_folders_without_readable_images_are_named_not_dropped(tmp_path, caplog):
+    """datasets names the classes after the folders of the images it reads: a class folder of .heic photos, or an
+    empty one, would silently be no class at all."""
+    _write_image_folder(tmp_path / "phone")
+    for split in ("train", "validation"):
+        (tmp_path / "phone" / split / "owl").mkdir()
+        for i in range(2):
+            (tmp_path / "phone" / split / "owl" / f"IMG_{i}.HEIC").write_bytes(b"ftypheic")
+    (tmp_path / "phone" / "train" / "owl" / "notes.txt").write_text("shot on a phone")
+    with pytest.raises(ValueError, match=r"no image that datasets reads in the class folder\(s\) train/owl/: 2 \.heic, "
+                                         r"1 \.txt; validation/owl/: 2 \.heic: these classes would be left out"):
+        load_image_dataset(str(tmp_path / "phone"), cache_dir=str(tmp_path / "cache"))
+    # flat, converted images beside the originals: the class is read, nothing said
+    _write_image_folder(tmp_path / "flat", splits=(".",), classes=("cat", "owl"))
+    (tmp_path / "flat" / "owl" / "IMG_9.heic").write_bytes(b"ftypheic")
+    (tmp_path / "flat" / "empty").mkdir()
+    (tmp_path / "flat" / "empty" / ".DS_Store").write_bytes(b"")
+    with caplog.at_level("WARNING"):
+        data = load_image_dataset(str(tmp_path / "flat"), cache_dir=str(tmp_path / "cache"))
+    assert data["train"].features["label"].names == ["cat", "owl"]
+    assert "the folders empty/ hold no image that datasets reads, so they are not classes (the 2 classes" in caplog.text
 
 
 def test_folders_linked_in_are_refused_not_left_out(tmp_path):

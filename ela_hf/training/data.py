@@ -112,6 +112,7 @@ def load_image_dataset(
         _check_parquet_class_names(path)
     if os.path.isdir(path) and any(split.info.builder_name == "imagefolder" for split in loaded.values()):
         _check_split_folders(path, dataset)
+        _check_class_folders(path, dataset, loaded)
     return loaded
 
 
@@ -198,6 +199,59 @@ def _check_split_folders(path: str, dataset: str) -> None:
             f"--dataset {dataset!r}: the folders {', '.join(n + '/' for n in ignored)} are not read: beside the split "
             f"folders ({', '.join(n + '/' for n in splits)}) datasets takes only folders named like a split "
             "(train, validation, test, ... in lower case)"
+        )
+
+
+# image formats that datasets' image folders leave out (it reads Pillow's formats): phone photos, raw, vector
+_UNREAD_IMAGE_EXTENSIONS = (".heic", ".heif", ".avif", ".jxl", ".svg", ".dng", ".cr2", ".cr3", ".nef", ".arw",
+                            ".orf", ".rw2", ".raf", ".raw")
+
+
+def _check_class_folders(path: str, dataset: str, loaded: DatasetDict) -> None:
+    """Class folders that gave no class: ``datasets`` names the classes after the folders of the images it reads,
+    so a class folder that is empty, or holds only files it does not read (``.heic`` phone photos), is left out of
+    the classes without a word. Images of a format it does not read are an error; an otherwise empty class folder
+    a warning. Only the folders that gave no class are walked."""
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    classes = {name for split in loaded.values() if isinstance(split.features.get("label"), ClassLabel)
+               for name in split.features["label"].names}
+    if not classes:
+        return  # no labels at all: prepare_splits says why
+    top = _subfolders(path)
+    splits = [name for name in top if _split_folder_regex().fullmatch(name)]
+    folders = [f"{s}/{c}" for s in splits for c in _subfolders(os.path.join(path, s))] if splits else top
+    unread: Dict[str, Dict[str, int]] = {}
+    empty: List[str] = []
+    for folder in folders:
+        if os.path.basename(folder) in classes:
+            continue
+        kinds: Dict[str, int] = {}
+        for root, dirs, files in os.walk(os.path.join(path, folder)):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            for file in files:
+                if not file.startswith("."):
+                    kind = os.path.splitext(file)[1].lower() or file
+                    kinds[kind] = kinds.get(kind, 0) + 1
+        if any(kind in ImageFolder.EXTENSIONS for kind in kinds):
+            continue  # images it reads, under another layout (Train/ read as classes): the split checks' business
+        if any(kind in _UNREAD_IMAGE_EXTENSIONS for kind in kinds):
+            unread[folder] = kinds
+        else:
+            empty.append(folder)
+    if unread:
+        described = "; ".join(f"{folder}/: " + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+                              for folder, kinds in sorted(unread.items())[:5])
+        raise ValueError(
+            f"--dataset {dataset!r}: no image that datasets reads in the class folder(s) {described}"
+            f"{'; ...' if len(unread) > 5 else ''}: these classes would be left out without a word. Convert the "
+            "images to JPEG or PNG (e.g. with pillow-heif for .heic)"
+        )
+    if empty:
+        logger.warning(
+            f"--dataset {dataset!r}: the folders {', '.join(f + '/' for f in sorted(empty)[:10])}"
+            f"{' ...' if len(empty) > 10 else ''} hold no image that datasets reads, so they are not classes (the "
+            f"{len(classes)} classes are the folders with images)"
         )
 
 
