@@ -41,7 +41,7 @@ from ela_hf.training import (
     update_steps_per_epoch,
     validate_recipe_arguments,
 )
-from ela_hf.training.reporting import EpochRecord, format_epoch_times, release_name
+from ela_hf.training.reporting import EpochRecord, format_epoch_times, format_summary, release_name
 
 CIFAR_PAPER = PaperSchedule(epochs=180, lr_decay_epochs=(100, 150), warmup_epochs=0, kl_windows=((1, 3), (45, 48), (91, 93)))
 IMAGENET_PAPER = PaperSchedule(epochs=100, lr_decay_epochs=(30, 60, 90), warmup_epochs=3, kl_windows=((1, 3), (51, 53)))
@@ -267,9 +267,14 @@ def test_top1_top5_accuracy():
     labels = torch.tensor([0, 5, 2])  # sample 1: 5th best; sample 2: 5th best
     metrics = compute_accuracy(EvalPrediction(predictions=preds.numpy(), label_ids=labels.numpy()))
     assert metrics == {"top1": pytest.approx(1 / 3), "top5": pytest.approx(1.0)}
-    # fewer than five classes: top-k over all of them
-    two = top_k_predictions(torch.tensor([[0.0, 1.0]]), None)
-    assert compute_accuracy(EvalPrediction(predictions=two.numpy(), label_ids=np.array([0]))) == {"top1": 0.0, "top5": 1.0}
+    # five classes or fewer: every label is among the five best, so only top-1 is reported
+    for classes in (2, 5):
+        few = top_k_predictions(torch.arange(float(classes)).repeat(2, 1), None)
+        assert few.tolist() == [[classes - 1]] * 2
+        metrics = compute_accuracy(EvalPrediction(predictions=few.numpy(), label_ids=np.array([0, classes - 1])))
+        assert metrics == {"top1": 0.5}
+    six = top_k_predictions(torch.arange(6.0)[None], None)
+    assert six.shape == (1, 5) and compute_accuracy(EvalPrediction(six.numpy(), np.array([0]))) == {"top1": 0.0, "top5": 0.0}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -420,6 +425,10 @@ def test_summary_pieces():
     assert "(epoch 3 ran only part of 5 steps: left out)" in text
     assert "no whole epoch ran with the final 3" in format_epoch_times(cut[:1] + cut[2:], 6, 3, steps_per_epoch=5)
     assert "no whole epoch ran in this process" in format_epoch_times(cut[2:], 6, 3, steps_per_epoch=5)
+    # the headline: top-5 where it was measured (more than five classes), top-1 alone otherwise
+    assert "m on d: top-1 50.00%, top-5 75.00% on 8 evaluation images" in format_summary(
+        "m", "d", {"eval_top1": 0.5, "eval_top5": 0.75}, 8, None, records)
+    assert "m on d: top-1 50.00% on 8 evaluation images" in format_summary("m", "d", {"eval_top1": 0.5}, 8, None, records)
 
 
 def test_epoch_timer_names_and_counts_an_epoch_cut_short():

@@ -2,7 +2,8 @@
 
 ``top_k_predictions`` goes in as ``preprocess_logits_for_metrics``: each process keeps only the five best
 class ids per image, so the Trainer gathers ``[N, 5]`` integers across processes instead of ``[N, classes]``
-logits (ImageNet's validation set would be 200 MB of float32 logits).
+logits (ImageNet's validation set would be 200 MB of float32 logits). With five classes or fewer every image's
+label is among the five best, so top-5 says nothing: only the best class is kept, and only top-1 is reported.
 """
 from __future__ import annotations
 
@@ -19,15 +20,13 @@ TOP_K = 5
 def top_k_predictions(logits, labels) -> torch.Tensor:
     if isinstance(logits, (tuple, list)):
         logits = logits[0]
-    k = min(TOP_K, logits.shape[-1])
+    k = TOP_K if logits.shape[-1] > TOP_K else 1  # top-5 of <= 5 classes is 1.0 by construction
     return logits.topk(k, dim=-1).indices
 
 
 def compute_accuracy(eval_pred) -> Dict[str, float]:
-    """``{"top1": ..., "top5": ...}`` (fractions) from ``top_k_predictions`` output and the labels.
-
-    With fewer than five classes "top5" is the top-``num_classes`` accuracy, i.e. 1.0.
-    """
+    """``{"top1": ..., "top5": ...}`` (fractions) from ``top_k_predictions`` output and the labels; ``{"top1": ...}``
+    alone when the predictions rank fewer than five classes (``top_k_predictions`` of five classes or fewer)."""
     predictions, labels = eval_pred.predictions, eval_pred.label_ids
     if isinstance(predictions, (tuple, list)):
         predictions = predictions[0]
@@ -38,4 +37,7 @@ def compute_accuracy(eval_pred) -> Dict[str, float]:
     if len(labels) == 0:
         raise ValueError("the evaluation set is empty")
     hits = predictions == labels[:, None]
-    return {"top1": float(hits[:, 0].mean()), "top5": float(hits[:, :TOP_K].any(axis=1).mean())}
+    metrics = {"top1": float(hits[:, 0].mean())}
+    if predictions.shape[1] >= TOP_K:
+        metrics["top5"] = float(hits[:, :TOP_K].any(axis=1).mean())
+    return metrics

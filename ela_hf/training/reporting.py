@@ -169,7 +169,8 @@ def format_summary(
     num_layers = None if skip_mask is None else sum(len(stage) for stage in skip_mask)
     final_active = None if skip_mask is None else sum(not s for stage in skip_mask for s in stage)
     top1, top5 = metrics.get("eval_top1"), metrics.get("eval_top5")
-    accuracy = "n/a" if top1 is None else f"top-1 {100 * top1:.2f}%, top-5 {100 * top5:.2f}%"
+    accuracy = "n/a" if top1 is None else f"top-1 {100 * top1:.2f}%" + (
+        "" if top5 is None else f", top-5 {100 * top5:.2f}%")  # no top-5 of <= 5 classes
     lines = [
         "",
         "=" * 72,
