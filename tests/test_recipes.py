@@ -200,6 +200,11 @@ def test_cifar_recipe_trains_prunes_exports_and_resumes(tmp_path, monkeypatch):
                                          r"than --dataset has \(3 vs 3; class 0: 'circle' there, 'ball' here\)"):
         cifar.main(_common(resumed, other, tmp_path / "cache") + args
                    + ["--max_steps", "6", "--resume_from_checkpoint", "last"])
+    # and training on without pruning: the run's decisions would vanish from its card, its skipped layers not
+    with pytest.raises(ValueError, match=r"checkpoint-4' was trained with KL windows 1-2 \(steps\), but --kl_windows "
+                                         r"none resumes it without pruning.*Resume with --kl_windows 1-2 --window_unit step"):
+        cifar.main(_common(resumed, data, tmp_path / "cache") + args
+                   + ["--kl_windows", "none", "--max_steps", "6", "--resume_from_checkpoint", "last"])
     assert not (resumed / "checkpoint-5").exists()
 
     # a run without pruning in the same output_dir: the earlier run's pruning_history.json is not its history

@@ -336,7 +336,16 @@ def test_a_resumed_run_keeps_its_checkpoints_windows(tmp_path, caplog):
     assert keep_resumed_windows(explicit, _args(kl_windows="2-2"), str(checkpoint)).kl_windows == [(2, 2)]
     assert keep_resumed_windows(longer, _args(), None).kl_windows == [(2, 2), (3, 3)]
     plain = resolve_schedule(demo, _args(model="mrla_b_resnet20_cifar"), 5, steps_per_epoch=3, pruned_by_default=False)
-    assert keep_resumed_windows(plain, _args(model="mrla_b_resnet20_cifar"), str(checkpoint)).kl_windows == []
+    assert plain.kl_windows == []
+    # a run without windows cannot resume a pruning checkpoint: its decisions would vanish from history and card
+    with pytest.raises(ValueError, match=r"was trained with KL windows 1-1, 3-3 \(epochs\), but --model "
+                                         r"mrla_b_resnet20_cifar \(no KL windows by default\) resumes it without pruning"
+                                         r".*Resume with --kl_windows 1-1,3-3 --window_unit epoch"):
+        keep_resumed_windows(plain, _args(model="mrla_b_resnet20_cifar"), str(checkpoint))
+    none = resolve_schedule(demo, _args(kl_windows="none"), 5, steps_per_epoch=3)
+    with pytest.raises(ValueError, match=r"but --kl_windows none resumes it without pruning"):
+        keep_resumed_windows(none, _args(kl_windows="none"), str(checkpoint))
+    assert keep_resumed_windows(none, _args(kl_windows="none"), None).kl_windows == []
     state([[1, 1], [3, 3]], unit="step")
     assert keep_resumed_windows(longer, _args(), str(checkpoint)).kl_windows == [(2, 2), (3, 3)]
     # windows past a shorter run are left for the checks that name them

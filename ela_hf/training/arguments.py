@@ -814,18 +814,33 @@ def keep_resumed_windows(schedule: TrainingSchedule, args: RecipeArguments,
                          checkpoint: Optional[str]) -> TrainingSchedule:
     """A resumed run without ``--kl_windows`` keeps the windows its checkpoint was trained with. The default ones
     are rescaled to the run's length, so a resume with more epochs (training on past a finished run) would get
-    other windows, which the pruning callback refuses: decisions already taken cannot move."""
-    if checkpoint is None or args.kl_windows is not None or not schedule.kl_windows:
+    other windows, which the pruning callback refuses: decisions already taken cannot move.
+
+    A run without windows (``--kl_windows none``, or an ``mrla_*`` baseline's default) cannot resume a checkpoint
+    that was pruning: without the pruning callback its decisions would be dropped from the history and the model
+    card while its skipped layers stay skipped. That is refused, naming the arguments that resume it."""
+    if checkpoint is None:
         return schedule
     from ela_hf.pruning import ElaPruningCallback
 
     try:
         saved = ElaPruningCallback._saved_history((_trainer_state(checkpoint) or {}).get("stateful_callbacks"))
-        if saved is None or saved.get("window_unit") != schedule.window_unit:
-            return schedule  # (the callback names a checkpoint of another kind)
+        if saved is None:
+            return schedule
+        unit = saved.get("window_unit")
         windows = [(int(a), int(b)) for a, b in saved.get("windows")]
     except (KeyError, TypeError, ValueError):
         return schedule  # (a damaged state: the callback names it)
+    if windows and not schedule.kl_windows:
+        given = "--kl_windows none" if args.kl_windows is not None else f"--model {args.model} (no KL windows by default)"
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint!r} was trained with KL windows {_fmt(windows)} ({unit}s), but "
+            f"{given} resumes it without pruning: its pruning decisions would be left out of the history and the "
+            f"model card while its skipped layers stay skipped. Resume with --kl_windows {_fmt(windows).replace(' ', '')}"
+            f" --window_unit {unit} (windows that are over decide nothing more)"
+        )
+    if args.kl_windows is not None or unit != schedule.window_unit:
+        return schedule  # explicit windows, or another unit: the callback refuses moved windows, naming them
     if not windows or windows == [tuple(w) for w in schedule.kl_windows]:
         return schedule
     if schedule.num_epochs is not None and windows[-1][1] > schedule.num_epochs:
