@@ -783,6 +783,35 @@ def test_class_folders_without_readable_images_are_named_not_dropped(tmp_path, c
     assert "the folders empty/ hold no image that datasets reads, so they are not classes (the 2 classes" in caplog.text
 
 
+def test_folder_layouts_datasets_misreads_are_named_by_their_cause(tmp_path):
+    # one image beside the class folders: datasets turns the labels off for every image; the image is named
+    _write_image_folder(tmp_path / "stray")
+    _image().save(tmp_path / "stray" / "train" / "stray.png")
+    with pytest.raises(ValueError, match=r"1 image\(s\) sit at another folder depth than the other 8 \(like "
+                                         r"train/cat/0\.png\): train/stray\.png\. datasets then turns the class labels off"):
+        load_image_dataset(str(tmp_path / "stray"), cache_dir=str(tmp_path / "cache"))
+    # a flat folder of classes, two named with split keywords: datasets reads those as splits
+    _write_image_folder(tmp_path / "lab", splits=(".",), classes=("beaker", "test tube", "evaluation_set"))
+    with pytest.raises(ValueError, match=r"the folders evaluation_set/, test tube/ hold images directly, as class "
+                                         r"folders do, but datasets reads a folder named like a split"):
+        load_image_dataset(str(tmp_path / "lab"), cache_dir=str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("train_name, eval_name, why", [
+    ("caf\u00e9", "cafe\u0301", "Unicode normalisation"), ("red", "red ", "spaces at the ends"), ("Owl", "owl", "case"),
+])
+def test_an_evaluation_class_that_only_looks_like_a_training_class_says_how_it_differs(tmp_path, train_name, eval_name,
+                                                                                       why):
+    for split, names in (("train", ("cat", train_name)), ("validation", ("cat", eval_name))):
+        for name in names:
+            os.makedirs(tmp_path / "imgs" / split / name)
+            _image().save(tmp_path / "imgs" / split / name / "0.png")
+            _image(seed=1).save(tmp_path / "imgs" / split / name / "1.png")
+    data = load_image_dataset(str(tmp_path / "imgs"), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match=re.escape(f"{eval_name!r} (training has {train_name!r}: the names differ in {why}")):
+        prepare_splits(data["train"], data["validation"], "validation")
+
+
 def test_folders_linked_in_are_refused_not_left_out(tmp_path):
     """datasets does not follow symbolic links to folders: a linked class folder used to vanish from the model
     (2 classes instead of 3), a linked split folder from the data, without a word. Linked images are read."""

@@ -112,6 +112,7 @@ def load_image_dataset(
         _check_parquet_class_names(path)
     if os.path.isdir(path) and any(split.info.builder_name == "imagefolder" for split in loaded.values()):
         _check_split_folders(path, dataset)
+        _name_images_at_another_depth(path, dataset, loaded)
         _check_class_folders(path, dataset, loaded)
     return loaded
 
@@ -126,6 +127,12 @@ def _split_folder_regex(flags: int = 0) -> re.Pattern:
 
 def _subfolders(path: str) -> List[str]:
     return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+
+
+def _holds_images(path: str) -> bool:
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    return any(e.is_file() and os.path.splitext(e.name)[1].lower() in ImageFolder.EXTENSIONS for e in os.scandir(path))
 
 
 def _refuse_linked_folders(path: str, dataset: str) -> None:
@@ -185,6 +192,16 @@ def _check_split_folders(path: str, dataset: str) -> None:
                 raise ValueError(message)
             logger.warning(message + " (or ignore this if it is a class)")
         return
+    # a flat folder of classes where some class names hold a split keyword (test tube/, evaluation_set/): datasets
+    # reads those as splits (and leaves the other classes out); a real split folder holds class folders
+    flat = [name for name in splits if not _subfolders(os.path.join(path, name)) and _holds_images(os.path.join(path, name))]
+    if flat:
+        raise ValueError(
+            f"--dataset {dataset!r}: the folders {', '.join(n + '/' for n in flat)} hold images directly, as class "
+            "folders do, but datasets reads a folder named like a split (train, validation, test, eval, ... in lower "
+            "case, alone or set off by -._ space or digits) as a split, and would leave the other classes out. "
+            "Rename these class folders (capitalised, e.g. 'Test tube', they are read as classes)"
+        )
     claimed = sorted(f"{split}/{cls}/" for split in splits for cls in _subfolders(os.path.join(path, split))
                      if exact.fullmatch(cls))
     if claimed:
@@ -200,6 +217,35 @@ def _check_split_folders(path: str, dataset: str) -> None:
             f"folders ({', '.join(n + '/' for n in splits)}) datasets takes only folders named like a split "
             "(train, validation, test, ... in lower case)"
         )
+
+
+def _name_images_at_another_depth(path: str, dataset: str, loaded: DatasetDict) -> None:
+    """``datasets`` turns an image folder's labels off for the whole dataset when its images are not all at one
+    depth: a single stray ``train/x.png`` beside ``train/cat/1.png``. Only when no split has labels (and no
+    metadata file gives the columns instead) is the folder walked, to name the images that sit elsewhere."""
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    if any("label" in split.features for split in loaded.values()):
+        return
+    depths: Dict[int, List[str]] = {}
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if any(f in ImageFolder.METADATA_FILENAMES for f in files):
+            return  # the metadata file's columns are the dataset's: resolve_columns lists them
+        for file in sorted(files):
+            if not file.startswith(".") and os.path.splitext(file)[1].lower() in ImageFolder.EXTENSIONS:
+                relative = os.path.relpath(os.path.join(root, file), path)
+                depths.setdefault(relative.count(os.sep), []).append(relative.replace(os.sep, "/"))
+    if len(depths) < 2:
+        return  # one depth: one class folder, or no class folders at all (resolve_columns says so)
+    usual = max(depths, key=lambda d: len(depths[d]))
+    strays = [f for d in sorted(depths) if d != usual for f in depths[d]]
+    example = depths[usual][0]
+    raise ValueError(
+        f"--dataset {dataset!r}: {len(strays)} image(s) sit at another folder depth than the other "
+        f"{len(depths[usual])} (like {example}): {', '.join(strays[:5])}{' ...' if len(strays) > 5 else ''}. datasets "
+        "then turns the class labels off for the whole dataset: move them into a class folder (or remove them)"
+    )
 
 
 # image formats that datasets' image folders leave out (it reads Pillow's formats): phone photos, raw, vector
@@ -473,14 +519,31 @@ def _check_eval_classes_are_trained(source: Dataset, evaluation: Dataset, label_
     """Every class the evaluation split has images of must have training images: an image folder's classes
     are the sub-folders of every split, so ``validation/owl/`` (or ``Cat/`` beside ``train/cat/``) would add a
     class that is never trained and always scored wrong."""
-    untrained = sorted(_label_ids(evaluation, label_column) - _label_ids(source, label_column))
+    trained = _label_ids(source, label_column)
+    untrained = sorted(_label_ids(evaluation, label_column) - trained)
     if untrained:
-        names = ", ".join(repr(labels[i]) for i in untrained[:10]) + (", ..." if len(untrained) > 10 else "")
+        names = ", ".join(repr(labels[i]) + _look_alike(labels[i], [labels[t] for t in trained]) for i in untrained[:10])
+        names += ", ..." if len(untrained) > 10 else ""
         raise ValueError(
             f"split {eval_name!r} has images of {len(untrained)} class(es) the training split has no image of: "
             f"{names}. The classes are those of the training split; for a folder of images the class folders "
             "must have the same names (case included) under every split"
         )
+
+
+def _look_alike(name: str, trained: List[str]) -> str:
+    """`` (training has 'X': ...)`` when ``name`` differs from a trained class name only in ways that do not show."""
+    import unicodedata
+
+    steps = (("Unicode normalisation (an accent stored as its own character in one, joined to its letter in the "
+              "other, as folders copied from a Mac can be)", lambda n: unicodedata.normalize("NFC", n)),
+             ("spaces at the ends", lambda n: unicodedata.normalize("NFC", n).strip()),
+             ("case", lambda n: unicodedata.normalize("NFC", n).strip().casefold()))
+    for why, key in steps:
+        match = [t for t in trained if key(t) == key(name)]
+        if match:
+            return f" (training has {match[0]!r}: the names differ in {why})"
+    return ""
 
 
 def _warn_missing_classes(train: Dataset, label_column: str, labels: List[str], subset: bool) -> None:
