@@ -519,6 +519,37 @@ def test_image_processor_keeps_the_contrast_of_16_bit_images():
     assert converted.mode == "L" and np.array_equal(np.asarray(converted), np.asarray(as_8_bit))
 
 
+def test_image_processor_turns_photos_upright_as_training_and_pipeline_do(tmp_path):
+    """A phone stores a portrait photo sideways with an EXIF orientation tag; datasets (training) and pipeline()
+    turn it upright, so the processor must too, else the model sees a rotated image at serving time."""
+    import io
+
+    from datasets import Image as DatasetsImage
+    from transformers.image_utils import load_image
+
+    processor = ElaImageProcessor(architecture=ARCH)
+    yy, xx = np.mgrid[0:48, 0:30]  # smooth (JPEG keeps it), and no two turns of it alike
+    upright = Image.fromarray(np.stack([xx * 8, yy * 5, (xx + yy) * 3], -1).astype(np.uint8))
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # sideways, as the camera wrote the pixels
+    exif = stored.getexif()
+    exif[0x0112] = 6  # Orientation 6: to view it, turn it back (Pillow's exif_transpose: ROTATE_270)
+    path = tmp_path / "portrait.jpg"
+    stored.save(path, exif=exif, quality=100, subsampling=0)
+    photo = Image.open(path)
+    assert photo.size == (48, 30)
+    served = processor(photo)["pixel_values"]
+    trained = processor(DatasetsImage().decode_example({"path": str(path), "bytes": None}))["pixel_values"]
+    piped = processor(load_image(str(path)))["pixel_values"]
+    torch.testing.assert_close(served, trained)
+    torch.testing.assert_close(served, piped)
+    # and it is the upright picture (JPEG-close), not the sideways one
+    reference = processor(upright)["pixel_values"]
+    sideways = processor(upright.transpose(Image.Transpose.ROTATE_90))["pixel_values"]  # (no tag)
+    assert (served - reference).abs().mean() < 0.1 < (sideways - reference).abs().mean()
+    # an image without the tag (or one already turned) is left as it is
+    torch.testing.assert_close(processor(upright)["pixel_values"], reference)
+
+
 def test_image_processor_reads_arrays_by_their_dtype():
     """transformers' heuristic read float images whose values are all 0 or 1 (an all-white 1.0 image, a binary
     mask) and bool arrays as 8-bit values (nearly black), and refused uint16 arrays that PIL scales."""

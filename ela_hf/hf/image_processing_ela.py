@@ -206,7 +206,9 @@ class ElaImageProcessor(BaseImageProcessor):
 
     def _to_pil(self, image, input_data_format) -> Image.Image:
         channels = self.num_channels
-        if not isinstance(image, Image.Image):
+        if isinstance(image, Image.Image):
+            image = _upright(image)
+        else:
             if isinstance(image, torch.Tensor):
                 image = image.detach().cpu()
                 image = (image.float() if image.dtype in (torch.bfloat16, torch.float16) else image).numpy()
@@ -237,6 +239,16 @@ class ElaImageProcessor(BaseImageProcessor):
 
 
 _PIL_MODES = {1: "L", 3: "RGB"}
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """A photo turned as its EXIF orientation says, as ``datasets`` decodes training images and ``pipeline()`` loads
+    them (a phone's portrait photo is stored sideways); without the tag (or once turned) the image itself."""
+    from PIL import ImageOps
+
+    if image.getexif().get(0x0112, 1) == 1:  # Orientation: 1 is upright
+        return image
+    return ImageOps.exif_transpose(image)
 
 
 class _ReadOnlyDataConfig(dict):
