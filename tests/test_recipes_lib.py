@@ -790,6 +790,15 @@ def test_folder_layouts_datasets_misreads_are_named_by_their_cause(tmp_path):
     with pytest.raises(ValueError, match=r"1 image\(s\) sit at another folder depth than the other 8 \(like "
                                          r"train/cat/0\.png\): train/stray\.png\. datasets then turns the class labels off"):
         load_image_dataset(str(tmp_path / "stray"), cache_dir=str(tmp_path / "cache"))
+    # a metadata file beside the class folders: datasets takes its columns instead of the folders' classes
+    _write_image_folder(tmp_path / "meta")
+    for split in ("train", "validation"):
+        rows = [f"{c}/{i}.png,ann" for c in ("cat", "dog") for i in range(2)]
+        (tmp_path / "meta" / split / "metadata.csv").write_text("file_name,photographer\n" + "\n".join(rows) + "\n")
+    data = load_image_dataset(str(tmp_path / "meta"), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match=r"columns: image \(Image\), photographer \(.*string\)\. Name it with "
+                                         r"--label_column \(a folder of images with a metadata\.csv.*remove it to use"):
+        prepare_splits(data["train"], data["validation"], "validation")
     # a flat folder of classes, two named with split keywords: datasets reads those as splits
     _write_image_folder(tmp_path / "lab", splits=(".",), classes=("beaker", "test tube", "evaluation_set"))
     with pytest.raises(ValueError, match=r"the folders evaluation_set/, test tube/ hold images directly, as class "

@@ -399,9 +399,12 @@ def resolve_columns(
                     "train/cat/more/y.png) turns the labels off for the whole dataset, and so does a folder with a "
                     "single class (a classifier needs at least 2)"
                 )
+            metadata = ("" if (dataset.info.builder_name or "") != "imagefolder" else
+                        " (a folder of images with a metadata.csv, .jsonl or .parquet file takes its columns from that "
+                        "file, not its class folders: give the file a label column, or remove it to use the folders)")
             raise ValueError(
                 f"the dataset has no usable label column (a ClassLabel, or an integer or string column named one "
-                f"of {', '.join(_LABEL_COLUMN_NAMES)}); columns: {described}. Name it with --label_column"
+                f"of {', '.join(_LABEL_COLUMN_NAMES)}); columns: {described}. Name it with --label_column{metadata}"
             )
         label_column = (class_labels or named)[0]
     if label_column == image_column:
