@@ -38,7 +38,8 @@ from ela_hf.training import (
     build_transforms,
     card_settings,
     check_checkpoint_classes,
-    check_images,
+    check_metric_for_best_model,
+    check_split_images,
     check_checkpoint_finished,
     check_checkpoint_unfinished,
     check_export_dir,
@@ -155,6 +156,7 @@ def main(argv=None):
     # the model card's settings, kept in every checkpoint: --export_only compares them with its own
     settings = card_settings("imagenet", args, training_args, schedule, learning_rate, total_batch_size, selector)
     check_checkpoint_classes(checkpoint, labels)  # its classifier rows are loaded by index
+    check_metric_for_best_model(training_args.metric_for_best_model, len(labels))
     if args.export_only:
         check_checkpoint_finished(checkpoint, schedule.run_steps, settings)
     else:
@@ -162,11 +164,9 @@ def main(argv=None):
     ddp_for_pruning(training_args, schedule, checkpoint)  # DDP must search for skipped layers' unused parameters
     logger.info(f"{args.dataset}: {len(train_ds)} training images, {len(eval_ds)} from {eval_name!r}, "
                 f"{len(labels)} classes; input {data_config['input_size']}")
-    if not args.export_only and args.check_images != "none":  # now, not after a training epoch
-        bar = not training_args.disable_tqdm
-        if args.check_images == "all":
-            check_images(train_ds, image_column, args.train_split, progress=bar)
-        check_images(eval_ds, image_column, eval_name, progress=bar)
+    if not args.export_only:  # unreadable images stop the run now, not after a training epoch
+        check_split_images(args.check_images, train_ds, eval_ds, image_column, args.train_split, eval_name,
+                           progress=not training_args.disable_tqdm)
     logger.info(f"schedule: {schedule.describe()}")
 
     # ---------------------------------------------------------------------------------------------

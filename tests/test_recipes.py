@@ -343,6 +343,8 @@ def _unlabeled_parquet(path: Path) -> Path:
         ("cifar", ["--ebqm_alpha", "0"], r"--ebqm_alpha: alpha must be > 0"),
         ("imagenet", ["--ebqm_tau", "1.5"], r"--ebqm_tau: tau must be in \[0, 1\]"),
         ("cifar", ["--ebqm_q", "1"], r"--ebqm_q: q must be in the open interval"),
+        ("imagenet", ["--metric_for_best_model", "top5"], r"'top5' is not a metric the evaluation reports \(top5 is not "
+                                                             r"reported with 3 classes"),
     ],
 )
 def test_bad_arguments_are_rejected_before_training(tmp_path, monkeypatch, no_training, recipe, extra, message):

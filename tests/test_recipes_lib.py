@@ -21,6 +21,8 @@ from ela_hf.training import (
     build_transforms,
     check_images,
     check_labels,
+    check_metric_for_best_model,
+    check_split_images,
     class_names,
     collate_image_batch,
     compute_accuracy,
@@ -635,13 +637,47 @@ def test_check_images_reads_embedded_bytes_and_decodes_like_training():
     rows = [_png_bytes(_image(seed=i)) for i in range(5)] + [b"not an image"]
     ds = Dataset.from_dict({"img": rows, "label": [0, 1, 0, 1, 0, 1]})
     train, _, image_column, _, _ = prepare_splits(ds, ds, "train", decode_images=False)
-    with pytest.raises(ValueError, match=r"1 of the 6 images of split 'train' cannot be read:\n  cannot read an image "
+    with pytest.raises(ValueError, match=r"1 of the 6 images of split 'train' cannot be read:\n  row 5: cannot read an image "
                                          r"\(embedded bytes without a file name\): UnidentifiedImageError"):
         check_images(train, image_column, "train")
     check_images(train.select(range(5)), image_column, "train")
     # decoded (Image(decode=True)) datasets are read undecoded by the check, so the error still names the problem
     with pytest.raises(ValueError, match=r"1 of the 6 images"):
         check_images(ds.cast_column("img", Image()), "img", "train")
+    # rows without a file name are named by their row; an empty value is said to be one
+    gaps = Dataset.from_dict({"img": [{"bytes": rows[0], "path": None}, {"bytes": None, "path": None},
+                                      {"bytes": b"junk", "path": None}], "label": [0, 1, 0]})
+    with pytest.raises(ValueError, match=r"2 of the 3 images.*:\n  row 1: no image \(an empty value\)\n  row 2: cannot "
+                                         r"read an image \(embedded bytes"):
+        check_images(gaps.cast_column("img", Image(decode=False)), "img", "train")
+
+
+def test_check_split_images_reports_both_splits_in_one_error():
+    good = [_png_bytes(_image(seed=i)) for i in range(3)]
+    train = Dataset.from_dict({"img": good + [b"bad"]}).cast_column("img", Image(decode=False))
+    evaluation = Dataset.from_dict({"img": [b"bad"] + good}).cast_column("img", Image(decode=False))
+    with pytest.raises(ValueError) as error:
+        check_split_images("all", train, evaluation, "img", "train", "validation")
+    message = str(error.value)
+    assert "1 of the 4 images of split 'train' cannot be read:\n  row 3:" in message
+    assert "1 of the 4 images of split 'validation' cannot be read:\n  row 0:" in message
+    with pytest.raises(ValueError, match=r"split 'validation'") as error:
+        check_split_images("eval", train, evaluation, "img", "train", "validation")
+    assert "'train'" not in str(error.value)
+    check_split_images("none", train, evaluation, "img", "train", "validation")  # nothing read
+    with pytest.raises(ValueError, match=r"--check_images must be eval, all or none, got 'train'"):
+        check_split_images("train", train, evaluation, "img", "train", "validation")
+
+
+def test_metric_for_best_model_must_be_one_the_evaluation_reports():
+    for metric in (None, "loss", "eval_loss", "top1", "eval_top1"):
+        check_metric_for_best_model(metric, 3)
+    check_metric_for_best_model("top5", 6)
+    with pytest.raises(ValueError, match=r"'eval_top5' is not a metric the evaluation reports \(top5 is not reported "
+                                         r"with 5 classes: every label is among the five best\); choose one of loss, top1$"):
+        check_metric_for_best_model("eval_top5", 5)
+    with pytest.raises(ValueError, match=r"'accuracy' is not a metric the evaluation reports; choose one of loss, top1, top5"):
+        check_metric_for_best_model("accuracy", 100)
 
 
 @pytest.mark.slow
@@ -770,7 +806,7 @@ def test_class_folders_without_readable_images_are_named_not_dropped(tmp_path, c
             (tmp_path / "phone" / split / "owl" / f"IMG_{i}.HEIC").write_bytes(b"ftypheic")
     (tmp_path / "phone" / "train" / "owl" / "notes.txt").write_text("shot on a phone")
     with pytest.raises(ValueError, match=r"no image that datasets reads in the class folder\(s\) train/owl/: 2 \.heic, "
-                                         r"1 \.txt; validation/owl/: 2 \.heic: these classes would be left out"):
+                                         r"1 \.txt; validation/owl/: 2 \.heic: their images would be left out"):
         load_image_dataset(str(tmp_path / "phone"), cache_dir=str(tmp_path / "cache"))
     # flat, converted images beside the originals: the class is read, nothing said
     _write_image_folder(tmp_path / "flat", splits=(".",), classes=("cat", "owl"))
@@ -780,7 +816,23 @@ def test_class_folders_without_readable_images_are_named_not_dropped(tmp_path, c
     with caplog.at_level("WARNING"):
         data = load_image_dataset(str(tmp_path / "flat"), cache_dir=str(tmp_path / "cache"))
     assert data["train"].features["label"].names == ["cat", "owl"]
-    assert "the folders empty/ hold no image that datasets reads, so they are not classes (the 2 classes" in caplog.text
+    assert "the folders empty/ hold no image that datasets reads: no class (or no image of that class in that " \
+           "split) comes from them; the 2 classes are the folders with images" in caplog.text
+    # a class trained from .png but evaluated from .heic: its evaluation images would vanish
+    _write_image_folder(tmp_path / "mixed", classes=("cat", "owl"))
+    for i in range(2):
+        (tmp_path / "mixed" / "validation" / "owl" / f"{i}.png").unlink()
+        (tmp_path / "mixed" / "validation" / "owl" / f"IMG_{i}.HEIC").write_bytes(b"ftypheic")
+    with pytest.raises(ValueError, match=r"class folder\(s\) validation/owl/: 2 \.heic: their images would be left out"):
+        load_image_dataset(str(tmp_path / "mixed"), cache_dir=str(tmp_path / "cache"))
+    # a Hub-style repository: split folders under data/, and an assets/ folder that datasets does not read
+    _write_image_folder(tmp_path / "hub" / "data")
+    os.makedirs(tmp_path / "hub" / "assets")
+    (tmp_path / "hub" / "assets" / "banner.svg").write_text("<svg/>")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        data = load_image_dataset(str(tmp_path / "hub"), cache_dir=str(tmp_path / "cache"))
+    assert data["train"].features["label"].names == ["cat", "dog"] and "hold no image" not in caplog.text
 
 
 def test_folder_layouts_datasets_misreads_are_named_by_their_cause(tmp_path):
@@ -801,13 +853,31 @@ def test_folder_layouts_datasets_misreads_are_named_by_their_cause(tmp_path):
         prepare_splits(data["train"], data["validation"], "validation")
     # a flat folder of classes, two named with split keywords: datasets reads those as splits
     _write_image_folder(tmp_path / "lab", splits=(".",), classes=("beaker", "test tube", "evaluation_set"))
-    with pytest.raises(ValueError, match=r"the folders evaluation_set/, test tube/ hold images directly, as class "
-                                         r"folders do, but datasets reads a folder named like a split"):
+    with pytest.raises(ValueError, match=r"the folders evaluation_set/, test tube/ hold images directly, as the class "
+                                         r"folders beside them do \(beaker/\), but datasets reads a folder named like a"):
         load_image_dataset(str(tmp_path / "lab"), cache_dir=str(tmp_path / "cache"))
+    # split folders of images without class folders are not that: a labelled train/ beside an unlabelled test/
+    # (Kaggle) is named by its stray depth; datasets' metadata layout (train/metadata.csv) loads
+    _write_image_folder(tmp_path / "kaggle", splits=("train",))
+    os.makedirs(tmp_path / "kaggle" / "test")
+    _image().save(tmp_path / "kaggle" / "test" / "0.png")
+    with pytest.raises(ValueError, match=r"1 image\(s\) sit at another folder depth than the other 4 \(like "
+                                         r"train/cat/0\.png\): test/0\.png"):
+        load_image_dataset(str(tmp_path / "kaggle"), cache_dir=str(tmp_path / "cache"))
+    for split in ("train", "test"):
+        os.makedirs(tmp_path / "metadata" / split)
+        for i in range(4):
+            _image(seed=i).save(tmp_path / "metadata" / split / f"{i}.png")
+        (tmp_path / "metadata" / split / "metadata.csv").write_text(
+            "file_name,label\n" + "".join(f"{i}.png,{i % 2}\n" for i in range(4)))
+    (tmp_path / "metadata" / "test" / "._0.png").write_bytes(b"")  # macOS AppleDouble file: not an image
+    data = load_image_dataset(str(tmp_path / "metadata"), cache_dir=str(tmp_path / "cache"))
+    assert sorted(data) == ["test", "train"] and data["train"]["label"] == [0, 1, 0, 1]
 
 
 @pytest.mark.parametrize("train_name, eval_name, why", [
     ("caf\u00e9", "cafe\u0301", "Unicode normalisation"), ("red", "red ", "spaces at the ends"), ("Owl", "owl", "case"),
+    ("red", " Red", "spaces at the ends and case"),
 ])
 def test_an_evaluation_class_that_only_looks_like_a_training_class_says_how_it_differs(tmp_path, train_name, eval_name,
                                                                                        why):

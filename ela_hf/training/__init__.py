@@ -37,6 +37,7 @@ from .data import (
     build_transforms,
     check_images,
     check_labels,
+    check_split_images,
     class_names,
     collate_image_batch,
     hub_dataset_id,
@@ -48,7 +49,7 @@ from .data import (
     split_train_eval,
     take_samples,
 )
-from .metrics import compute_accuracy, top_k_predictions
+from .metrics import check_metric_for_best_model, compute_accuracy, top_k_predictions
 from .optim import StepScheduleWithWarmup, create_sgd, create_step_scheduler, scale_learning_rate, update_steps_per_epoch
 from .reporting import (
     EpochRecord,
@@ -98,6 +99,8 @@ __all__ = [
     "recipe_pretrained_cfg",
     "check_images",
     "check_labels",
+    "check_metric_for_best_model",
+    "check_split_images",
     "class_names",
     "collate_image_batch",
     "hub_dataset_id",

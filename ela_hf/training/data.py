@@ -35,6 +35,7 @@ __all__ = [
     "take_samples",
     "hub_dataset_id",
     "check_images",
+    "check_split_images",
 ]
 
 logger = logging.getLogger(__name__)
@@ -129,10 +130,36 @@ def _subfolders(path: str) -> List[str]:
     return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
 
 
-def _holds_images(path: str) -> bool:
+def _is_image_file(name: str) -> bool:
     from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 
-    return any(e.is_file() and os.path.splitext(e.name)[1].lower() in ImageFolder.EXTENSIONS for e in os.scandir(path))
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in ImageFolder.EXTENSIONS
+
+
+def _holds_images(path: str) -> bool:
+    """Whether the folder ``path`` itself holds an image file that ``datasets`` reads (stops at the first)."""
+    with os.scandir(path) as entries:
+        return any(_is_image_file(e.name) and e.is_file() for e in entries)
+
+
+def _file_kinds_without_images(path: str) -> Optional[Dict[str, int]]:
+    """None as soon as an image ``datasets`` reads turns up under ``path``; else the count of each kind of file
+    (extension, or name) there. Hidden files and folders are passed over, as ``datasets`` does."""
+    kinds: Dict[str, int] = {}
+    pending = [path]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir():
+                    pending.append(entry.path)
+                elif _is_image_file(entry.name):
+                    return None
+                else:
+                    kind = os.path.splitext(entry.name)[1].lower() or entry.name
+                    kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
 
 
 def _refuse_linked_folders(path: str, dataset: str) -> None:
@@ -193,14 +220,17 @@ def _check_split_folders(path: str, dataset: str) -> None:
             logger.warning(message + " (or ignore this if it is a class)")
         return
     # a flat folder of classes where some class names hold a split keyword (test tube/, evaluation_set/): datasets
-    # reads those as splits (and leaves the other classes out); a real split folder holds class folders
+    # reads those as splits and leaves the other classes (folders of images beside them) out. Split folders of
+    # images without class folders are datasets' metadata layout (train/metadata.csv), or a test set without labels
+    others = [name for name in top if name not in splits and _holds_images(os.path.join(path, name))]
     flat = [name for name in splits if not _subfolders(os.path.join(path, name)) and _holds_images(os.path.join(path, name))]
-    if flat:
+    if flat and others:
         raise ValueError(
-            f"--dataset {dataset!r}: the folders {', '.join(n + '/' for n in flat)} hold images directly, as class "
-            "folders do, but datasets reads a folder named like a split (train, validation, test, eval, ... in lower "
-            "case, alone or set off by -._ space or digits) as a split, and would leave the other classes out. "
-            "Rename these class folders (capitalised, e.g. 'Test tube', they are read as classes)"
+            f"--dataset {dataset!r}: the folders {', '.join(n + '/' for n in flat)} hold images directly, as the class "
+            f"folders beside them do ({', '.join(n + '/' for n in others[:3])}{' ...' if len(others) > 3 else ''}), "
+            "but datasets reads a folder named like a split (train, validation, test, eval, ... in lower case, alone or "
+            "set off by -._ space or digits) as a split, and would leave the other classes out. Rename these class "
+            "folders (capitalised, e.g. 'Test tube', they are read as classes)"
         )
     claimed = sorted(f"{split}/{cls}/" for split in splits for cls in _subfolders(os.path.join(path, split))
                      if exact.fullmatch(cls))
@@ -233,7 +263,7 @@ def _name_images_at_another_depth(path: str, dataset: str, loaded: DatasetDict) 
         if any(f in ImageFolder.METADATA_FILENAMES for f in files):
             return  # the metadata file's columns are the dataset's: resolve_columns lists them
         for file in sorted(files):
-            if not file.startswith(".") and os.path.splitext(file)[1].lower() in ImageFolder.EXTENSIONS:
+            if _is_image_file(file):
                 relative = os.path.relpath(os.path.join(root, file), path)
                 depths.setdefault(relative.count(os.sep), []).append(relative.replace(os.sep, "/"))
     if len(depths) < 2:
@@ -254,33 +284,28 @@ _UNREAD_IMAGE_EXTENSIONS = (".heic", ".heif", ".avif", ".jxl", ".svg", ".dng", "
 
 
 def _check_class_folders(path: str, dataset: str, loaded: DatasetDict) -> None:
-    """Class folders that gave no class: ``datasets`` names the classes after the folders of the images it reads,
-    so a class folder that is empty, or holds only files it does not read (``.heic`` phone photos), is left out of
-    the classes without a word. Images of a format it does not read are an error; an otherwise empty class folder
-    a warning. Only the folders that gave no class are walked."""
-    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
-
+    """Class folders without an image ``datasets`` reads: it names the classes after the folders of the images it
+    reads, so a class folder that is empty, or holds only files it does not read (``.heic`` phone photos), is left
+    out without a word: of the classes, or of a split's images of a class. Images of a format it does not read are
+    an error; an otherwise empty class folder a warning. Each class folder is read only up to its first image."""
     classes = {name for split in loaded.values() if isinstance(split.features.get("label"), ClassLabel)
                for name in split.features["label"].names}
     if not classes:
         return  # no labels at all: prepare_splits says why
+    exact = _split_folder_regex()
     top = _subfolders(path)
-    splits = [name for name in top if _split_folder_regex().fullmatch(name)]
+    # the class folders: inside the split folders, at the top or one level down (data/train/cat/, beside which
+    # other folders such as assets/ are not read); else the top-level folders of a flat folder of classes
+    splits = [name for name in top if exact.fullmatch(name)]
+    if not splits:
+        splits = [f"{name}/{sub}" for name in top for sub in _subfolders(os.path.join(path, name)) if exact.fullmatch(sub)]
     folders = [f"{s}/{c}" for s in splits for c in _subfolders(os.path.join(path, s))] if splits else top
     unread: Dict[str, Dict[str, int]] = {}
     empty: List[str] = []
     for folder in folders:
-        if os.path.basename(folder) in classes:
+        kinds = _file_kinds_without_images(os.path.join(path, folder))
+        if kinds is None:
             continue
-        kinds: Dict[str, int] = {}
-        for root, dirs, files in os.walk(os.path.join(path, folder)):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            for file in files:
-                if not file.startswith("."):
-                    kind = os.path.splitext(file)[1].lower() or file
-                    kinds[kind] = kinds.get(kind, 0) + 1
-        if any(kind in ImageFolder.EXTENSIONS for kind in kinds):
-            continue  # images it reads, under another layout (Train/ read as classes): the split checks' business
         if any(kind in _UNREAD_IMAGE_EXTENSIONS for kind in kinds):
             unread[folder] = kinds
         else:
@@ -290,14 +315,14 @@ def _check_class_folders(path: str, dataset: str, loaded: DatasetDict) -> None:
                               for folder, kinds in sorted(unread.items())[:5])
         raise ValueError(
             f"--dataset {dataset!r}: no image that datasets reads in the class folder(s) {described}"
-            f"{'; ...' if len(unread) > 5 else ''}: these classes would be left out without a word. Convert the "
-            "images to JPEG or PNG (e.g. with pillow-heif for .heic)"
+            f"{'; ...' if len(unread) > 5 else ''}: their images would be left out without a word. Convert them to "
+            "JPEG or PNG (e.g. with pillow-heif for .heic)"
         )
     if empty:
         logger.warning(
             f"--dataset {dataset!r}: the folders {', '.join(f + '/' for f in sorted(empty)[:10])}"
-            f"{' ...' if len(empty) > 10 else ''} hold no image that datasets reads, so they are not classes (the "
-            f"{len(classes)} classes are the folders with images)"
+            f"{' ...' if len(empty) > 10 else ''} hold no image that datasets reads: no class (or no image of that "
+            f"class in that split) comes from them; the {len(classes)} classes are the folders with images"
         )
 
 
@@ -535,17 +560,23 @@ def _check_eval_classes_are_trained(source: Dataset, evaluation: Dataset, label_
 
 
 def _look_alike(name: str, trained: List[str]) -> str:
-    """`` (training has 'X': ...)`` when ``name`` differs from a trained class name only in ways that do not show."""
+    """`` (training has 'X': ...)`` when ``name`` differs from a trained class name only in ways that do not show:
+    Unicode normalisation, spaces at the ends, case (each named where it plays a part)."""
     import unicodedata
 
     steps = (("Unicode normalisation (an accent stored as its own character in one, joined to its letter in the "
               "other, as folders copied from a Mac can be)", lambda n: unicodedata.normalize("NFC", n)),
-             ("spaces at the ends", lambda n: unicodedata.normalize("NFC", n).strip()),
-             ("case", lambda n: unicodedata.normalize("NFC", n).strip().casefold()))
-    for why, key in steps:
-        match = [t for t in trained if key(t) == key(name)]
-        if match:
-            return f" (training has {match[0]!r}: the names differ in {why})"
+             ("spaces at the ends", str.strip),
+             ("case", str.casefold))
+    def key(n: str, skip: int = -1) -> str:
+        for k, (_, step) in enumerate(steps):
+            n = n if k == skip else step(n)
+        return n
+
+    for other in trained:
+        if key(name) == key(other):  # the differences that matter: those the other steps alone do not undo
+            reasons = [why for k, (why, _) in enumerate(steps) if key(name, skip=k) != key(other, skip=k)]
+            return f" (training has {other!r}: the names differ in {' and '.join(reasons)})"
     return ""
 
 
@@ -725,35 +756,59 @@ def check_images(dataset: Dataset, image_column: str, split: str, num_threads: O
     if num_threads is None:
         num_threads = max(1, min(8, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))
 
-    def problem(value) -> Optional[str]:
+    def problem(row: int, value) -> Optional[Tuple[int, str]]:
         try:
+            if value is None or (isinstance(value, dict) and value.get("bytes") is None and not value.get("path")):
+                raise ValueError("no image (an empty value)")
             _to_rgb(_decode(value))
         except Exception as error:  # noqa: BLE001 - _decode names the file; anything else is a failure too
-            return str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+            found = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+            named = isinstance(value, str) or (isinstance(value, dict) and value.get("path"))
+            return row, found if named else f"row {row}: {found}"  # the row is all there is to find it by
         return None
 
-    problems: List[str] = []
-    count = 0
+    problems: List[Tuple[int, str]] = []
+    count = start = 0
     with ThreadPoolExecutor(num_threads) as pool, tqdm(
-        total=len(rows) * world, desc=f"checking the {split} images", unit="img", disable=rank != 0 or not progress,
+        total=len(dataset), desc=f"checking the {split} images", unit="img", disable=rank != 0 or not progress,
     ) as bar:
         for batch in rows.iter(batch_size=256):
-            for found in pool.map(problem, batch[image_column]):
+            values = batch[image_column]
+            rows_here = [rank + world * (start + i) for i in range(len(values))]  # row numbers in ``dataset``
+            for found in pool.map(problem, rows_here, values):
                 count += found is not None
                 if found is not None and len(problems) < max_listed:
                     problems.append(found)
-            bar.update(len(batch[image_column]) * world)
+            start += len(values)
+            bar.update(min(len(values) * world, bar.total - bar.n))  # (the shares differ by one at most)
     if distributed:  # every process raises the same error, so none waits for the others in a collective
         shares: List = [None] * world
         dist.all_gather_object(shares, (count, problems))
         count = sum(c for c, _ in shares)
-        problems = [p for _, found in shares for p in found][:max_listed]
+        problems = sorted(p for _, found in shares for p in found)[:max_listed]
     if count:
-        listed = "\n  ".join(problems) + ("\n  ..." if count > len(problems) else "")
+        listed = "\n  ".join(message for _, message in problems) + ("\n  ..." if count > len(problems) else "")
         raise ValueError(
             f"{count} of the {len(dataset)} images of split {split!r} cannot be read:\n  {listed}\n"
             "Remove or replace these files (the recipes' --check_images none skips this check)"
         )
+
+
+def check_split_images(which: str, train: Dataset, evaluation: Dataset, image_column: str, train_name: str,
+                       eval_name: str, progress: bool = True) -> None:
+    """The recipes' ``--check_images``: ``"eval"`` checks ``evaluation``, ``"all"`` both splits, ``"none"``
+    nothing (:func:`check_images`). With both, one error lists the unreadable images of each split."""
+    if which not in ("eval", "all", "none"):
+        raise ValueError(f"--check_images must be eval, all or none, got {which!r}")
+    splits = ([(train, train_name)] if which == "all" else []) + ([(evaluation, eval_name)] if which != "none" else [])
+    errors = []
+    for dataset, name in splits:
+        try:
+            check_images(dataset, image_column, name, progress=progress)
+        except ValueError as error:
+            errors.append(str(error))
+    if errors:
+        raise ValueError("\n".join(errors))
 
 
 def _to_rgb(img) -> PILImage.Image:

@@ -7,12 +7,12 @@ label is among the five best, so top-5 says nothing: only the best class is kept
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 import torch
 
-__all__ = ["TOP_K", "top_k_predictions", "compute_accuracy"]
+__all__ = ["TOP_K", "top_k_predictions", "compute_accuracy", "check_metric_for_best_model"]
 
 TOP_K = 5
 
@@ -41,3 +41,17 @@ def compute_accuracy(eval_pred) -> Dict[str, float]:
     if predictions.shape[1] >= TOP_K:
         metrics["top5"] = float(hits[:, :TOP_K].any(axis=1).mean())
     return metrics
+
+
+def check_metric_for_best_model(metric: Optional[str], num_classes: int) -> None:
+    """``--metric_for_best_model`` must be one of the metrics the evaluation reports (``loss``, ``top1``, and
+    ``top5`` with more than five classes), with or without ``eval_``: the Trainer would otherwise stop with a
+    ``KeyError`` at the first evaluation, after a whole epoch of training."""
+    if metric is None:
+        return
+    reported = ["loss", "top1"] + (["top5"] if num_classes > TOP_K else [])
+    if (metric[len("eval_"):] if metric.startswith("eval_") else metric) not in reported:
+        why = f" (top5 is not reported with {num_classes} classes: every label is among the five best)" \
+            if metric in ("top5", "eval_top5") else ""
+        raise ValueError(f"--metric_for_best_model {metric!r} is not a metric the evaluation reports{why}; "
+                         f"choose one of {', '.join(reported)}")
