@@ -223,7 +223,8 @@ def _check_split_folders(path: str, dataset: str) -> None:
     # reads those as splits and leaves the other classes (folders of images beside them) out. Split folders of
     # images without class folders are datasets' metadata layout (train/metadata.csv), or a test set without labels
     others = [name for name in top if name not in splits and _holds_images(os.path.join(path, name))]
-    flat = [name for name in splits if not _subfolders(os.path.join(path, name)) and _holds_images(os.path.join(path, name))]
+    flat = [name for name in splits
+            if not _subfolders(os.path.join(path, name)) and _holds_images(os.path.join(path, name))]
     if flat and others:
         raise ValueError(
             f"--dataset {dataset!r}: the folders {', '.join(n + '/' for n in flat)} hold images directly, as the class "
@@ -298,7 +299,8 @@ def _check_class_folders(path: str, dataset: str, loaded: DatasetDict) -> None:
     # other folders such as assets/ are not read); else the top-level folders of a flat folder of classes
     splits = [name for name in top if exact.fullmatch(name)]
     if not splits:
-        splits = [f"{name}/{sub}" for name in top for sub in _subfolders(os.path.join(path, name)) if exact.fullmatch(sub)]
+        splits = [f"{name}/{sub}" for name in top for sub in _subfolders(os.path.join(path, name))
+                  if exact.fullmatch(sub)]
     folders = [f"{s}/{c}" for s in splits for c in _subfolders(os.path.join(path, s))] if splits else top
     unread: Dict[str, Dict[str, int]] = {}
     empty: List[str] = []
@@ -550,7 +552,8 @@ def _check_eval_classes_are_trained(source: Dataset, evaluation: Dataset, label_
     trained = _label_ids(source, label_column)
     untrained = sorted(_label_ids(evaluation, label_column) - trained)
     if untrained:
-        names = ", ".join(repr(labels[i]) + _look_alike(labels[i], [labels[t] for t in trained]) for i in untrained[:10])
+        trained_names = [labels[t] for t in trained]
+        names = ", ".join(repr(labels[i]) + _look_alike(labels[i], trained_names) for i in untrained[:10])
         names += ", ..." if len(untrained) > 10 else ""
         raise ValueError(
             f"split {eval_name!r} has images of {len(untrained)} class(es) the training split has no image of: "
@@ -568,6 +571,7 @@ def _look_alike(name: str, trained: List[str]) -> str:
               "other, as folders copied from a Mac can be)", lambda n: unicodedata.normalize("NFC", n)),
              ("spaces at the ends", str.strip),
              ("case", str.casefold))
+
     def key(n: str, skip: int = -1) -> str:
         for k, (_, step) in enumerate(steps):
             n = n if k == skip else step(n)
@@ -739,8 +743,8 @@ def check_images(dataset: Dataset, image_column: str, split: str, num_threads: O
     would otherwise come after a whole training epoch, before any checkpoint is saved; ``--check_images all``
     checks the training split too. Images are decoded as training decodes them (so a truncated file fails here
     exactly when it would fail there), by ``num_threads`` threads (default: the CPU cores, at most 8; Pillow
-    decodes without holding the GIL), with a progress bar on the main process (``progress=False``: none). Under ``torch.distributed``
-    every process checks its share of the images and all of them raise the same error.
+    decodes without holding the GIL), with a progress bar on the main process (``progress=False``: none). Under
+    ``torch.distributed`` every process checks its share of the images and all of them raise the same error.
     """
     from concurrent.futures import ThreadPoolExecutor
 
