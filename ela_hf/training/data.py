@@ -196,6 +196,9 @@ def _check_split_folders(path: str, dataset: str) -> None:
     - Beside recognised split folders, any other folder (``holdout/``) is not read at all: a warning.
     - A class folder named like a split (``train/val_birds/``, CIFAR-100's ``train/``) is read into that split
       too: training images would be evaluated (or the reverse). An error.
+    - In a flat folder of classes, class folders named like a split (``test tube/``) are read as splits, and the
+      other classes left out. An error (only where folders of images sit beside them: split folders of images
+      alone are datasets' metadata layout, or an unlabelled test set).
     """
     exact, loose = _split_folder_regex(), _split_folder_regex(re.IGNORECASE)
     top = _subfolders(path)
@@ -219,13 +222,13 @@ def _check_split_folders(path: str, dataset: str) -> None:
                 raise ValueError(message)
             logger.warning(message + " (or ignore this if it is a class)")
         return
+    children = {name: _subfolders(os.path.join(path, name)) for name in top}
     # a flat folder of classes where some class names hold a split keyword (test tube/, evaluation_set/): datasets
     # reads those as splits and leaves the other classes (folders of images beside them) out. Split folders of
     # images without class folders are datasets' metadata layout (train/metadata.csv), or a test set without labels
-    others = [name for name in top if name not in splits and _holds_images(os.path.join(path, name))]
-    flat = [name for name in splits
-            if not _subfolders(os.path.join(path, name)) and _holds_images(os.path.join(path, name))]
-    if flat and others:
+    flat = [name for name in splits if not children[name] and _holds_images(os.path.join(path, name))]
+    others = [name for name in top if name not in splits and _holds_images(os.path.join(path, name))] if flat else []
+    if others:
         raise ValueError(
             f"--dataset {dataset!r}: the folders {', '.join(n + '/' for n in flat)} hold images directly, as the class "
             f"folders beside them do ({', '.join(n + '/' for n in others[:3])}{' ...' if len(others) > 3 else ''}), "
@@ -233,15 +236,14 @@ def _check_split_folders(path: str, dataset: str) -> None:
             "set off by -._ space or digits) as a split, and would leave the other classes out. Rename these class "
             "folders (capitalised, e.g. 'Test tube', they are read as classes)"
         )
-    claimed = sorted(f"{split}/{cls}/" for split in splits for cls in _subfolders(os.path.join(path, split))
-                     if exact.fullmatch(cls))
+    claimed = sorted(f"{split}/{cls}/" for split in splits for cls in children[split] if exact.fullmatch(cls))
     if claimed:
         raise ValueError(
             f"--dataset {dataset!r}: the class folders {', '.join(claimed[:5])}{' ...' if len(claimed) > 5 else ''} "
             "are named like a split (train, val, test, ... alone or set off by -._ or digits), so datasets also puts "
             "their images into that split: training and evaluation images would mix. Rename these class folders"
         )
-    ignored = [name for name in top if name not in splits and not holds_splits(_subfolders(os.path.join(path, name)))]
+    ignored = [name for name in top if name not in splits and not holds_splits(children[name])]
     if ignored:
         logger.warning(
             f"--dataset {dataset!r}: the folders {', '.join(n + '/' for n in ignored)} are not read: beside the split "
