@@ -808,9 +808,10 @@ def test_class_folders_without_readable_images_are_named_not_dropped(tmp_path, c
     with pytest.raises(ValueError, match=r"no image that datasets reads in the class folder\(s\) train/owl/: 2 \.heic, "
                                          r"1 \.txt; validation/owl/: 2 \.heic: their images would be left out"):
         load_image_dataset(str(tmp_path / "phone"), cache_dir=str(tmp_path / "cache"))
-    # flat, converted images beside the originals: the class is read, nothing said
+    # flat, converted images beside the originals (IMG_9.jpg from IMG_9.HEIC): the class is read, nothing said
     _write_image_folder(tmp_path / "flat", splits=(".",), classes=("cat", "owl"))
-    (tmp_path / "flat" / "owl" / "IMG_9.heic").write_bytes(b"ftypheic")
+    (tmp_path / "flat" / "owl" / "IMG_9.HEIC").write_bytes(b"ftypheic")
+    _image().save(tmp_path / "flat" / "owl" / "IMG_9.jpg")
     (tmp_path / "flat" / "empty").mkdir()
     (tmp_path / "flat" / "empty" / ".DS_Store").write_bytes(b"")
     with caplog.at_level("WARNING"):
@@ -818,6 +819,18 @@ def test_class_folders_without_readable_images_are_named_not_dropped(tmp_path, c
     assert data["train"].features["label"].names == ["cat", "owl"]
     assert "the folders empty/ hold no image that datasets reads: no class (or no image of that class in that " \
            "split) comes from them; the 2 classes are the folders with images" in caplog.text
+    assert "left out" not in caplog.text
+    # ... but phone photos not converted, beside ones that are read: the class stays, with fewer images than the
+    # folder holds; each folder's count is named (a twin in another folder does not count)
+    (tmp_path / "flat" / "owl" / "IMG_7.heic").write_bytes(b"ftypheic")
+    (tmp_path / "flat" / "owl" / "IMG_7.dng").write_bytes(b"II*")
+    (tmp_path / "flat" / "cat" / "IMG_9.avif").write_bytes(b"ftypavif")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        data = load_image_dataset(str(tmp_path / "flat"), cache_dir=str(tmp_path / "cache"))
+    assert data["train"].num_rows == 5
+    assert "3 image(s) of a format datasets does not read are left out, in the class folder(s) cat/: 1 .avif " \
+           "beside 2 read; owl/: 1 .dng, 1 .heic beside 3 read. Convert them to JPEG or PNG" in caplog.text
     # a class trained from .png but evaluated from .heic: its evaluation images would vanish
     _write_image_folder(tmp_path / "mixed", classes=("cat", "owl"))
     for i in range(2):

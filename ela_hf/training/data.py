@@ -142,24 +142,44 @@ def _holds_images(path: str) -> bool:
         return any(_is_image_file(e.name) and e.is_file() for e in entries)
 
 
-def _file_kinds_without_images(path: str) -> Optional[Dict[str, int]]:
-    """None as soon as an image ``datasets`` reads turns up under ``path``; else the count of each kind of file
-    (extension, or name) there. Hidden files and folders are passed over, as ``datasets`` does."""
-    kinds: Dict[str, int] = {}
+# image formats that datasets' image folders leave out (it reads Pillow's formats): phone photos, raw, vector
+_UNREAD_IMAGE_EXTENSIONS = (".heic", ".heif", ".avif", ".jxl", ".svg", ".dng", ".cr2", ".cr3", ".nef", ".arw",
+                            ".orf", ".rw2", ".raf", ".raw")
+
+
+def _class_folder_files(path: str) -> Tuple[int, Dict[str, int], Dict[str, int]]:
+    """``(images, kinds, left_out)`` under the folder ``path``: the number of images ``datasets`` reads; the count
+    of each other kind of file (extension, or name); and of those, the images of a format it does not read
+    (``_UNREAD_IMAGE_EXTENSIONS``) with no readable image of the same name beside them (``IMG_1.HEIC`` without an
+    ``IMG_1.jpg`` converted from it), by kind. Hidden files and folders are passed over, as ``datasets`` does."""
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    readable = {extension.lower() for extension in ImageFolder.EXTENSIONS}
+    images, kinds, left_out = 0, {}, {}
     pending = [path]
     while pending:
+        stems, unread = set(), []
         with os.scandir(pending.pop()) as entries:
             for entry in entries:
                 if entry.name.startswith("."):
                     continue
                 if entry.is_dir():
                     pending.append(entry.path)
-                elif _is_image_file(entry.name):
-                    return None
+                    continue
+                stem, extension = os.path.splitext(entry.name)
+                extension = extension.lower()
+                if extension in readable:
+                    images += 1
+                    stems.add(stem.lower())
                 else:
-                    kind = os.path.splitext(entry.name)[1].lower() or entry.name
+                    kind = extension or entry.name
                     kinds[kind] = kinds.get(kind, 0) + 1
-    return kinds
+                    if kind in _UNREAD_IMAGE_EXTENSIONS:
+                        unread.append((stem.lower(), kind))
+        for stem, kind in unread:
+            if stem not in stems:
+                left_out[kind] = left_out.get(kind, 0) + 1
+    return images, kinds, left_out
 
 
 def _refuse_linked_folders(path: str, dataset: str) -> None:
@@ -281,16 +301,12 @@ def _name_images_at_another_depth(path: str, dataset: str, loaded: DatasetDict) 
     )
 
 
-# image formats that datasets' image folders leave out (it reads Pillow's formats): phone photos, raw, vector
-_UNREAD_IMAGE_EXTENSIONS = (".heic", ".heif", ".avif", ".jxl", ".svg", ".dng", ".cr2", ".cr3", ".nef", ".arw",
-                            ".orf", ".rw2", ".raf", ".raw")
-
-
 def _check_class_folders(path: str, dataset: str, loaded: DatasetDict) -> None:
-    """Class folders without an image ``datasets`` reads: it names the classes after the folders of the images it
-    reads, so a class folder that is empty, or holds only files it does not read (``.heic`` phone photos), is left
-    out without a word: of the classes, or of a split's images of a class. Images of a format it does not read are
-    an error; an otherwise empty class folder a warning. Each class folder is read only up to its first image."""
+    """Class folders whose images ``datasets`` leaves out without a word: it names the classes after the folders
+    of the images it reads, and does not read some formats (``.heic`` phone photos, raw, vector). A class folder
+    holding only such images is an error (the class would be missing, from the model or from a split); one that
+    is empty a warning; one where they sit beside images it reads, not converted (no ``IMG_1.jpg`` beside
+    ``IMG_1.HEIC``), a warning naming how many are left out. Class folders are listed, not their images read."""
     classes = {name for split in loaded.values() if isinstance(split.features.get("label"), ClassLabel)
                for name in split.features["label"].names}
     if not classes:
@@ -306,17 +322,23 @@ def _check_class_folders(path: str, dataset: str, loaded: DatasetDict) -> None:
     folders = [f"{s}/{c}" for s in splits for c in _subfolders(os.path.join(path, s))] if splits else top
     unread: Dict[str, Dict[str, int]] = {}
     empty: List[str] = []
+    partly: Dict[str, Tuple[int, Dict[str, int]]] = {}
     for folder in folders:
-        kinds = _file_kinds_without_images(os.path.join(path, folder))
-        if kinds is None:
+        images, kinds, left_out = _class_folder_files(os.path.join(path, folder))
+        if images and left_out:
+            partly[folder] = images, left_out
+        elif images:
             continue
-        if any(kind in _UNREAD_IMAGE_EXTENSIONS for kind in kinds):
+        elif any(kind in _UNREAD_IMAGE_EXTENSIONS for kind in kinds):
             unread[folder] = kinds
         else:
             empty.append(folder)
+
+    def counts(kinds: Dict[str, int]) -> str:
+        return ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+
     if unread:
-        described = "; ".join(f"{folder}/: " + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
-                              for folder, kinds in sorted(unread.items())[:5])
+        described = "; ".join(f"{folder}/: {counts(kinds)}" for folder, kinds in sorted(unread.items())[:5])
         raise ValueError(
             f"--dataset {dataset!r}: no image that datasets reads in the class folder(s) {described}"
             f"{'; ...' if len(unread) > 5 else ''}: their images would be left out without a word. Convert them to "
@@ -327,6 +349,15 @@ def _check_class_folders(path: str, dataset: str, loaded: DatasetDict) -> None:
             f"--dataset {dataset!r}: the folders {', '.join(f + '/' for f in sorted(empty)[:10])}"
             f"{' ...' if len(empty) > 10 else ''} hold no image that datasets reads: no class (or no image of that "
             f"class in that split) comes from them; the {len(classes)} classes are the folders with images"
+        )
+    if partly:
+        total = sum(n for _, left_out in partly.values() for n in left_out.values())
+        described = "; ".join(f"{folder}/: {counts(left_out)} beside {images} read"
+                              for folder, (images, left_out) in sorted(partly.items())[:5])
+        logger.warning(
+            f"--dataset {dataset!r}: {total} image(s) of a format datasets does not read are left out, in the class "
+            f"folder(s) {described}{'; ...' if len(partly) > 5 else ''}. Convert them to JPEG or PNG (e.g. with "
+            "pillow-heif for .heic) to train and evaluate on them"
         )
 
 
