@@ -13,6 +13,7 @@ wrong: a ``skip`` that is not a boolean, and (at export) layers the model does n
     {
       "windows": [[1, 3], [45, 48], [91, 93]], "window_unit": "epoch",       # the schedule
       "selector": {"name": "ebqm", "q": 0.5, "alpha": 5.0, "beta": 1.0, "tau": 0.3},
+      "skipped_before_run": [{"name": "layer2.3", "stage": 1, "block": 3}],   # only when the model had skips
       "decisions": [                                                          # one per finished window
         {"window": 1, "unit": "epoch", "start": 1, "end": 3, "quantile": 0.021,
          "layers": [{"name": "layer1.1", "stage": 0, "block": 1, "d_t": 0.0123, "mapped": 0.04,
@@ -311,9 +312,11 @@ def _verify_slim(net: LayerAttentionResNet, config: ElaConfig, state: Dict[str, 
 
 
 def load_pruning_history(history: Union[None, PathLike, Mapping, Sequence]) -> Optional[Dict[str, Any]]:
-    """Read ``pruning_history.json`` (a path, or its parsed content) into ``{"selector", "windows"}``.
+    """Read ``pruning_history.json`` (a path, or its parsed content) into ``{"selector", "windows",
+    "skipped_before"}``.
 
-    Windows become ``{"label", "layers": [{"stage", "block", "d", "mapped", "skip"}]}``. Raises
+    Windows become ``{"label", "layers": [{"stage", "block", "d", "mapped", "skip"}]}``; ``skipped_before`` is
+    the sorted ``(stage, block)`` pairs of the layers already skipped when the run began. Raises
     ``ValueError`` when the file is not JSON or not one of the layouts in this module's docstring.
     """
     if history is None:
@@ -368,7 +371,13 @@ def _parse_history(history: Any, source: str) -> Dict[str, Any]:
             )
         layers.sort(key=lambda e: (e["stage"], e["block"]))
         out.append(dict(label=_window_label(window, idx, unit), layers=layers, quantile=_as_float(window.get("quantile"))))
-    return dict(selector=selector if isinstance(selector, Mapping) else None, windows=out)
+    before = history.get("skipped_before_run") if isinstance(history, Mapping) else None
+    skipped_before = sorted(
+        (int(e["stage"]), int(e["block"])) for e in before or ()
+        if isinstance(e, Mapping) and _is_int(e.get("stage")) and _is_int(e.get("block"))
+    ) if isinstance(before, Sequence) and not isinstance(before, (str, bytes)) else []
+    return dict(selector=selector if isinstance(selector, Mapping) else None, windows=out,
+                skipped_before=skipped_before)
 
 
 def _read_history(history: Any) -> Tuple[Any, str]:
@@ -608,6 +617,8 @@ def render_model_card(
 
     windows = []
     first_skip: Dict[Tuple[int, int], str] = {}
+    # layers the model skipped when the recorded run began (a pruned checkpoint fine-tuned and pruned further)
+    skipped_before = {tuple(e) for e in (history or {}).get("skipped_before", ())}
     if history:
         for w in history["windows"]:
             windows.append(
@@ -624,7 +635,8 @@ def render_model_card(
     if mask:
         for i, stage in enumerate(mask):
             blocks = [j for j, s in enumerate(stage) if s]
-            when = sorted({first_skip.get((i, j), "not recorded") for j in blocks})
+            when = sorted({first_skip.get((i, j), "before this run" if (i, j) in skipped_before else "not recorded")
+                           for j in blocks})
             skip_table.append(
                 dict(stage=i, blocks=len(stage), skipped=blocks, windows=", ".join(when) if blocks else "")
             )

@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import warnings
 
 import pytest
 import timm
@@ -194,6 +195,50 @@ def test_a_fresh_run_replaces_an_earlier_runs_history_at_once(tmp_path):
     assert decision["global_step"] == 6
 
 
+def test_layers_skipped_before_a_fresh_run_are_named_and_kept_in_its_record(tmp_path):
+    """A fresh run on a model that already skips layers (a pruned checkpoint, a second train(), a retry of
+    auto_find_batch_size) keeps them skipped: they are named, kept out of the candidates and recorded, so the
+    history file, a resume and the model card account for every skipped layer."""
+    model = TinyElaClassifier()
+    ela_hf.set_skip_mask(model, [[False, False], [False, True], [False, False]])
+    callback = ElaPruningCallback(windows=[(2, 3)], window_unit="step", selector=FixedCountSelector(1))
+    args = training_args(tmp_path / "a", max_steps=4, save_strategy="steps", save_steps=1)
+    trainer = Trainer(model=model, args=args, train_dataset=RandomImages(n=32), callbacks=[callback])
+    before = [{"name": "backbone.layer2.1", "stage": 1, "block": 1}]
+    with pytest.warns(UserWarning, match=r"already skips 1 attention layer as this run begins \(backbone\.layer2\.1\): "
+                                         r"a pruned checkpoint, an earlier train\(\) call, or a retry of auto_find"):
+        trainer.train()
+    (decision,) = callback.history
+    assert [e["name"] for e in decision["layers"]] == ["backbone.layer1.1", "backbone.layer3.1"]
+    assert sum(map(sum, decision["skip_mask"])) == 2 and decision["skip_mask"][1] == [False, True]
+    on_disk = json.loads((tmp_path / "a" / "pruning_history.json").read_text())
+    assert on_disk["skipped_before_run"] == before and on_disk["decisions"] == callback.history
+    # the card says when each skipped layer went: this run's window, or before it
+    ela_hf.export_pruned(model.backbone, tmp_path / "release", pruning_history=tmp_path / "a" / "pruning_history.json")
+    card = (tmp_path / "release" / "README.md").read_text()
+    (skipped_now,) = decision["skipped_now"]
+    stage = {"backbone.layer1.1": 0, "backbone.layer3.1": 2}[skipped_now]
+    assert "| 1 | 2 | 1 | before this run |" in card and f"| {stage} | 2 | 1 | Window 1 (steps 2-3) |" in card
+    assert "not recorded" not in card
+
+    # a resume from inside the window (checkpoint-2) into a model loaded some other way, without the earlier skip
+    args = training_args(tmp_path / "b", max_steps=4, save_strategy="steps", save_steps=1)
+    callback_b = ElaPruningCallback(windows=[(2, 3)], window_unit="step", selector=FixedCountSelector(1))
+    resumed = Trainer(model=TinyElaClassifier(), args=args, train_dataset=RandomImages(n=32), callbacks=[callback_b])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="ElaPruningCallback")  # not a fresh run: no word of earlier skips
+        resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    assert _current_callback(resumed).skipped_before == before
+    assert ela_hf.get_skip_mask(resumed.model) == decision["skip_mask"]
+    assert json.loads((tmp_path / "b" / "pruning_history.json").read_text())["skipped_before_run"] == before
+
+    # a second train() on the same Trainer starts afresh from the model as the first left it
+    with pytest.warns(UserWarning, match=r"already skips 2 attention layers as this run begins \(backbone\.layer"):
+        trainer.train()
+    assert [e["name"] for e in callback.skipped_before] == sorted(["backbone.layer2.1", skipped_now])
+    assert json.loads((tmp_path / "a" / "pruning_history.json").read_text())["skipped_before_run"] == callback.skipped_before
+
+
 def test_best_model_from_before_a_decision_is_reported(tmp_path, caplog):
     evaluations = []
 
@@ -241,6 +286,13 @@ def test_window_past_the_end_of_training_raises_at_train_begin(tmp_path):
     args = training_args(tmp_path, max_steps=-1, num_train_epochs=2)
     trainer = Trainer(model=model, args=args, train_dataset=RandomImages(n=8), callbacks=[epoch_cb])
     with pytest.raises(ValueError, match=r"\(3, 3\) ends after the end of training \(num_train_epochs = 2"):
+        trainer.train()
+    # epoch windows in a run given by max_steps: its epoch count is named as coming from max_steps, not as the
+    # num_train_epochs the user wrote
+    args = training_args(tmp_path, max_steps=3, num_train_epochs=10)
+    trainer = Trainer(model=model, args=args, train_dataset=RandomImages(n=8), callbacks=[epoch_cb])
+    with pytest.raises(ValueError, match=r"\(3, 3\) ends after the end of training \(the run has 2 epochs: max_steps "
+                                         r"= 3 ends in epoch 2, and overrides num_train_epochs"):
         trainer.train()
     # no training at all: said up front, not blamed on early stopping at the end
     args = training_args(tmp_path, max_steps=-1, num_train_epochs=0)
@@ -618,7 +670,28 @@ def test_resume_with_a_different_configuration_raises(tmp_path):
         changed.on_train_begin(args, state, TrainerControl(), model=model)
 
 
-def test_restore_callback_states_keeps_the_given_configuration_and_history(tmp_path):
+def test_a_resume_from_model_only_checkpoints_warns_that_later_windows_may_differ(tmp_path):
+    """save_only_model=True checkpoints hold no optimizer state: the Trainer resumes them with a fresh optimizer,
+    and a window after the resume can then skip other layers than the uninterrupted run (seen in a review)."""
+    def run(name, resume=None):
+        callback = ElaPruningCallback(windows=[(2, 3), (5, 6)], window_unit="step", selector=FixedCountSelector(1))
+        args = training_args(tmp_path / name, max_steps=6, save_strategy="steps", save_steps=1, save_only_model=True)
+        trainer = Trainer(model=TinyElaClassifier(), args=args, train_dataset=RandomImages(n=32), callbacks=[callback])
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    with warnings.catch_warnings():
+        # a fresh run, and a resume with every window decided: quiet
+        warnings.filterwarnings("error", message="ElaPruningCallback")
+        run("a")
+        run("b", resume=str(tmp_path / "a" / "checkpoint-6"))
+    with pytest.warns(UserWarning, match=r"resuming with save_only_model=True, whose checkpoints hold no optimizer, "
+                                         r"scheduler or random state: .* windows still to come can decide other"):
+        resumed = run("c", resume=str(tmp_path / "a" / "checkpoint-4"))
+    assert [h["window"] for h in _current_callback(resumed).history] == [1, 2]
+
+
+def test_restore_callback_states_keeps_the_given_configuration_and_history(tmp_path, caplog):
     """restore_callback_states_from_checkpoint=True makes the Trainer replace the given callback by one built
     from the checkpoint: different windows are still refused, and the given object gets the decisions."""
     def run(name, windows, resume=None):
@@ -653,8 +726,15 @@ def test_restore_callback_states_keeps_the_given_configuration_and_history(tmp_p
             callbacks=[ElaPruningCallback(windows=[(1, 1)], window_unit="step")])
     later = Trainer(model=model, train_dataset=RandomImages(), args=training_args(
         tmp_path / "f", max_steps=8, save_strategy="no", restore_callback_states_from_checkpoint=True))
-    later.add_callback(ElaPruningCallback(windows=[(2, 4), (6, 7)], window_unit="step", selector=FixedCountSelector(1)))
-    later.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+    added = ElaPruningCallback(windows=[(2, 4), (6, 7)], window_unit="step", selector=FixedCountSelector(1))
+    later.add_callback(added)
+    with caplog.at_level("WARNING", logger="ela_hf.pruning.callback"):
+        later.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+    # that object gets no decisions: the warning says so, and where they are
+    assert added.history == [] and len(_current_callback(later).history) == 2
+    assert "could not be compared (one added with add_callback, or a model_init run), and that object gets none of " \
+           "this run's decisions: read them from trainer.callback_handler.callbacks or <output_dir>/pruning_history" \
+           ".json" in caplog.text
     # one TrainingArguments for two Trainers on one model, resuming a checkpoint that has no pruning state:
     # nothing was rebuilt, nothing to compare
     model, shared = TinyElaClassifier(), training_args(tmp_path / "g", max_steps=4, save_strategy="steps", save_steps=2,

@@ -232,6 +232,8 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         self.partial_window: Optional[int] = None
         self.partial_kl: Optional[List[Dict[str, Any]]] = None
         self.steps_per_epoch: Optional[int] = None  # optimizer steps per epoch of the run (epoch windows)
+        # attention layers the model already skipped when the run began: {"name", "stage", "block"}
+        self.skipped_before: List[Dict[str, Any]] = []
 
         # run-time only
         self._model: Optional[nn.Module] = None
@@ -287,6 +289,7 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
                 "partial_window": self._open,
                 "partial_kl": self._partial_for_checkpoint(),
                 "steps_per_epoch": self.steps_per_epoch,
+                "skipped_before": self.skipped_before,
                 # set on the object that restore_callback_states_from_checkpoint=True makes the Trainer
                 # build from this state (it sets every attribute), never on the one the user built
                 "restored_by_trainer": True,
@@ -465,7 +468,10 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
     def _write_history(self) -> None:
         if not self._output_dir:
             return
-        payload = {**self._args(), "decisions": self.history}
+        payload = self._args()
+        if self.skipped_before:
+            payload["skipped_before_run"] = self.skipped_before
+        payload["decisions"] = self.history
         _write_json_atomically(os.path.join(self._output_dir, HISTORY_FILE_NAME), payload)
 
     # ------------------------------------------------------------------------------------------------
@@ -546,6 +552,12 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         self.steps_per_epoch = _update_steps_per_epoch(kwargs.get("train_dataloader"), args)
         if state.global_step > 0 and self._restore(state):
             self._reapply_history()
+            if getattr(args, "save_only_model", False) and self.windows_done < len(self.windows):
+                _warn(
+                    "ElaPruningCallback: resuming with save_only_model=True, whose checkpoints hold no optimizer, "
+                    "scheduler or random state: training goes on from a fresh optimizer, so the pruning windows "
+                    "still to come can decide other layers than the uninterrupted run would have."
+                )
             if self.partial_window is not None and self.partial_window == self.windows_done:
                 if self.partial_kl is None:
                     _warn(
@@ -556,6 +568,17 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         else:
             # a fresh run: progress from an earlier train() call on this instance does not carry over
             self.windows_done, self.history = 0, []
+            self.skipped_before = self._skipped_layers(model)
+            if self.skipped_before:
+                names = [e["name"] for e in self.skipped_before]
+                _warn(
+                    f"ElaPruningCallback: the model already skips {len(names)} attention layer"
+                    f"{'' if len(names) == 1 else 's'} as this run begins ({', '.join(names)}): a pruned checkpoint, "
+                    "an earlier train() call, or a retry of auto_find_batch_size after running out of memory. They stay "
+                    "skipped (skips are cumulative) and are no candidates of this run's windows; pruning_history.json "
+                    "lists them under skipped_before_run. To start from every layer, build the model afresh (e.g. "
+                    "Trainer(model_init=...))."
+                )
         self.partial_window, self.partial_kl = None, None
         # the file always describes this run: a fresh run replaces an earlier run's decisions at once
         if state.is_world_process_zero:
@@ -566,6 +589,11 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
                 "pruning decision, the model restored at the end runs the attention layers skipped after it."
             )
         return control
+
+    def _skipped_layers(self, model) -> List[Dict[str, Any]]:
+        """The attention layers ``model`` skips now, named as in the logs."""
+        return [{"name": self._names.get(id(blk), f"stage{i}.block{j}"), "stage": i, "block": j}
+                for i, j, blk in attention_layers(model) if blk.is_skipped]
 
     def _check_selector_runs(self, model) -> None:
         """A dry run of the selector on made-up ``d_t`` values (one per candidate layer, all different) at train
@@ -610,7 +638,9 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
             logger.warning(
                 "ElaPruningCallback: restore_callback_states_from_checkpoint=True rebuilt this callback from the "
                 "checkpoint, with its settings %s; the settings of the callback you gave could not be compared "
-                "(one added with add_callback, or a model_init run)", self._args(),
+                "(one added with add_callback, or a model_init run), and that object gets none of this run's "
+                "decisions: read them from trainer.callback_handler.callbacks or <output_dir>/pruning_history.json",
+                self._args(),
             )
             return
         if entry[1] != _as_json(self._args()):
@@ -637,6 +667,9 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         if self.window_unit == "epoch":
             limit = state.num_train_epochs
             length = f"num_train_epochs = {limit}"
+            if args.max_steps > 0:  # the Trainer's epoch count then comes from max_steps, not num_train_epochs
+                length = (f"the run has {limit} epoch{'' if limit == 1 else 's'}: max_steps = {args.max_steps} ends in "
+                          f"epoch {limit}, and overrides num_train_epochs")
         else:
             limit = state.max_steps
             length = f"max_steps = {limit}"
@@ -702,6 +735,7 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         self.history = [in_record_order(record) for record in attrs["history"]]
         self.partial_window = attrs["partial_window"]
         self.partial_kl = attrs["partial_kl"]
+        self.skipped_before = attrs["skipped_before"]
         self._check_same_epochs(attrs["steps_per_epoch"])
         return True
 
@@ -753,8 +787,14 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         spe = attrs.get("steps_per_epoch")
         if spe is not None and not whole(spe, 1, float("inf")):
             raise damaged(f"steps_per_epoch must be null or a positive whole number, got {spe!r}")
+        before = attrs.get("skipped_before", [])  # absent in checkpoints of earlier versions
+        if not isinstance(before, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("name"), str) and whole(e.get("stage"), 0, float("inf"))
+            and whole(e.get("block"), 1, float("inf")) for e in before
+        ):
+            raise damaged(f"skipped_before must be a list of {{name, stage, block}}, got {before!r:.200}")
         return dict(windows_done=done, history=list(history), partial_window=partial, partial_kl=partial_kl,
-                    steps_per_epoch=spe)
+                    steps_per_epoch=spe, skipped_before=list(before))
 
     def _check_same_epochs(self, saved: Optional[int]) -> None:
         """The Trainer re-counts a resumed run's epochs as ``global_step // steps per epoch`` with the new run's
@@ -775,10 +815,15 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
 
     def _reapply_history(self) -> None:
         """The checkpoint's weights already carry the mask; this keeps a model loaded some other way in step."""
-        if not self.history:
+        if not self.history and not self.skipped_before:
             return
         current = get_skip_mask(self._model)
-        mask = [[a or b for a, b in zip(cur, rec)] for cur, rec in zip(current, self.history[-1]["skip_mask"])]
+        recorded = [list(stage) for stage in self.history[-1]["skip_mask"]] if self.history else \
+            [[False] * len(stage) for stage in current]
+        for e in self.skipped_before:
+            if e["stage"] < len(recorded) and e["block"] < len(recorded[e["stage"]]):
+                recorded[e["stage"]][e["block"]] = True
+        mask = [[a or b for a, b in zip(cur, rec)] for cur, rec in zip(current, recorded)]
         set_skip_mask(self._model, mask)
 
     def on_epoch_begin(self, args, state, control, **kwargs):
@@ -870,6 +915,7 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         self._warn_if_skips_were_undone()
         if self._given is not None:
             self._given.windows_done, self._given.history = self.windows_done, self.history
+            self._given.skipped_before = self.skipped_before
         return control
 
     def _warn_if_skips_were_undone(self) -> None:
