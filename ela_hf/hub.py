@@ -241,11 +241,14 @@ def _network_and_config(model: nn.Module, id2label=None) -> Tuple[LayerAttention
         # feature_cls='getter' keeps the (pruned) network under .model, 'hook' its modules under .body
         inner = next((n for n in ("model", "body") if isinstance(getattr(model, n, None), nn.Module)
                       and any(isinstance(m, LayerAttentionStage) for m in getattr(model, n).children())), None)
-        weights = f"backbone.{inner}.state_dict()" if inner else "backbone.state_dict()"
+        network = f"backbone.{inner}" if inner else "backbone"
+        # built with the backbone's mask and loaded without the skipped layers' weights: a backbone loaded from a
+        # slim release (which lacks them) and pruned further takes this route too
         hint = (
             f". It contains ELA stages (a features_only backbone or a model around one): copy them into the "
-            f"full network and export that: net = timm.create_model({arch!r}, num_classes=0); "
-            f"net.load_state_dict({weights}) (a backbone cut short by out_indices lacks the later stages); "
+            f"full network and export that: net = timm.create_model({arch!r}, num_classes=0, "
+            f"skip_mask=ela_hf.get_skip_mask(backbone)); net.load_state_dict(ela_hf.models.slim_state_dict("
+            f"{network})) (a backbone cut short by out_indices lacks the later stages); "
             "export_pruned(net, ...). timm.create_model('local-dir:<release>', pretrained=True, "
             "features_only=True) gives the backbone back"
         )

@@ -573,19 +573,31 @@ def test_a_features_only_backbone_is_exported_through_the_full_network(tmp_path)
     with pytest.raises(ValueError, match=r"got FeatureListNet\. It contains ELA stages .*'ela_resnet20_cifar'"):
         ela_hf.export_pruned(backbone, tmp_path / "nope")
     getter = timm.create_model(ARCH, features_only=True, feature_cls="getter")
-    with pytest.raises(ValueError, match=r"got FeatureGetterNet\. .*net\.load_state_dict\(backbone\.model\.state_dict\(\)\)"):
+    with pytest.raises(ValueError, match=r"got FeatureGetterNet\. .*net\.load_state_dict\(ela_hf\.models\."
+                                         r"slim_state_dict\(backbone\.model\)\)"):
         ela_hf.export_pruned(getter, tmp_path / "nope")
-    # the route each message gives, run as written (feature_cls='hook' keeps the network under .body)
+    # the route each message gives, run as written (feature_cls='hook' keeps the network under .body), on a
+    # backbone with skipped layers
     import re
 
-    for feature_cls in ("list", "dict", "hook", "getter"):
-        wrapped = timm.create_model(ARCH, features_only=True, feature_cls=feature_cls)
+    def route(wrapped):
         with pytest.raises(ValueError) as refused:
             ela_hf.export_pruned(wrapped, tmp_path / "nope")
-        route = re.search(r"net = (timm\.create_model\(.*?\)); net\.load_state_dict\((.*?)\) \(a backbone",
+        found = re.search(r"net = (timm\.create_model\(.*?\)\)); net\.load_state_dict\((.*?\))\) \(a backbone",
                           str(refused.value))
-        net = eval(route.group(1), {"timm": timm})
-        assert not net.load_state_dict(eval(route.group(2), {"backbone": wrapped})).missing_keys, feature_cls
+        names = {"timm": timm, "ela_hf": ela_hf, "backbone": wrapped}
+        net = eval(found.group(1), names)
+        net.load_state_dict(eval(found.group(2), names))  # strict
+        return net
+
+    x = torch.randn(2, 3, 32, 32)
+    for feature_cls in ("list", "dict", "hook", "getter"):
+        wrapped = timm.create_model(ARCH, features_only=True, feature_cls=feature_cls).eval()
+        ela_hf.set_skip_mask(wrapped, MASK)
+        net = route(wrapped).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(net.forward_intermediates(x, intermediates_only=True)[-1],
+                                       list(wrapped(x).values() if feature_cls == "dict" else wrapped(x))[-1])
     # the way the error describes
     net = timm.create_model(ARCH, num_classes=0)
     net.load_state_dict(backbone.state_dict())
@@ -594,6 +606,16 @@ def test_a_features_only_backbone_is_exported_through_the_full_network(tmp_path)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         for a, b in zip(again(x), backbone(x)):
+            torch.testing.assert_close(a, b)
+    # a backbone loaded from that slim release (the skipped layers' weights absent) and pruned further: the
+    # route builds the network with its mask, so it takes the backbone's weights as they are
+    ela_hf.set_skip_mask(again, [[a or b for a, b in zip(stage, [False] + [True] * (len(stage) - 1))]
+                                 for stage in ela_hf.get_skip_mask(again)])
+    further = ela_hf.export_pruned(route(again), tmp_path / "further")
+    reloaded = timm.create_model(f"local-dir:{further}", pretrained=True, features_only=True).eval()
+    assert ela_hf.get_skip_mask(reloaded) == ela_hf.get_skip_mask(again)
+    with torch.no_grad():
+        for a, b in zip(reloaded(x), again(x)):
             torch.testing.assert_close(a, b)
 
 

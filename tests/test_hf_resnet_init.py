@@ -134,6 +134,37 @@ def test_a_features_only_backbone_is_initialised_through_its_wrapper(feature_cls
     torch.testing.assert_close(dict(inner.named_parameters())["layer1.0.conv1.weight"], resnet.layer1[0].conv1.weight)
 
 
+@pytest.mark.parametrize("feature_cls", ["list", "dict", "getter", "hook"])
+def test_a_backbone_cut_short_by_out_indices_is_initialised_and_a_nested_one_is_named(feature_cls):
+    """timm leaves out the stages after the last feature a features_only backbone returns: their weights are
+    unused, not a deeper ResNet's (Faster R-CNN's C4 backbone, out_indices=(1, 2), failed with that error)."""
+    resnet = _plain_cifar_resnet()
+    backbone = timm.create_model("ela_resnet20_cifar", features_only=True, feature_cls=feature_cls, out_indices=(1, 2))
+    report = ela_hf.init_from_resnet(backbone, resnet)
+    inner = {"getter": "model", "hook": "body"}.get(feature_cls)
+    net = getattr(backbone, inner) if inner else backbone
+    own = dict(net.named_parameters())
+    for name, weight in resnet.named_parameters():
+        if name in own:
+            torch.testing.assert_close(own[name], weight)
+    assert own.keys() & dict(resnet.named_parameters()).keys() >= {"conv1.weight", "layer2.1.conv2.weight"}
+    if feature_cls != "hook":  # (timm's hook wrapper keeps the whole network)
+        assert "layer3.0.conv1.weight" not in own and "layer3.0.conv1.weight" in report.unexpected
+    # a deeper ResNet is still refused (blocks in a stage the backbone has)
+    deeper = timm.create_model("resnet56_cifar").state_dict()
+    with pytest.raises(ValueError, match=r"blocks the model does not have, e.g. \['layer1\.2', 'layer1\.3'\]"):
+        ela_hf.init_from_resnet(timm.create_model("ela_resnet20_cifar", features_only=True, out_indices=(1, 2)), deeper)
+
+    class Detector(torch.nn.Module):  # the network deeper inside a module of the user's: where it is, is named
+        def __init__(self):
+            super().__init__()
+            self.backbone = torch.nn.ModuleDict({"body": timm.create_model("ela_resnet20_cifar", features_only=True)})
+
+    with pytest.raises(ValueError, match=r"this Detector holds the ResNet blocks under \.backbone\.body, not at its "
+                                         r"top level: initialise that network, init_from_resnet\(model\.backbone\.body"):
+        ela_hf.init_from_resnet(Detector(), resnet)
+
+
 def test_other_models_and_half_fitting_heads():
     model = timm.create_model("ela_resnet20_cifar", num_classes=10)
     vit_like = {"blocks.0.attn.qkv.weight": torch.zeros(3, 3), "layers.0.blocks.0.norm1.weight": torch.zeros(3)}

@@ -13,10 +13,13 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.models import adapt_input_conv
+from timm.models._features import FeatureDictNet, FeatureGetterNet, FeatureHookNet
 
 __all__ = ["ResNetInitReport", "init_from_resnet"]
 
 _CLASSIFIER_PREFIX = "fc."
+# timm's features_only wrappers (FeatureListNet is a FeatureDictNet)
+_FEATURE_WRAPPERS = (FeatureDictNet, FeatureGetterNet, FeatureHookNet)
 
 
 @dataclass
@@ -167,7 +170,21 @@ def init_from_resnet(
                                             *(k for k in to_load if k.startswith(_CLASSIFIER_PREFIX))})
         to_load = {k: v for k, v in to_load.items() if not k.startswith(_CLASSIFIER_PREFIX)}
     own_blocks = _blocks(own)
+    if not own_blocks and _blocks(source):
+        # the network sits deeper in a module of the user's (a detector): name where
+        nested = sorted({m.group(1) for k in own if (m := re.match(r"(.+?)\.layer\d+\.\d+\.", k))})
+        if nested:
+            where = ", ".join(f".{n}" for n in nested[:3]) + (" ..." if len(nested) > 3 else "")
+            raise ValueError(
+                f"this {type(model).__name__} holds the ResNet blocks under {where}, not at its top level: initialise "
+                f"that network, init_from_resnet(model.{nested[0]}, ...)"
+            )
     extra_blocks = sorted(_blocks(report.unexpected) - own_blocks, key=_block_order)
+    if isinstance(model, _FEATURE_WRAPPERS):
+        # a features_only backbone cut short by out_indices: timm leaves out the stages after the last feature
+        # it returns, and their weights stay unused (in report.unexpected), as timm's own loader leaves them
+        own_stages = {block.split(".")[0] for block in own_blocks}
+        extra_blocks = [block for block in extra_blocks if block.split(".")[0] in own_stages]
     if extra_blocks:
         mismatched.append(f"blocks the model does not have, e.g. {extra_blocks[:2]} (a deeper ResNet?)")
     in_blocks = [k for k in report.unexpected if (m := _BLOCK.match(k)) and m.group(1) in own_blocks]
