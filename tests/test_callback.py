@@ -415,7 +415,8 @@ def test_a_window_with_nothing_left_to_prune_says_so(tmp_path, caplog):
     callback = ElaPruningCallback(windows=[(1, 1)], window_unit="step")
     trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=1), train_dataset=RandomImages(n=8),
                       callbacks=[callback])
-    with caplog.at_level("WARNING", logger="ela_hf.pruning.callback"):
+    with caplog.at_level("WARNING", logger="ela_hf.pruning.callback"), \
+            pytest.warns(UserWarning, match=r"already skips 3 attention layers as this run begins"):
         trainer.train()
     assert "every skippable attention layer already skipped" in caplog.text
     assert callback.history[0]["layers"] == []
@@ -764,9 +765,14 @@ def test_several_trainers_on_one_model_and_freed_models(tmp_path):
     first = ElaPruningCallback(windows=[(1, 2)], window_unit="step", selector=FixedCountSelector(1))
     Trainer(model=model, args=training_args(tmp_path / "a"), train_dataset=RandomImages(), callbacks=[first]).train()
     later = Trainer(model=model, args=training_args(tmp_path / "b"), train_dataset=RandomImages())
-    later.add_callback(ElaPruningCallback(windows=[(3, 4)], window_unit="step", selector=FixedCountSelector(1)))
-    later.train()
+    second = ElaPruningCallback(windows=[(3, 4)], window_unit="step", selector=FixedCountSelector(1))
+    later.add_callback(second)
+    with pytest.warns(UserWarning, match=r"already skips 1 attention layer as this run begins"):  # the first's skip
+        later.train()
     assert sum(map(sum, ela_hf.get_skip_mask(model))) == 2 and len(first.history) == 1
+    (skipped,) = [e for e in first.history[0]["layers"] if e["skip"]]
+    assert second.skipped_before == [{k: skipped[k] for k in ("name", "stage", "block")}]
+    del second
     alive = weakref.ref(model)
     del model, first, later
     gc.collect()
