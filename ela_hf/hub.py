@@ -866,8 +866,6 @@ def _check_replaceable(out_dir: Path, overwrite: bool) -> None:
     """An existing ``out_dir`` is replaced only with ``overwrite``, and never when it holds training output."""
     if not out_dir.exists():
         return
-    if not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
     if not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a folder; export_pruned writes a folder")
     kept = sorted(p.name + "/" for p in out_dir.iterdir() if p.is_dir())
@@ -877,11 +875,13 @@ def _check_replaceable(out_dir: Path, overwrite: bool) -> None:
         p.name for p in out_dir.iterdir()
         if not p.is_dir() and p.name not in _TRAINER_FILES and not _export_may_hold(p.name)
     )
-    if kept:
+    if kept:  # named first: overwrite=True is no way out here
         raise FileExistsError(
-            f"{out_dir} is not an earlier export: it holds {_some(kept, 5)}, which overwrite=True would delete. Nothing "
-            "was written; export to another folder (not a training output_dir)"
+            f"{out_dir} is not an earlier export: it holds {_some(kept, 5)}, which overwrite=True would delete, so it "
+            "is never replaced. Nothing was written; export to another folder (not a training output_dir)"
         )
+    if not overwrite:
+        raise FileExistsError(f"{out_dir} already exists (an earlier export); pass overwrite=True to replace it")
 
 
 def _keep_processor_config(out_dir: Path, tmp: Path) -> None:

@@ -134,8 +134,10 @@ def test_overwrite_never_replaces_a_training_output_dir(tmp_path, training_outpu
     else:
         (out / training_output).write_text("{}")
     before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
-    with pytest.raises(FileExistsError, match=f"is not an earlier export: it holds {training_output}"):
-        ela_hf.export_pruned(_pruned_timm_model(), out, overwrite=True, verify=False)
+    for overwrite in (True, False):  # without overwrite too: the error names the files, not overwrite=True
+        with pytest.raises(FileExistsError, match=f"is not an earlier export: it holds {training_output}, which "
+                                                  "overwrite=True would delete, so it is never replaced"):
+            ela_hf.export_pruned(_pruned_timm_model(), out, overwrite=overwrite, verify=False)
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no temporary folder left behind"
 
