@@ -248,7 +248,8 @@ def _network_and_config(model: nn.Module, id2label=None) -> Tuple[LayerAttention
             f". It contains ELA stages (a features_only backbone or a model around one): copy them into the "
             f"full network and export that: net = timm.create_model({arch!r}, num_classes=0, "
             f"skip_mask=ela_hf.get_skip_mask(backbone)); net.load_state_dict(ela_hf.models.slim_state_dict("
-            f"{network})) (a backbone cut short by out_indices lacks the later stages); "
+            f"{network})) (a backbone cut short by out_indices lacks the later stages, so it makes no whole network "
+            "to release: export the network it was cut from); "
             "export_pruned(net, ...). timm.create_model('local-dir:<release>', pretrained=True, "
             "features_only=True) gives the backbone back"
         )
@@ -429,6 +430,16 @@ def _check_history_fits(history: Optional[Dict[str, Any]], net: LayerAttentionRe
                 )
             if layer["skip"] and j == 0:
                 raise ValueError(f"{where} as skipped, but the first block of a stage is never skipped")
+    for i, j in history.get("skipped_before", ()):
+        where = f"pruning history (skipped_before_run) names attention layer {i}.{j} (stage {i}, block {j})"
+        if net.attn_type is None:
+            raise ValueError(f"{where}, but {architecture} is a plain ResNet without attention layers")
+        if not (0 <= i < len(sizes) and 0 < j < sizes[i]):
+            raise ValueError(
+                f"{where}, which {architecture} (blocks per stage {sizes}) does not have"
+                f"{' as a skippable layer (a stage' + chr(39) + 's first block is never skipped)' if j == 0 else ''}: "
+                "is it the history of another model?"
+            )
 
 
 def _is_int(value: Any) -> bool:
@@ -644,9 +655,10 @@ def render_model_card(
                 dict(stage=i, blocks=len(stage), skipped=blocks, windows=", ".join(when) if blocks else "")
             )
 
-    # layers a window skipped that this model runs (its weights predate that decision)
+    # layers a window skipped, or the run began with skipped, that this model runs (its weights predate that)
     undone_skips = [
-        f"{i}.{j}" for (i, j) in sorted(first_skip) if not (mask and i < len(mask) and j < len(mask[i]) and mask[i][j])
+        f"{i}.{j}" for (i, j) in sorted({*first_skip, *skipped_before})
+        if not (mask and i < len(mask) and j < len(mask[i]) and mask[i][j])
     ]
 
     selector = None

@@ -213,6 +213,9 @@ def test_layers_skipped_before_a_fresh_run_are_named_and_kept_in_its_record(tmp_
     assert sum(map(sum, decision["skip_mask"])) == 2 and decision["skip_mask"][1] == [False, True]
     on_disk = json.loads((tmp_path / "a" / "pruning_history.json").read_text())
     assert on_disk["skipped_before_run"] == before and on_disk["decisions"] == callback.history
+    # what a checkpoint keeps gives the same file back (the recipes' --export_only cards are made from it)
+    saved = json.loads((tmp_path / "a" / "checkpoint-4" / "trainer_state.json").read_text())["stateful_callbacks"]
+    assert ElaPruningCallback._saved_history(saved) == on_disk
     # the card says when each skipped layer went: this run's window, or before it
     ela_hf.export_pruned(model.backbone, tmp_path / "release", pruning_history=tmp_path / "a" / "pruning_history.json")
     card = (tmp_path / "release" / "README.md").read_text()
@@ -237,6 +240,19 @@ def test_layers_skipped_before_a_fresh_run_are_named_and_kept_in_its_record(tmp_
         trainer.train()
     assert [e["name"] for e in callback.skipped_before] == sorted(["backbone.layer2.1", skipped_now])
     assert json.loads((tmp_path / "a" / "pruning_history.json").read_text())["skipped_before_run"] == callback.skipped_before
+
+
+def test_a_resume_puts_back_the_layers_skipped_before_the_run_into_a_model_loaded_another_way():
+    """The checkpoint's weights carry the mask; a model loaded some other way (without the skip flags) gets the
+    layers the run began with skipped back from the stored state, as it gets the windows' decisions."""
+    callback = ElaPruningCallback(windows=[(2, 3)], window_unit="step")
+    callback._model = TinyElaClassifier()
+    callback.skipped_before = [{"name": "backbone.layer2.1", "stage": 1, "block": 1}]
+    callback._reapply_history()
+    assert ela_hf.get_skip_mask(callback._model) == [[False, False], [False, True], [False, False]]
+    callback.history = [{"skip_mask": [[False, True], [False, False], [False, False]]}]  # and a decision after it
+    callback._reapply_history()
+    assert ela_hf.get_skip_mask(callback._model) == [[False, True], [False, True], [False, False]]
 
 
 def test_best_model_from_before_a_decision_is_reported(tmp_path, caplog):
@@ -671,25 +687,31 @@ def test_resume_with_a_different_configuration_raises(tmp_path):
         changed.on_train_begin(args, state, TrainerControl(), model=model)
 
 
-def test_a_resume_from_model_only_checkpoints_warns_that_later_windows_may_differ(tmp_path):
-    """save_only_model=True checkpoints hold no optimizer state: the Trainer resumes them with a fresh optimizer,
-    and a window after the resume can then skip other layers than the uninterrupted run (seen in a review)."""
-    def run(name, resume=None):
+def test_a_resume_without_the_optimizer_and_schedule_warns_that_later_windows_may_differ(tmp_path):
+    """save_only_model=True checkpoints hold no optimizer or schedule state: the Trainer resumes them with a fresh
+    optimizer and a schedule from step 0, and a window after the resume can then skip other layers than the
+    uninterrupted run (seen in a review). What counts is the checkpoint, not the resuming run's setting."""
+    def run(name, model_only, resume=None):
         callback = ElaPruningCallback(windows=[(2, 3), (5, 6)], window_unit="step", selector=FixedCountSelector(1))
-        args = training_args(tmp_path / name, max_steps=6, save_strategy="steps", save_steps=1, save_only_model=True)
+        args = training_args(tmp_path / name, max_steps=6, save_strategy="steps", save_steps=1,
+                             save_only_model=model_only)
         trainer = Trainer(model=TinyElaClassifier(), args=args, train_dataset=RandomImages(n=32), callbacks=[callback])
         trainer.train(resume_from_checkpoint=resume)
         return trainer
 
+    message = r"resumed at step 4 without the checkpoint's optimizer and learning-rate schedule state \(its " \
+              r"schedule restarts at step 0; save_only_model=True writes such checkpoints\): the pruning windows still"
     with warnings.catch_warnings():
-        # a fresh run, and a resume with every window decided: quiet
-        warnings.filterwarnings("error", message="ElaPruningCallback")
-        run("a")
-        run("b", resume=str(tmp_path / "a" / "checkpoint-6"))
-    with pytest.warns(UserWarning, match=r"resuming with save_only_model=True, whose checkpoints hold no optimizer, "
-                                         r"scheduler or random state: .* windows still to come can decide other"):
-        resumed = run("c", resume=str(tmp_path / "a" / "checkpoint-4"))
-    assert [h["window"] for h in _current_callback(resumed).history] == [1, 2]
+        warnings.filterwarnings("error", message="ElaPruningCallback")  # quiet where the state comes back
+        run("model_only", model_only=True)
+        run("full", model_only=False)
+        run("a", model_only=True, resume=str(tmp_path / "model_only" / "checkpoint-6"))  # every window decided
+        run("b", model_only=True, resume=str(tmp_path / "full" / "checkpoint-4"))  # the optimizer is there
+        run("c", model_only=False, resume=str(tmp_path / "full" / "checkpoint-4"))
+    for name, model_only in (("d", True), ("e", False)):  # a model-only checkpoint, whatever this run saves
+        with pytest.warns(UserWarning, match=message):
+            resumed = run(name, model_only, resume=str(tmp_path / "model_only" / "checkpoint-4"))
+        assert [h["window"] for h in _current_callback(resumed).history] == [1, 2]
 
 
 def test_restore_callback_states_keeps_the_given_configuration_and_history(tmp_path, caplog):

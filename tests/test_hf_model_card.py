@@ -157,11 +157,21 @@ def test_card_notes_layers_a_window_skipped_that_the_model_runs(tmp_path):
     out = ela_hf.export_pruned(model, tmp_path / "restored", pruning_history=CALLBACK_HISTORY, verify=False)
     text = (out / "README.md").read_text()
     assert "| Attention layers skipped | 0 of 6 |" in text
-    assert "**Note:** this model runs attention layers 0.1, which a window below skipped" in text
+    assert "**Note:** this model runs attention layers 0.1, which the history has skipped (by a\nwindow below, or before the run)" in text
     # no note when the model carries the history's mask
     model.set_skip_mask(CALLBACK_HISTORY["decisions"][0]["skip_mask"])
     out = ela_hf.export_pruned(model, tmp_path / "pruned", pruning_history=CALLBACK_HISTORY, verify=False)
     assert "**Note:**" not in (out / "README.md").read_text()
+    # a layer the run began with skipped, which this model runs, is named too
+    before = dict(CALLBACK_HISTORY, skipped_before_run=[{"name": "layer3.1", "stage": 2, "block": 1}])
+    out = ela_hf.export_pruned(model, tmp_path / "before", pruning_history=before, verify=False)
+    assert "**Note:** this model runs attention layers 2.1, which the history has skipped" in (out / "README.md").read_text()
+    # ... and one the architecture does not have (or can never skip) is another model's history
+    for stage, block in ((3, 7), (1, 0)):
+        other = dict(CALLBACK_HISTORY, skipped_before_run=[{"name": "x", "stage": stage, "block": block}])
+        with pytest.raises(ValueError, match=rf"skipped_before_run\) names attention layer {stage}\.{block} .* is it "
+                                             r"the history of another model\?"):
+            ela_hf.export_pruned(model, tmp_path / "other", pruning_history=other, verify=False)
 
 
 def test_bad_history_files_are_clear_errors(tmp_path):

@@ -164,6 +164,19 @@ def test_a_backbone_cut_short_by_out_indices_is_initialised_and_a_nested_one_is_
                                          r"top level: initialise that network, init_from_resnet\(model\.backbone\.body"):
         ela_hf.init_from_resnet(Detector(), resnet)
 
+    class Wrapped(torch.nn.Module):  # a detector (under .model, as transformers' are) around this backbone
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.ModuleDict({"backbone": timm.create_model(
+                "ela_resnet20_cifar", features_only=True, feature_cls=feature_cls, out_indices=(1, 2))})
+
+    # the path named is the features wrapper's (what init_from_resnet takes), from the module passed
+    with pytest.raises(ValueError, match=r"under \.model\.backbone, not at its top level: initialise that network, "
+                                         r"init_from_resnet\(model\.model\.backbone, \.\.\.\)"):
+        ela_hf.init_from_resnet(Wrapped(), resnet)
+    detector = Wrapped()
+    ela_hf.init_from_resnet(detector.model.backbone, resnet)  # the named path works
+
 
 def test_other_models_and_half_fitting_heads():
     model = timm.create_model("ela_resnet20_cifar", num_classes=10)

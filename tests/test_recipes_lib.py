@@ -831,6 +831,16 @@ def test_class_folders_without_readable_images_are_named_not_dropped(tmp_path, c
     assert data["train"].num_rows == 5
     assert "3 image(s) of a format datasets does not read are left out, in the class folder(s) cat/: 1 .avif " \
            "beside 2 read; owl/: 1 .dng, 1 .heic beside 3 read. Convert them to JPEG or PNG" in caplog.text
+    # a twin named after the whole original (IMG_7.heic.jpg) counts too; a linked folder inside a class folder,
+    # which datasets does not follow, is not walked (this one loops)
+    _image().save(tmp_path / "flat" / "owl" / "IMG_7.heic.jpg")
+    os.symlink("..", tmp_path / "flat" / "owl" / "up")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        data = load_image_dataset(str(tmp_path / "flat"), cache_dir=str(tmp_path / "cache"))
+    assert data["train"].num_rows == 6
+    assert "2 image(s) of a format datasets does not read are left out, in the class folder(s) cat/: 1 .avif " \
+           "beside 2 read; owl/: 1 .dng beside 4 read." in caplog.text
     # a class trained from .png but evaluated from .heic: its evaluation images would vanish
     _write_image_folder(tmp_path / "mixed", classes=("cat", "owl"))
     for i in range(2):

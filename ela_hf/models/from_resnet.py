@@ -82,6 +82,25 @@ def _block_order(block: str):
     return tuple(int(n) for n in re.findall(r"\d+", block))
 
 
+def _nested_networks(model: nn.Module) -> List[str]:
+    """Paths (from ``model``) of the networks whose ResNet blocks sit below its top level: for each, the
+    outermost timm features wrapper, ELA network or transformers ELA model on the way, else the blocks' parent."""
+    from .ela_resnet import LayerAttentionResNet
+
+    found: List[str] = []
+    for parent in sorted({m.group(1) for k in model.state_dict() if (m := re.match(r"(.+?)\.layer\d+\.\d+\.", k))}):
+        parts = parent.split(".")
+        for i in range(1, len(parts) + 1):
+            path = ".".join(parts[:i])
+            sub = model.get_submodule(path)
+            if isinstance(sub, (*_FEATURE_WRAPPERS, LayerAttentionResNet)) or hasattr(sub, "timm_model"):
+                parent = path
+                break
+        if parent not in found:
+            found.append(parent)
+    return found
+
+
 def _plain_name(model: nn.Module) -> str:
     """timm's plain ResNet of ``model``'s architecture (``ela_resnet50d`` -> ``resnet50d``), or ''."""
     arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or ""
@@ -171,13 +190,15 @@ def init_from_resnet(
         to_load = {k: v for k, v in to_load.items() if not k.startswith(_CLASSIFIER_PREFIX)}
     own_blocks = _blocks(own)
     if not own_blocks and _blocks(source):
-        # the network sits deeper in a module of the user's (a detector): name where
-        nested = sorted({m.group(1) for k in own if (m := re.match(r"(.+?)\.layer\d+\.\d+\.", k))})
+        # the network sits deeper in a module of the user's (a detector): name where, as a path from the module
+        # passed (the outermost features wrapper or network on the way: what init_from_resnet takes)
+        nested = _nested_networks(model)
         if nested:
             where = ", ".join(f".{n}" for n in nested[:3]) + (" ..." if len(nested) > 3 else "")
+            which = "that network" if len(nested) == 1 else "each network"
             raise ValueError(
                 f"this {type(model).__name__} holds the ResNet blocks under {where}, not at its top level: initialise "
-                f"that network, init_from_resnet(model.{nested[0]}, ...)"
+                f"{which}, init_from_resnet(model.{nested[0]}, ...)"
             )
     extra_blocks = sorted(_blocks(report.unexpected) - own_blocks, key=_block_order)
     if isinstance(model, _FEATURE_WRAPPERS):

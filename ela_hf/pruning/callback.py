@@ -248,6 +248,7 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         self._epochs_ended = 0  # epochs of this run that ended (cut short too), counted from train begin
         self._given: Optional["ElaPruningCallback"] = None  # see _check_not_rebuilt_differently
         self.restored_by_trainer = False
+        self._check_resumed_schedule = False  # a resume with windows left: see _warn_if_schedule_not_resumed
 
     # ------------------------------------------------------------------------------------------------
     # presets (SPEC section 4 table)
@@ -306,7 +307,12 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
             saved = saved[0] if len(saved) == 1 else None
         if not isinstance(saved, dict):
             return None
-        return {**saved["args"], "decisions": saved["attributes"]["history"]}
+        history = dict(saved["args"])
+        before = saved["attributes"].get("skipped_before")
+        if before:
+            history["skipped_before_run"] = before
+        history["decisions"] = saved["attributes"]["history"]
+        return history
 
     def _partial_for_checkpoint(self) -> Optional[List[Dict[str, Any]]]:
         if self._open is None:
@@ -526,6 +532,7 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
             raise ValueError("ElaPruningCallback needs the Trainer's model")
         if self._open is not None:  # left open by an interrupted earlier train() call on this instance
             self._close_window()
+        self._check_resumed_schedule = False
         self._check_not_rebuilt_differently(args, state, model)
         if isinstance(state.stateful_callbacks, dict):
             # a callback added with trainer.add_callback is missing here, where the Trainer's checkpoint saving
@@ -552,12 +559,8 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         self.steps_per_epoch = _update_steps_per_epoch(kwargs.get("train_dataloader"), args)
         if state.global_step > 0 and self._restore(state):
             self._reapply_history()
-            if getattr(args, "save_only_model", False) and self.windows_done < len(self.windows):
-                _warn(
-                    "ElaPruningCallback: resuming with save_only_model=True, whose checkpoints hold no optimizer, "
-                    "scheduler or random state: training goes on from a fresh optimizer, so the pruning windows "
-                    "still to come can decide other layers than the uninterrupted run would have."
-                )
+            # the Trainer loads the optimizer and schedule after this event: checked at the first step
+            self._check_resumed_schedule = self.windows_done < len(self.windows)
             if self.partial_window is not None and self.partial_window == self.windows_done:
                 if self.partial_kl is None:
                     _warn(
@@ -833,7 +836,26 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
             self._advance_to(self._epochs_ended + 1)
         return control
 
+    def _warn_if_schedule_not_resumed(self, state, lr_scheduler) -> None:
+        """A checkpoint without optimizer and schedule state (``save_only_model=True`` writes such) resumes with a
+        fresh optimizer and a schedule counted from step 0: the windows still to come then see another training
+        than the uninterrupted run's. Told apart by the schedule's step count (whatever the optimizer)."""
+        self._check_resumed_schedule = False
+        schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's wrapper
+        steps = getattr(schedule, "last_epoch", None)
+        if (isinstance(schedule, torch.optim.lr_scheduler.LRScheduler)
+                and not isinstance(schedule, torch.optim.lr_scheduler.ReduceLROnPlateau)
+                and isinstance(steps, int) and steps < state.global_step):
+            _warn(
+                f"ElaPruningCallback: the run resumed at step {state.global_step} without the checkpoint's optimizer "
+                f"and learning-rate schedule state (its schedule restarts at step {steps}; save_only_model=True "
+                "writes such checkpoints): the pruning windows still to come can decide other layers than the "
+                "uninterrupted run would have."
+            )
+
     def on_step_begin(self, args, state, control, **kwargs):
+        if self._check_resumed_schedule:
+            self._warn_if_schedule_not_resumed(state, kwargs.get("lr_scheduler"))
         if self.window_unit == "step":
             self._advance_to(state.global_step + 1)
         return control

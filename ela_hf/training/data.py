@@ -151,7 +151,8 @@ def _class_folder_files(path: str) -> Tuple[int, Dict[str, int], Dict[str, int]]
     """``(images, kinds, left_out)`` under the folder ``path``: the number of images ``datasets`` reads; the count
     of each other kind of file (extension, or name); and of those, the images of a format it does not read
     (``_UNREAD_IMAGE_EXTENSIONS``) with no readable image of the same name beside them (``IMG_1.HEIC`` without an
-    ``IMG_1.jpg`` converted from it), by kind. Hidden files and folders are passed over, as ``datasets`` does."""
+    ``IMG_1.jpg`` or ``IMG_1.HEIC.jpg`` converted from it), by kind. Hidden files and folders, and linked folders,
+    are passed over, as ``datasets`` does."""
     from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 
     readable = {extension.lower() for extension in ImageFolder.EXTENSIONS}
@@ -164,7 +165,8 @@ def _class_folder_files(path: str) -> Tuple[int, Dict[str, int], Dict[str, int]]
                 if entry.name.startswith("."):
                     continue
                 if entry.is_dir():
-                    pending.append(entry.path)
+                    if not entry.is_symlink():  # datasets does not follow linked folders (and a link may loop)
+                        pending.append(entry.path)
                     continue
                 stem, extension = os.path.splitext(entry.name)
                 extension = extension.lower()
@@ -175,9 +177,9 @@ def _class_folder_files(path: str) -> Tuple[int, Dict[str, int], Dict[str, int]]
                     kind = extension or entry.name
                     kinds[kind] = kinds.get(kind, 0) + 1
                     if kind in _UNREAD_IMAGE_EXTENSIONS:
-                        unread.append((stem.lower(), kind))
-        for stem, kind in unread:
-            if stem not in stems:
+                        unread.append((stem.lower(), entry.name.lower(), kind))
+        for stem, name, kind in unread:  # a converted twin: IMG_1.jpg, or IMG_1.HEIC.jpg
+            if stem not in stems and name not in stems:
                 left_out[kind] = left_out.get(kind, 0) + 1
     return images, kinds, left_out
 
