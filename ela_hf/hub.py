@@ -375,11 +375,12 @@ def _parse_history(history: Any, source: str) -> Dict[str, Any]:
             )
         layers.sort(key=lambda e: (e["stage"], e["block"]))
         out.append(dict(label=_window_label(window, idx, unit), layers=layers, quantile=_as_float(window.get("quantile"))))
+    # the layers the model already skipped when the run began (read defensively, as the window records are)
     before = history.get("skipped_before_run") if isinstance(history, Mapping) else None
-    skipped_before = sorted(
-        (int(e["stage"]), int(e["block"])) for e in before or ()
-        if isinstance(e, Mapping) and _is_int(e.get("stage")) and _is_int(e.get("block"))
-    ) if isinstance(before, Sequence) and not isinstance(before, (str, bytes)) else []
+    if not isinstance(before, Sequence) or isinstance(before, (str, bytes)):
+        before = ()
+    skipped_before = sorted((int(e["stage"]), int(e["block"])) for e in before
+                            if isinstance(e, Mapping) and _is_int(e.get("stage")) and _is_int(e.get("block")))
     return dict(selector=selector if isinstance(selector, Mapping) else None, windows=out,
                 skipped_before=skipped_before)
 
@@ -434,12 +435,14 @@ def _check_history_fits(history: Optional[Dict[str, Any]], net: LayerAttentionRe
         where = f"pruning history (skipped_before_run) names attention layer {i}.{j} (stage {i}, block {j})"
         if net.attn_type is None:
             raise ValueError(f"{where}, but {architecture} is a plain ResNet without attention layers")
-        if not (0 <= i < len(sizes) and 0 < j < sizes[i]):
+        if not (0 <= i < len(sizes) and 0 <= j < sizes[i]):
             raise ValueError(
-                f"{where}, which {architecture} (blocks per stage {sizes}) does not have"
-                f"{' as a skippable layer (a stage' + chr(39) + 's first block is never skipped)' if j == 0 else ''}: "
+                f"{where}, which {architecture} (blocks per stage {sizes}) does not have: "
                 "is it the history of another model?"
             )
+        if j == 0:
+            raise ValueError(f"{where} as skipped, but the first block of a stage is never skipped: is it the "
+                             "history of another model?")
 
 
 def _is_int(value: Any) -> bool:

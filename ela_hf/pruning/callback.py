@@ -821,8 +821,10 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
         if not self.history and not self.skipped_before:
             return
         current = get_skip_mask(self._model)
-        recorded = [list(stage) for stage in self.history[-1]["skip_mask"]] if self.history else \
-            [[False] * len(stage) for stage in current]
+        if self.history:
+            recorded = [list(stage) for stage in self.history[-1]["skip_mask"]]
+        else:
+            recorded = [[False] * len(stage) for stage in current]
         for e in self.skipped_before:
             if e["stage"] < len(recorded) and e["block"] < len(recorded[e["stage"]]):
                 recorded[e["stage"]][e["block"]] = True
