@@ -418,21 +418,12 @@ def _check_history_fits(history: Optional[Dict[str, Any]], net: LayerAttentionRe
     if not history:
         return
     sizes = net.stage_sizes
-    for window in history["windows"]:
-        for layer in window["layers"]:
-            i, j = layer["stage"], layer["block"]
-            where = f"pruning history ({window['label']}) names attention layer {i}.{j} (stage {i}, block {j})"
-            if net.attn_type is None:
-                raise ValueError(f"{where}, but {architecture} is a plain ResNet without attention layers")
-            if not (0 <= i < len(sizes) and 0 <= j < sizes[i]):
-                raise ValueError(
-                    f"{where}, which {architecture} (blocks per stage {sizes}) does not have: "
-                    "is it the history of another model?"
-                )
-            if layer["skip"] and j == 0:
-                raise ValueError(f"{where} as skipped, but the first block of a stage is never skipped")
-    for i, j in history.get("skipped_before", ()):
-        where = f"pruning history (skipped_before_run) names attention layer {i}.{j} (stage {i}, block {j})"
+    # the windows' layers, and those the run began with skipped (skipped_before_run)
+    entries = [(window["label"], layer["stage"], layer["block"], layer["skip"])
+               for window in history["windows"] for layer in window["layers"]]
+    entries += [("skipped_before_run", i, j, True) for i, j in history.get("skipped_before", ())]
+    for label, i, j, skip in entries:
+        where = f"pruning history ({label}) names attention layer {i}.{j} (stage {i}, block {j})"
         if net.attn_type is None:
             raise ValueError(f"{where}, but {architecture} is a plain ResNet without attention layers")
         if not (0 <= i < len(sizes) and 0 <= j < sizes[i]):
@@ -440,7 +431,7 @@ def _check_history_fits(history: Optional[Dict[str, Any]], net: LayerAttentionRe
                 f"{where}, which {architecture} (blocks per stage {sizes}) does not have: "
                 "is it the history of another model?"
             )
-        if j == 0:
+        if skip and j == 0:
             raise ValueError(f"{where} as skipped, but the first block of a stage is never skipped: is it the "
                              "history of another model?")
 
