@@ -6,6 +6,7 @@ or ``sklearn:digits``, a small real dataset that ships with scikit-learn (for of
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -130,10 +131,16 @@ def _subfolders(path: str) -> List[str]:
     return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
 
 
-def _is_image_file(name: str) -> bool:
+@functools.lru_cache(maxsize=None)
+def _readable_extensions() -> frozenset:
+    """The file extensions (lower case) of the images ``datasets``' image folders read."""
     from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 
-    return not name.startswith(".") and os.path.splitext(name)[1].lower() in ImageFolder.EXTENSIONS
+    return frozenset(extension.lower() for extension in ImageFolder.EXTENSIONS)
+
+
+def _is_image_file(name: str) -> bool:
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in _readable_extensions()
 
 
 def _holds_images(path: str) -> bool:
@@ -153,9 +160,7 @@ def _class_folder_files(path: str) -> Tuple[int, Dict[str, int], Dict[str, int]]
     (``_UNREAD_IMAGE_EXTENSIONS``) with no readable image of the same name beside them (``IMG_1.HEIC`` without an
     ``IMG_1.jpg`` or ``IMG_1.HEIC.jpg`` converted from it), by kind. Hidden files and folders, and linked folders,
     are passed over, as ``datasets`` does."""
-    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
-
-    readable = {extension.lower() for extension in ImageFolder.EXTENSIONS}
+    readable = _readable_extensions()
     images, kinds, left_out = 0, {}, {}
     pending = [path]
     while pending:
