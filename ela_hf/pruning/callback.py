@@ -307,12 +307,19 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
             saved = saved[0] if len(saved) == 1 else None
         if not isinstance(saved, dict):
             return None
-        history = dict(saved["args"])
-        before = saved["attributes"].get("skipped_before")
-        if before:
-            history["skipped_before_run"] = before
-        history["decisions"] = saved["attributes"]["history"]
-        return history
+        attributes = saved["attributes"]
+        return cls._history_payload(saved["args"], attributes.get("skipped_before"), attributes["history"])
+
+    @staticmethod
+    def _history_payload(args: Dict[str, Any], skipped_before: Optional[List[Dict[str, Any]]],
+                         decisions: List[Dict[str, Any]]) -> Dict[str, Any]:
+        """``pruning_history.json``'s content: the schedule, the layers skipped before the run (when there are
+        any), the decisions."""
+        payload = dict(args)
+        if skipped_before:
+            payload["skipped_before_run"] = skipped_before
+        payload["decisions"] = decisions
+        return payload
 
     def _partial_for_checkpoint(self) -> Optional[List[Dict[str, Any]]]:
         if self._open is None:
@@ -474,10 +481,7 @@ class ElaPruningCallback(TrainerCallback, ExportableState):
     def _write_history(self) -> None:
         if not self._output_dir:
             return
-        payload = self._args()
-        if self.skipped_before:
-            payload["skipped_before_run"] = self.skipped_before
-        payload["decisions"] = self.history
+        payload = self._history_payload(self._args(), self.skipped_before, self.history)
         _write_json_atomically(os.path.join(self._output_dir, HISTORY_FILE_NAME), payload)
 
     # ------------------------------------------------------------------------------------------------
